@@ -1,0 +1,161 @@
+"""REST API: deployments and projects. Every body is validated here, at the edge."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from . import storage as storage_keys
+from .logs import read_events
+from .store import NotFound
+from .validation import (
+    InvalidInput,
+    check_branch,
+    check_deployment_id,
+    check_fields,
+    check_project,
+    check_repo_url,
+    project_from_url,
+)
+from .views import deployment_json, project_json
+
+routes = web.RouteTableDef()
+MAX_BODY = 64 * 1024
+
+
+def error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def read_json(request: web.Request) -> Any:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise InvalidInput(f"the request body is larger than {MAX_BODY} bytes")
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise InvalidInput(f"the request body is larger than {MAX_BODY} bytes")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"the request body is not valid JSON ({exc})") from None
+
+
+@web.middleware
+async def api_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except InvalidInput as exc:
+        return error(400, str(exc))
+    except NotFound as exc:
+        return error(404, str(exc))
+
+
+def _ctx(request: web.Request) -> Any:
+    from .app import CONTEXT
+
+    return request.config_dict[CONTEXT]
+
+
+@routes.post("/api/deployments")
+async def create_deployment(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    body = check_fields(
+        await read_json(request), required={"repo_url"}, optional={"project", "branch"}
+    )
+    repo = await check_repo_url(
+        body["repo_url"], allow_hosts=ctx.settings.allow_hosts, resolver=ctx.resolver
+    )
+    project = (
+        check_project(body["project"]) if body.get("project") is not None
+        else project_from_url(repo.url)
+    )
+    branch = check_branch(body["branch"]) if body.get("branch") not in (None, "") else ""
+    dep = await ctx.store.create_deployment(project, repo.url, branch)
+    await ctx.runner.submit(dep)
+    production = (await ctx.store.get_project(project)).production
+    return web.json_response(deployment_json(ctx.settings, dep, production), status=202)
+
+
+@routes.get("/api/deployments/{id}")
+async def get_deployment(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    dep = await ctx.store.get_deployment(check_deployment_id(request.match_info["id"]))
+    production = (await ctx.store.get_project(dep.project)).production
+    return web.json_response(deployment_json(ctx.settings, dep, production))
+
+
+@routes.post("/api/deployments/{id}/cancel")
+async def cancel_deployment(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    dep = await ctx.store.get_deployment(check_deployment_id(request.match_info["id"]))
+    if dep.final:
+        return error(409, f"deployment {dep.id} already ended ({dep.status})")
+    await ctx.store.transition(dep, "canceled", "Canceled by user.")
+    dep = await ctx.store.get_deployment(dep.id)
+    production = (await ctx.store.get_project(dep.project)).production
+    return web.json_response(deployment_json(ctx.settings, dep, production))
+
+
+@routes.get("/api/deployments/{id}/logs")
+async def get_logs(request: web.Request) -> web.StreamResponse:
+    ctx = _ctx(request)
+    dep = await ctx.store.get_deployment(check_deployment_id(request.match_info["id"]))
+    raw_after = request.query.get("after", "0")
+    if not raw_after.isdigit() or len(raw_after) > 12:
+        raise InvalidInput("after must be a non-negative integer (a seq)")
+    after = int(raw_after)
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson; charset=utf-8"})
+    await response.prepare(request)
+    events = await read_events(ctx.redis, dep.id, after, 5000)
+    if events or not dep.final:
+        while events:
+            await response.write(("\n".join(events) + "\n").encode())
+            after = json.loads(events[-1])["seq"]
+            events = await read_events(ctx.redis, dep.id, after, 5000)
+    else:
+        # Redis has forgotten it (or never had it): the copy in storage is complete.
+        stored = await ctx.storage.get_bytes(storage_keys.log_key(dep.id))
+        for line in (stored or b"").splitlines():
+            if line.strip() and json.loads(line)["seq"] > after:
+                await response.write(line + b"\n")
+    await response.write_eof()
+    return response
+
+
+@routes.get("/api/projects")
+async def list_projects(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    projects = await ctx.store.list_projects()
+    return web.json_response({"projects": [project_json(ctx.settings, p) for p in projects]})
+
+
+@routes.get("/api/projects/{name}")
+async def get_project(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    project = await ctx.store.get_project(check_project(request.match_info["name"]))
+    return web.json_response(project_json(ctx.settings, project))
+
+
+@routes.get("/api/projects/{name}/deployments")
+async def list_deployments(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    project = await ctx.store.get_project(check_project(request.match_info["name"]))
+    deployments = await ctx.store.list_deployments(project.name)
+    return web.json_response({
+        "deployments": [deployment_json(ctx.settings, d, project.production) for d in deployments]
+    })
+
+
+@routes.post("/api/projects/{name}/rollback")
+async def rollback(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    name = check_project(request.match_info["name"])
+    body = check_fields(await read_json(request), required={"deployment"}, optional=set())
+    if not isinstance(body["deployment"], str):
+        raise InvalidInput("deployment must be a deployment id string")
+    dep_id = check_deployment_id(body["deployment"])
+    await ctx.store.get_project(name)
+    if not await ctx.store.promote(name, dep_id):
+        return error(409, f"deployment {dep_id} is not ready, so it cannot serve the site")
+    return web.json_response(project_json(ctx.settings, await ctx.store.get_project(name)))

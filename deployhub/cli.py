@@ -1,0 +1,215 @@
+"""`deployhub serve` runs the service; `deployhub deploy URL --follow` deploys from a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import random
+import sys
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .settings import Settings, SettingsError, env_name
+
+FINAL = {"ready", "failed", "canceled"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args))
+    except SettingsError as exc:
+        print(f"deployhub: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deployhub", description="Deploy React apps from a Git URL.")
+    commands = parser.add_subparsers(dest="command")
+
+    serve = commands.add_parser("serve", help="run the server (page, API, WebSocket, sites)")
+    for field in dataclasses.fields(Settings):
+        flag = "--" + field.name.replace("_", "-")
+        serve.add_argument(
+            flag, dest=field.name, default=None, metavar=field.name.upper(),
+            help=f"{field.metadata['help']} [env {env_name(field.name)}]",
+        )
+    serve.set_defaults(run=serve_command)
+
+    deploy = commands.add_parser("deploy", help="deploy a Git URL and optionally follow its log")
+    deploy.add_argument("repo_url")
+    deploy.add_argument("--project", help="project name (default: from the repository name)")
+    deploy.add_argument("--branch", help="branch to build (default: the repository's default)")
+    deploy.add_argument("--follow", "-f", action="store_true", help="print the log live until the end")
+    deploy.add_argument(
+        "--server", default="http://127.0.0.1:8000", help="DeployHub server URL [env DEPLOYHUB_SERVER]"
+    )
+    deploy.set_defaults(run=deploy_command)
+    return parser
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from .app import create_app
+    from .embedded_redis import EmbeddedRedisError
+
+    overrides: dict[str, Any] = {}
+    for field in dataclasses.fields(Settings):
+        value = getattr(args, field.name)
+        if value is not None:
+            overrides[field.name] = _flag_value(field, value)
+    settings = Settings.from_env(**overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    print(f"DeployHub on http://{settings.host}:{settings.port}/  (data in {settings.data_dir})", flush=True)
+    try:
+        web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None)
+    except EmbeddedRedisError as exc:
+        print(f"deployhub: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"deployhub: could not listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _flag_value(field: dataclasses.Field[Any], raw: str) -> Any:
+    kind = str(field.type)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise SettingsError(f"--{field.name.replace('_', '-')} must be a number, not {raw!r}") from None
+    if kind.startswith("tuple"):
+        return tuple(p.strip() for p in raw.split(",") if p.strip())
+    return raw
+
+
+# -- deploy --------------------------------------------------------------------------------
+
+
+def deploy_command(args: argparse.Namespace) -> int:
+    import os
+
+    server = os.environ.get("DEPLOYHUB_SERVER", args.server) if args.server == "http://127.0.0.1:8000" else args.server
+    body = {"repo_url": args.repo_url}
+    if args.project:
+        body["project"] = args.project
+    if args.branch:
+        body["branch"] = args.branch
+    return asyncio.run(deploy(server.rstrip("/"), body, args.follow))
+
+
+async def deploy(server: str, body: dict[str, str], follow: bool) -> int:
+    async with aiohttp.ClientSession() as session:
+        try:
+            async with session.post(f"{server}/api/deployments", json=body) as response:
+                data = await response.json(content_type=None)
+        except aiohttp.ClientError as exc:
+            print(f"deployhub: cannot reach {server}: {exc}", file=sys.stderr)
+            return 1
+        if response.status != 202:
+            print(f"deployhub: {data.get('error', response.reason)}", file=sys.stderr)
+            return 1
+        print(f"Deployment {data['id']} of {data['project']} queued", flush=True)
+        if not follow:
+            print(data["deployment_url"])
+            return 0
+        final = await Follower(session, server, data["project"], data["id"]).run()
+    if final["status"] == "ready":
+        print(f"Ready: {final['url']}  (this deployment: {final['deployment_url']})", flush=True)
+        return 0
+    print(f"Deployment {final['status']}: {final.get('reason', '')}", file=sys.stderr, flush=True)
+    return 1
+
+
+class Follower:
+    """Prints one deployment's log; after a dropped connection it resumes from the last seq."""
+
+    def __init__(self, session: aiohttp.ClientSession, server: str, project: str, dep_id: str) -> None:
+        self.session = session
+        self.ws_url = server.replace("http", "ws", 1) + "/api/ws"
+        self.project = project
+        self.dep_id = dep_id
+        self.last_seq = 0
+        self.status = ""
+
+    async def run(self) -> dict[str, Any]:
+        delay = 0.5
+        while True:
+            try:
+                final = await self._watch()
+                if final is not None:
+                    return final
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                print(f"[deployhub] connection lost ({exc.__class__.__name__}); reconnecting", file=sys.stderr, flush=True)
+            else:
+                print("[deployhub] connection closed; reconnecting", file=sys.stderr, flush=True)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 10.0)
+
+    async def _watch(self) -> dict[str, Any] | None:
+        async with self.session.ws_connect(self.ws_url, heartbeat=20) as ws:
+            await ws.send_json({
+                "type": "subscribe", "project": self.project, "resume": {self.dep_id: self.last_seq},
+            })
+            final: dict[str, Any] | None = None
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                frame = json.loads(msg.data)
+                kind = frame.get("type")
+                if kind == "logs" and frame["deployment"] == self.dep_id:
+                    for event in frame["events"]:
+                        if event["seq"] > self.last_seq:
+                            self.last_seq = event["seq"]
+                            out = sys.stderr if event["stream"] == "stderr" else sys.stdout
+                            print(event["text"], file=out, flush=True)
+                elif kind == "subscribed":
+                    for dep in frame["deployments"]:
+                        if dep["id"] == self.dep_id:
+                            final = self._status(dep)
+                elif kind == "status" and frame["deployment"]["id"] == self.dep_id:
+                    final = self._status(frame["deployment"])
+                elif kind == "error":
+                    print(f"[deployhub] {frame['message']}", file=sys.stderr, flush=True)
+                if final is not None:
+                    # The server sends the rest of the log before, or right after, the final
+                    # status; read until it is all here.
+                    await self._drain(ws, final)
+                    return final
+            return None
+
+    def _status(self, dep: dict[str, Any]) -> dict[str, Any] | None:
+        if dep["status"] != self.status:
+            self.status = dep["status"]
+            print(f"[deployhub] {self.status}", file=sys.stderr, flush=True)
+        return dep if dep["status"] in FINAL else None
+
+    async def _drain(self, ws: aiohttp.ClientWebSocketResponse, final: dict[str, Any]) -> None:
+        while True:
+            try:
+                msg = await ws.receive(timeout=1.0)
+            except asyncio.TimeoutError:
+                return
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                return
+            frame = json.loads(msg.data)
+            if frame.get("type") == "logs" and frame["deployment"] == self.dep_id:
+                for event in frame["events"]:
+                    if event["seq"] > self.last_seq:
+                        self.last_seq = event["seq"]
+                        out = sys.stderr if event["stream"] == "stderr" else sys.stdout
+                        print(event["text"], file=out, flush=True)

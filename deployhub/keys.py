@@ -1,0 +1,38 @@
+"""Every Redis key and channel DeployHub uses, in one place."""
+
+PREFIX = "dh:"
+
+# SET of project names.
+PROJECTS = PREFIX + "projects"
+# SET of deployment ids in a non-final state; the reaper walks it.
+ACTIVE = PREFIX + "active"
+
+
+def project(name: str) -> str:
+    """HASH name, repo_url, created_at, production (deployment id)."""
+    return f"{PREFIX}project:{name}"
+
+
+def project_deployments(name: str) -> str:
+    """ZSET deployment id scored by created_at."""
+    return f"{PREFIX}project:{name}:deployments"
+
+
+def deployment(dep_id: str) -> str:
+    """HASH id, project, repo_url, branch, status, reason, created_at, updated_at, t_<status>."""
+    return f"{PREFIX}deployment:{dep_id}"
+
+
+def log_stream(dep_id: str) -> str:
+    """STREAM of log events; entry id is '<seq>-0', field 'e' holds the event JSON."""
+    return f"{PREFIX}logs:{dep_id}"
+
+
+def lease(dep_id: str) -> str:
+    """STRING with a TTL, refreshed while something is alive to finish the deployment."""
+    return f"{PREFIX}lease:{dep_id}"
+
+
+def channel(project_name: str) -> str:
+    """PUB/SUB channel carrying a project's status and log frames (JSON text)."""
+    return f"{PREFIX}ch:{project_name}"

@@ -1,0 +1,410 @@
+"""Live status and logs: the project -> sockets map, the Redis subscriber, one writer per socket.
+
+Delivery is exactly-once per socket by sequence number: every socket remembers the last seq
+it sent for each deployment; a frame that repeats lines is trimmed, a frame that skips lines
+is preceded by the missing ones read from the deployment's stream. The same rule covers a
+late join, a Redis restart (messages published while we were disconnected) and a socket too
+slow to keep up (its queue is dropped and it catches up from the stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from . import keys
+from .logs import event_seq, logs_frame, read_events
+from .settings import Settings
+from .store import NotFound, Store, decode_status_message, dumps
+from .validation import InvalidInput, check_deployment_id, check_project
+from .views import deployment_json
+
+log = logging.getLogger(__name__)
+
+QUEUE_FRAMES = 512
+MAX_PROJECTS_PER_SOCKET = 50
+HISTORY_CHUNK = 2000
+SNAPSHOT_DEPLOYMENTS = 20
+HEARTBEAT = 20.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LogFrame:
+    project: str
+    deployment: str
+    first: int
+    last: int
+    raw: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusFrame:
+    project: str
+    deployment: str
+    final: bool
+    raw: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Subscribe:
+    project: str
+    resume: dict[str, int]
+    ready: asyncio.Future[None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    raw: str
+
+
+class Resync:
+    """Marker: the socket lost frames (too slow, or Redis reconnected); catch up from Redis."""
+
+
+RESYNC = Resync()
+Item = LogFrame | StatusFrame | Subscribe | Reply | Resync
+
+
+class Watcher:
+    """One WebSocket: only the handler reads it, only `writer` writes it."""
+
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+        self.queue: asyncio.Queue[Item] = asyncio.Queue(QUEUE_FRAMES)
+        self.projects: set[str] = set()
+        self.seqs: dict[str, int] = {}  # deployment -> last seq sent
+        self.deployment_project: dict[str, str] = {}
+
+    def offer(self, item: Item) -> None:
+        """Never blocks the dispatcher: a full queue turns into one resync."""
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            pending = []
+            while not self.queue.empty():
+                dropped = self.queue.get_nowait()
+                if isinstance(dropped, Subscribe | Reply):  # these must still be answered
+                    pending.append(dropped)
+            for keep in pending:
+                self.queue.put_nowait(keep)
+            self.queue.put_nowait(RESYNC)
+
+
+class Hub:
+    """Fans Redis pub/sub messages out to the sockets of this process."""
+
+    def __init__(self, settings: Settings, redis: Redis) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.store = Store(redis)
+        self.watchers: dict[str, set[Watcher]] = {}
+        self.sockets: set[Watcher] = set()
+        self._pubsub: PubSub | None = None
+        self._confirmed: dict[str, asyncio.Future[None]] = {}
+        self._connected = asyncio.Event()
+
+    # -- membership ---------------------------------------------------------------------
+
+    async def add(self, project: str, watcher: Watcher) -> asyncio.Future[None]:
+        """Register a watcher; the future resolves once Redis confirms the subscription."""
+        members = self.watchers.setdefault(project, set())
+        members.add(watcher)
+        future = self._confirmed.get(project)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._confirmed[project] = future
+            if self._pubsub is not None and self._connected.is_set():
+                with contextlib.suppress(RedisError, OSError):
+                    await self._pubsub.subscribe(keys.channel(project))
+        return future
+
+    async def remove(self, project: str, watcher: Watcher) -> None:
+        members = self.watchers.get(project)
+        if not members:
+            return
+        members.discard(watcher)
+        if members:
+            return
+        del self.watchers[project]
+        future = self._confirmed.pop(project, None)
+        if future is not None and not future.done():
+            future.cancel()
+        if self._pubsub is not None and self._connected.is_set():
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.unsubscribe(keys.channel(project))
+
+    # -- the subscriber task ------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Listen forever; after a lost connection, resubscribe and make every socket catch up."""
+        backoff = 0.1
+        first = True
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    self._pubsub = pubsub
+                    await pubsub.ping()
+                    channels = [keys.channel(p) for p in self.watchers]
+                    # pubsub refuses to read before it has a subscription; a private channel
+                    # keeps the connection in subscribed mode while no project is watched.
+                    await pubsub.subscribe(keys.PREFIX + "ch-idle", *channels)
+                    self._connected.set()
+                    if not first:
+                        log.info("Redis is back; resubscribed %d projects", len(channels))
+                        for members in self.watchers.values():
+                            for watcher in members:
+                                watcher.offer(RESYNC)
+                    first = False
+                    backoff = 0.1
+                    await self._listen(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                log.warning("Redis subscriber lost its connection (%s); retrying in %.1fs", exc, backoff)
+            finally:
+                self._connected.clear()
+                self._pubsub = None
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _listen(self, pubsub: PubSub) -> None:
+        async for message in pubsub.listen():
+            kind = message["type"]
+            channel = message["channel"]
+            channel = channel.decode() if isinstance(channel, bytes) else channel
+            project = channel[len(keys.channel("")):]
+            if kind == "subscribe":
+                future = self._confirmed.get(project)
+                if future is not None and not future.done():
+                    future.set_result(None)
+            elif kind == "message":
+                try:
+                    self.dispatch(project, message["data"])
+                except Exception:
+                    log.exception("dropped a malformed message on %s", channel)
+
+    def dispatch(self, project: str, data: str | bytes) -> None:
+        members = self.watchers.get(project)
+        if not members:
+            return
+        payload: dict[str, Any] = json.loads(data)
+        item: Item
+        if payload["type"] == "logs":
+            events = payload["events"]
+            if not events:
+                return
+            item = LogFrame(
+                project, payload["deployment"], events[0]["seq"], events[-1]["seq"],
+                data if isinstance(data, str) else data.decode(),
+            )
+        elif payload["type"] == "status":
+            dep = decode_status_message(payload)
+            body = deployment_json(self.settings, dep, payload.get("production", ""))
+            item = StatusFrame(project, dep.id, dep.final, dumps({"type": "status", "deployment": body}))
+        elif payload["type"] == "production":
+            item = StatusFrame(project, "", False, dumps(payload))
+        else:
+            return
+        for watcher in members:
+            watcher.offer(item)
+
+    # -- one socket's writer ------------------------------------------------------------
+
+    async def write(self, watcher: Watcher) -> None:
+        try:
+            while True:
+                item = await watcher.queue.get()
+                try:
+                    await self._deliver(watcher, item)
+                except (RedisError, OSError) as exc:
+                    if isinstance(exc, ConnectionResetError):
+                        raise
+                    # Redis is away: try again shortly, from the stream, losing nothing.
+                    log.warning("live delivery paused: %s", exc)
+                    await asyncio.sleep(0.5)
+                    watcher.offer(item if isinstance(item, Subscribe) else RESYNC)
+        except (ConnectionResetError, RuntimeError):
+            pass  # the socket closed under us; the handler cleans up
+
+    async def _deliver(self, watcher: Watcher, item: Item) -> None:
+        if isinstance(item, Subscribe):
+            await self._send_subscribed(watcher, item)
+        elif isinstance(item, Reply):
+            await watcher.ws.send_str(item.raw)
+        elif isinstance(item, Resync):
+            await self._resync(watcher)
+        elif item.project not in watcher.projects:
+            return
+        elif isinstance(item, LogFrame):
+            await self._send_logs(watcher, item)
+        else:
+            await watcher.ws.send_str(item.raw)
+            if item.final:
+                # The last lines may have been published in a window we missed.
+                await self._catch_up(watcher, item.project, item.deployment)
+
+    async def _send_logs(self, watcher: Watcher, frame: LogFrame) -> None:
+        watcher.deployment_project[frame.deployment] = frame.project
+        last = watcher.seqs.get(frame.deployment, 0)
+        if frame.last <= last:
+            return
+        if frame.first == last + 1:
+            await watcher.ws.send_str(frame.raw)
+            watcher.seqs[frame.deployment] = frame.last
+            return
+        await self._catch_up(watcher, frame.project, frame.deployment)
+        if watcher.seqs.get(frame.deployment, 0) < frame.last:
+            # The stream no longer holds the start of this frame: send what is new in it.
+            events = [e for e in json.loads(frame.raw)["events"] if e["seq"] > last]
+            raw = [dumps(e) for e in events]
+            await watcher.ws.send_str(logs_frame(frame.project, frame.deployment, raw))
+            watcher.seqs[frame.deployment] = frame.last
+
+    async def _catch_up(self, watcher: Watcher, project: str, dep_id: str) -> None:
+        """Send every stored line after the last one this socket got."""
+        while True:
+            after = watcher.seqs.get(dep_id, 0)
+            events = await read_events(self.redis, dep_id, after, HISTORY_CHUNK)
+            if not events:
+                return
+            await watcher.ws.send_str(logs_frame(project, dep_id, events))
+            watcher.seqs[dep_id] = event_seq(events[-1])
+            if len(events) < HISTORY_CHUNK:
+                return
+
+    async def _send_subscribed(self, watcher: Watcher, sub: Subscribe) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(sub.ready), 5.0)
+        if sub.project not in watcher.projects:
+            return
+        deployments = await self.store.list_deployments(sub.project, SNAPSHOT_DEPLOYMENTS)
+        project = await self.store.get_project(sub.project)
+        await watcher.ws.send_str(
+            dumps({
+                "type": "subscribed",
+                "project": sub.project,
+                "deployments": [
+                    deployment_json(self.settings, d, project.production) for d in deployments
+                ],
+            })
+        )
+        wanted = dict(sub.resume)
+        if deployments:
+            wanted.setdefault(deployments[0].id, 0)
+        for dep_id, after in wanted.items():
+            watcher.seqs[dep_id] = max(after, 0)
+            watcher.deployment_project[dep_id] = sub.project
+            await self._catch_up(watcher, sub.project, dep_id)
+
+    async def _resync(self, watcher: Watcher) -> None:
+        await watcher.ws.send_str(dumps({"type": "resync"}))
+        for project in sorted(watcher.projects):
+            deployments = await self.store.list_deployments(project, SNAPSHOT_DEPLOYMENTS)
+            production = (await self.store.get_project(project)).production
+            for dep in reversed(deployments):
+                body = deployment_json(self.settings, dep, production)
+                await watcher.ws.send_str(dumps({"type": "status", "deployment": body}))
+            tracked = [d for d, p in watcher.deployment_project.items() if p == project]
+            if deployments and deployments[0].id not in tracked:
+                tracked.append(deployments[0].id)
+                watcher.deployment_project[deployments[0].id] = project
+            for dep_id in tracked:
+                await self._catch_up(watcher, project, dep_id)
+
+
+async def handle_message(hub: Hub, watcher: Watcher, text: str) -> dict[str, Any] | None:
+    """Apply one client message; returns an error frame for a bad one."""
+    try:
+        message = json.loads(text)
+    except json.JSONDecodeError:
+        return {"type": "error", "message": "messages must be JSON objects"}
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        return {"type": "error", "message": 'messages need a string "type"'}
+    kind = message["type"]
+    try:
+        if kind == "subscribe":
+            project = check_project(message.get("project"))
+            resume = _check_resume(message.get("resume", {}))
+            if project not in watcher.projects:
+                if len(watcher.projects) >= MAX_PROJECTS_PER_SOCKET:
+                    raise InvalidInput(
+                        f"a socket may watch at most {MAX_PROJECTS_PER_SOCKET} projects"
+                    )
+                await hub.store.get_project(project)
+            watcher.projects.add(project)
+            ready = await hub.add(project, watcher)
+            watcher.offer(Subscribe(project, resume, ready))
+            return None
+        if kind == "unsubscribe":
+            project = check_project(message.get("project"))
+            watcher.projects.discard(project)
+            await hub.remove(project, watcher)
+            return None
+        if kind == "ping":
+            return {"type": "pong"}
+    except InvalidInput as exc:
+        return {"type": "error", "message": str(exc)}
+    except NotFound as exc:
+        return {"type": "error", "message": str(exc)}
+    return {"type": "error", "message": f"unknown message type {kind!r}; use subscribe or unsubscribe"}
+
+
+def _check_resume(raw: object) -> dict[str, int]:
+    if not isinstance(raw, dict) or len(raw) > 100:
+        raise InvalidInput("resume must be an object of at most 100 {deployment id: last seq}")
+    resume = {}
+    for dep_id, seq in raw.items():
+        check_deployment_id(dep_id)
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise InvalidInput("resume values must be non-negative integers (the last seq seen)")
+        resume[dep_id] = seq
+    return resume
+
+
+async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
+    from .app import HUB
+
+    hub = request.config_dict[HUB]
+    ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=64 * 1024)
+    await ws.prepare(request)
+    watcher = Watcher(ws)
+    hub.sockets.add(watcher)
+    writer = asyncio.create_task(hub.write(watcher))
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                reply = await handle_message(hub, watcher, msg.data)
+                if reply is not None:
+                    watcher.offer(Reply(dumps(reply)))
+            elif msg.type == WSMsgType.BINARY:
+                watcher.offer(Reply(dumps({"type": "error", "message": "send JSON text frames"})))
+    finally:
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+        hub.sockets.discard(watcher)
+        for project in list(watcher.projects):
+            await hub.remove(project, watcher)
+    return ws
+
+
+@contextlib.asynccontextmanager
+async def running_hub(settings: Settings, redis: Redis) -> AsyncIterator[Hub]:
+    hub = Hub(settings, redis)
+    task = asyncio.create_task(hub.run(), name="deployhub-subscriber")
+    try:
+        yield hub
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

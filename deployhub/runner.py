@@ -1,0 +1,152 @@
+"""Starting builds: the local runner runs `python -m worker` as a child process per build."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from .settings import Secret, Settings
+from .store import Deployment, NotFound, Store
+
+log = logging.getLogger(__name__)
+
+LEASE_REFRESH = 10.0
+STOP_GRACE = 10.0
+# Variables a worker needs from the server's environment; everything else stays behind.
+WORKER_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS",
+              "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+              "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
+              "AWS_SHARED_CREDENTIALS_FILE", "PYTHONPATH")
+
+
+class Runner(Protocol):
+    async def submit(self, dep: Deployment) -> None: ...
+
+
+class LocalRunner:
+    """Runs at most `max_builds` workers at once; the rest wait in `queued`.
+
+    It holds the lease of every deployment it owns, so the reaper leaves them alone, and
+    fails a deployment whose worker dies without saying how the build ended.
+    """
+
+    def __init__(self, settings: Settings, redis_url: Secret, store: Store) -> None:
+        self.settings = settings
+        self.redis_url = redis_url
+        self.store = store
+        self.slots = asyncio.Semaphore(settings.max_builds)
+        self.owned: dict[str, asyncio.Task[None]] = {}
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.holder = f"local:{socket.gethostname()}:{settings.data_dir.resolve()}"
+
+    async def submit(self, dep: Deployment) -> None:
+        await self.store.refresh_leases([dep.id], self.holder)
+        self.owned[dep.id] = asyncio.create_task(self._run(dep), name=f"build-{dep.id}")
+
+    async def _run(self, dep: Deployment) -> None:
+        try:
+            async with self.slots:
+                current = await self.store.get_deployment(dep.id)
+                if current.final:  # canceled while it waited
+                    return
+                await self._run_worker(dep)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("could not run the build of %s", dep.id)
+            with contextlib.suppress(Exception):
+                await self.store.transition(dep, "failed", f"DeployHub could not start the build: {exc}")
+        finally:
+            self.owned.pop(dep.id, None)
+
+    async def _run_worker(self, dep: Deployment) -> None:
+        env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+        env.update(self.settings.to_env())
+        env["DEPLOYHUB_REDIS_URL"] = self.redis_url.reveal()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker", dep.id, "--watch-stdin",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        self.procs[dep.id] = proc
+        tail: deque[str] = deque(maxlen=10)
+        try:
+            assert proc.stderr is not None
+            async for raw in proc.stderr:
+                line = raw.decode(errors="replace").rstrip()
+                tail.append(line)
+                log.info("worker %s: %s", dep.id, line)
+            code = await proc.wait()
+        finally:
+            self.procs.pop(dep.id, None)
+        current = await self.store.get_deployment(dep.id)
+        if not current.final:
+            detail = "\n".join(tail)
+            await self.store.transition(
+                dep, "failed",
+                f"The build worker exited (code {code}) without finishing the deployment."
+                + (f"\n{detail}" if detail else ""),
+            )
+
+    async def keep_leases(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE_REFRESH)
+            if self.owned:
+                with contextlib.suppress(Exception):
+                    await self.store.refresh_leases(list(self.owned), self.holder)
+
+    async def fail_leftovers(self) -> list[str]:
+        """Deployments a previous run of this server left unfinished: end them now."""
+        failed = []
+        for dep_id in await self.store.active_ids():
+            if await self.store.lease_holder(dep_id) != self.holder or dep_id in self.owned:
+                continue
+            with contextlib.suppress(NotFound):
+                if await self.store.transition(
+                    dep_id, "failed",
+                    "DeployHub restarted before this build finished. Deploy again to retry.",
+                ):
+                    failed.append(dep_id)
+        return failed
+
+    async def close(self) -> None:
+        """Stop every build: workers get SIGTERM (they record why), then SIGKILL."""
+        for proc in list(self.procs.values()):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        tasks = list(self.owned.values())
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=STOP_GRACE)
+            for proc in list(self.procs.values()):
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            for task in pending:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+
+@contextlib.asynccontextmanager
+async def local_runner(settings: Settings, redis_url: Secret, store: Store) -> AsyncIterator[LocalRunner]:
+    runner = LocalRunner(settings, redis_url, store)
+    for dep_id in await runner.fail_leftovers():
+        log.warning("deployment %s was left unfinished by a previous run: marked failed", dep_id)
+    leases = asyncio.create_task(runner.keep_leases(), name="deployhub-leases")
+    try:
+        yield runner
+    finally:
+        leases.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await leases
+        await runner.close()

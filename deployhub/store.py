@@ -1,0 +1,263 @@
+"""Projects and deployments recorded in Redis; every state change is one atomic script."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from redis.asyncio import Redis
+
+from . import keys
+
+STEPS = ("queued", "cloning", "installing", "building", "uploading", "ready")
+FINAL = frozenset({"ready", "failed", "canceled"})
+STATUSES = (*STEPS, "failed", "canceled")
+
+LEASE_SECONDS = 30
+_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+# Moves a deployment to a new status unless it is already final, records when, keeps the
+# active set and the production pointer right, and publishes the new state, all in one step
+# so watchers see states in the order they happened.
+_TRANSITION = """
+local dep, active, channel = KEYS[1], KEYS[2], KEYS[3]
+local status, reason, now, id = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local current = redis.call('HGET', dep, 'status')
+if not current then return -1 end
+if current == 'ready' or current == 'failed' or current == 'canceled' then return 0 end
+redis.call('HSET', dep, 'status', status, 'updated_at', now, 't_' .. status, now)
+if reason ~= '' then redis.call('HSET', dep, 'reason', reason) end
+local project_key = KEYS[4]
+if status == 'ready' or status == 'failed' or status == 'canceled' then
+  redis.call('SREM', active, id)
+  redis.call('DEL', KEYS[5])
+end
+if status == 'ready' then
+  local production = redis.call('HGET', project_key, 'production')
+  local newer = true
+  if production then
+    local theirs = tonumber(redis.call('HGET', ARGV[5] .. production, 'created_at') or '0')
+    newer = tonumber(redis.call('HGET', dep, 'created_at')) >= theirs
+  end
+  if newer then redis.call('HSET', project_key, 'production', id) end
+end
+local fields = redis.call('HGETALL', dep)
+local record = {}
+for i = 1, #fields, 2 do record[fields[i]] = fields[i + 1] end
+local production = redis.call('HGET', project_key, 'production') or ''
+redis.call('PUBLISH', channel, cjson.encode({type = 'status', deployment = record,
+                                             production = production}))
+return 1
+"""
+
+# Points a project's production at one of its ready deployments (rollback or promote).
+_PROMOTE = """
+local project_key, dep, channel = KEYS[1], KEYS[2], KEYS[3]
+local fields = redis.call('HMGET', dep, 'project', 'status')
+if fields[1] ~= ARGV[1] then return -1 end
+if fields[2] ~= 'ready' then return 0 end
+redis.call('HSET', project_key, 'production', ARGV[2])
+redis.call('PUBLISH', channel, cjson.encode({type = 'production', project = ARGV[1],
+                                             production = ARGV[2]}))
+return 1
+"""
+
+
+class NotFound(LookupError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Deployment:
+    id: str
+    project: str
+    repo_url: str
+    branch: str
+    status: str
+    reason: str
+    created_at: float
+    updated_at: float
+    timestamps: dict[str, float]
+
+    @classmethod
+    def from_hash(cls, data: dict[str, str]) -> Deployment:
+        return cls(
+            id=data["id"],
+            project=data["project"],
+            repo_url=data["repo_url"],
+            branch=data.get("branch", ""),
+            status=data["status"],
+            reason=data.get("reason", ""),
+            created_at=float(data["created_at"]),
+            updated_at=float(data.get("updated_at", data["created_at"])),
+            timestamps={
+                name[2:]: float(value) for name, value in data.items() if name.startswith("t_")
+            },
+        )
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+
+@dataclasses.dataclass(frozen=True)
+class Project:
+    name: str
+    repo_url: str
+    created_at: float
+    production: str
+
+
+def new_deployment_id() -> str:
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
+
+
+def _text(data: dict[Any, Any]) -> dict[str, str]:
+    return {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in data.items()
+    }
+
+
+class Store:
+    """Typed access to the records; the server and the worker share it."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._transition = redis.register_script(_TRANSITION)
+        self._promote = redis.register_script(_PROMOTE)
+
+    async def create_deployment(self, project: str, repo_url: str, branch: str) -> Deployment:
+        dep_id = new_deployment_id()
+        now = time.time()
+        record = {
+            "id": dep_id,
+            "project": project,
+            "repo_url": repo_url,
+            "branch": branch,
+            "status": "queued",
+            "created_at": repr(now),
+            "updated_at": repr(now),
+            "t_queued": repr(now),
+        }
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.deployment(dep_id), mapping=record)
+            pipe.hsetnx(keys.project(project), "created_at", repr(now))
+            pipe.hset(keys.project(project), mapping={"name": project, "repo_url": repo_url})
+            pipe.sadd(keys.PROJECTS, project)
+            pipe.zadd(keys.project_deployments(project), {dep_id: now})
+            pipe.sadd(keys.ACTIVE, dep_id)
+            pipe.set(keys.lease(dep_id), "queued", ex=LEASE_SECONDS)
+            await pipe.execute()
+        return Deployment.from_hash(record)
+
+    async def get_deployment(self, dep_id: str) -> Deployment:
+        data = _text(await self.redis.hgetall(keys.deployment(dep_id)))
+        if not data:
+            raise NotFound(f"no deployment {dep_id!r}")
+        return Deployment.from_hash(data)
+
+    async def get_deployments(self, ids: Iterable[str]) -> list[Deployment]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for dep_id in ids:
+                pipe.hgetall(keys.deployment(dep_id))
+            rows = await pipe.execute()
+        return [Deployment.from_hash(_text(row)) for row in rows if row]
+
+    async def get_project(self, name: str) -> Project:
+        data = _text(await self.redis.hgetall(keys.project(name)))
+        if not data:
+            raise NotFound(f"no project {name!r}")
+        return Project(
+            name=data["name"],
+            repo_url=data.get("repo_url", ""),
+            created_at=float(data.get("created_at", 0)),
+            production=data.get("production", ""),
+        )
+
+    async def list_projects(self) -> list[Project]:
+        names = sorted(_decode(n) for n in await self.redis.smembers(keys.PROJECTS))
+        return [await self.get_project(name) for name in names]
+
+    async def list_deployments(self, project: str, limit: int = 50) -> list[Deployment]:
+        ids = await self.redis.zrevrange(keys.project_deployments(project), 0, limit - 1)
+        return await self.get_deployments(_decode(i) for i in ids)
+
+    async def transition(self, dep: Deployment | str, status: str, reason: str = "") -> bool:
+        """Move to `status`; False when the deployment had already ended."""
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        if isinstance(dep, str):
+            dep = await self.get_deployment(dep)
+        result = await self._transition(
+            keys=[
+                keys.deployment(dep.id),
+                keys.ACTIVE,
+                keys.channel(dep.project),
+                keys.project(dep.project),
+                keys.lease(dep.id),
+            ],
+            args=[status, reason, repr(time.time()), dep.id, keys.deployment("")],
+        )
+        if result == -1:
+            raise NotFound(f"no deployment {dep.id!r}")
+        return bool(result == 1)
+
+    async def promote(self, project: str, dep_id: str) -> bool:
+        """Point production at a ready deployment; False if it is not ready."""
+        result = await self._promote(
+            keys=[keys.project(project), keys.deployment(dep_id), keys.channel(project)],
+            args=[project, dep_id],
+        )
+        if result == -1:
+            raise NotFound(f"project {project!r} has no deployment {dep_id!r}")
+        return bool(result == 1)
+
+    async def refresh_leases(self, dep_ids: Iterable[str], holder: str) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for dep_id in dep_ids:
+                pipe.set(keys.lease(dep_id), holder, ex=LEASE_SECONDS)
+            await pipe.execute()
+
+    async def active_ids(self) -> list[str]:
+        return sorted(_decode(i) for i in await self.redis.smembers(keys.ACTIVE))
+
+    async def lease_holder(self, dep_id: str) -> str | None:
+        holder = await self.redis.get(keys.lease(dep_id))
+        return None if holder is None else _decode(holder)
+
+    async def reap(self) -> list[str]:
+        """Fail every active deployment whose lease ran out: nothing is left to finish it."""
+        failed = []
+        for dep_id in await self.active_ids():
+            if await self.redis.exists(keys.lease(dep_id)):
+                continue
+            try:
+                ok = await self.transition(
+                    dep_id,
+                    "failed",
+                    "The build stopped reporting (its worker or server went away). "
+                    "Deploy again to retry.",
+                )
+            except NotFound:
+                await self.redis.srem(keys.ACTIVE, dep_id)
+                continue
+            if ok:
+                failed.append(dep_id)
+        return failed
+
+
+def _decode(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def decode_status_message(payload: dict[str, Any]) -> Deployment:
+    return Deployment.from_hash({str(k): str(v) for k, v in payload["deployment"].items()})
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

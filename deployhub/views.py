@@ -1,0 +1,39 @@
+"""How records look on the wire (REST bodies and WebSocket frames)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .settings import Settings
+from .store import Deployment, Project
+
+
+def deployment_url(settings: Settings, dep: Deployment) -> str:
+    return settings.site_url_for(f"{dep.project}--{dep.id}")
+
+
+def deployment_json(settings: Settings, dep: Deployment, production: str) -> dict[str, Any]:
+    return {
+        "id": dep.id,
+        "project": dep.project,
+        "repo_url": dep.repo_url,
+        "branch": dep.branch,
+        "status": dep.status,
+        "reason": dep.reason,
+        "created_at": dep.created_at,
+        "updated_at": dep.updated_at,
+        "timestamps": dep.timestamps,
+        "url": settings.site_url_for(dep.project),
+        "deployment_url": deployment_url(settings, dep),
+        "is_production": dep.id == production,
+    }
+
+
+def project_json(settings: Settings, project: Project) -> dict[str, Any]:
+    return {
+        "name": project.name,
+        "repo_url": project.repo_url,
+        "production": project.production or None,
+        "created_at": project.created_at,
+        "url": settings.site_url_for(project.name),
+    }

@@ -1,0 +1,107 @@
+"""`python -m worker <deployment-id>`: build one deployment (the build container's entry point).
+
+Configuration comes from the same DEPLOYHUB_* variables as the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from redis.asyncio import Redis
+
+from deployhub.settings import Settings, SettingsError
+from deployhub.storage import open_storage
+from deployhub.store import NotFound, Store
+from deployhub.validation import InvalidInput, check_deployment_id
+
+from .build import Build, holder, retry
+
+log = logging.getLogger("worker")
+
+WATCH_INTERVAL = 2.0
+
+
+async def watch(build: Build, store: Store) -> None:
+    """Keep the lease alive and notice a cancel made through the API."""
+    while True:
+        try:
+            await store.refresh_leases([build.dep.id], holder())
+            current = await store.get_deployment(build.dep.id)
+            if current.status == "canceled":
+                build.stop("canceled", current.reason or "Canceled.")
+        except Exception as exc:  # an outage must not end the build; the lease has slack
+            log.warning("lease refresh failed: %s", exc)
+        await asyncio.sleep(WATCH_INTERVAL)
+
+
+async def watch_parent(build: Build) -> None:
+    """Our stdin is a pipe from the server: EOF means the server is gone, so stop."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while await reader.read(4096):
+        pass
+    build.stop("failed", "The server that started this build stopped before it finished.")
+
+
+async def main(dep_id: str, watch_stdin: bool) -> int:
+    settings = Settings.from_env()
+    if settings.redis_url is None:
+        raise SettingsError("the worker needs DEPLOYHUB_REDIS_URL")
+    redis = Redis.from_url(settings.redis_url.reveal(), decode_responses=True)
+    try:
+        store = Store(redis)
+        try:
+            dep = await retry(lambda: store.get_deployment(dep_id), deadline=30)
+        except NotFound:
+            log.error("deployment %s does not exist", dep_id)
+            return 2
+        if dep.final:
+            return 0
+        async with open_storage(settings) as storage:
+            build = Build(settings, redis, storage, dep)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(
+                    sig, build.stop, "failed", "The build worker was shut down before it finished."
+                )
+            helpers = [asyncio.create_task(watch(build, store))]
+            if watch_stdin:
+                helpers.append(asyncio.create_task(watch_parent(build)))
+            try:
+                await build.run()
+            finally:
+                for task in helpers:
+                    task.cancel()
+                for task in helpers:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        return 0
+    finally:
+        await redis.aclose()
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    parser.add_argument("deployment", help="the deployment id to build")
+    parser.add_argument(
+        "--watch-stdin", action="store_true",
+        help="stop the build when standard input closes (the local runner's lifeline)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        dep_id = check_deployment_id(args.deployment)
+        return asyncio.run(main(dep_id, args.watch_stdin))
+    except (SettingsError, InvalidInput) as exc:
+        print(f"worker: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

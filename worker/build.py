@@ -1,0 +1,322 @@
+"""One deployment: clone -> detect -> install -> build -> upload, every line published live."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import mimetypes
+import os
+import shutil
+import socket
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from deployhub import keys
+from deployhub.logs import LogPublisher
+from deployhub.settings import Settings
+from deployhub.storage import Storage, log_key, manifest_key, site_key
+from deployhub.store import Deployment, Store
+from deployhub.validation import InvalidInput, check_repo_url
+
+from . import proc
+from .detect import BuildError, find_output, plan
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+UPLOAD_CONCURRENCY = 8
+LOG_TTL_SECONDS = 7 * 24 * 3600
+# What untrusted build commands may see of our environment: nothing secret.
+PASSTHROUGH_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS")
+
+
+class Canceled(Exception):
+    pass
+
+
+async def retry(what: Callable[[], Awaitable[T]], *, deadline: float = 120.0) -> T:
+    """Retry a Redis call through an outage (a restart) instead of losing the build's result."""
+    delay = 0.1
+    give_up = time.monotonic() + deadline
+    while True:
+        try:
+            return await what()
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            if time.monotonic() > give_up:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+class Build:
+    def __init__(self, settings: Settings, redis: Redis, storage: Storage, dep: Deployment) -> None:
+        self.settings = settings
+        self.store = Store(redis)
+        self.storage = storage
+        self.dep = dep
+        self.logs = LogPublisher(
+            redis,
+            dep.project,
+            dep.id,
+            max_lines=settings.log_max_lines,
+            line_max_bytes=settings.log_line_max_bytes,
+        )
+        self.work = settings.data_dir / "builds" / dep.id
+        self.src = self.work / "src"
+        self.started = time.monotonic()
+        self._task: asyncio.Task[tuple[str, str]] | None = None
+        self._stopped: tuple[str, str] | None = None
+
+    # -- the steps -------------------------------------------------------------------------
+
+    def stop(self, status: str, reason: str) -> None:
+        """End the build early (cancel, shutdown): kills what runs and records why."""
+        if self._stopped is None:
+            self._stopped = (status, reason)
+            if self._task is not None:
+                self._task.cancel()
+
+    async def run(self) -> str:
+        """Build and publish the deployment; returns its final status."""
+        self.logs.start()
+        self._task = asyncio.create_task(self._attempt(), name=f"build-{self.dep.id}")
+        try:
+            status, reason = await self._task
+        finally:
+            shutil.rmtree(self.work, ignore_errors=True)
+        await self._finish(status, reason)
+        return status
+
+    async def _attempt(self) -> tuple[str, str]:
+        try:
+            async with asyncio.timeout(self.settings.build_timeout):
+                await self._steps()
+            return "ready", ""
+        except BuildError as exc:
+            return "failed", str(exc)
+        except TimeoutError:
+            return "failed", (
+                f"The build took longer than {self.settings.build_timeout:.0f} s "
+                "(DEPLOYHUB_BUILD_TIMEOUT) and was stopped."
+            )
+        except Canceled as exc:
+            return "canceled", str(exc)
+        except asyncio.CancelledError:
+            if self._stopped is None:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            return self._stopped
+        except Exception as exc:
+            log.exception("build %s crashed", self.dep.id)
+            return "failed", f"DeployHub hit an internal error while building: {exc!r}"
+
+    async def _steps(self) -> None:
+        await self._step("cloning")
+        await self._clone()
+        await self._step("installing")
+        build_plan = plan(self.src)
+        self.logs.emit("system", f"Detected {build_plan.manager} project")
+        await self._command(build_plan.install)
+        await self._step("building")
+        await self._command(build_plan.build)
+        output = find_output(self.src)
+        await self._step("uploading")
+        await self._upload(output)
+
+    async def _step(self, status: str) -> None:
+        if not await retry(lambda: self.store.transition(self.dep, status)):
+            raise Canceled("Canceled while running.")
+        self.logs.emit("system", f"--- {status}")
+
+    async def _clone(self) -> None:
+        try:
+            repo = await check_repo_url(self.dep.repo_url, allow_hosts=self.settings.allow_hosts)
+        except InvalidInput as exc:
+            raise BuildError(f"could not clone: {exc}") from None
+        self.src.parent.mkdir(parents=True, exist_ok=True)
+        pinned = ",".join(
+            f"[{a}]" if ":" in a else a for a in repo.addresses
+        )
+        argv = [
+            "git",
+            # The host was checked when the URL came in; pin the addresses that were checked so
+            # a DNS answer that changes in between cannot point the clone inside our network.
+            "-c", f"http.curloptResolve={repo.host}:{repo.port}:{pinned}",
+            "-c", "http.followRedirects=false",
+            "-c", "protocol.allow=never",
+            "-c", "protocol.http.allow=always",
+            "-c", "protocol.https.allow=always",
+            "-c", "credential.helper=",
+            "-c", "core.hooksPath=/dev/null",
+            "-c", "http.lowSpeedLimit=1000",
+            "-c", "http.lowSpeedTime=30",
+            "clone", "--depth", "1", "--single-branch", "--no-tags",
+        ]
+        if self.dep.branch:
+            argv += ["--branch", self.dep.branch]
+        argv += ["--", repo.url, str(self.src)]
+        env = {
+            **self._base_env(),
+            "GIT_TERMINAL_PROMPT": "0",
+            "GIT_ALLOW_PROTOCOL": "http:https",
+            "GIT_ASKPASS": "/bin/false",
+            "SSH_ASKPASS": "/bin/false",
+            "GCM_INTERACTIVE": "never",
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_LFS_SKIP_SMUDGE": "1",
+        }
+        shown = " ".join(["git", "clone", "--depth", "1", *argv[argv.index("--single-branch"):]])
+        self.logs.emit("system", f"$ {shown}")
+        try:
+            result = await proc.run(
+                argv, cwd=self.work, env=env, emit=self.logs.emit,
+                timeout=self.settings.clone_timeout,
+                max_line_bytes=self.settings.log_line_max_bytes,
+            )
+        except proc.CommandTimeout:
+            raise BuildError(
+                f"could not clone {repo.url}: no answer within {self.settings.clone_timeout:.0f} s"
+            ) from None
+        if result.code != 0:
+            detail = next((t for t in reversed(result.tail) if t.strip()), "git failed")
+            raise BuildError(
+                f"could not clone {repo.url}: {detail.strip()} (is the URL right, the "
+                "repository public and the branch there?)"
+            )
+        commit = await self._git_output(["log", "-1", "--format=%h %s"])
+        if commit:
+            self.logs.emit("system", f"Cloned commit {commit}")
+            await retry(lambda: self.store.redis.hset(keys.deployment(self.dep.id), "commit", commit))
+
+    async def _git_output(self, args: list[str]) -> str:
+        lines: list[str] = []
+        with contextlib.suppress(proc.CommandTimeout):
+            await proc.run(
+                ["git", "-C", str(self.src), *args], cwd=self.work, env=self._base_env(),
+                emit=lambda _s, text: lines.append(text), timeout=20,
+            )
+        return lines[0][:200] if lines else ""
+
+    async def _command(self, argv: list[str]) -> None:
+        self.logs.emit("system", "$ " + " ".join(argv))
+        remaining = self.settings.build_timeout - (time.monotonic() - self.started)
+        try:
+            result = await proc.run(
+                argv, cwd=self.src, env=self._build_env(), emit=self.logs.emit,
+                timeout=max(remaining, 1.0), max_line_bytes=self.settings.log_line_max_bytes,
+            )
+        except FileNotFoundError:
+            raise BuildError(f"{argv[0]} is not installed on the build machine") from None
+        if result.code != 0:
+            last = "\n".join(result.tail[-10:])
+            raise BuildError(f"`{' '.join(argv)}` exited with code {result.code}. Last lines:\n{last}")
+
+    # -- output ----------------------------------------------------------------------------
+
+    async def _upload(self, output: Path) -> None:
+        files = collect_files(output, self.logs.emit)
+        if not files:
+            raise BuildError(f"The output directory {output.name}/ holds no files.")
+        self.logs.emit("system", f"Uploading {len(files)} files from {output.name}/")
+        manifest: dict[str, dict[str, object]] = {}
+        gate = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+
+        async def upload(rel: str, path: Path) -> None:
+            content_type = guess_type(rel)
+            async with gate:
+                await self.storage.put_file(site_key(self.dep.id, rel), path, content_type)
+            manifest[rel] = {"size": path.stat().st_size, "type": content_type}
+
+        await asyncio.gather(*(upload(rel, path) for rel, path in files))
+        # The manifest goes last: a site is served only from a complete upload.
+        body = json.dumps({"files": dict(sorted(manifest.items()))}).encode()
+        await self.storage.put_bytes(manifest_key(self.dep.id), body, "application/json")
+        url = self.settings.site_url_for(self.dep.project)
+        self.logs.emit("system", f"Deployed {len(files)} files. Live at {url}")
+
+    # -- ending ----------------------------------------------------------------------------
+
+    async def _finish(self, status: str, reason: str) -> None:
+        if reason:
+            self.logs.emit("system", f"Error: {reason}" if status == "failed" else reason)
+        if self.logs.dropped:
+            self.logs.emit("system", f"{self.logs.dropped} further log lines were not kept.")
+        await self.logs.close(timeout=120)
+        body = ("\n".join(self.logs.events) + "\n").encode()
+        try:
+            await self.storage.put_bytes(log_key(self.dep.id), body, "application/x-ndjson")
+        except Exception:
+            log.exception("could not store the log of %s", self.dep.id)
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
+            await retry(lambda: self.store.redis.expire(keys.log_stream(self.dep.id), LOG_TTL_SECONDS))
+        await retry(lambda: self.store.transition(self.dep, status, reason))
+
+    # -- environment -----------------------------------------------------------------------
+
+    def _base_env(self) -> dict[str, str]:
+        home = self.work / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
+        env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+        env.update({"HOME": str(home), "LANG": env.get("LANG", "C.UTF-8"), "TERM": "dumb"})
+        return env
+
+    def _build_env(self) -> dict[str, str]:
+        cache = self.settings.data_dir / "cache" / "npm"
+        cache.mkdir(parents=True, exist_ok=True)
+        return {
+            **self._base_env(),
+            "CI": "1",
+            "NO_COLOR": "1",
+            "npm_config_cache": str(cache),
+            "npm_config_update_notifier": "false",
+            "npm_config_fund": "false",
+            "npm_config_audit": "false",
+            "COREPACK_ENABLE_DOWNLOAD_PROMPT": "0",
+            "COREPACK_INTEGRITY_KEYS": "0",
+        }
+
+
+def collect_files(output: Path, emit: proc.Emit) -> list[tuple[str, Path]]:
+    """Regular files under `output`; symlinks are skipped, never followed."""
+    files: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(output, followlinks=False):
+        base = Path(dirpath)
+        for name in sorted(dirnames):
+            if (base / name).is_symlink():
+                emit("system", f"Skipped symlinked directory {(base / name).relative_to(output)}")
+        for name in filenames:
+            path = base / name
+            mode = path.lstat().st_mode
+            rel = path.relative_to(output).as_posix()
+            if not stat.S_ISREG(mode):
+                emit("system", f"Skipped {rel}: not a regular file")
+                continue
+            files.append((rel, path))
+    return sorted(files)
+
+
+def guess_type(path: str) -> str:
+    content_type, _ = mimetypes.guess_type(path, strict=False)
+    if content_type is None:
+        return "application/octet-stream"
+    if content_type.startswith("text/") or content_type in (
+        "application/javascript", "application/json", "image/svg+xml",
+    ):
+        return content_type + "; charset=utf-8"
+    return content_type
+
+
+def holder() -> str:
+    return f"worker:{socket.gethostname()}:{os.getpid()}"
