@@ -81,6 +81,18 @@ class Service:
             return [json.loads(line) for line in (await r.text()).splitlines() if line]
 
 
+async def loopback_resolver(host: str, port: int) -> list[str]:
+    """Tests never ask real DNS: IP literals resolve to themselves, names to nothing."""
+    import ipaddress
+
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        if host == "localhost":
+            return ["127.0.0.1"]
+        raise OSError(f"test resolver: {host} is not resolvable in tests") from None
+
+
 def make_settings(data_dir: Path, redis_url: str | None, port: int = 0, **overrides: Any) -> Settings:
     return Settings.from_env(
         {},
@@ -110,7 +122,7 @@ async def start_service(tmp_path: Path) -> AsyncIterator[StartService]:
     async def start(settings: Settings | None = None, redis: RedisServer | None = None, **kw: Any) -> Service:
         if settings is None:
             settings = make_settings(tmp_path / "data", redis.url if redis else None, **kw)
-        service = Service(create_app(settings), settings)
+        service = Service(create_app(settings, resolver=loopback_resolver), settings)
         await service.start()
         started.append(service)
         return service
@@ -121,5 +133,58 @@ async def start_service(tmp_path: Path) -> AsyncIterator[StartService]:
 
 
 @pytest.fixture
-async def service(start_service: StartService, redis_server: RedisServer) -> Service:
+async def service(redis_server: RedisServer, start_service: StartService) -> Service:
     return await start_service(redis=redis_server)
+
+
+class Watch:
+    """A WebSocket client of one project that records every frame, checking seq order."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.frames: list[dict[str, Any]] = []
+        self.lines: dict[str, list[dict[str, Any]]] = {}
+        self.statuses: dict[str, list[str]] = {}
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def open(self, project: str, resume: dict[str, int] | None = None) -> Watch:
+        self.ws = await self.service.http.ws_connect(self.service.url + "/api/ws")
+        await self.ws.send_json({"type": "subscribe", "project": project, "resume": resume or {}})
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        assert self.ws is not None
+        async for msg in self.ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                continue
+            frame = json.loads(msg.data)
+            self.frames.append(frame)
+            if frame["type"] == "logs":
+                self.lines.setdefault(frame["deployment"], []).extend(frame["events"])
+            elif frame["type"] == "status":
+                dep = frame["deployment"]
+                self.statuses.setdefault(dep["id"], []).append(dep["status"])
+            elif frame["type"] == "subscribed":
+                for dep in frame["deployments"]:
+                    self.statuses.setdefault(dep["id"], []).append(dep["status"])
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out; last frames: {self.frames[-3:]}")
+            await asyncio.sleep(0.02)
+
+    async def wait_status(self, dep_id: str, status: str, timeout: float = 60) -> None:
+        await self.wait_for(lambda: status in self.statuses.get(dep_id, []), timeout)
+
+    def seqs(self, dep_id: str) -> list[int]:
+        return [e["seq"] for e in self.lines.get(dep_id, [])]
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+        if self._reader is not None:
+            await self._reader
