@@ -63,14 +63,13 @@ async def create_deployment(request: web.Request) -> web.Response:
     body = check_fields(
         await read_json(request), required={"repo_url"}, optional={"project", "branch"}
     )
+    # Cheap checks first: the URL check may wait on DNS.
+    project = check_project(body["project"]) if body.get("project") is not None else None
+    branch = check_branch(body["branch"]) if body.get("branch") not in (None, "") else ""
     repo = await check_repo_url(
         body["repo_url"], allow_hosts=ctx.settings.allow_hosts, resolver=ctx.resolver
     )
-    project = (
-        check_project(body["project"]) if body.get("project") is not None
-        else project_from_url(repo.url)
-    )
-    branch = check_branch(body["branch"]) if body.get("branch") not in (None, "") else ""
+    project = project or project_from_url(repo.url)
     dep = await ctx.store.create_deployment(project, repo.url, branch)
     await ctx.runner.submit(dep)
     production = (await ctx.store.get_project(project)).production

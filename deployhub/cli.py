@@ -213,3 +213,7 @@ class Follower:
                         self.last_seq = event["seq"]
                         out = sys.stderr if event["stream"] == "stderr" else sys.stdout
                         print(event["text"], file=out, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""`deployhub serve` on its embedded defaults, exactly as a user starts it, with the real Vite app."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.infra import VITE_REACT_APP, GitServer, free_port, unique_name
+
+
+class Served:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOYHUB_")}
+        self.proc = subprocess.Popen(
+            ["deployhub", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
+             "--allow-hosts", "127.0.0.1"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.url}/api/projects", timeout=1).read()
+                return
+            except OSError:
+                assert self.proc.poll() is None, self.proc.stdout.read() if self.proc.stdout else ""
+                time.sleep(0.1)
+        raise AssertionError("deployhub serve did not start")
+
+    def stop(self) -> str:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        out, _ = self.proc.communicate(timeout=30)
+        return out
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def get(self, path: str, host: str | None = None) -> tuple[int, dict[str, str], bytes]:
+        request = urllib.request.Request(self.url + path)
+        if host:
+            request.add_header("Host", f"{host}.localhost:{self.port}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    server = Served(tmp_path / "data")
+    server.start()
+    yield server
+    if server.proc and server.proc.poll() is None:
+        server.stop()
+
+
+@pytest.mark.timeout(300)
+def test_vite_app_end_to_end_with_follow_and_restart(served: Served, git_server: GitServer) -> None:
+    url = git_server.add_repo(unique_name("vite"), files_dir=VITE_REACT_APP)
+    started = time.monotonic()
+    cli = subprocess.run(
+        ["deployhub", "deploy", url, "--follow", "--project", "vite-app", "--server", served.url],
+        capture_output=True, text=True, timeout=240,
+    )
+    elapsed = time.monotonic() - started
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    out = cli.stdout
+    # Real npm and vite output, in order, before the site URL.
+    assert out.index("$ npm ci") < out.index("added ") < out.index("vite v7") < out.index("built in")
+    assert out.rstrip().splitlines()[-1].startswith("Ready: http://vite-app.localhost:")
+    print(f"vite deploy via CLI: {elapsed:.1f}s")
+
+    status, headers, body = served.get("/", host="vite-app")
+    assert status == 200 and b'<div id="root">' in body
+    assert headers["Cache-Control"] == "no-cache"
+    script = body.split(b'src="')[1].split(b'"')[0].decode()
+    status, headers, js = served.get(script, host="vite-app")
+    assert status == 200 and "javascript" in headers["Content-Type"]
+    assert "immutable" in headers["Cache-Control"]
+    assert b"Hello from Vite React" in js
+    assert served.get("/some/client/route", host="vite-app")[2] == body
+    assert served.get("/", host="no-such-app")[0] == 404
+
+    served.stop()
+    assert _redis_children(served.data_dir) == []  # the embedded Redis stopped with the server
+    served.start()  # same data directory: projects, logs and sites survive
+    status, _, listing = served.get("/api/projects")
+    assert status == 200 and b"vite-app" in listing
+    assert served.get("/", host="vite-app")[2] == body
+
+
+def _redis_children(data_dir: Path) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if str(data_dir / "redis") in text:
+            found.append(text)
+    return found
+
+
+def test_cli_exits_non_zero_when_the_deployment_fails(served: Served, git_server: GitServer) -> None:
+    url = git_server.add_repo(unique_name("empty"), files={"README.md": "x\n"})
+    cli = subprocess.run(
+        ["deployhub", "deploy", url, "--follow", "--server", served.url],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert cli.returncode == 1
+    assert "No package.json" in cli.stderr
+
+
+def test_cli_rejects_bad_url_with_the_servers_message(served: Served) -> None:
+    cli = subprocess.run(
+        [sys.executable, "-m", "deployhub.cli", "deploy", "file:///etc", "--server", served.url],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert cli.returncode == 1 and "http:// or https://" in cli.stderr
