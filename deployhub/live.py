@@ -32,6 +32,7 @@ from .views import deployment_json
 log = logging.getLogger(__name__)
 
 QUEUE_FRAMES = 512
+QUEUE_BYTES = 1024 * 1024  # a socket further behind than this catches up from Redis instead
 MAX_PROJECTS_PER_SOCKET = 50
 HISTORY_CHUNK = 2000
 SNAPSHOT_DEPLOYMENTS = 20
@@ -84,20 +85,36 @@ class Watcher:
         self.projects: set[str] = set()
         self.seqs: dict[str, int] = {}  # deployment -> last seq sent
         self.deployment_project: dict[str, str] = {}
+        self.overflows = 0
+        self.queued_bytes = 0
 
     def offer(self, item: Item) -> None:
-        """Never blocks the dispatcher: a full queue turns into one resync."""
-        try:
+        """Never blocks the dispatcher: a queue too long or too big turns into one resync."""
+        size = _size(item)
+        if not self.queue.full() and self.queued_bytes + size <= QUEUE_BYTES:
             self.queue.put_nowait(item)
-        except asyncio.QueueFull:
-            pending = []
-            while not self.queue.empty():
-                dropped = self.queue.get_nowait()
-                if isinstance(dropped, Subscribe | Reply):  # these must still be answered
-                    pending.append(dropped)
-            for keep in pending:
-                self.queue.put_nowait(keep)
-            self.queue.put_nowait(RESYNC)
+            self.queued_bytes += size
+            return
+        self.overflows += 1
+        pending = [item] if isinstance(item, Subscribe | Reply) else []
+        while not self.queue.empty():
+            dropped = self.queue.get_nowait()
+            if isinstance(dropped, Subscribe | Reply):  # these must still be answered
+                pending.append(dropped)
+        self.queued_bytes = 0
+        for keep in pending:
+            self.queue.put_nowait(keep)
+            self.queued_bytes += _size(keep)
+        self.queue.put_nowait(RESYNC)
+
+    async def take(self) -> Item:
+        item = await self.queue.get()
+        self.queued_bytes -= _size(item)
+        return item
+
+
+def _size(item: Item) -> int:
+    return len(item.raw) if isinstance(item, LogFrame | StatusFrame | Reply) else 0
 
 
 class Hub:
@@ -158,6 +175,10 @@ class Hub:
                     # pubsub refuses to read before it has a subscription; a private channel
                     # keeps the connection in subscribed mode while no project is watched.
                     await pubsub.subscribe(keys.PREFIX + "ch-idle", *channels)
+                    if pubsub.connection is not None:
+                        # redis-py may reconnect on its own and resubscribe quietly; whatever
+                        # was published meanwhile must still reach the sockets.
+                        pubsub.connection.register_connect_callback(self._reconnected)
                     self._connected.set()
                     if not first:
                         log.info("Redis is back; resubscribed %d projects", len(channels))
@@ -176,6 +197,12 @@ class Hub:
                 self._pubsub = None
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
+
+    async def _reconnected(self, connection: object) -> None:
+        log.info("Redis subscriber reconnected; every socket catches up from the streams")
+        for members in self.watchers.values():
+            for watcher in members:
+                watcher.offer(RESYNC)
 
     async def _listen(self, pubsub: PubSub) -> None:
         async for message in pubsub.listen():
@@ -223,7 +250,7 @@ class Hub:
     async def write(self, watcher: Watcher) -> None:
         try:
             while True:
-                item = await watcher.queue.get()
+                item = await watcher.take()
                 try:
                     await self._deliver(watcher, item)
                 except (RedisError, OSError) as exc:

@@ -1,0 +1,161 @@
+"""Live logs through faults: Redis restarts, stalled sockets, two servers, CLI reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import subprocess
+import sys
+
+from tests.support.infra import TINY_APP, GitServer, RedisServer, unique_name
+from tests.support.service import Service, StartService, Watch
+
+import pytest
+
+from deployhub.app import HUB
+from deployhub.live import Hub
+
+
+def app_hub(service: Service) -> Hub:
+    return service.app[HUB]
+
+
+def chatty_repo(git_server: GitServer, lines: int, delay_ms: int) -> str:
+    config = f'{{"lines": {lines}, "delayMs": {delay_ms}}}'
+    return git_server.add_repo(unique_name("chatty"), files_dir=TINY_APP, files={"tiny.json": config})
+
+
+async def stored_seqs(service: Service, dep_id: str) -> list[int]:
+    return [e["seq"] for e in await service.logs(dep_id)]
+
+
+@pytest.mark.timeout(120)
+async def test_redis_restart_mid_build_loses_nothing(
+    service: Service, redis_server: RedisServer, git_server: GitServer
+) -> None:
+    dep = await service.deploy(chatty_repo(git_server, lines=1500, delay_ms=5))
+    stayed = await Watch(service).open(dep["project"])
+    await stayed.wait_for(lambda: len(stayed.seqs(dep["id"])) > 100)
+    redis_server.stop()
+    await asyncio.sleep(4)  # the build goes on printing while Redis is away
+    redis_server.start()
+    await stayed.wait_status(dep["id"], "ready", timeout=90)
+    joined_after = await Watch(service).open(dep["project"])
+    await joined_after.wait_for(lambda: len(joined_after.seqs(dep["id"])) >= len(stayed.seqs(dep["id"])))
+    expected = await stored_seqs(service, dep["id"])
+    assert expected == list(range(1, len(expected) + 1))
+    assert stayed.seqs(dep["id"]) == expected
+    assert joined_after.seqs(dep["id"]) == expected
+    texts = [e["text"] for e in stayed.lines[dep["id"]] if e["text"].startswith("line ")]
+    assert texts == [f"line {n}" for n in range(1, 1501)]
+    await stayed.close()
+    await joined_after.close()
+
+
+async def stalled_socket(port: int, project: str) -> socket.socket:
+    """A WebSocket client that subscribes and then never reads a byte."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET /api/ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    payload = f'{{"type":"subscribe","project":"{project}"}}'.encode()
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+    return sock
+
+
+@pytest.mark.timeout(120)
+async def test_a_socket_that_never_reads_does_not_delay_others(
+    service: Service, git_server: GitServer
+) -> None:
+    config = '{"lines": 30000, "delayMs": 0, "width": 300}'  # ~9 MB: more than any socket buffer
+    url = git_server.add_repo(unique_name("wide"), files_dir=TINY_APP, files={"tiny.json": config})
+    dep = await service.deploy(url)
+    stuck = await stalled_socket(service.server.port, dep["project"])
+    try:
+        fast = await Watch(service).open(dep["project"])
+        await fast.wait_status(dep["id"], "ready", timeout=90)
+        expected = await stored_seqs(service, dep["id"])
+        await fast.wait_for(lambda: fast.seqs(dep["id"]) == expected, timeout=10)
+        await fast.close()
+        stuck_watchers = [w for w in app_hub(service).sockets if w.overflows]
+        assert stuck_watchers, "the stalled socket never filled its queue: the test proved nothing"
+    finally:
+        stuck.close()
+
+
+async def test_two_servers_share_one_redis(
+    redis_server: RedisServer, start_service: StartService, git_server: GitServer, tmp_path
+) -> None:
+    builder = await start_service(redis=redis_server)
+    from tests.support.service import make_settings
+
+    other = await start_service(make_settings(tmp_path / "other", redis_server.url))
+    dep = await builder.deploy(chatty_repo(git_server, lines=300, delay_ms=5))
+    watch = await Watch(other).open(dep["project"])
+    await watch.wait_status(dep["id"], "ready")
+    expected = await stored_seqs(builder, dep["id"])
+    await watch.wait_for(lambda: watch.seqs(dep["id"]) == expected, timeout=10)
+    await watch.close()
+
+
+async def test_socket_project_limit(service: Service) -> None:
+    from deployhub.live import MAX_PROJECTS_PER_SOCKET
+
+    store = __import__("deployhub").get_context(service.app).store
+    for n in range(MAX_PROJECTS_PER_SOCKET + 1):
+        await store.create_deployment(f"p{n}", "http://127.0.0.1:9/x.git", "")
+    ws = await service.http.ws_connect(service.url + "/api/ws")
+    errors = []
+    for n in range(MAX_PROJECTS_PER_SOCKET + 1):
+        await ws.send_json({"type": "subscribe", "project": f"p{n}"})
+    while len(errors) < 1:
+        frame = await ws.receive_json(timeout=10)
+        if frame["type"] == "error":
+            errors.append(frame["message"])
+    assert "at most 50 projects" in errors[0]
+    await ws.close()
+
+
+@pytest.mark.timeout(180)
+async def test_cli_follow_resumes_across_a_server_restart(
+    redis_server: RedisServer, start_service: StartService, git_server: GitServer, tmp_path
+) -> None:
+    """The build runs on one replica; the CLI watches another, which restarts mid-build."""
+    from tests.support.service import make_settings
+
+    builder = await start_service(redis=redis_server)
+    settings = make_settings(tmp_path / "front", redis_server.url)
+    front = await start_service(settings)
+    url = chatty_repo(git_server, lines=1200, delay_ms=5)
+    # The CLI posts to the builder, then follows through the front replica.
+    dep = await builder.deploy(url)
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-c",
+        "import asyncio,sys,aiohttp; from deployhub.cli import Follower\n"
+        "async def main():\n"
+        "    async with aiohttp.ClientSession() as s:\n"
+        f"        final = await Follower(s, {front.url!r}, {dep['project']!r}, {dep['id']!r}).run()\n"
+        "    print('FINAL', final['status'])\n"
+        "asyncio.run(main())\n",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    await asyncio.sleep(2.5)
+    await front.stop()
+    await asyncio.sleep(1)
+    await start_service(settings)  # same port
+    out, err = await asyncio.wait_for(cli.communicate(), 120)
+    lines = out.decode().splitlines()
+    assert lines[-1] == "FINAL ready", err.decode()[-2000:]
+    assert "reconnecting" in err.decode()
+    events = await builder.logs(dep["id"])
+    assert lines[:-1] == [e["text"] for e in events if e["stream"] != "stderr"]
+    printed_err = [l for l in err.decode().splitlines() if not l.startswith("[deployhub]")]
+    assert printed_err == [e["text"] for e in events if e["stream"] == "stderr"]
