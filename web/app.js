@@ -1,0 +1,737 @@
+// DeployHub dashboard: deploy form, projects, deployments, live logs.
+//
+// Views are driven by the URL hash so a reload keeps the view:
+//   #/                     nothing selected
+//   #/projects/<name>      a project, newest deployment shown (and followed)
+//   #/deployments/<id>     a project with that deployment shown
+
+import { apiJson, getToken, setToken, AUTH_REQUIRED_EVENT } from "./api.js";
+import { LiveClient } from "./live.js";
+import { LogView, cleanLogText } from "./logview.js";
+import { el, externalLink, displayUrl, fill, safeHref } from "./dom.js";
+import {
+  clock,
+  computeSteps,
+  formatAbsolute,
+  formatDuration,
+  formatRelative,
+  isFinal,
+  statusKey,
+  statusLabel,
+} from "./timeline.js";
+
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  projects: [], // from GET api/projects
+  project: null, // name of the project in view
+  // Maps are keyed by String(id) so ids from JSON, hashes and data-* agree.
+  deployments: new Map(), // id -> deployment, for the project in view
+  selectedId: null,
+  logShownFor: null, // deployment whose lines the log panel holds
+  followNewest: true, // #/projects/<name>: keep showing the newest deployment
+  logs: new Map(), // deployment id -> [{seq, stream, clean}]
+  announced: new Map(), // deployment id -> last status announced to screen readers
+  routeSeq: 0, // increases per navigation; stale async results are dropped
+  seed: null, // deployment just created, so its view needn't wait for the network
+};
+
+const live = new LiveClient({ onMessage: handleLiveMessage, onState: renderConnection });
+const logView = new LogView($("log-scroller"), { onFollowChange: renderLogFollow });
+
+// ---------------------------------------------------------------- routing --
+
+function parseRoute(hash) {
+  const match = /^#\/(projects|deployments)\/(.+)$/.exec(hash);
+  if (!match) return { view: "home" };
+  let value;
+  try {
+    value = decodeURIComponent(match[2]);
+  } catch {
+    return { view: "home" };
+  }
+  return match[1] === "projects" ? { view: "project", name: value } : { view: "deployment", id: value };
+}
+
+export function projectHash(name) {
+  return `#/projects/${encodeURIComponent(name)}`;
+}
+
+export function deploymentHash(id) {
+  return `#/deployments/${encodeURIComponent(id)}`;
+}
+
+async function route() {
+  const seq = ++state.routeSeq;
+  const target = parseRoute(location.hash);
+  hideBanner();
+  try {
+    if (target.view === "home") {
+      leaveProject();
+      renderView();
+    } else if (target.view === "project") {
+      await openProject(target.name, null, seq);
+    } else {
+      const dep = await findDeployment(target.id);
+      if (seq !== state.routeSeq) return; // the user navigated meanwhile
+      await openProject(dep.project, dep, seq);
+    }
+  } catch (err) {
+    if (seq !== state.routeSeq) return;
+    showBanner(err.message);
+  }
+}
+
+async function findDeployment(id) {
+  if (state.seed && String(state.seed.id) === id) return state.seed;
+  return state.deployments.get(id) ?? (await apiJson(`deployments/${encodeURIComponent(id)}`));
+}
+
+// --------------------------------------------------------------- projects --
+
+async function loadProjects() {
+  try {
+    const body = await apiJson("projects");
+    state.projects = Array.isArray(body?.projects) ? body.projects : [];
+    renderProjects();
+    renderProjectHeader();
+  } catch (err) {
+    $("projects-status").textContent = err.message;
+    $("projects-status").hidden = false;
+  }
+}
+
+// Several deployments finishing together should cause one reload, not many.
+let projectsReloadTimer = 0;
+function reloadProjectsSoon() {
+  clearTimeout(projectsReloadTimer);
+  projectsReloadTimer = setTimeout(loadProjects, 300);
+}
+
+function currentProjectInfo() {
+  return state.projects.find((p) => p.name === state.project) ?? null;
+}
+
+/** Project.production may be an id or a deployment object; normalise to an id. */
+function productionId(project) {
+  const prod = project?.production;
+  if (prod && typeof prod === "object") return prod.id ?? null;
+  return prod ?? null;
+}
+
+/** Show project `name`, subscribing to its live feed; select `dep` if given. */
+async function openProject(name, dep, seq) {
+  if (state.project !== name) {
+    leaveProject();
+    state.project = name;
+    live.subscribe(name);
+    if (!currentProjectInfo()) loadProjects(); // deep link before the list arrived
+  }
+  if (dep) {
+    upsertDeployment(dep);
+    state.followNewest = false;
+    state.selectedId = String(dep.id);
+  } else {
+    state.followNewest = true;
+    state.selectedId = newestId();
+  }
+  state.seed = null;
+  renderView();
+
+  // The socket's snapshot brings the same list; fetching it as well makes the
+  // page usable even while the socket is (re)connecting.
+  const body = await apiJson(`projects/${encodeURIComponent(name)}/deployments`);
+  if (seq !== state.routeSeq || state.project !== name) return;
+  mergeDeployments(body?.deployments);
+}
+
+function leaveProject() {
+  if (state.project) live.unsubscribe(state.project);
+  state.project = null;
+  state.deployments.clear();
+  state.logs.clear();
+  state.announced.clear();
+  state.selectedId = null;
+  state.followNewest = true;
+  state.logShownFor = null;
+  logView.reset();
+}
+
+// ------------------------------------------------------------ deployments --
+
+/** Insert or update a deployment unless we already hold a newer version. */
+function upsertDeployment(dep) {
+  if (!dep || (typeof dep.id !== "string" && typeof dep.id !== "number")) return false;
+  const key = String(dep.id);
+  const existing = state.deployments.get(key);
+  if (existing && (existing.updated_at ?? 0) > (dep.updated_at ?? 0)) return false;
+  state.deployments.set(key, dep);
+  clock.observe(dep.updated_at);
+  // Only one deployment serves production. The server announces the new one
+  // but need not re-send the previous one, whose copy would still say true.
+  if (dep.is_production === true) setProductionFlag(key);
+  return true;
+}
+
+function setProductionFlag(prodKey) {
+  for (const [key, dep] of state.deployments) {
+    const flag = key === prodKey;
+    if (dep.is_production !== flag) state.deployments.set(key, { ...dep, is_production: flag });
+  }
+}
+
+function mergeDeployments(list) {
+  if (!Array.isArray(list)) return;
+  for (const dep of list) if (dep && dep.project === state.project) upsertDeployment(dep);
+  if (state.followNewest || !state.deployments.has(state.selectedId)) {
+    state.selectedId = newestId() ?? state.selectedId;
+  }
+  renderView();
+}
+
+function sortedDeployments() {
+  return [...state.deployments.values()].sort((a, b) => (b.created_at ?? 0) - (a.created_at ?? 0));
+}
+
+function newestId() {
+  const newest = sortedDeployments()[0];
+  return newest ? String(newest.id) : null;
+}
+
+function isProduction(dep) {
+  if (typeof dep.is_production === "boolean") return dep.is_production;
+  const prodId = productionId(currentProjectInfo());
+  return prodId != null && String(prodId) === String(dep.id);
+}
+
+// ------------------------------------------------------------ live socket --
+
+function handleLiveMessage(msg) {
+  switch (msg.type) {
+    case "subscribed":
+      if (msg.project === state.project) mergeDeployments(msg.deployments);
+      break;
+    case "status":
+      handleStatus(msg.deployment);
+      break;
+    case "logs":
+      handleLogs(msg);
+      break;
+    case "error":
+      showBanner(typeof msg.message === "string" ? msg.message : "Live updates error");
+      break;
+    case "auth-required":
+      showAuth();
+      break;
+    default:
+      break; // unknown message types are ignored so the server can add some
+  }
+}
+
+function handleStatus(dep) {
+  if (!dep || dep.project !== state.project) return;
+  const isNew = !state.deployments.has(String(dep.id));
+  if (!upsertDeployment(dep)) return;
+  if (isNew && state.followNewest) state.selectedId = newestId();
+  // A finished deployment may have become production: refresh project links.
+  if (isFinal(dep.status)) reloadProjectsSoon();
+  renderView();
+}
+
+function handleLogs(msg) {
+  if (msg.project !== state.project) return;
+  const id = String(msg.deployment);
+  let stored = state.logs.get(id);
+  if (!stored) state.logs.set(id, (stored = []));
+  // Clean once on arrival; re-rendering after switching deployments then
+  // costs nothing extra.
+  const events = msg.events.map((ev) => ({
+    seq: ev.seq,
+    stream: ev.stream,
+    clean: cleanLogText(ev.text),
+  }));
+  for (const ev of events) stored.push(ev);
+  const last = msg.events[msg.events.length - 1];
+  if (last) clock.observe(last.ts);
+  if (id === state.selectedId && state.logShownFor === id) {
+    logView.append(events);
+    renderLogCount();
+  }
+}
+
+// ---------------------------------------------------------------- actions --
+
+async function submitDeploy(event) {
+  event.preventDefault();
+  const form = event.currentTarget;
+  const repoInput = $("repo-url");
+  const body = { repo_url: repoInput.value.trim() };
+  const project = $("project-name-input").value.trim();
+  const branch = $("branch-input").value.trim();
+  if (project) body.project = project;
+  if (branch) body.branch = branch;
+
+  if (!body.repo_url) {
+    showFormError("Enter the URL of a Git repository to deploy.");
+    repoInput.focus();
+    return;
+  }
+
+  setDeployBusy(true);
+  showFormError(null);
+  try {
+    const dep = await apiJson("deployments", { method: "POST", json: body });
+    form.reset();
+    if (dep && dep.id != null) {
+      state.seed = dep;
+      location.hash = deploymentHash(dep.id);
+    }
+    loadProjects();
+  } catch (err) {
+    showFormError(err.message);
+    repoInput.focus();
+  } finally {
+    setDeployBusy(false);
+  }
+}
+
+async function runAction(button) {
+  const { action, id } = button.dataset;
+  const dep = state.deployments.get(id);
+  if (!dep) return;
+  button.disabled = true;
+  hideBanner();
+  try {
+    if (action === "cancel") {
+      const updated = await apiJson(`deployments/${encodeURIComponent(id)}/cancel`, { method: "POST" });
+      if (updated && String(updated.id) === id) upsertDeployment(updated);
+    } else if (action === "promote") {
+      const project = await apiJson(`projects/${encodeURIComponent(dep.project)}/rollback`, {
+        method: "POST",
+        json: { deployment: id },
+      });
+      applyProduction(project, id);
+    }
+    renderView();
+  } catch (err) {
+    showBanner(err.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+/** After a rollback the server may not re-send every deployment, so move the
+ *  production flag locally to match the returned project. */
+function applyProduction(project, fallbackId) {
+  const prodId = String(productionId(project) ?? fallbackId);
+  if (project && project.name) {
+    const index = state.projects.findIndex((p) => p.name === project.name);
+    if (index >= 0) state.projects[index] = project;
+    else state.projects.unshift(project);
+  }
+  setProductionFlag(prodId);
+  renderProjects();
+  reloadProjectsSoon();
+}
+
+// ------------------------------------------------------------------- auth --
+
+function showAuth() {
+  const panel = $("auth-panel");
+  if (!panel.hidden) return;
+  panel.hidden = false;
+  $("auth-token").focus();
+}
+
+function submitAuth(event) {
+  event.preventDefault();
+  const token = $("auth-token").value.trim();
+  if (!token) return;
+  setToken(token);
+  $("auth-token").value = "";
+  $("auth-panel").hidden = true;
+  renderSignOut();
+  live.reconnectNow(); // the socket authenticates only when it opens
+  loadProjects();
+  route();
+}
+
+function signOut() {
+  setToken(null);
+  renderSignOut();
+  live.reconnectNow();
+  loadProjects();
+}
+
+// -------------------------------------------------------------- rendering --
+
+function renderView() {
+  const hasProject = Boolean(state.project);
+  $("empty-view").hidden = hasProject;
+  $("project-view").hidden = !hasProject;
+  renderProjects();
+  if (!hasProject) {
+    document.title = "DeployHub";
+    return;
+  }
+  renderProjectHeader();
+  renderDeploymentList();
+  renderSelected();
+}
+
+function renderProjects() {
+  const list = $("project-list");
+  fill(list,
+    ...state.projects.map((project) => {
+      const current = project.name === state.project;
+      return el(
+        "li",
+        {},
+        el(
+          "a",
+          {
+            className: "project-item",
+            href: projectHash(project.name),
+            "aria-current": current ? "page" : null,
+          },
+          el("span", { className: "project-item-name", text: project.name }),
+          el("span", { className: "project-item-repo", text: displayUrl(project.repo_url ?? "") }),
+        ),
+      );
+    }),
+  );
+  $("projects-status").hidden = state.projects.length > 0;
+  if (!state.projects.length) $("projects-status").textContent = "No projects yet. Deploy one above.";
+}
+
+function renderProjectHeader() {
+  if (!state.project) return;
+  const info = currentProjectInfo();
+  $("project-title").textContent = state.project;
+
+  const repo = $("project-repo");
+  const repoUrl = info?.repo_url ?? sortedDeployments()[0]?.repo_url ?? "";
+  repo.textContent = displayUrl(repoUrl);
+  const repoHref = safeHref(repoUrl);
+  if (repoHref) repo.setAttribute("href", repoHref);
+  else repo.removeAttribute("href");
+
+  // "Visit" only makes sense once something serves production.
+  const production = sortedDeployments().find(isProduction);
+  const hasProduction = productionId(info) != null || Boolean(production);
+  const href = hasProduction ? safeHref(info?.url ?? production?.url) : null;
+  const visit = $("project-visit");
+  visit.hidden = !href;
+  if (href) visit.setAttribute("href", href);
+}
+
+function renderDeploymentList() {
+  const deps = sortedDeployments();
+  $("deployments-empty").hidden = deps.length > 0;
+  fill($("deployment-list"), ...deps.map(renderDeploymentRow));
+}
+
+function renderDeploymentRow(dep) {
+  const selected = String(dep.id) === state.selectedId;
+  return el(
+    "li",
+    { className: `dep-row${selected ? " selected" : ""}`, dataset: { id: String(dep.id) } },
+    statusBadge(dep.status),
+    el(
+      "div",
+      { className: "dep-main" },
+      el(
+        "a",
+        { className: "dep-link", href: deploymentHash(dep.id), "aria-current": selected ? "true" : null },
+        el("code", { text: shortId(dep.id) }),
+      ),
+      dep.branch ? el("span", { className: "dep-branch", text: dep.branch }) : null,
+      isProduction(dep) ? el("span", { className: "tag tag-prod", text: "Production" }) : null,
+    ),
+    el("time", {
+      className: "dep-time",
+      datetime: isoTime(dep.created_at),
+      title: formatAbsolute(dep.created_at),
+      text: formatRelative(dep.created_at),
+    }),
+    el("div", { className: "dep-actions" }, ...deploymentActions(dep, true)),
+  );
+}
+
+/**
+ * Buttons/links that apply to a deployment: visit (list rows only; the
+ * detail view has its own result box with links), promote/rollback, cancel.
+ */
+function deploymentActions(dep, withVisit) {
+  const actions = [];
+  if (dep.status === "ready") {
+    const link = withVisit ? externalLink(dep.deployment_url, "Visit", "button button-small") : null;
+    if (link) {
+      link.setAttribute("aria-label", `Open deployment ${shortId(dep.id)} in a new tab`);
+      actions.push(link);
+    }
+    if (!isProduction(dep)) {
+      const label = promoteLabel(dep);
+      actions.push(
+        el("button", {
+          type: "button",
+          className: "button button-small",
+          dataset: { action: "promote", id: String(dep.id) },
+          "aria-label": `${label} deployment ${shortId(dep.id)}`,
+          text: label,
+        }),
+      );
+    }
+  } else if (!isFinal(dep.status)) {
+    actions.push(
+      el("button", {
+        type: "button",
+        className: "button button-small button-danger",
+        dataset: { action: "cancel", id: String(dep.id) },
+        "aria-label": `Cancel deployment ${shortId(dep.id)}`,
+        text: "Cancel",
+      }),
+    );
+  }
+  return actions;
+}
+
+/** Newer than production: promote. Older: rollback. Same action server-side. */
+function promoteLabel(dep) {
+  const prod = sortedDeployments().find(isProduction);
+  if (!prod) return "Promote";
+  return (dep.created_at ?? 0) > (prod.created_at ?? 0) ? "Promote" : "Rollback";
+}
+
+function renderSelected() {
+  const dep = state.deployments.get(state.selectedId);
+  $("detail").hidden = !dep;
+  if (!dep) {
+    state.logShownFor = null;
+    logView.reset();
+    $("log-card").hidden = true;
+    document.title = `${state.project} · DeployHub`;
+    return;
+  }
+  $("log-card").hidden = false;
+  $("detail-id").textContent = shortId(dep.id);
+  $("detail-id").title = String(dep.id);
+  fill($("detail-status"), statusBadge(dep.status));
+  renderDetailMeta(dep);
+  fill($("detail-actions"), ...deploymentActions(dep, false));
+  renderTimeline(dep);
+  renderResult(dep);
+  renderLogsFor(dep);
+  announceStatus(dep);
+  document.title = `${statusLabel(dep.status)} · ${state.project} · DeployHub`;
+}
+
+function renderDetailMeta(dep) {
+  fill($("detail-meta"),
+    dep.branch ? el("span", { className: "dep-branch", text: dep.branch }) : null,
+    el("time", {
+      datetime: isoTime(dep.created_at),
+      title: formatAbsolute(dep.created_at),
+      text: `Created ${formatRelative(dep.created_at)}`,
+    }),
+    isProduction(dep) ? el("span", { className: "tag tag-prod", text: "Production" }) : null,
+  );
+}
+
+function renderTimeline(dep) {
+  const { steps, total } = computeSteps(dep);
+  fill($("timeline"),
+    ...steps.map((step) =>
+      el(
+        "li",
+        {
+          className: `step step-${step.state}`,
+          "aria-current": step.state === "current" ? "step" : null,
+        },
+        el("span", { className: "step-icon", "aria-hidden": "true" }),
+        el("span", { className: "step-label", text: step.label }),
+        el("span", { className: "step-time", text: formatDuration(step.duration) }),
+        // Screen readers get the state in words; sighted users see the icon.
+        el("span", { className: "visually-hidden", text: ` (${stepStateWords(step.state)})` }),
+      ),
+    ),
+  );
+  $("timeline-total").textContent = formatDuration(total);
+  $("timeline-total").parentElement.hidden = total == null;
+}
+
+function stepStateWords(stepState) {
+  return {
+    done: "done",
+    current: "in progress",
+    failed: "failed",
+    canceled: "canceled",
+    pending: "not started",
+    skipped: "skipped",
+  }[stepState];
+}
+
+function renderResult(dep) {
+  const box = $("result");
+  box.className = "result";
+  if (dep.status === "ready") {
+    box.classList.add("result-ready");
+    const production = isProduction(dep);
+    fill(box,
+      el("p", { className: "result-title", text: production ? "Your site is live" : "Deployment ready" }),
+      resultLink(production ? "Site" : "Production site", dep.url),
+      resultLink("This deployment", dep.deployment_url),
+      production ? null : el("p", { className: "result-note", text: "This deployment is not serving production." }),
+    );
+    box.hidden = false;
+  } else if (dep.status === "failed" || dep.status === "canceled") {
+    box.classList.add("result-failed");
+    fill(box,
+      el("p", { className: "result-title", text: dep.status === "failed" ? "Deployment failed" : "Deployment canceled" }),
+      dep.reason ? el("pre", { className: "result-reason", text: String(dep.reason) }) : null,
+    );
+    box.hidden = false;
+  } else {
+    box.hidden = true;
+    box.replaceChildren();
+  }
+}
+
+function resultLink(label, url) {
+  const link = externalLink(url, null, "result-link");
+  if (!link) return null;
+  return el("p", { className: "result-row" }, el("span", { className: "result-label", text: label }), link);
+}
+
+/** Re-render the log panel only when the selected deployment changed. */
+function renderLogsFor(dep) {
+  const id = String(dep.id);
+  if (state.logShownFor !== id) {
+    state.logShownFor = id;
+    logView.reset(state.logs.get(id) ?? []);
+  }
+  renderLogCount();
+}
+
+function renderLogCount() {
+  const dep = state.deployments.get(state.selectedId);
+  const count = state.logs.get(state.selectedId)?.length ?? 0;
+  $("log-count").textContent = count ? `${count.toLocaleString()} line${count === 1 ? "" : "s"}` : "";
+  const empty = $("log-empty");
+  empty.hidden = count > 0;
+  if (!count && dep) {
+    empty.textContent =
+      dep.status === "queued"
+        ? "Waiting in the queue…"
+        : isFinal(dep.status)
+          ? "No log output."
+          : "Waiting for output…";
+  }
+}
+
+function renderLogFollow(following, unseen) {
+  const jump = $("log-jump");
+  jump.hidden = following;
+  jump.textContent = unseen > 0 ? `↓ ${unseen.toLocaleString()} new line${unseen === 1 ? "" : "s"}` : "↓ Jump to latest";
+}
+
+/** Tell screen readers about status changes, once per change. */
+function announceStatus(dep) {
+  const id = String(dep.id);
+  const previous = state.announced.get(id);
+  if (previous === dep.status) return;
+  state.announced.set(id, dep.status);
+  if (previous === undefined) return; // first sight is not a change
+  $("status-announcer").textContent = `Deployment ${shortId(dep.id)} is now ${statusLabel(dep.status).toLowerCase()}.`;
+}
+
+function renderConnection(connState) {
+  const indicator = $("connection");
+  indicator.dataset.state = connState;
+  indicator.hidden = connState === "idle";
+  indicator.textContent =
+    { connecting: "Connecting…", open: "Live", reconnecting: "Reconnecting…" }[connState] ?? "";
+}
+
+function renderSignOut() {
+  $("sign-out").hidden = !getToken();
+}
+
+function statusBadge(status) {
+  return el("span", { className: `badge badge-${statusKey(status)}`, text: statusLabel(status) });
+}
+
+function shortId(id) {
+  const text = String(id);
+  return text.length > 12 ? text.slice(0, 8) : text;
+}
+
+function isoTime(ts) {
+  return typeof ts === "number" ? new Date(ts * 1000).toISOString() : null;
+}
+
+function setDeployBusy(busy) {
+  const button = $("deploy-button");
+  button.disabled = busy;
+  button.textContent = busy ? "Deploying…" : "Deploy";
+  $("deploy-form").setAttribute("aria-busy", String(busy));
+}
+
+function showFormError(message) {
+  const box = $("deploy-error");
+  box.hidden = !message;
+  box.textContent = message ?? "";
+  $("repo-url").setAttribute("aria-invalid", message ? "true" : "false");
+}
+
+function showBanner(message) {
+  $("banner-text").textContent = message;
+  $("banner").hidden = false;
+}
+
+function hideBanner() {
+  $("banner").hidden = true;
+}
+
+// ------------------------------------------------------------------ setup --
+
+function tick() {
+  // Running steps show a live duration; everything shows relative times.
+  const dep = state.deployments.get(state.selectedId);
+  if (dep && !isFinal(dep.status)) renderTimeline(dep);
+}
+
+function bindEvents() {
+  $("deploy-form").addEventListener("submit", submitDeploy);
+  $("auth-form").addEventListener("submit", submitAuth);
+  $("sign-out").addEventListener("click", signOut);
+  $("refresh-projects").addEventListener("click", loadProjects);
+  $("banner-close").addEventListener("click", hideBanner);
+  $("log-jump").addEventListener("click", () => logView.scrollToBottom());
+  window.addEventListener("hashchange", route);
+  window.addEventListener(AUTH_REQUIRED_EVENT, showAuth);
+
+  // One delegated listener for every action button, wherever it is rendered.
+  $("project-view").addEventListener("click", (event) => {
+    const button = event.target.closest("button[data-action]");
+    if (button) {
+      runAction(button);
+      return;
+    }
+    // Clicking anywhere on a deployment row selects it (the id link is the
+    // keyboard-accessible way to do the same).
+    const row = event.target.closest(".dep-row");
+    if (row && !event.target.closest("a, button")) {
+      location.hash = deploymentHash(row.dataset.id);
+    }
+  });
+
+  setInterval(tick, 1000);
+  // Relative times ("3m ago") drift; a cheap periodic refresh keeps them honest.
+  setInterval(() => state.project && renderDeploymentList(), 30_000);
+}
+
+bindEvents();
+renderSignOut();
+loadProjects();
+route();
