@@ -85,6 +85,7 @@ class LogPublisher:
         *,
         max_lines: int,
         line_max_bytes: int,
+        max_bytes: int = 20 * 1024 * 1024,
         interval: float = 0.05,
         batch_size: int = 500,
     ) -> None:
@@ -93,6 +94,10 @@ class LogPublisher:
         self.dep_id = dep_id
         self.max_lines = max_lines
         self.line_max_bytes = line_max_bytes
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.truncated = False
+        self._secrets: list[str] = []
         self.interval = interval
         self.batch_size = batch_size
         self.seq = 0
@@ -106,20 +111,39 @@ class LogPublisher:
         self._closing = False
 
     def emit(self, stream: str, text: str) -> None:
-        if self.seq >= self.max_lines:
+        if self.truncated:
             self.dropped += 1
             return
+        text = self._mask(cut_line(text, self.line_max_bytes))
         if self.seq == self.max_lines - 1:
             stream, text = "system", (
-                f"Log truncated after {self.max_lines - 1} lines "
-                "(DEPLOYHUB_LOG_MAX_LINES); the build goes on."
+                f"Log truncated after {self.seq} lines (DEPLOYHUB_LOG_MAX_LINES); "
+                "the build goes on."
             )
+            self.truncated = True
+        elif self.bytes + len(text) > self.max_bytes:
+            stream, text = "system", (
+                f"Log truncated after {self.seq} lines, {self.bytes} bytes "
+                "(DEPLOYHUB_LOG_MAX_BYTES); the build goes on."
+            )
+            self.truncated = True
         self.seq += 1
-        event = encode_event(self.seq, time.time(), stream, cut_line(text, self.line_max_bytes))
+        self.bytes += len(text)
+        event = encode_event(self.seq, time.time(), stream, text)
         self.events.append(event)
         self._pending.append((self.seq, event))
         if len(self._pending) >= self.batch_size:
             self._wake.set()
+
+    def hide(self, secrets: list[str]) -> None:
+        """Never publish these values: every occurrence in a line becomes ****."""
+        self._secrets = sorted({s for s in secrets if len(s) >= 3}, key=len, reverse=True)
+
+    def _mask(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "****")
+        return text
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"log-publisher-{self.dep_id}")

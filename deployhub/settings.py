@@ -87,6 +87,20 @@ class Settings:
         "Comma-separated Git hosts or IPs allowed even though they resolve to "
         "loopback/private addresses (e.g. a git server on this machine).",
     )
+    sandbox: str = setting(
+        "bwrap",
+        "How builds are isolated: 'bwrap' (bubblewrap; builds are refused when it cannot run) "
+        "or 'none' (UNSAFE: build code runs with the worker's rights).",
+    )
+    build_memory_mb: int = setting(
+        2048, "Memory limit of a build in MiB (cgroup; skipped with a warning where none is writable)."
+    )
+    build_max_processes: int = setting(512, "Processes and threads a build may run at once (cgroup).")
+    build_max_output_files: int = setting(20_000, "Files a build may publish.")
+    build_max_output_mb: int = setting(500, "MiB a build may publish.")
+    log_max_bytes: int = setting(
+        20 * 1024 * 1024, "Log bytes kept per deployment; later lines are cut with a marker."
+    )
     log_max_lines: int = setting(
         50_000, "Log lines kept per deployment in Redis; later lines are cut with a marker."
     )
@@ -117,6 +131,8 @@ class Settings:
             raise SettingsError(f"storage must be 'file' or 's3', not {self.storage!r}")
         if self.storage == "s3" and not self.s3_bucket:
             raise SettingsError("storage=s3 needs DEPLOYHUB_S3_BUCKET")
+        if self.sandbox not in ("bwrap", "none"):
+            raise SettingsError(f"sandbox must be 'bwrap' or 'none', not {self.sandbox!r}")
         if self.runner not in ("local",):
             raise SettingsError(f"runner must be 'local', not {self.runner!r}")
         if self.max_builds < 1:

@@ -69,6 +69,7 @@ class Build:
             dep.id,
             max_lines=settings.log_max_lines,
             line_max_bytes=settings.log_line_max_bytes,
+            max_bytes=settings.log_max_bytes,
         )
         self.work = settings.data_dir / "builds" / dep.id
         self.src = self.work / "src"
