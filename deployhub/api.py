@@ -8,8 +8,9 @@ from typing import Any
 from aiohttp import web
 
 from . import storage as storage_keys
+from .auth import Unauthorized, bearer
 from .logs import read_events
-from .store import NotFound
+from .store import NotFound, ProjectTaken
 from .validation import (
     InvalidInput,
     check_branch,
@@ -49,6 +50,12 @@ async def api_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return error(400, str(exc))
     except NotFound as exc:
         return error(404, str(exc))
+    except ProjectTaken as exc:
+        return error(409, str(exc))
+    except Unauthorized as exc:
+        response = error(401, str(exc))
+        response.headers["WWW-Authenticate"] = 'Bearer realm="deployhub"'
+        return response
 
 
 def _ctx(request: web.Request) -> Any:
@@ -57,9 +64,17 @@ def _ctx(request: web.Request) -> Any:
     return request.config_dict[CONTEXT]
 
 
+async def caller(request: web.Request) -> str:
+    """The id of the token that signed the request; Unauthorized otherwise."""
+    return str(await _ctx(request).tokens.check(bearer(request.headers.get("Authorization"))))
+
+
 @routes.post("/api/deployments")
 async def create_deployment(request: web.Request) -> web.Response:
     ctx = _ctx(request)
+    owner = await caller(request)
+    if ctx.build_problem:
+        return error(503, ctx.build_problem)
     body = check_fields(
         await read_json(request), required={"repo_url"}, optional={"project", "branch"}
     )
@@ -70,7 +85,7 @@ async def create_deployment(request: web.Request) -> web.Response:
         body["repo_url"], allow_hosts=ctx.settings.allow_hosts, resolver=ctx.resolver
     )
     project = project or project_from_url(repo.url)
-    dep = await ctx.store.create_deployment(project, repo.url, branch)
+    dep = await ctx.store.create_deployment(project, repo.url, branch, owner)
     await ctx.runner.submit(dep)
     production = (await ctx.store.get_project(project)).production
     return web.json_response(deployment_json(ctx.settings, dep, production), status=202)
@@ -79,15 +94,18 @@ async def create_deployment(request: web.Request) -> web.Response:
 @routes.get("/api/deployments/{id}")
 async def get_deployment(request: web.Request) -> web.Response:
     ctx = _ctx(request)
-    dep = await ctx.store.get_deployment(check_deployment_id(request.match_info["id"]))
-    production = (await ctx.store.get_project(dep.project)).production
-    return web.json_response(deployment_json(ctx.settings, dep, production))
+    dep, project = await ctx.store.owned_deployment(
+        check_deployment_id(request.match_info["id"]), await caller(request)
+    )
+    return web.json_response(deployment_json(ctx.settings, dep, project.production))
 
 
 @routes.post("/api/deployments/{id}/cancel")
 async def cancel_deployment(request: web.Request) -> web.Response:
     ctx = _ctx(request)
-    dep = await ctx.store.get_deployment(check_deployment_id(request.match_info["id"]))
+    dep, _ = await ctx.store.owned_deployment(
+        check_deployment_id(request.match_info["id"]), await caller(request)
+    )
     if dep.final:
         return error(409, f"deployment {dep.id} already ended ({dep.status})")
     await ctx.store.transition(dep, "canceled", "Canceled by user.")
@@ -99,7 +117,9 @@ async def cancel_deployment(request: web.Request) -> web.Response:
 @routes.get("/api/deployments/{id}/logs")
 async def get_logs(request: web.Request) -> web.StreamResponse:
     ctx = _ctx(request)
-    dep = await ctx.store.get_deployment(check_deployment_id(request.match_info["id"]))
+    dep, _ = await ctx.store.owned_deployment(
+        check_deployment_id(request.match_info["id"]), await caller(request)
+    )
     raw_after = request.query.get("after", "0")
     if not raw_after.isdigit() or len(raw_after) > 12:
         raise InvalidInput("after must be a non-negative integer (a seq)")
@@ -125,21 +145,25 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
 @routes.get("/api/projects")
 async def list_projects(request: web.Request) -> web.Response:
     ctx = _ctx(request)
-    projects = await ctx.store.list_projects()
+    projects = await ctx.store.list_projects(owner=await caller(request))
     return web.json_response({"projects": [project_json(ctx.settings, p) for p in projects]})
 
 
 @routes.get("/api/projects/{name}")
 async def get_project(request: web.Request) -> web.Response:
     ctx = _ctx(request)
-    project = await ctx.store.get_project(check_project(request.match_info["name"]))
+    project = await ctx.store.owned_project(
+        check_project(request.match_info["name"]), await caller(request)
+    )
     return web.json_response(project_json(ctx.settings, project))
 
 
 @routes.get("/api/projects/{name}/deployments")
 async def list_deployments(request: web.Request) -> web.Response:
     ctx = _ctx(request)
-    project = await ctx.store.get_project(check_project(request.match_info["name"]))
+    project = await ctx.store.owned_project(
+        check_project(request.match_info["name"]), await caller(request)
+    )
     deployments = await ctx.store.list_deployments(project.name)
     return web.json_response({
         "deployments": [deployment_json(ctx.settings, d, project.production) for d in deployments]
@@ -149,12 +173,13 @@ async def list_deployments(request: web.Request) -> web.Response:
 @routes.post("/api/projects/{name}/rollback")
 async def rollback(request: web.Request) -> web.Response:
     ctx = _ctx(request)
+    owner = await caller(request)
     name = check_project(request.match_info["name"])
     body = check_fields(await read_json(request), required={"deployment"}, optional=set())
     if not isinstance(body["deployment"], str):
         raise InvalidInput("deployment must be a deployment id string")
     dep_id = check_deployment_id(body["deployment"])
-    await ctx.store.get_project(name)
+    await ctx.store.owned_project(name, owner)
     if not await ctx.store.promote(name, dep_id):
         return error(409, f"deployment {dep_id} is not ready, so it cannot serve the site")
     return web.json_response(project_json(ctx.settings, await ctx.store.get_project(name)))

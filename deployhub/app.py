@@ -14,6 +14,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from . import api, live
+from .auth import Tokens
 from .embedded_redis import embedded_redis
 from .runner import LocalRunner, local_runner
 from .settings import Secret, Settings
@@ -38,6 +39,8 @@ class Context:
     storage: Storage
     runner: LocalRunner
     sites: Sites
+    tokens: Tokens
+    build_problem: str | None = None  # why builds are refused here (no usable sandbox)
 
     def __init__(self, settings: Settings, resolver: Resolver) -> None:
         self.settings = settings
@@ -101,6 +104,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         ctx.redis = Redis.from_url(ctx.redis_url.reveal(), decode_responses=True, health_check_interval=30)
         stack.push_async_callback(ctx.redis.aclose)
         ctx.store = Store(ctx.redis)
+        ctx.tokens = Tokens(ctx.redis)
         yield
 
 

@@ -7,8 +7,10 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import random
 import sys
+import time
 from typing import Any
 
 import aiohttp
@@ -55,7 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument(
         "--server", default="http://127.0.0.1:8000", help="DeployHub server URL [env DEPLOYHUB_SERVER]"
     )
+    deploy.add_argument("--token", help="API token [env DEPLOYHUB_TOKEN]")
     deploy.set_defaults(run=deploy_command)
+
+    token = commands.add_parser("token", help="create, list or revoke API tokens")
+    token.add_argument("action", choices=["create", "list", "revoke"])
+    token.add_argument("name_or_id", nargs="?", help="a name for create, the token id for revoke")
+    token.add_argument("--data-dir", dest="data_dir", default=None, help="[env DEPLOYHUB_DATA_DIR]")
+    token.add_argument("--redis-url", dest="redis_url", default=None, help="[env DEPLOYHUB_REDIS_URL]")
+    token.set_defaults(run=token_command)
     return parser
 
 
@@ -72,14 +82,76 @@ def serve_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     print(f"DeployHub on http://{settings.host}:{settings.port}/  (data in {settings.data_dir})", flush=True)
+    app = create_app(settings)
+    app.on_startup.append(_first_login)
     try:
-        web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None)
+        web.run_app(app, host=settings.host, port=settings.port, print=None)
     except EmbeddedRedisError as exc:
         print(f"deployhub: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"deployhub: could not listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
         return 1
+    return 0
+
+
+async def _first_login(app: web.Application) -> None:
+    """With no token yet, make one and print a login link (as Jupyter does)."""
+    from .app import get_context
+
+    ctx = get_context(app)
+    if await ctx.tokens.count():
+        return
+    _, secret = await ctx.tokens.create("first login")
+    base = f"http://{ctx.settings.host}:{ctx.settings.port}/"
+    print(
+        f"\nNo API token existed, so one was made. Open this link to sign in (it is shown once):\n"
+        f"    {base}#token={secret}\n"
+        f"Use the same token with `deployhub deploy --token` or DEPLOYHUB_TOKEN.\n",
+        flush=True,
+    )
+
+
+def token_command(args: argparse.Namespace) -> int:
+    overrides = {k: v for k in ("data_dir", "redis_url") if (v := getattr(args, k)) is not None}
+    settings = Settings.from_env(**overrides)
+    return asyncio.run(_token(settings, args.action, args.name_or_id))
+
+
+async def _token(settings: Settings, action: str, arg: str | None) -> int:
+    import contextlib
+
+    from redis.asyncio import Redis
+
+    from .auth import Tokens
+    from .embedded_redis import embedded_redis, running_url
+    from .validation import InvalidInput
+
+    async with contextlib.AsyncExitStack() as stack:
+        url = settings.redis_url or running_url(settings.data_dir)
+        if url is None:  # no server running on this data directory: start its Redis briefly
+            url = await stack.enter_async_context(embedded_redis(settings.data_dir))
+        redis = Redis.from_url(url.reveal(), decode_responses=True)
+        stack.push_async_callback(redis.aclose)
+        tokens = Tokens(redis)
+        if action == "create":
+            try:
+                token, secret = await tokens.create(arg or "cli")
+            except InvalidInput as exc:
+                print(f"deployhub: {exc}", file=sys.stderr)
+                return 2
+            print(f"Token {token.id} ({token.name}). Shown once, keep it safe:\n{secret}")
+        elif action == "list":
+            for token in await tokens.list():
+                print(f"{token.id}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(token.created_at))}  {token.name}")
+        elif not arg:
+            print("deployhub: token revoke needs the token id (see `deployhub token list`)", file=sys.stderr)
+            return 2
+        elif not await tokens.revoke(arg):
+            print(f"deployhub: no token with id {arg!r}", file=sys.stderr)
+            return 1
+        else:
+            print(f"Revoked {arg}")
     return 0
 
 
@@ -101,19 +173,19 @@ def _flag_value(field: dataclasses.Field[Any], raw: str) -> Any:
 
 
 def deploy_command(args: argparse.Namespace) -> int:
-    import os
-
     server = os.environ.get("DEPLOYHUB_SERVER", args.server) if args.server == "http://127.0.0.1:8000" else args.server
+    token = args.token or os.environ.get("DEPLOYHUB_TOKEN", "")
     body = {"repo_url": args.repo_url}
     if args.project:
         body["project"] = args.project
     if args.branch:
         body["branch"] = args.branch
-    return asyncio.run(deploy(server.rstrip("/"), body, args.follow))
+    return asyncio.run(deploy(server.rstrip("/"), body, args.follow, token))
 
 
-async def deploy(server: str, body: dict[str, str], follow: bool) -> int:
-    async with aiohttp.ClientSession() as session:
+async def deploy(server: str, body: dict[str, str], follow: bool, token: str = "") -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(headers=headers) as session:
         try:
             async with session.post(f"{server}/api/deployments", json=body) as response:
                 data = await response.json(content_type=None)
@@ -131,6 +203,9 @@ async def deploy(server: str, body: dict[str, str], follow: bool) -> int:
     if final["status"] == "ready":
         print(f"Ready: {final['url']}  (this deployment: {final['deployment_url']})", flush=True)
         return 0
+    if final["status"] == "error":
+        print(f"deployhub: {final['reason']}", file=sys.stderr, flush=True)
+        return 1
     print(f"Deployment {final['status']}: {final.get('reason', '')}", file=sys.stderr, flush=True)
     return 1
 
@@ -184,12 +259,15 @@ class Follower:
                 elif kind == "status" and frame["deployment"]["id"] == self.dep_id:
                     final = self._status(frame["deployment"])
                 elif kind == "error":
-                    print(f"[deployhub] {frame['message']}", file=sys.stderr, flush=True)
+                    # Our only message is the subscribe: an error means we cannot watch.
+                    return {"status": "error", "reason": frame["message"]}
                 if final is not None:
                     # The server sends the rest of the log before, or right after, the final
                     # status; read until it is all here.
                     await self._drain(ws, final)
                     return final
+            if ws.close_code == 4401:
+                return {"status": "error", "reason": "the server refused the token (--token)"}
             return None
 
     def _status(self, dep: dict[str, Any]) -> dict[str, Any] | None:

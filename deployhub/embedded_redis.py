@@ -41,6 +41,14 @@ def find_binary() -> str:
     return str(get_binary_path())
 
 
+def running_url(data_dir: Path) -> Secret | None:
+    """The URL of the embedded Redis of a server running on `data_dir`, if there is one."""
+    try:
+        return Secret((data_dir / "redis" / "url").read_text().strip())
+    except OSError:
+        return None
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -70,10 +78,17 @@ async def embedded_redis(data_dir: Path) -> AsyncIterator[Secret]:
         stderr=asyncio.subprocess.DEVNULL,
     )
     url = Secret(f"redis://:{password}@127.0.0.1:{port}/0")
+    url_file = workdir / "url"
     try:
         await _wait_ready(url, proc, workdir)
+        # `deployhub token ...` finds the running server's Redis here.
+        fd = os.open(url_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(url.reveal())
         yield url
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            url_file.unlink()
         with contextlib.suppress(ProcessLookupError):
             proc.terminate()
         try:

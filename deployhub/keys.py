@@ -6,10 +6,19 @@ PREFIX = "dh:"
 PROJECTS = PREFIX + "projects"
 # SET of deployment ids in a non-final state; the reaper walks it.
 ACTIVE = PREFIX + "active"
+# HASH token id -> JSON {name, created_at, digest}.
+TOKENS = PREFIX + "tokens"
+# HASH sha256(token) -> token id, to look a bearer token up in one step.
+TOKEN_DIGESTS = PREFIX + "token-digests"
+
+
+def token_projects(token_id: str) -> str:
+    """SET of the project names a token owns."""
+    return f"{PREFIX}token:{token_id}:projects"
 
 
 def project(name: str) -> str:
-    """HASH name, repo_url, created_at, production (deployment id)."""
+    """HASH name, repo_url, owner (token id), created_at, production (deployment id)."""
     return f"{PREFIX}project:{name}"
 
 

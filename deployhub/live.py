@@ -23,6 +23,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from . import keys
+from .auth import Tokens, Unauthorized, bearer
 from .logs import event_seq, logs_frame, read_events
 from .settings import Settings
 from .store import NotFound, Store, decode_status_message, dumps
@@ -87,6 +88,7 @@ class Watcher:
         self.deployment_project: dict[str, str] = {}
         self.overflows = 0
         self.queued_bytes = 0
+        self.owner: str | None = None  # the token id, once authenticated
 
     def offer(self, item: Item) -> None:
         """Never blocks the dispatcher: a queue too long or too big turns into one resync."""
@@ -124,6 +126,7 @@ class Hub:
         self.settings = settings
         self.redis = redis
         self.store = Store(redis)
+        self.tokens = Tokens(redis)
         self.watchers: dict[str, set[Watcher]] = {}
         self.sockets: set[Watcher] = set()
         self._pubsub: PubSub | None = None
@@ -359,7 +362,16 @@ async def handle_message(hub: Hub, watcher: Watcher, text: str) -> dict[str, Any
         return {"type": "error", "message": 'messages need a string "type"'}
     kind = message["type"]
     try:
+        if kind == "auth":
+            token = message.get("token")
+            watcher.owner = await hub.tokens.check(token if isinstance(token, str) else None)
+            return {"type": "authenticated"}
         if kind == "subscribe":
+            if watcher.owner is None:
+                raise Unauthorized(
+                    'authenticate first: send {"type": "auth", "token": ...} or an '
+                    "Authorization header"
+                )
             project = check_project(message.get("project"))
             resume = _check_resume(message.get("resume", {}))
             if project not in watcher.projects:
@@ -367,7 +379,7 @@ async def handle_message(hub: Hub, watcher: Watcher, text: str) -> dict[str, Any
                     raise InvalidInput(
                         f"a socket may watch at most {MAX_PROJECTS_PER_SOCKET} projects"
                     )
-                await hub.store.get_project(project)
+                await hub.store.owned_project(project, watcher.owner)
             watcher.projects.add(project)
             ready = await hub.add(project, watcher)
             watcher.offer(Subscribe(project, resume, ready))
@@ -383,7 +395,10 @@ async def handle_message(hub: Hub, watcher: Watcher, text: str) -> dict[str, Any
         return {"type": "error", "message": str(exc)}
     except NotFound as exc:
         return {"type": "error", "message": str(exc)}
-    return {"type": "error", "message": f"unknown message type {kind!r}; use subscribe or unsubscribe"}
+    return {
+        "type": "error",
+        "message": f"unknown message type {kind!r}; use auth, subscribe, unsubscribe or ping",
+    }
 
 
 def _check_resume(raw: object) -> dict[str, int]:
@@ -405,12 +420,21 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=64 * 1024)
     await ws.prepare(request)
     watcher = Watcher(ws)
+    header = bearer(request.headers.get("Authorization"))
+    if header is not None:
+        with contextlib.suppress(Unauthorized):
+            watcher.owner = await hub.tokens.check(header)
     hub.sockets.add(watcher)
     writer = asyncio.create_task(hub.write(watcher))
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
-                reply = await handle_message(hub, watcher, msg.data)
+                try:
+                    reply = await handle_message(hub, watcher, msg.data)
+                except Unauthorized as exc:
+                    # The page reconnects with a token after 4401; nothing else is sent.
+                    await ws.close(code=4401, message=str(exc)[:120].encode())
+                    break
                 if reply is not None:
                     watcher.offer(Reply(dumps(reply)))
             elif msg.type == WSMsgType.BINARY:

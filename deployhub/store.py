@@ -67,7 +67,31 @@ return 1
 """
 
 
+# Records a new deployment, and its project the first time, unless another token owns it.
+_CREATE = """
+local dep, project, projects, project_deps, active, lease, owned = unpack(KEYS)
+local owner, name, repo_url, now, id, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local current = redis.call('HGET', project, 'owner')
+if current and current ~= owner then return 0 end
+local fields = {}
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', dep, unpack(fields))
+redis.call('HSETNX', project, 'created_at', now)
+redis.call('HSET', project, 'name', name, 'repo_url', repo_url, 'owner', owner)
+redis.call('SADD', projects, name)
+redis.call('ZADD', project_deps, now, id)
+redis.call('SADD', active, id)
+redis.call('SET', lease, 'queued', 'EX', ttl)
+redis.call('SADD', owned, name)
+return 1
+"""
+
+
 class NotFound(LookupError):
+    pass
+
+
+class ProjectTaken(Exception):
     pass
 
 
@@ -110,6 +134,7 @@ class Project:
     repo_url: str
     created_at: float
     production: str
+    owner: str = ""
 
 
 def new_deployment_id() -> str:
@@ -130,29 +155,31 @@ class Store:
         self.redis = redis
         self._transition = redis.register_script(_TRANSITION)
         self._promote = redis.register_script(_PROMOTE)
+        self._create = redis.register_script(_CREATE)
 
-    async def create_deployment(self, project: str, repo_url: str, branch: str) -> Deployment:
+    async def create_deployment(
+        self, project: str, repo_url: str, branch: str, owner: str = ""
+    ) -> Deployment:
+        """A new queued deployment; ProjectTaken if another token owns `project`."""
         dep_id = new_deployment_id()
-        now = time.time()
+        now = repr(time.time())
         record = {
-            "id": dep_id,
-            "project": project,
-            "repo_url": repo_url,
-            "branch": branch,
-            "status": "queued",
-            "created_at": repr(now),
-            "updated_at": repr(now),
-            "t_queued": repr(now),
+            "id": dep_id, "project": project, "repo_url": repo_url, "branch": branch,
+            "status": "queued", "created_at": now, "updated_at": now, "t_queued": now,
         }
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.deployment(dep_id), mapping=record)
-            pipe.hsetnx(keys.project(project), "created_at", repr(now))
-            pipe.hset(keys.project(project), mapping={"name": project, "repo_url": repo_url})
-            pipe.sadd(keys.PROJECTS, project)
-            pipe.zadd(keys.project_deployments(project), {dep_id: now})
-            pipe.sadd(keys.ACTIVE, dep_id)
-            pipe.set(keys.lease(dep_id), "queued", ex=LEASE_SECONDS)
-            await pipe.execute()
+        fields = [item for pair in record.items() for item in pair]
+        created = await self._create(
+            keys=[
+                keys.deployment(dep_id), keys.project(project), keys.PROJECTS,
+                keys.project_deployments(project), keys.ACTIVE, keys.lease(dep_id),
+                keys.token_projects(owner),
+            ],
+            args=[owner, project, repo_url, now, dep_id, LEASE_SECONDS, *fields],
+        )
+        if not created:
+            raise ProjectTaken(
+                f"the project name {project!r} is taken; choose another with \"project\""
+            )
         return Deployment.from_hash(record)
 
     async def get_deployment(self, dep_id: str) -> Deployment:
@@ -177,11 +204,28 @@ class Store:
             repo_url=data.get("repo_url", ""),
             created_at=float(data.get("created_at", 0)),
             production=data.get("production", ""),
+            owner=data.get("owner", ""),
         )
 
-    async def list_projects(self) -> list[Project]:
-        names = sorted(_decode(n) for n in await self.redis.smembers(keys.PROJECTS))
+    async def list_projects(self, owner: str | None = None) -> list[Project]:
+        """Every project, or the ones `owner` owns."""
+        key = keys.PROJECTS if owner is None else keys.token_projects(owner)
+        names = sorted(_decode(n) for n in await self.redis.smembers(key))
         return [await self.get_project(name) for name in names]
+
+    async def owned_project(self, name: str, owner: str) -> Project:
+        """The project if `owner` owns it; NotFound otherwise, so others cannot tell it exists."""
+        project = await self.get_project(name)
+        if not owner or project.owner != owner:
+            raise NotFound(f"no project {name!r}")
+        return project
+
+    async def owned_deployment(self, dep_id: str, owner: str) -> tuple[Deployment, Project]:
+        dep = await self.get_deployment(dep_id)
+        try:
+            return dep, await self.owned_project(dep.project, owner)
+        except NotFound:
+            raise NotFound(f"no deployment {dep_id!r}") from None
 
     async def list_deployments(self, project: str, limit: int = 50) -> list[Deployment]:
         ids = await self.redis.zrevrange(keys.project_deployments(project), 0, limit - 1)

@@ -20,14 +20,17 @@ async def test_mounted_with_add_subapp(tmp_path: Path, redis_server: RedisServer
     theirs = web.Application()
     theirs.router.add_get("/", hello)
     settings = make_settings(tmp_path, redis_server.url)
-    theirs.add_subapp("/deploy/", create_app(settings, resolver=loopback_resolver))
+    sub = create_app(settings, resolver=loopback_resolver)
+    theirs.add_subapp("/deploy/", sub)
     async with TestClient(TestServer(theirs)) as client:
         assert await (await client.get("/")).text() == "their app"
         page = await client.get("/deploy/")
         assert page.status == 200 and "<html" in (await page.text()).lower()
-        status = (await client.get("/deploy/api/projects")).status
-        assert status == 200
-        bad = await client.post("/deploy/api/deployments", json={"repo_url": "file:///x"})
+        assert (await client.get("/deploy/api/projects")).status == 401
+        _, token = await get_context(sub).tokens.create("embed")
+        auth = {"Authorization": f"Bearer {token}"}
+        assert (await client.get("/deploy/api/projects", headers=auth)).status == 200
+        bad = await client.post("/deploy/api/deployments", json={"repo_url": "file:///x"}, headers=auth)
         assert bad.status == 400
         async with client.ws_connect("/deploy/api/ws") as ws:
             await ws.send_json({"type": "ping"})
@@ -40,7 +43,10 @@ async def test_setup_on_their_app(tmp_path: Path, redis_server: RedisServer) -> 
     setup(theirs, make_settings(tmp_path, redis_server.url), resolver=loopback_resolver)
     async with TestClient(TestServer(theirs)) as client:
         assert await (await client.get("/hello")).text() == "their app"
-        assert (await client.get("/api/projects")).status == 200
+        assert (await client.get("/api/projects")).status == 401
+        _, token = await get_context(theirs).tokens.create("embed")
+        answer = await client.get("/api/projects", headers={"Authorization": f"Bearer {token}"})
+        assert answer.status == 200
         assert get_context(theirs).settings.domain == "localhost"
 
 

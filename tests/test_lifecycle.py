@@ -68,8 +68,8 @@ async def test_leftovers_of_a_previous_run_are_failed_on_start(
     store = get_context(first.app).store
     await store.refresh_leases([dep["id"]], runner.holder)  # as the dead server left it
     second = await start_service(make_settings(tmp_path / "data", redis_server.url))
-    final = await second.wait_final(dep["id"], timeout=10)
-    assert final["status"] == "failed" and "restarted" in final["reason"]
+    final = await get_context(second.app).store.get_deployment(dep["id"])
+    assert final.status == "failed" and "restarted" in final.reason
 
 
 async def test_reaper_fails_deployments_nobody_holds(service: Service) -> None:

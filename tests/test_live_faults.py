@@ -54,7 +54,7 @@ async def test_redis_restart_mid_build_loses_nothing(
     await joined_after.close()
 
 
-async def stalled_socket(port: int, project: str) -> socket.socket:
+async def stalled_socket(port: int, project: str, token: str) -> socket.socket:
     """A WebSocket client that subscribes and then never reads a byte."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -62,7 +62,8 @@ async def stalled_socket(port: int, project: str) -> socket.socket:
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall(
         f"GET /api/ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n".encode()
     )
     payload = f'{{"type":"subscribe","project":"{project}"}}'.encode()
     mask = os.urandom(4)
@@ -78,7 +79,7 @@ async def test_a_socket_that_never_reads_does_not_delay_others(
     config = '{"lines": 30000, "delayMs": 0, "width": 300}'  # ~9 MB: more than any socket buffer
     url = git_server.add_repo(unique_name("wide"), files_dir=TINY_APP, files={"tiny.json": config})
     dep = await service.deploy(url)
-    stuck = await stalled_socket(service.server.port, dep["project"])
+    stuck = await stalled_socket(service.server.port, dep["project"], service.token)
     try:
         fast = await Watch(service).open(dep["project"])
         await fast.wait_status(dep["id"], "ready", timeout=90)
@@ -99,7 +100,7 @@ async def test_two_servers_share_one_redis(
 
     other = await start_service(make_settings(tmp_path / "other", redis_server.url))
     dep = await builder.deploy(chatty_repo(git_server, lines=300, delay_ms=5))
-    watch = await Watch(other).open(dep["project"])
+    watch = await Watch(other).open(dep["project"], token=builder.token)
     await watch.wait_status(dep["id"], "ready")
     expected = await stored_seqs(builder, dep["id"])
     await watch.wait_for(lambda: watch.seqs(dep["id"]) == expected, timeout=10)
@@ -111,7 +112,7 @@ async def test_socket_project_limit(service: Service) -> None:
 
     store = __import__("deployhub").get_context(service.app).store
     for n in range(MAX_PROJECTS_PER_SOCKET + 1):
-        await store.create_deployment(f"p{n}", "http://127.0.0.1:9/x.git", "")
+        await store.create_deployment(f"p{n}", "http://127.0.0.1:9/x.git", "", service.token_id)
     ws = await service.http.ws_connect(service.url + "/api/ws")
     errors = []
     for n in range(MAX_PROJECTS_PER_SOCKET + 1):
@@ -141,7 +142,7 @@ async def test_cli_follow_resumes_across_a_server_restart(
         sys.executable, "-c",
         "import asyncio,sys,aiohttp; from deployhub.cli import Follower\n"
         "async def main():\n"
-        "    async with aiohttp.ClientSession() as s:\n"
+        f"    async with aiohttp.ClientSession(headers={{'Authorization': 'Bearer {builder.token}'}}) as s:\n"
         f"        final = await Follower(s, {front.url!r}, {dep['project']!r}, {dep['id']!r}).run()\n"
         "    print('FINAL', final['status'])\n"
         "asyncio.run(main())\n",

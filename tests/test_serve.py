@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -21,36 +22,49 @@ class Served:
         self.data_dir = data_dir
         self.port = free_port()
         self.proc: subprocess.Popen[str] | None = None
+        self.token = ""
+        self.output: list[str] = []
 
-    def start(self) -> None:
+    def start(self, expect_login: bool = True) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOYHUB_")}
         self.proc = subprocess.Popen(
             ["deployhub", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
              "--allow-hosts", "127.0.0.1"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
+        self.reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
+        self.reader.start()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.url}/api/projects", timeout=1).read()
-                return
-            except OSError:
-                assert self.proc.poll() is None, self.proc.stdout.read() if self.proc.stdout else ""
-                time.sleep(0.1)
-        raise AssertionError("deployhub serve did not start")
+            assert self.proc.poll() is None, "".join(self.output)
+            if self.get("/api/projects")[0] in (200, 401):
+                # Up; on a first start the login link comes with it.
+                if not expect_login or self.token:
+                    return
+            time.sleep(0.1)
+        raise AssertionError("deployhub serve did not start:\n" + "".join(self.output))
 
-    def stop(self) -> str:
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.output.append(line)
+            if "#token=" in line:
+                self.token = line.split("#token=")[1].strip()
+
+    def stop(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGINT)
-        out, _ = self.proc.communicate(timeout=30)
-        return out
+        self.proc.wait(timeout=30)
+        self.reader.join(10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def get(self, path: str, host: str | None = None) -> tuple[int, dict[str, str], bytes]:
-        request = urllib.request.Request(self.url + path)
+        request = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.token}"})
         if host:
             request.add_header("Host", f"{host}.localhost:{self.port}")
         try:
@@ -58,6 +72,8 @@ class Served:
                 return r.status, dict(r.headers), r.read()
         except urllib.error.HTTPError as e:
             return e.code, dict(e.headers), e.read()
+        except OSError:
+            return 0, {}, b""
 
 
 @pytest.fixture
@@ -74,7 +90,8 @@ def test_vite_app_end_to_end_with_follow_and_restart(served: Served, git_server:
     url = git_server.add_repo(unique_name("vite"), files_dir=VITE_REACT_APP)
     started = time.monotonic()
     cli = subprocess.run(
-        ["deployhub", "deploy", url, "--follow", "--project", "vite-app", "--server", served.url],
+        ["deployhub", "deploy", url, "--follow", "--project", "vite-app", "--server", served.url,
+         "--token", served.token],
         capture_output=True, text=True, timeout=240,
     )
     elapsed = time.monotonic() - started
@@ -98,7 +115,7 @@ def test_vite_app_end_to_end_with_follow_and_restart(served: Served, git_server:
 
     served.stop()
     assert _redis_children(served.data_dir) == []  # the embedded Redis stopped with the server
-    served.start()  # same data directory: projects, logs and sites survive
+    served.start(expect_login=False)  # same data directory: projects, logs and sites survive
     status, _, listing = served.get("/api/projects")
     assert status == 200 and b"vite-app" in listing
     assert served.get("/", host="vite-app")[2] == body
@@ -119,7 +136,7 @@ def _redis_children(data_dir: Path) -> list[str]:
 def test_cli_exits_non_zero_when_the_deployment_fails(served: Served, git_server: GitServer) -> None:
     url = git_server.add_repo(unique_name("empty"), files={"README.md": "x\n"})
     cli = subprocess.run(
-        ["deployhub", "deploy", url, "--follow", "--server", served.url],
+        ["deployhub", "deploy", url, "--follow", "--server", served.url, "--token", served.token],
         capture_output=True, text=True, timeout=60,
     )
     assert cli.returncode == 1
@@ -128,7 +145,24 @@ def test_cli_exits_non_zero_when_the_deployment_fails(served: Served, git_server
 
 def test_cli_rejects_bad_url_with_the_servers_message(served: Served) -> None:
     cli = subprocess.run(
-        [sys.executable, "-m", "deployhub.cli", "deploy", "file:///etc", "--server", served.url],
+        [sys.executable, "-m", "deployhub.cli", "deploy", "file:///etc", "--server", served.url,
+         "--token", served.token],
         capture_output=True, text=True, timeout=30,
     )
     assert cli.returncode == 1 and "http:// or https://" in cli.stderr
+
+
+def test_token_cli_against_a_running_server(served: Served) -> None:
+    def token(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["deployhub", "token", *args, "--data-dir", str(served.data_dir)],
+                              capture_output=True, text=True, timeout=30)
+
+    created = token("create", "laptop")
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip().splitlines()[-1]
+    token_id = created.stdout.split()[1]
+    served.token = secret
+    assert served.get("/api/projects")[0] == 200
+    assert "laptop" in token("list").stdout and secret not in token("list").stdout
+    assert token("revoke", token_id).returncode == 0
+    assert served.get("/api/projects")[0] == 401

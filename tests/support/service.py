@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from deployhub import Settings, create_app
+from deployhub import Settings, create_app, get_context
 from deployhub.store import FINAL
 from tests.support.infra import RedisServer
 
@@ -32,7 +32,9 @@ class Service:
 
     async def start(self) -> None:
         await self.server.start_server()
-        self.session = aiohttp.ClientSession()
+        token, self.token = await get_context(self.app).tokens.create("tests")
+        self.token_id = token.id
+        self.session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"})
 
     async def stop(self) -> None:
         if self.session is not None:
@@ -148,8 +150,12 @@ class Watch:
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task[None] | None = None
 
-    async def open(self, project: str, resume: dict[str, int] | None = None) -> Watch:
+    async def open(
+        self, project: str, resume: dict[str, int] | None = None, token: str | None = None
+    ) -> Watch:
         self.ws = await self.service.http.ws_connect(self.service.url + "/api/ws")
+        if token is not None:  # as the page does: the token in the first message
+            await self.ws.send_json({"type": "auth", "token": token})
         await self.ws.send_json({"type": "subscribe", "project": project, "resume": resume or {}})
         self._reader = asyncio.create_task(self._read())
         return self
