@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import mimetypes
@@ -29,6 +30,7 @@ from deployhub.validation import InvalidInput, check_repo_url
 
 from . import proc
 from .detect import BuildError, find_output, plan
+from .sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ class Build:
         self.work = settings.data_dir / "builds" / dep.id
         self.src = self.work / "src"
         self.started = time.monotonic()
+        self.sandbox = Sandbox(settings, dep.id, self.work, self.src, self.logs.emit)
         self._task: asyncio.Task[tuple[str, str]] | None = None
         self._stopped: tuple[str, str] | None = None
 
@@ -105,10 +108,7 @@ class Build:
         except BuildError as exc:
             return "failed", str(exc)
         except TimeoutError:
-            return "failed", (
-                f"The build took longer than {self.settings.build_timeout:.0f} s "
-                "(DEPLOYHUB_BUILD_TIMEOUT) and was stopped."
-            )
+            return "failed", self._timeout_reason()
         except Canceled as exc:
             return "canceled", str(exc)
         except asyncio.CancelledError:
@@ -209,37 +209,77 @@ class Build:
             )
         return lines[0][:200] if lines else ""
 
+    def _timeout_reason(self) -> str:
+        return (
+            f"The build took longer than {self.settings.build_timeout:.0f} s "
+            "(DEPLOYHUB_BUILD_TIMEOUT) and was stopped."
+        )
+
     async def _command(self, argv: list[str]) -> None:
-        self.logs.emit("system", "$ " + " ".join(argv))
+        """Run one untrusted command (repository code) in the build's sandbox and limits."""
         remaining = self.settings.build_timeout - (time.monotonic() - self.started)
-        try:
-            result = await proc.run(
-                argv, cwd=self.src, env=self._build_env(), emit=self.logs.emit,
-                timeout=max(remaining, 1.0), max_line_bytes=self.settings.log_line_max_bytes,
-            )
-        except FileNotFoundError:
-            raise BuildError(f"{argv[0]} is not installed on the build machine") from None
-        if result.code != 0:
-            last = "\n".join(result.tail[-10:])
-            raise BuildError(f"`{' '.join(argv)}` exited with code {result.code}. Last lines:\n{last}")
+        with self.sandbox.prepare(argv, self._build_env()) as command:
+            self.logs.emit("system", "$ " + " ".join(argv))
+            try:
+                result = await proc.run(
+                    command.argv, cwd=command.cwd, env=command.env, emit=self.logs.emit,
+                    timeout=max(remaining, 1.0), max_line_bytes=self.settings.log_line_max_bytes,
+                    pass_fds=command.pass_fds,
+                )
+            except FileNotFoundError:
+                raise BuildError(f"{argv[0]} is not installed on the build machine") from None
+            except proc.CommandTimeout:
+                raise BuildError(self._timeout_reason()) from None
+            if result.code != 0:
+                if limit := self.sandbox.limit_reason(command.cgroups):
+                    raise BuildError(limit)
+                last = "\n".join(result.tail[-10:])
+                raise BuildError(
+                    f"`{' '.join(argv)}` exited with code {result.code}. Last lines:\n{last}"
+                )
 
     # -- output ----------------------------------------------------------------------------
 
     async def _upload(self, output: Path) -> None:
-        files = collect_files(output, self.logs.emit)
-        if not files:
-            raise BuildError(f"The output directory {output.name}/ holds no files.")
-        self.logs.emit("system", f"Uploading {len(files)} files from {output.name}/")
-        manifest: dict[str, dict[str, object]] = {}
-        gate = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+        # Every name under the output is opened relative to a directory fd with O_NOFOLLOW, so
+        # a symlink anywhere (the output dir, a parent of it, a file) can never lead outside.
+        rel_dir = output.relative_to(self.src).as_posix()
+        try:
+            out_fd = open_beneath(self.src, rel_dir, directory=True)
+        except OSError as exc:
+            raise BuildError(f"The output directory {rel_dir}/ cannot be read: {exc.strerror}") from None
+        try:
+            files = collect_files(
+                out_fd, self.logs.emit,
+                max_files=self.settings.build_max_output_files,
+                max_bytes=self.settings.build_max_output_mb * 1024 * 1024,
+            )
+            if not files:
+                raise BuildError(f"The output directory {rel_dir}/ holds no files.")
+            self.logs.emit("system", f"Uploading {len(files)} files from {rel_dir}/")
+            manifest: dict[str, dict[str, object]] = {}
+            gate = asyncio.Semaphore(UPLOAD_CONCURRENCY)
 
-        async def upload(rel: str, path: Path) -> None:
-            content_type = guess_type(rel)
-            async with gate:
-                await self.storage.put_file(site_key(self.dep.id, rel), path, content_type)
-            manifest[rel] = {"size": path.stat().st_size, "type": content_type}
+            async def upload(rel: str) -> None:
+                content_type = guess_type(rel)
+                async with gate:
+                    try:
+                        fd = open_beneath(out_fd, rel)
+                    except OSError as exc:
+                        raise BuildError(f"Could not read {rel_dir}/{rel}: {exc.strerror}") from None
+                    try:
+                        size = os.fstat(fd).st_size
+                        # The open file itself, whatever its name points at by now.
+                        await self.storage.put_file(
+                            site_key(self.dep.id, rel), Path(f"/proc/self/fd/{fd}"), content_type
+                        )
+                    finally:
+                        os.close(fd)
+                manifest[rel] = {"size": size, "type": content_type}
 
-        await asyncio.gather(*(upload(rel, path) for rel, path in files))
+            await asyncio.gather(*(upload(rel) for rel, _ in files))
+        finally:
+            os.close(out_fd)
         # The manifest goes last: a site is served only from a complete upload.
         body = json.dumps({"files": dict(sorted(manifest.items()))}).encode()
         await self.storage.put_bytes(manifest_key(self.dep.id), body, "application/json")
@@ -289,23 +329,72 @@ class Build:
         }
 
 
-def collect_files(output: Path, emit: proc.Emit) -> list[tuple[str, Path]]:
-    """Regular files under `output`; symlinks are skipped, never followed."""
-    files: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(output, followlinks=False):
-        base = Path(dirpath)
-        for name in sorted(dirnames):
-            if (base / name).is_symlink():
-                emit("system", f"Skipped symlinked directory {(base / name).relative_to(output)}")
-        for name in filenames:
-            path = base / name
-            mode = path.lstat().st_mode
-            rel = path.relative_to(output).as_posix()
-            if not stat.S_ISREG(mode):
-                emit("system", f"Skipped {rel}: not a regular file")
-                continue
-            files.append((rel, path))
+NOFOLLOW_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def open_beneath(base: Path | int, rel: str, *, directory: bool = False) -> int:
+    """Open `rel` under `base` (a path or a directory fd) one component at a time, refusing a
+    symlink at every step (ELOOP/ENOTDIR); a regular file unless `directory`."""
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM), rel)
+    fd = os.open(base, NOFOLLOW_FLAGS | os.O_DIRECTORY) if isinstance(base, Path) else os.dup(base)
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            flags = NOFOLLOW_FLAGS | (os.O_DIRECTORY if directory or not last else 0)
+            child = os.open(part, flags, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISDIR(mode) if directory else stat.S_ISREG(mode)):
+            raise OSError(errno.EINVAL, "not a regular file", rel)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def collect_files(
+    out_fd: int, emit: proc.Emit, *, max_files: int = 0, max_bytes: int = 0
+) -> list[tuple[str, int]]:
+    """(path, size) of the regular files under the directory `out_fd`; symlinks and other
+    special files are skipped, never followed. Past `max_files` or `max_bytes`: BuildError."""
+    files: list[tuple[str, int]] = []
+    total = 0
+    try:
+        walk = os.fwalk(".", dir_fd=out_fd, follow_symlinks=False)
+        for dirpath, dirnames, filenames, dir_fd in walk:
+            base = dirpath.removeprefix(".").lstrip("/")
+            for name in sorted(dirnames):
+                if stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode):
+                    emit("system", f"Skipped symlinked directory {_join(base, name)}")
+            for name in sorted(filenames):
+                rel = _join(base, name)
+                mode = os.lstat(name, dir_fd=dir_fd)
+                if not stat.S_ISREG(mode.st_mode):
+                    kind = "a symlink" if stat.S_ISLNK(mode.st_mode) else "not a regular file"
+                    emit("system", f"Skipped {rel}: {kind}")
+                    continue
+                files.append((rel, mode.st_size))
+                total += mode.st_size
+                if max_files and len(files) > max_files:
+                    raise BuildError(
+                        f"The build output holds more than {max_files} files "
+                        "(DEPLOYHUB_BUILD_MAX_OUTPUT_FILES)."
+                    )
+                if max_bytes and total > max_bytes:
+                    raise BuildError(
+                        f"The build output is larger than {max_bytes // (1024 * 1024)} MiB "
+                        "(DEPLOYHUB_BUILD_MAX_OUTPUT_MB)."
+                    )
+    except OSError as exc:
+        raise BuildError(f"Could not read the build output: {exc}") from None
     return sorted(files)
+
+
+def _join(base: str, name: str) -> str:
+    return f"{base}/{name}" if base else name
 
 
 def guess_type(path: str) -> str:

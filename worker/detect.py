@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,11 +51,11 @@ def plan(root: Path) -> Plan:
         )
     declared = package.get("packageManager")
     declared = declared if isinstance(declared, str) else ""
-    if (root / "pnpm-lock.yaml").is_file():
+    if _regular(root / "pnpm-lock.yaml"):
         launcher = ["npx", "--yes", f"pnpm@{_pnpm_version(root, declared)}"]
         return Plan("pnpm", [*launcher, "install", "--frozen-lockfile"], [*launcher, "run", "build"])
-    if (root / "yarn.lock").is_file():
-        head = (root / "yarn.lock").read_text(errors="replace")[:500]
+    if _regular(root / "yarn.lock"):
+        head = _head(root / "yarn.lock", 500)
         if "# yarn lockfile v1" in head:
             launcher = ["npx", "--yes", "yarn@1"]
             install = [*launcher, "install", "--frozen-lockfile", "--non-interactive"]
@@ -62,9 +64,29 @@ def plan(root: Path) -> Plan:
             launcher = ["corepack", f"yarn@{version}"]
             install = [*launcher, "install", "--immutable"]
         return Plan("yarn", install, [*launcher, "run", "build"])
-    if (root / "package-lock.json").is_file() or (root / "npm-shrinkwrap.json").is_file():
+    if _regular(root / "package-lock.json") or _regular(root / "npm-shrinkwrap.json"):
         return Plan("npm", ["npm", "ci"], ["npm", "run", "build"])
     return Plan("npm", ["npm", "install"], ["npm", "run", "build"])
+
+
+def _regular(path: Path) -> bool:
+    """A regular file, not a symlink: a repository's symlink may point anywhere on the host."""
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _head(path: Path, size: int) -> str:
+    """The first `size` bytes of a file, never following a symlink, never reading it all."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        return os.read(fd, size).decode(errors="replace")
+    finally:
+        os.close(fd)
 
 
 def _declared_version(declared: str, name: str) -> str:
@@ -76,7 +98,7 @@ def _pnpm_version(root: Path, declared: str) -> str:
     """The pnpm major that reads this lockfile (a newer one would rewrite it and fail)."""
     if version := _declared_version(declared, "pnpm"):
         return version
-    head = (root / "pnpm-lock.yaml").read_text(errors="replace")[:300]
+    head = _head(root / "pnpm-lock.yaml", 300)
     match = re.search(r"lockfileVersion:\s*'?(\d+)(?:\.(\d+))?", head)
     if not match:
         return "9"
@@ -92,10 +114,11 @@ def _pnpm_version(root: Path, declared: str) -> str:
 
 def find_output(root: Path) -> Path:
     for name in OUTPUT_DIRS:
-        candidate = root / name
-        # A symlinked output dir could point anywhere on the machine: never follow it.
-        if candidate.is_symlink() or not candidate.is_dir():
+        # A symlinked output dir, or a symlinked parent of it (.output -> /etc), could point
+        # anywhere on the machine: never follow one.
+        if not _real_dirs(root, name):
             continue
+        candidate = root / name
         if any(candidate.iterdir()):
             return candidate
     raise BuildError(
@@ -103,3 +126,16 @@ def find_output(root: Path) -> Path:
         + ", ".join(OUTPUT_DIRS)
         + " at the repository root; make the build write its files to one of them."
     )
+
+
+def _real_dirs(root: Path, rel: str) -> bool:
+    """Every component of `rel` under `root` is a directory and none is a symlink."""
+    path = root
+    for part in rel.split("/"):
+        path = path / part
+        try:
+            if not stat.S_ISDIR(path.lstat().st_mode):
+                return False
+        except OSError:
+            return False
+    return True

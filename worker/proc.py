@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 Emit = Callable[[str, str], None]  # (stream, text)
 
@@ -35,6 +36,7 @@ async def run(
     timeout: float,
     max_line_bytes: int = 4096,
     tail_lines: int = 15,
+    pass_fds: Sequence[int] = (),
 ) -> Result:
     """Run `argv` (never a shell string) and pass each line to `emit` as soon as it is read.
 
@@ -55,6 +57,7 @@ async def run(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
+        pass_fds=tuple(pass_fds),
     )
     assert proc.stdout is not None and proc.stderr is not None
     readers = asyncio.gather(
@@ -78,7 +81,7 @@ async def run(
     return Result(code=code, tail=list(tail))
 
 
-async def _reap(proc: asyncio.subprocess.Process, readers: asyncio.Future[object]) -> None:
+async def _reap(proc: asyncio.subprocess.Process, readers: asyncio.Future[Any]) -> None:
     readers.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await readers

@@ -1,0 +1,135 @@
+"""Build commands run in a bubblewrap sandbox: a clean environment, none of the host visible,
+only the build's own directories writable, and nothing left running when a build ends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+import pytest
+
+import deployhub
+from deployhub import get_context
+from tests.support.infra import FIXTURES_DIR, TINY_APP, GitServer, RedisServer, unique_name
+from tests.support.service import Service, StartService
+from worker.sandbox import cgroup_parent, sandbox_problem
+
+MALICIOUS = FIXTURES_DIR / "malicious"
+
+
+def snoop_results(texts: list[str]) -> dict[str, str]:
+    """`SNOOP <kind> <what> <result>` lines of the snoop fixture, as {"<kind> <what>": result}."""
+    found = {}
+    for text in texts:
+        if text.startswith("SNOOP "):
+            kind, what, *rest = text.split(" ", 3)[1:]
+            found[f"{kind} {what}"] = rest[0] if rest else ""
+    return found
+
+
+async def log_texts(service: Service, dep_id: str) -> list[str]:
+    return [e["text"] for e in await service.logs(dep_id)]
+
+
+def processes_with(marker: str) -> list[int]:
+    """Host pids whose command line holds `marker` (sandboxed processes are host processes too)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+async def wait_for_processes(marker: str, present: bool, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while bool(processes_with(marker)) != present:
+        assert time.monotonic() < deadline, f"processes with {marker}: {processes_with(marker)}"
+        await asyncio.sleep(0.05)
+
+
+def test_bwrap_works_here() -> None:
+    assert sandbox_problem() is None
+
+
+async def test_build_sees_a_clean_env_and_none_of_the_host(
+    service: Service, git_server: GitServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "canary-aws-secret")  # the worker gets AWS_*
+    data = service.settings.data_dir
+    (data / "secret.txt").write_text("canary-data-secret\n")
+    server_file = str(Path(deployhub.__file__).resolve())
+    outside = tmp_path / "outside.txt"
+    hidden = [str(data), str(data / "secret.txt"), "/root", server_file, "/etc/ssl/private"]
+    writes = ["/build/src/ok", "/build/home/ok", "/tmp/ok", "/build/x", "/usr/x", "/etc/x", str(outside)]
+    target = {"read": [*hidden, "/build"], "write": writes}
+    url = git_server.add_repo(unique_name("snoop"), files_dir=MALICIOUS / "snoop",
+                              files={"target.json": json.dumps(target)})
+    dep = await service.deploy(url)
+    final = await service.wait_final(dep["id"])
+    texts = await log_texts(service, dep["id"])
+    found = snoop_results(texts)
+    assert final["status"] == "ready", final["reason"]
+    env = json.loads(next(t for t in texts if t.startswith("SNOOP env "))[len("SNOOP env "):])
+    assert not [k for k in env if k.startswith(("DEPLOYHUB_", "AWS_")) or "REDIS" in k.upper()], env
+    assert env["HOME"] == "/build/home"
+    pids = next(t for t in texts if t.startswith("SNOOP pids ")).split()[2].split(",")
+    assert len(pids) < 10  # its own pid namespace: no host processes
+    assert [found[f"read {p}"] for p in hidden] == ["ENOENT"] * len(hidden)
+    assert found["read /build"] == "OK home,npm-cache,src"
+    assert [found[f"write {p}"] for p in writes] == ["OK", "OK", "OK", "EROFS", "EROFS", "EROFS", "ENOENT"]
+    assert not outside.exists()
+    assert "canary" not in "\n".join(texts)
+
+
+def forever_repo(git_server: GitServer, marker: str) -> str:
+    return git_server.add_repo(unique_name("forever"), files_dir=MALICIOUS / "forever",
+                               files={"target.json": json.dumps({"marker": marker})})
+
+
+def leftover_cgroups(dep_id: str) -> list[Path]:
+    parents = [cgroup_parent(c) for c in ("memory", "pids")]
+    return [p for parent in parents if parent and parent.is_dir() for p in parent.glob(f"{dep_id}-*")]
+
+
+async def test_cancel_kills_every_process_of_the_build(service: Service, git_server: GitServer) -> None:
+    marker = unique_name("daemon")
+    dep = await service.deploy(forever_repo(git_server, marker))
+    await wait_for_processes(marker, present=True, timeout=30)  # a daemon in its own session
+    status, body = await service.post_json(f"/api/deployments/{dep['id']}/cancel", {})
+    assert status == 200 and body["status"] == "canceled"
+    await wait_for_processes(marker, present=False, timeout=10)
+    for _ in range(100):  # the worker removes the build's cgroups once it is done
+        if not leftover_cgroups(dep["id"]):
+            break
+        await asyncio.sleep(0.05)
+    assert leftover_cgroups(dep["id"]) == []
+
+
+async def test_killed_worker_takes_its_sandbox_along(service: Service, git_server: GitServer) -> None:
+    marker = unique_name("daemon")
+    dep = await service.deploy(forever_repo(git_server, marker))
+    await wait_for_processes(marker, present=True, timeout=30)
+    os.kill(get_context(service.app).runner.procs[dep["id"]].pid, signal.SIGKILL)
+    await wait_for_processes(marker, present=False, timeout=10)  # bwrap --die-with-parent
+    final = await service.wait_final(dep["id"], timeout=20)
+    assert final["status"] == "failed"
+
+
+async def test_sandbox_none_still_builds_with_a_warning(
+    redis_server: RedisServer, start_service: StartService, git_server: GitServer
+) -> None:
+    service = await start_service(redis=redis_server, sandbox="none")
+    dep = await service.deploy(git_server.add_repo(unique_name("tiny"), files_dir=TINY_APP))
+    final = await service.wait_final(dep["id"])
+    assert final["status"] == "ready", final["reason"]
+    texts = await log_texts(service, dep["id"])
+    assert any(t.startswith("Warning: DEPLOYHUB_SANDBOX=none") for t in texts)
+    status, _, body = await service.site(dep["project"])
+    assert status == 200 and b"Hello from tiny" in body
