@@ -18,6 +18,7 @@ from .validation import (
     check_fields,
     check_project,
     check_repo_url,
+    check_variables,
     project_from_url,
 )
 from .views import deployment_json, project_json
@@ -40,6 +41,8 @@ async def read_json(request: web.Request) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"the request body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InvalidInput("the request body is nested too deeply") from None
 
 
 @web.middleware
@@ -183,3 +186,32 @@ async def rollback(request: web.Request) -> web.Response:
     if not await ctx.store.promote(name, dep_id):
         return error(409, f"deployment {dep_id} is not ready, so it cannot serve the site")
     return web.json_response(project_json(ctx.settings, await ctx.store.get_project(name)))
+
+
+def _variables_json(variables: dict[str, tuple[str, bool]]) -> dict[str, Any]:
+    # A secret is write-only: once set, its value never leaves the server again.
+    return {
+        "variables": {
+            name: {"value": None if secret else value, "secret": secret}
+            for name, (value, secret) in sorted(variables.items())
+        }
+    }
+
+
+@routes.get("/api/projects/{name}/variables")
+async def get_variables(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    project = await ctx.store.owned_project(check_project(request.match_info["name"]), await caller(request))
+    return web.json_response(_variables_json(await ctx.store.build_variables(project.name)))
+
+
+@routes.patch("/api/projects/{name}/variables")
+async def set_variables(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    owner = await caller(request)
+    name = check_project(request.match_info["name"])
+    body = check_fields(await read_json(request), required={"variables"}, optional=set())
+    variables = check_variables(body["variables"])
+    project = await ctx.store.claim_project(name, owner)
+    await ctx.store.set_build_variables(project.name, variables)
+    return web.json_response(_variables_json(await ctx.store.build_variables(project.name)))

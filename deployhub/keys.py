@@ -22,6 +22,11 @@ def project(name: str) -> str:
     return f"{PREFIX}project:{name}"
 
 
+def project_env(name: str) -> str:
+    """HASH variable name -> JSON {value, secret}: the project's build variables."""
+    return f"{PREFIX}project:{name}:env"
+
+
 def project_deployments(name: str) -> str:
     """ZSET deployment id scored by created_at."""
     return f"{PREFIX}project:{name}:deployments"

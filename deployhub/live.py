@@ -356,7 +356,7 @@ async def handle_message(hub: Hub, watcher: Watcher, text: str) -> dict[str, Any
     """Apply one client message; returns an error frame for a bad one."""
     try:
         message = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return {"type": "error", "message": "messages must be JSON objects"}
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         return {"type": "error", "message": 'messages need a string "type"'}

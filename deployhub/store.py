@@ -87,6 +87,17 @@ return 1
 """
 
 
+_CLAIM = """
+local project, projects, owned = KEYS[1], KEYS[2], KEYS[3]
+local current = redis.call('HGET', project, 'owner')
+if current then return current == ARGV[1] and 1 or 0 end
+redis.call('HSET', project, 'name', ARGV[2], 'owner', ARGV[1], 'created_at', ARGV[3], 'repo_url', '')
+redis.call('SADD', projects, ARGV[2])
+redis.call('SADD', owned, ARGV[2])
+return 1
+"""
+
+
 class NotFound(LookupError):
     pass
 
@@ -156,6 +167,7 @@ class Store:
         self._transition = redis.register_script(_TRANSITION)
         self._promote = redis.register_script(_PROMOTE)
         self._create = redis.register_script(_CREATE)
+        self._claim = redis.register_script(_CLAIM)
 
     async def create_deployment(
         self, project: str, repo_url: str, branch: str, owner: str = ""
@@ -219,6 +231,35 @@ class Store:
         if not owner or project.owner != owner:
             raise NotFound(f"no project {name!r}")
         return project
+
+    async def claim_project(self, name: str, owner: str) -> Project:
+        """The caller's project, created empty if nobody has it yet (to set variables first)."""
+        if not await self._claim(keys=[keys.project(name), keys.PROJECTS, keys.token_projects(owner)],
+                                 args=[owner, name, repr(time.time())]):
+            raise NotFound(f"no project {name!r}")
+        return await self.get_project(name)
+
+    async def build_variables(self, project: str) -> dict[str, tuple[str, bool]]:
+        """name -> (value, secret)"""
+        rows: dict[str, str] = await self.redis.hgetall(keys.project_env(project))
+        return {
+            name: (str(data["value"]), bool(data["secret"]))
+            for name, raw in rows.items()
+            for data in [json.loads(raw)]
+        }
+
+    async def set_build_variables(
+        self, project: str, variables: dict[str, tuple[str, bool] | None]
+    ) -> None:
+        """Set (or, for None, remove) build variables in one step."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for name, entry in variables.items():
+                if entry is None:
+                    pipe.hdel(keys.project_env(project), name)
+                else:
+                    pipe.hset(keys.project_env(project), name,
+                              json.dumps({"value": entry[0], "secret": entry[1]}))
+            await pipe.execute()
 
     async def owned_deployment(self, dep_id: str, owner: str) -> tuple[Deployment, Project]:
         dep = await self.get_deployment(dep_id)

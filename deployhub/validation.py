@@ -89,8 +89,10 @@ async def check_repo_url(
         raise InvalidInput(f"the host {host!r} in repo_url could not be resolved") from None
     if not addresses:
         raise InvalidInput(f"the host {host!r} in repo_url could not be resolved")
+    # The allowlist matches the host as written, never what it resolves to: allowing
+    # 127.0.0.1 must not let 0x7f000001 or a name pointing at it through.
     if host.lower() not in allowed:
-        blocked = [a for a in addresses if not _public(a) and a not in allowed]
+        blocked = [a for a in addresses if not _public(a)]
         if blocked:
             raise InvalidInput(
                 f"the host {host!r} resolves to a non-public address ({blocked[0]}); DeployHub "
@@ -166,3 +168,35 @@ def check_fields(body: object, *, required: set[str], optional: set[str]) -> dic
             f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(required | optional))}"
         )
     return body
+
+
+VARIABLE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+RESERVED_VARIABLES = {"PATH", "HOME", "PWD", "SHELL", "USER", "TMPDIR", "CI"}
+MAX_VARIABLES = 100
+MAX_VARIABLE_BYTES = 32 * 1024
+
+
+def check_variables(raw: object) -> dict[str, tuple[str, bool] | None]:
+    """`{"NAME": {"value": "...", "secret": bool} | null}`; null removes the variable."""
+    if not isinstance(raw, dict) or not raw:
+        raise InvalidInput('variables must be a non-empty object {"NAME": {"value": "...", "secret": false}}')
+    if len(raw) > MAX_VARIABLES:
+        raise InvalidInput(f"at most {MAX_VARIABLES} variables at once")
+    checked: dict[str, tuple[str, bool] | None] = {}
+    for name, spec in raw.items():
+        if not VARIABLE_NAME_RE.match(name):
+            raise InvalidInput(f"variable name {name[:70]!r} must match [A-Za-z_][A-Za-z0-9_]*")
+        if name in RESERVED_VARIABLES or name.startswith(("DEPLOYHUB_", "npm_config_")):
+            raise InvalidInput(f"{name} is set by DeployHub and cannot be overridden")
+        if spec is None:
+            checked[name] = None
+            continue
+        if not isinstance(spec, dict) or set(spec) - {"value", "secret"} or "value" not in spec:
+            raise InvalidInput(f'{name} must be {{"value": "...", "secret": true|false}} or null')
+        value, secret = spec["value"], spec.get("secret", False)
+        if not isinstance(value, str) or not isinstance(secret, bool):
+            raise InvalidInput(f"{name}: value must be a string and secret a boolean")
+        if len(value.encode()) > MAX_VARIABLE_BYTES or "\x00" in value:
+            raise InvalidInput(f"{name}: value must be under 32 KiB and contain no NUL")
+        checked[name] = (value, secret)
+    return checked

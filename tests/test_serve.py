@@ -2,78 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.infra import VITE_REACT_APP, GitServer, free_port, unique_name
-
-
-class Served:
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.proc: subprocess.Popen[str] | None = None
-        self.token = ""
-        self.output: list[str] = []
-
-    def start(self, expect_login: bool = True) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOYHUB_")}
-        self.proc = subprocess.Popen(
-            ["deployhub", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
-             "--allow-hosts", "127.0.0.1"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        self.reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
-        self.reader.start()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "".join(self.output)
-            if self.get("/api/projects")[0] in (200, 401):
-                # Up; on a first start the login link comes with it.
-                if not expect_login or self.token:
-                    return
-            time.sleep(0.1)
-        raise AssertionError("deployhub serve did not start:\n" + "".join(self.output))
-
-    def _read(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            self.output.append(line)
-            if "#token=" in line:
-                self.token = line.split("#token=")[1].strip()
-
-    def stop(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGINT)
-        self.proc.wait(timeout=30)
-        self.reader.join(10)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def get(self, path: str, host: str | None = None) -> tuple[int, dict[str, str], bytes]:
-        request = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.token}"})
-        if host:
-            request.add_header("Host", f"{host}.localhost:{self.port}")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as r:
-                return r.status, dict(r.headers), r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, dict(e.headers), e.read()
-        except OSError:
-            return 0, {}, b""
+from tests.support.infra import VITE_REACT_APP, GitServer, unique_name
+from tests.support.served import Served
 
 
 @pytest.fixture
