@@ -56,8 +56,8 @@ class Tokens:
         return token, secret
 
     async def list(self) -> list[Token]:
-        rows: dict[str, str] = await self.redis.hgetall(keys.TOKENS)
-        tokens = [_token(token_id, json.loads(raw)) for token_id, raw in rows.items()]
+        rows = await self.redis.hgetall(keys.TOKENS)
+        tokens = [_token(str(token_id), json.loads(raw)) for token_id, raw in rows.items()]
         return sorted(tokens, key=lambda t: t.created_at)
 
     async def revoke(self, token_id: str) -> bool:

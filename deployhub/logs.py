@@ -203,7 +203,7 @@ class LogPublisher:
 async def read_events(redis: Redis, dep_id: str, after: int = 0, count: int = 5000) -> list[str]:
     """Raw event JSON strings with seq > `after`, oldest first."""
     entries = await redis.xrange(keys.log_stream(dep_id), min=f"{after + 1}-0", count=count)
-    return [_field(fields) for _id, fields in entries]
+    return [_field(fields) for _id, fields in entries or [] if fields]
 
 
 def _field(fields: dict[Any, Any]) -> str:

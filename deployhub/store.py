@@ -241,7 +241,7 @@ class Store:
 
     async def build_variables(self, project: str) -> dict[str, tuple[str, bool]]:
         """name -> (value, secret)"""
-        rows: dict[str, str] = await self.redis.hgetall(keys.project_env(project))
+        rows = _text(await self.redis.hgetall(keys.project_env(project)))
         return {
             name: (str(data["value"]), bool(data["secret"]))
             for name, raw in rows.items()
@@ -270,7 +270,7 @@ class Store:
 
     async def list_deployments(self, project: str, limit: int = 50) -> list[Deployment]:
         ids = await self.redis.zrevrange(keys.project_deployments(project), 0, limit - 1)
-        return await self.get_deployments(_decode(i) for i in ids)
+        return await self.get_deployments(_decode(i) for i in ids if isinstance(i, bytes | str))
 
     async def transition(self, dep: Deployment | str, status: str, reason: str = "") -> bool:
         """Move to `status`; False when the deployment had already ended."""
