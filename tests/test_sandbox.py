@@ -9,11 +9,18 @@ import os
 import signal
 import time
 from pathlib import Path
+
 import pytest
 
 import deployhub
 from deployhub import get_context
-from tests.support.infra import FIXTURES_DIR, TINY_APP, GitServer, RedisServer, unique_name
+from tests.support.infra import (
+    FIXTURES_DIR,
+    TINY_APP,
+    GitServer,
+    RedisServer,
+    unique_name,
+)
 from tests.support.service import Service, StartService
 from worker.sandbox import cgroup_parent, sandbox_problem
 

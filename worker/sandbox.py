@@ -504,8 +504,9 @@ class Sandbox:
                 os.lseek(args_fd, 0, os.SEEK_SET)
                 binary = bwrap_binary() or "bwrap"
                 command = [binary, "--args", str(args_fd), "--", *argv]
-                # bwrap itself gets no environment worth reading from /proc/1/environ.
-                yield Prepared(groups.wrap(command), {"PATH": INSIDE_PATH}, self.work,
+                # bwrap is the sandbox's pid 1, whose environ the build can read: give it
+                # nothing worth reading (cwd / keeps the host's paths out of its PWD too).
+                yield Prepared(groups.wrap(command), {"PATH": INSIDE_PATH}, Path("/"),
                                (args_fd,), groups)
             else:
                 yield Prepared(groups.wrap(list(argv)), env, self.src, (), groups)
