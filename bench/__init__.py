@@ -1,0 +1,1 @@
+"""Benchmarks for DeployHub; run them with `python -m bench.<name>` (see bench/README.md)."""

@@ -1,0 +1,79 @@
+"""Wall time of a Vite + React deploy through DeployHub against a plain build of the same repo.
+
+    python -m bench.deploy_time [--runs N]
+
+DeployHub: `deployhub serve` on its embedded defaults (a subprocess), POST /api/deployments to
+`ready`. Baseline: `git clone --depth 1 && npm ci && npm run build` of the same repository from
+the same loopback git server. Both use a warm npm cache (one unmeasured run of each first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from tests.support.infra import VITE_REACT_APP, GitServer, unique_name
+from tests.support.served import Served
+
+
+def plain_build(url: str, cache: Path) -> float:
+    work = Path(tempfile.mkdtemp(prefix="dh-plain-"))
+    env = {**os.environ, "npm_config_cache": str(cache), "CI": "1"}
+    try:
+        started = time.monotonic()
+        subprocess.run(["git", "clone", "-q", "--depth", "1", url, str(work / "src")], check=True, env=env)
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=work / "src", check=True, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(["npm", "run", "build"], cwd=work / "src", check=True, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.monotonic() - started
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def deployhub_build(served: Served, url: str) -> float:
+    started = time.monotonic()
+    status, dep = served.post_json("/api/deployments", {"repo_url": url, "project": "bench"})
+    assert status == 202, dep
+    final = served.wait_final(dep["id"], timeout=300)
+    elapsed = time.monotonic() - started
+    assert final["status"] == "ready", final["reason"]
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="dh-bench-"))
+    git = GitServer(root / "git")
+    git.start()
+    served = Served(root / "data")
+    try:
+        served.start()
+        url = git.add_repo(unique_name("vite"), files_dir=VITE_REACT_APP)
+        cache = root / "plain-npm-cache"
+        plain_build(url, cache)  # warm both npm caches
+        deployhub_build(served, url)
+        ours = [deployhub_build(served, url) for _ in range(args.runs)]
+        plain = [plain_build(url, cache) for _ in range(args.runs)]
+    finally:
+        if served.proc is not None and served.proc.poll() is None:
+            served.stop()
+        git.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"{'':28}{'median s':>10}{'min s':>8}{'max s':>8}")
+    for name, times in [("DeployHub POST -> ready", ours), ("git clone+npm ci+build", plain)]:
+        print(f"{name:28}{statistics.median(times):>10.2f}{min(times):>8.2f}{max(times):>8.2f}")
+    print(f"overhead: {statistics.median(ours) - statistics.median(plain):+.2f} s "
+          f"({statistics.median(ours) / statistics.median(plain):.2f}x the plain build)")
+
+
+if __name__ == "__main__":
+    main()
