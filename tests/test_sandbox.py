@@ -21,7 +21,10 @@ from tests.support.infra import (
     RedisServer,
     unique_name,
 )
-from tests.support.service import Service, StartService
+from tests.support.service import Service, StartService, make_settings
+from worker import sandbox
+from worker.build import collect_files, open_beneath
+from worker.detect import BuildError, find_output
 from worker.sandbox import cgroup_parent, sandbox_problem
 
 MALICIOUS = FIXTURES_DIR / "malicious"
@@ -140,3 +143,53 @@ async def test_sandbox_none_still_builds_with_a_warning(
     assert any(t.startswith("Warning: DEPLOYHUB_SANDBOX=none") for t in texts)
     status, _, body = await service.site(dep["project"])
     assert status == 200 and b"Hello from tiny" in body
+
+
+def test_unusable_bwrap_fails_builds_naming_the_escape_hatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sandbox, "bwrap_binary", lambda: None)
+    assert "not installed" in (sandbox._probe() or "")
+    monkeypatch.setattr(sandbox, "bwrap_binary", lambda: "/bin/false")  # "cannot create a namespace"
+    problem = sandbox._probe() or ""
+    assert "/bin/false cannot run here" in problem and "DEPLOYHUB_SANDBOX=none" in problem
+
+
+def test_output_limits_and_symlinked_parents(tmp_path: Path) -> None:
+    out = tmp_path / "src" / ".output" / "public"
+    out.mkdir(parents=True)
+    for name in ("a.html", "b.html", "c.html"):
+        (out / name).write_bytes(b"x" * 600_000)
+    fd = open_beneath(tmp_path / "src", ".output/public", directory=True)
+    try:
+        assert [size for _, size in collect_files(fd, lambda *_: None)] == [600_000] * 3
+        with pytest.raises(BuildError, match=r"more than 2 files \(DEPLOYHUB_BUILD_MAX_OUTPUT_FILES\)"):
+            collect_files(fd, lambda *_: None, max_files=2)
+        with pytest.raises(BuildError, match=r"larger than 1 MiB \(DEPLOYHUB_BUILD_MAX_OUTPUT_MB\)"):
+            collect_files(fd, lambda *_: None, max_bytes=1024 * 1024)
+    finally:
+        os.close(fd)
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / ".output").symlink_to(tmp_path / "src" / ".output")  # a parent symlink
+    with pytest.raises(OSError):
+        os.close(open_beneath(tmp_path / "evil", ".output/public", directory=True))
+    assert find_output(tmp_path / "src") == out
+    with pytest.raises(BuildError, match="no output directory"):
+        find_output(tmp_path / "evil")
+
+
+def test_without_cgroups_the_log_says_which_limits_are_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sandbox, "_cgroup_base", lambda controller: None)
+    settings = make_settings(tmp_path / "data", None, sandbox="none")
+    lines: list[str] = []
+    box = sandbox.Sandbox(settings, "dep1", tmp_path, tmp_path / "src", lambda _s, t: lines.append(t))
+    with box.prepare(["npm", "ci"], {"PATH": "/usr/bin"}) as command:
+        assert command.argv == ["npm", "ci"] and command.env == {"PATH": "/usr/bin"}
+    assert lines == [
+        "Warning: DEPLOYHUB_SANDBOX=none: build commands run WITHOUT isolation, with DeployHub's "
+        "own rights on this machine",
+        "Warning: no cgroup v1 memory controller is mounted; DEPLOYHUB_BUILD_MEMORY_MB is not "
+        "enforced for this build",
+        "Warning: no cgroup v1 pids controller is mounted; DEPLOYHUB_BUILD_MAX_PROCESSES is not "
+        "enforced for this build",
+    ]
