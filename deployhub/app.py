@@ -77,7 +77,7 @@ def setup(app: web.Application, settings: Settings, *, resolver: Resolver | None
     app.router.add_routes(api.routes)
     app.router.add_get("/api/ws", live.websocket_handler)
     app.router.add_get("/", _index)
-    app.router.add_static("/static/", web_root(), append_version=True)
+    app.router.add_get("/static/{name}", _static)
 
 
 def create_app(settings: Settings | None = None, *, resolver: Resolver | None = None) -> web.Application:
@@ -89,6 +89,22 @@ def create_app(settings: Settings | None = None, *, resolver: Resolver | None = 
 
 async def _index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(web_root() / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+_STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
+
+
+async def _static(request: web.Request) -> web.FileResponse:
+    # The page's modules import each other by plain names, so browsers must revalidate them
+    # (ETag) after an upgrade: no-cache, not a long max-age.
+    name = request.match_info["name"]
+    path = web_root() / name
+    content_type = _STATIC_TYPES.get(path.suffix)
+    if "/" in name or name.startswith(".") or content_type is None or not path.is_file():
+        raise web.HTTPNotFound()
+    return web.FileResponse(
+        path, headers={"Cache-Control": "no-cache", "Content-Type": f"{content_type}; charset=utf-8"}
+    )
 
 
 # -- resources, each one cleanup context --------------------------------------------------

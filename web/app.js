@@ -53,11 +53,11 @@ function parseRoute(hash) {
   return match[1] === "projects" ? { view: "project", name: value } : { view: "deployment", id: value };
 }
 
-export function projectHash(name) {
+function projectHash(name) {
   return `#/projects/${encodeURIComponent(name)}`;
 }
 
-export function deploymentHash(id) {
+function deploymentHash(id) {
   return `#/deployments/${encodeURIComponent(id)}`;
 }
 
@@ -89,7 +89,14 @@ async function findDeployment(id) {
 
 // --------------------------------------------------------------- projects --
 
-async function loadProjects() {
+// Startup, deep links and actions all want the list; share one request.
+let projectsRequest = null;
+function loadProjects() {
+  projectsRequest ??= fetchProjects().finally(() => (projectsRequest = null));
+  return projectsRequest;
+}
+
+async function fetchProjects() {
   try {
     const body = await apiJson("projects");
     state.projects = Array.isArray(body?.projects) ? body.projects : [];
@@ -350,6 +357,7 @@ function submitAuth(event) {
   setToken(token);
   $("auth-token").value = "";
   $("auth-panel").hidden = true;
+  hideBanner();
   renderSignOut();
   live.reconnectNow(); // the socket authenticates only when it opens
   loadProjects();
@@ -381,7 +389,8 @@ function renderView() {
 
 function renderProjects() {
   const list = $("project-list");
-  fill(list,
+  fill(
+    list,
     ...state.projects.map((project) => {
       const current = project.name === state.project;
       return el(
@@ -527,7 +536,8 @@ function renderSelected() {
 }
 
 function renderDetailMeta(dep) {
-  fill($("detail-meta"),
+  fill(
+    $("detail-meta"),
     dep.branch ? el("span", { className: "dep-branch", text: dep.branch }) : null,
     el("time", {
       datetime: isoTime(dep.created_at),
@@ -540,7 +550,8 @@ function renderDetailMeta(dep) {
 
 function renderTimeline(dep) {
   const { steps, total } = computeSteps(dep);
-  fill($("timeline"),
+  fill(
+    $("timeline"),
     ...steps.map((step) =>
       el(
         "li",
@@ -577,17 +588,24 @@ function renderResult(dep) {
   if (dep.status === "ready") {
     box.classList.add("result-ready");
     const production = isProduction(dep);
-    fill(box,
+    fill(
+      box,
       el("p", { className: "result-title", text: production ? "Your site is live" : "Deployment ready" }),
       resultLink(production ? "Site" : "Production site", dep.url),
       resultLink("This deployment", dep.deployment_url),
-      production ? null : el("p", { className: "result-note", text: "This deployment is not serving production." }),
+      production
+        ? null
+        : el("p", { className: "result-note", text: "This deployment is not serving production." }),
     );
     box.hidden = false;
   } else if (dep.status === "failed" || dep.status === "canceled") {
     box.classList.add("result-failed");
-    fill(box,
-      el("p", { className: "result-title", text: dep.status === "failed" ? "Deployment failed" : "Deployment canceled" }),
+    fill(
+      box,
+      el("p", {
+        className: "result-title",
+        text: dep.status === "failed" ? "Deployment failed" : "Deployment canceled",
+      }),
       dep.reason ? el("pre", { className: "result-reason", text: String(dep.reason) }) : null,
     );
     box.hidden = false;
@@ -609,6 +627,12 @@ function renderLogsFor(dep) {
   if (state.logShownFor !== id) {
     state.logShownFor = id;
     logView.reset(state.logs.get(id) ?? []);
+  }
+  // The server replays the newest deployment's log by itself and streams a
+  // running one's; an older finished one must be asked for. Checked on every
+  // render because "newest" is only known once the list has arrived.
+  if (!state.logs.has(id) && isFinal(dep.status) && id !== newestId()) {
+    live.requestHistory(state.project, dep.id);
   }
   renderLogCount();
 }
@@ -632,7 +656,8 @@ function renderLogCount() {
 function renderLogFollow(following, unseen) {
   const jump = $("log-jump");
   jump.hidden = following;
-  jump.textContent = unseen > 0 ? `↓ ${unseen.toLocaleString()} new line${unseen === 1 ? "" : "s"}` : "↓ Jump to latest";
+  jump.textContent =
+    unseen > 0 ? `↓ ${unseen.toLocaleString()} new line${unseen === 1 ? "" : "s"}` : "↓ Jump to latest";
 }
 
 /** Tell screen readers about status changes, once per change. */
@@ -642,13 +667,14 @@ function announceStatus(dep) {
   if (previous === dep.status) return;
   state.announced.set(id, dep.status);
   if (previous === undefined) return; // first sight is not a change
-  $("status-announcer").textContent = `Deployment ${shortId(dep.id)} is now ${statusLabel(dep.status).toLowerCase()}.`;
+  $("status-announcer").textContent =
+    `Deployment ${shortId(dep.id)} is now ${statusLabel(dep.status).toLowerCase()}.`;
 }
 
 function renderConnection(connState) {
   const indicator = $("connection");
   indicator.dataset.state = connState;
-  indicator.hidden = connState === "idle";
+  indicator.hidden = connState === "idle" || connState === "unauthorized";
   indicator.textContent =
     { connecting: "Connecting…", open: "Live", reconnecting: "Reconnecting…" }[connState] ?? "";
 }
@@ -696,7 +722,7 @@ function hideBanner() {
 // ------------------------------------------------------------------ setup --
 
 function tick() {
-  // Running steps show a live duration; everything shows relative times.
+  // The running step's duration counts up live.
   const dep = state.deployments.get(state.selectedId);
   if (dep && !isFinal(dep.status)) renderTimeline(dep);
 }
@@ -731,6 +757,18 @@ function bindEvents() {
   setInterval(() => state.project && renderDeploymentList(), 30_000);
 }
 
+/**
+ * `deployhub serve` prints a login link ending in #token=...: keep the token in this browser
+ * and take it out of the address bar (and history) before anything else reads the hash.
+ */
+function takeTokenFromLink() {
+  const match = /^#token=([A-Za-z0-9_-]+)$/.exec(location.hash);
+  if (!match) return;
+  setToken(match[1]);
+  history.replaceState(null, "", location.pathname + location.search);
+}
+
+takeTokenFromLink();
 bindEvents();
 renderSignOut();
 loadProjects();

@@ -68,5 +68,7 @@ export function externalLink(url, text, className = "") {
 
 /** URL without the scheme and trailing slash, for compact display. */
 export function displayUrl(url) {
-  return String(url).replace(/^[a-z]+:\/\//i, "").replace(/\/$/, "");
+  return String(url)
+    .replace(/^[a-z]+:\/\//i, "")
+    .replace(/\/$/, "");
 }

@@ -9,6 +9,7 @@ const BACKOFF_MAX_MS = 10_000;
 // A connection that stays up this long counts as healthy and resets backoff;
 // otherwise a server that accepts and immediately drops us would be hammered.
 const STABLE_AFTER_MS = 5_000;
+const MAX_RESUME = 100; // the server rejects a larger resume object
 
 /** Delay before reconnect attempt n (0-based): exponential, capped, "equal jitter". */
 export function backoffDelay(attempt) {
@@ -24,6 +25,7 @@ export function backoffDelay(attempt) {
  *   "connecting"   first connection attempt
  *   "open"         connected
  *   "reconnecting" connection lost, waiting to retry
+ *   "unauthorized" closed with 4401; waits for reconnectNow() with a token
  */
 export class LiveClient {
   /**
@@ -42,6 +44,12 @@ export class LiveClient {
     this.state = "idle";
     /** project name -> Map(deployment id -> last seq received) */
     this.projects = new Map();
+    // Unsubscribed on this socket: frames sent before the server saw the
+    // unsubscribe may still arrive. If the project is subscribed again, such
+    // stale lines would advance lastSeq past the replay and cause a gap, so
+    // its logs are ignored until the new "subscribed" snapshot arrives.
+    this.unsubscribedHere = new Set();
+    this.awaitingSnapshot = new Set();
 
     // The browser knows better than our backoff when the network is back.
     window.addEventListener("online", () => {
@@ -52,6 +60,7 @@ export class LiveClient {
   subscribe(project) {
     if (this.projects.has(project)) return;
     this.projects.set(project, new Map());
+    if (this.unsubscribedHere.has(project)) this.awaitingSnapshot.add(project);
     if (this.isOpen()) this.sendSubscribe(project);
     else this.ensureConnecting();
   }
@@ -60,7 +69,24 @@ export class LiveClient {
    *  the caller drops the log lines it had for it. */
   unsubscribe(project) {
     if (!this.projects.delete(project)) return;
-    if (this.isOpen()) this.send({ type: "unsubscribe", project });
+    this.awaitingSnapshot.delete(project);
+    if (this.isOpen()) {
+      this.send({ type: "unsubscribe", project });
+      this.unsubscribedHere.add(project);
+    }
+  }
+
+  /**
+   * Ask for a deployment's whole log. On subscribe the server replays history
+   * only for the newest deployment and those named in `resume`, so an older
+   * one is requested by subscribing again with it at seq 0; the other entries
+   * carry their lastSeq, so nothing already received is sent twice.
+   */
+  requestHistory(project, deploymentId) {
+    const seqs = this.projects.get(project);
+    if (!seqs || seqs.has(deploymentId)) return;
+    seqs.set(deploymentId, 0);
+    if (this.isOpen()) this.sendSubscribe(project);
   }
 
   /** Drop the current socket and connect again at once (e.g. new auth token). */
@@ -102,6 +128,8 @@ export class LiveClient {
       return;
     }
     this.socket = socket;
+    this.unsubscribedHere.clear(); // a new socket carries no stale frames
+    this.awaitingSnapshot.clear();
     socket.addEventListener("open", () => this.handleOpen(socket));
     socket.addEventListener("message", (event) => this.handleMessage(socket, event));
     // "error" is always followed by "close"; reconnecting from close alone
@@ -128,6 +156,7 @@ export class LiveClient {
       return; // not ours to interpret
     }
     if (!msg || typeof msg !== "object") return;
+    if (msg.type === "subscribed") this.awaitingSnapshot.delete(msg.project);
     if (msg.type === "logs") {
       const events = this.acceptLogs(msg);
       if (!events.length) return;
@@ -140,7 +169,12 @@ export class LiveClient {
     if (socket !== this.socket) return;
     this.socket = null;
     clearTimeout(this.stableTimer);
-    if (event.code === 4401) this.onMessage({ type: "auth-required" });
+    if (event.code === 4401) {
+      // Retrying with the same (missing or wrong) token cannot succeed.
+      this.setState("unauthorized");
+      this.onMessage({ type: "auth-required" });
+      return;
+    }
     if (this.projects.size) this.scheduleReconnect();
     else this.setState("idle");
   }
@@ -169,7 +203,8 @@ export class LiveClient {
   sendSubscribe(project) {
     const msg = { type: "subscribe", project };
     const seqs = this.projects.get(project);
-    if (seqs && seqs.size) msg.resume = Object.fromEntries(seqs);
+    // Newest entries last in the Map; those are the ones worth resuming.
+    if (seqs && seqs.size) msg.resume = Object.fromEntries([...seqs].slice(-MAX_RESUME));
     this.send(msg);
   }
 
@@ -185,6 +220,7 @@ export class LiveClient {
   acceptLogs(msg) {
     const seqs = this.projects.get(msg.project);
     if (!seqs || !Array.isArray(msg.events)) return []; // unsubscribed meanwhile
+    if (this.awaitingSnapshot.has(msg.project)) return []; // stale, see constructor
     let last = seqs.get(msg.deployment) ?? 0;
     const fresh = [];
     for (const ev of msg.events) {

@@ -74,7 +74,8 @@ export function computeSteps(dep, now = clock.now()) {
   const steps = STEPS.map((name, i) => {
     let state;
     if (status === "ready" || i < stop) state = "done";
-    else if (i === stop) state = status === "failed" ? "failed" : status === "canceled" ? "canceled" : "current";
+    else if (i === stop)
+      state = status === "failed" ? "failed" : status === "canceled" ? "canceled" : "current";
     else state = final ? "skipped" : "pending";
     return { name, label: STATUS_LABELS[name], state, duration: stepDuration(ts, i, stop, end) };
   });

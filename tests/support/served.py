@@ -98,3 +98,9 @@ class Served:
                 return dict(body)
             time.sleep(0.1)
         raise AssertionError(f"{dep_id} did not finish")
+
+    def logs_of_newest(self, project: str) -> list[dict[str, Any]]:
+        _, _, raw = self.get(f"/api/projects/{project}/deployments")
+        dep_id = json.loads(raw)["deployments"][0]["id"]
+        _, _, raw = self.get(f"/api/deployments/{dep_id}/logs")
+        return [json.loads(line) for line in raw.decode().splitlines() if line]
