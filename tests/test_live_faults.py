@@ -9,13 +9,12 @@ import socket
 import subprocess
 import sys
 
-from tests.support.infra import TINY_APP, GitServer, RedisServer, unique_name
-from tests.support.service import Service, StartService, Watch
-
 import pytest
 
 from deployhub.app import HUB
 from deployhub.live import Hub
+from tests.support.infra import TINY_APP, GitServer, RedisServer, unique_name
+from tests.support.service import Service, StartService, Watch
 
 
 def app_hub(service: Service) -> Hub:
