@@ -66,7 +66,7 @@ CGROUP_WRAPPER = (
     'while [ "$1" != -- ]; do echo $$ > "$1/cgroup.procs" || exit 125; shift; done; '
     'shift; exec "$@"'
 )
-CGROUP_ENTER_FAILED = 125
+LIMIT_SETTINGS = {"memory": "DEPLOYHUB_BUILD_MEMORY_MB", "pids": "DEPLOYHUB_BUILD_MAX_PROCESSES"}
 
 ESCAPE_HATCH = (
     "Install bubblewrap (the `bubblewrap` package) and allow user namespaces, or set "
@@ -291,7 +291,7 @@ class Cgroups:
     pids: Path | None = None
     memory_bytes: int = 0
     max_pids: int = 0
-    problems: list[str] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (controller, why)
 
     @classmethod
     def create(cls, name: str, *, memory_mb: int, max_pids: int) -> Cgroups:
@@ -305,7 +305,7 @@ class Cgroups:
     def _make(self, controller: str, name: str, limit: Callable[[Path], None]) -> Path | None:
         parent = cgroup_parent(controller)
         if parent is None:
-            self.problems.append(f"no cgroup v1 {controller} controller is mounted")
+            self.problems.append((controller, f"no cgroup v1 {controller} controller is mounted"))
             return None
         path = parent / name
         try:
@@ -316,7 +316,7 @@ class Cgroups:
                 kill_all([path])
             limit(path)
         except OSError as exc:
-            self.problems.append(f"cannot set up {path}: {exc.strerror or exc}")
+            self.problems.append((controller, f"cannot set up {path}: {exc.strerror or exc}"))
             with contextlib.suppress(OSError):
                 path.rmdir()
             return None
@@ -532,9 +532,9 @@ class Sandbox:
             limits.append(f"{self.settings.build_max_processes} processes")
         if limits:
             self.emit("system", "Limits: " + ", ".join(limits))
-        for problem in groups.problems:
-            self.emit("system", f"Warning: {problem}; "
-                                f"{_setting_for(problem)} is not enforced for this build")
+        for controller, problem in groups.problems:
+            setting = LIMIT_SETTINGS[controller]
+            self.emit("system", f"Warning: {problem}; {setting} is not enforced for this build")
 
     def limit_reason(self, groups: Cgroups) -> str | None:
         """Why a command that failed was stopped by a limit, if it was."""
@@ -549,10 +549,6 @@ class Sandbox:
                 "and threads at once (DEPLOYHUB_BUILD_MAX_PROCESSES) and failed."
             )
         return None
-
-
-def _setting_for(problem: str) -> str:
-    return "DEPLOYHUB_BUILD_MEMORY_MB" if "memory" in problem else "DEPLOYHUB_BUILD_MAX_PROCESSES"
 
 
 def limits_in_force(memory_mb: int = 64, max_pids: int = 16) -> dict[str, bool]:
