@@ -141,6 +141,14 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _runner_ctx(app: web.Application) -> AsyncIterator[None]:
     ctx = app[CONTEXT]
+    if ctx.settings.sandbox == "bwrap":
+        from worker.sandbox import sandbox_problem
+
+        ctx.build_problem = await asyncio.to_thread(sandbox_problem)
+        if ctx.build_problem:
+            log.error("builds are refused: %s", ctx.build_problem)
+    else:
+        log.warning("DEPLOYHUB_SANDBOX=none: build code runs unsandboxed, with the worker's rights")
     async with local_runner(ctx.settings, ctx.redis_url, ctx.store) as runner:
         ctx.runner = runner
         yield

@@ -193,3 +193,15 @@ def test_without_cgroups_the_log_says_which_limits_are_off(
         "Warning: no cgroup v1 pids controller is mounted; DEPLOYHUB_BUILD_MAX_PROCESSES is not "
         "enforced for this build",
     ]
+
+
+async def test_server_refuses_builds_when_the_sandbox_cannot_run(
+    monkeypatch: pytest.MonkeyPatch, redis_server, start_service  # type: ignore[no-untyped-def]
+) -> None:
+    problem = "Builds are sandboxed with bubblewrap, but `bwrap` is not installed. Set DEPLOYHUB_SANDBOX=none"
+    monkeypatch.setitem(sandbox._probed, "problem", problem)
+    service = await start_service(redis=redis_server)
+    status, body = await service.post_json("/api/deployments", {"repo_url": "http://127.0.0.1:9/a.git"})
+    assert status == 503 and body["error"] == problem
+    _, projects = await service.get_json("/api/projects")
+    assert projects["projects"] == []

@@ -19,3 +19,24 @@ async def test_variables_round_trip_and_secrets_stay_hidden(service: Service) ->
     async with service.http.patch(service.url + "/api/projects/fresh/variables",
                                   json={"variables": {"VITE_TITLE": None}}) as r:
         assert list((await r.json())["variables"]) == ["API_KEY"]
+
+
+async def test_builds_get_variables_and_secrets_never_reach_the_log(service: Service, git_server) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from tests.support.infra import TINY_APP, unique_name
+
+    name = unique_name("vars")
+    body = {"variables": {"GREETING": {"value": "hi-there"}, "API_KEY": {"value": "tok-7f3a9c", "secret": True}}}
+    async with service.http.patch(f"{service.url}/api/projects/{name}/variables", json=body) as r:
+        assert r.status == 200
+    package = json.loads((TINY_APP / "package.json").read_text())
+    package["scripts"]["build"] = "node -e \"console.log('greeting=' + process.env.GREETING); console.log('key=' + process.env.API_KEY)\" && node build.js"
+    url = git_server.add_repo(name, files_dir=TINY_APP, files={"package.json": json.dumps(package)})
+    dep = await service.deploy(url, project=name)
+    final = await service.wait_final(dep["id"])
+    assert final["status"] == "ready", final["reason"]
+    texts = [e["text"] for e in await service.logs(dep["id"])]
+    assert "greeting=hi-there" in texts and "key=****" in texts
+    assert not any("tok-7f3a9c" in t for t in texts)
+    assert "Build variables: API_KEY (secret), GREETING" in texts

@@ -78,6 +78,7 @@ class Build:
         self.started = time.monotonic()
         self.sandbox = Sandbox(settings, dep.id, self.work, self.src, self.logs.emit)
         self._task: asyncio.Task[tuple[str, str]] | None = None
+        self.variables: dict[str, str] = {}
         self._stopped: tuple[str, str] | None = None
 
     # -- the steps -------------------------------------------------------------------------
@@ -123,6 +124,12 @@ class Build:
             return "failed", f"DeployHub hit an internal error while building: {exc!r}"
 
     async def _steps(self) -> None:
+        variables = await retry(lambda: self.store.build_variables(self.dep.project))
+        self.variables = {name: value for name, (value, _) in variables.items()}
+        self.logs.hide([value for value, secret in variables.values() if secret])
+        if variables:
+            shown = ", ".join(f"{n} (secret)" if secret else n for n, (_, secret) in sorted(variables.items()))
+            self.logs.emit("system", f"Build variables: {shown}")
         await self._step("cloning")
         await self._clone()
         await self._step("installing")
@@ -317,6 +324,7 @@ class Build:
         cache = self.settings.data_dir / "cache" / "npm"
         cache.mkdir(parents=True, exist_ok=True)
         return {
+            **self.variables,  # the project's own; ours below win (the API refuses those names)
             **self._base_env(),
             "CI": "1",
             "NO_COLOR": "1",
