@@ -119,3 +119,18 @@ def redis_server_client(server: RedisServer):  # type: ignore[no-untyped-def]
     from redis.asyncio import Redis
 
     return Redis.from_url(server.url, decode_responses=True)
+
+
+async def test_builds_beyond_max_builds_wait_in_queued(
+    redis_server: RedisServer, start_service: StartService, git_server: GitServer
+) -> None:
+    service = await start_service(redis=redis_server, max_builds=1)
+    first = await service.deploy(slow_repo(git_server, lines=300, delay_ms=10))
+    second = await service.deploy(slow_repo(git_server, lines=5, delay_ms=0))
+    await wait_building(service, first["id"])
+    _, waiting = await service.get_json(f"/api/deployments/{second['id']}")
+    assert waiting["status"] == "queued"
+    assert (await service.wait_final(first["id"]))["status"] == "ready"
+    final = await service.wait_final(second["id"])
+    assert final["status"] == "ready"
+    assert final["timestamps"]["cloning"] >= (await service.get_json(f"/api/deployments/{first['id']}"))[1]["timestamps"]["ready"]

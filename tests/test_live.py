@@ -89,3 +89,17 @@ async def test_bad_socket_messages_get_error_frames_and_socket_stays_usable(
     frame = await ws.receive_json(timeout=5)
     assert frame["type"] == "subscribed" and frame["deployments"][0]["id"] == dep["id"]
     await ws.close()
+
+
+async def test_log_comes_from_storage_once_redis_forgot_it(service: Service, git_server: GitServer) -> None:
+    from deployhub import get_context, keys
+
+    url = git_server.add_repo(unique_name("tiny"), files_dir=TINY_APP)
+    dep = await service.deploy(url)
+    await service.wait_final(dep["id"])
+    from_redis = await service.logs(dep["id"])
+    redis = get_context(service.app).redis
+    assert await redis.ttl(keys.log_stream(dep["id"])) > 0  # the stream expires; storage keeps it
+    await redis.delete(keys.log_stream(dep["id"]))
+    assert await service.logs(dep["id"]) == from_redis
+    assert await service.logs(dep["id"], after=3) == from_redis[3:]
