@@ -5,22 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.infra import VITE_REACT_APP, GitServer, unique_name
 from tests.support.served import Served
-
-
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[Served]:
-    server = Served(tmp_path / "data")
-    server.start()
-    yield server
-    if server.proc and server.proc.poll() is None:
-        server.stop()
 
 
 @pytest.mark.timeout(300)

@@ -10,8 +10,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.support.infra import free_port
 
@@ -104,3 +107,13 @@ class Served:
         dep_id = json.loads(raw)["deployments"][0]["id"]
         _, _, raw = self.get(f"/api/deployments/{dep_id}/logs")
         return [json.loads(line) for line in raw.decode().splitlines() if line]
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    """`deployhub serve` on a fresh data directory, stopped after the test."""
+    server = Served(tmp_path / "data")
+    server.start()
+    yield server
+    if server.proc and server.proc.poll() is None:
+        server.stop()
