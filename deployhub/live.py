@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,7 +25,7 @@ from redis.exceptions import RedisError
 
 from . import keys
 from .auth import Tokens, Unauthorized, bearer
-from .logs import event_seq, logs_frame, read_events
+from .logs import event_seq, frame_head, logs_frame, read_events
 from .settings import Settings
 from .store import NotFound, Store, decode_status_message, dumps
 from .validation import InvalidInput, check_deployment_id, check_project
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 QUEUE_FRAMES = 512
 QUEUE_BYTES = 1024 * 1024  # a socket further behind than this catches up from Redis instead
+COALESCE_BYTES = 256 * 1024
 MAX_PROJECTS_PER_SOCKET = 50
 HISTORY_CHUNK = 2000
 SNAPSHOT_DEPLOYMENTS = 20
@@ -46,7 +48,7 @@ class LogFrame:
     deployment: str
     first: int
     last: int
-    raw: str
+    data: bytes  # the frame as sent, encoded once for every socket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +56,7 @@ class StatusFrame:
     project: str
     deployment: str
     final: bool
-    raw: str
+    data: bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +68,7 @@ class Subscribe:
 
 @dataclasses.dataclass(frozen=True)
 class Reply:
-    raw: str
+    data: bytes
 
 
 class Resync:
@@ -82,7 +84,8 @@ class Watcher:
 
     def __init__(self, ws: web.WebSocketResponse) -> None:
         self.ws = ws
-        self.queue: asyncio.Queue[Item] = asyncio.Queue(QUEUE_FRAMES)
+        self.items: deque[Item] = deque()
+        self._ready = asyncio.Event()
         self.projects: set[str] = set()
         self.seqs: dict[str, int] = {}  # deployment -> last seq sent
         self.deployment_project: dict[str, str] = {}
@@ -93,30 +96,55 @@ class Watcher:
     def offer(self, item: Item) -> None:
         """Never blocks the dispatcher: a queue too long or too big turns into one resync."""
         size = _size(item)
-        if not self.queue.full() and self.queued_bytes + size <= QUEUE_BYTES:
-            self.queue.put_nowait(item)
+        if len(self.items) < QUEUE_FRAMES and self.queued_bytes + size <= QUEUE_BYTES:
+            self.items.append(item)
             self.queued_bytes += size
+            self._ready.set()
             return
         self.overflows += 1
-        pending = [item] if isinstance(item, Subscribe | Reply) else []
-        while not self.queue.empty():
-            dropped = self.queue.get_nowait()
-            if isinstance(dropped, Subscribe | Reply):  # these must still be answered
-                pending.append(dropped)
-        self.queued_bytes = 0
-        for keep in pending:
-            self.queue.put_nowait(keep)
-            self.queued_bytes += _size(keep)
-        self.queue.put_nowait(RESYNC)
+        # Subscriptions and replies must still be answered; frames are refetched from Redis.
+        keep = [i for i in (*self.items, item) if isinstance(i, Subscribe | Reply)]
+        self.items = deque([*keep, RESYNC])
+        self.queued_bytes = sum(_size(i) for i in keep)
+        self._ready.set()
 
     async def take(self) -> Item:
-        item = await self.queue.get()
+        while not self.items:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self.items.popleft()
         self.queued_bytes -= _size(item)
+        if isinstance(item, LogFrame):
+            item = self._coalesce(item)
         return item
+
+    def _coalesce(self, frame: LogFrame) -> LogFrame:
+        """A socket that fell a little behind gets its waiting batches as one frame.
+
+        Under load this trades many small sends (a syscall each) for one bigger one, which
+        is what lets one process keep up with a thousand watchers.
+        """
+        parts: list[LogFrame] = [frame]
+        size = len(frame.data)
+        while self.items and size < COALESCE_BYTES:
+            follower = self.items[0]
+            if not (isinstance(follower, LogFrame) and follower.deployment == frame.deployment
+                    and follower.first == parts[-1].last + 1):
+                break
+            self.items.popleft()
+            self.queued_bytes -= len(follower.data)
+            size += len(follower.data)
+            parts.append(follower)
+        if len(parts) == 1:
+            return frame
+        head = frame_head(frame.project, frame.deployment).encode()
+        body = b",".join(p.data[len(head):-2] for p in parts)
+        return LogFrame(frame.project, frame.deployment, frame.first, parts[-1].last,
+                        head + body + b"]}")
 
 
 def _size(item: Item) -> int:
-    return len(item.raw) if isinstance(item, LogFrame | StatusFrame | Reply) else 0
+    return len(item.data) if isinstance(item, LogFrame | StatusFrame | Reply) else 0
 
 
 class Hub:
@@ -235,14 +263,15 @@ class Hub:
                 return
             item = LogFrame(
                 project, payload["deployment"], events[0]["seq"], events[-1]["seq"],
-                data if isinstance(data, str) else data.decode(),
+                data.encode() if isinstance(data, str) else data,
             )
         elif payload["type"] == "status":
             dep = decode_status_message(payload)
             body = deployment_json(self.settings, dep, payload.get("production", ""))
-            item = StatusFrame(project, dep.id, dep.final, dumps({"type": "status", "deployment": body}))
+            frame = dumps({"type": "status", "deployment": body}).encode()
+            item = StatusFrame(project, dep.id, dep.final, frame)
         elif payload["type"] == "production":
-            item = StatusFrame(project, "", False, dumps(payload))
+            item = StatusFrame(project, "", False, dumps(payload).encode())
         else:
             return
         for watcher in members:
@@ -270,7 +299,7 @@ class Hub:
         if isinstance(item, Subscribe):
             await self._send_subscribed(watcher, item)
         elif isinstance(item, Reply):
-            await watcher.ws.send_str(item.raw)
+            await _send(watcher, item.data)
         elif isinstance(item, Resync):
             await self._resync(watcher)
         elif item.project not in watcher.projects:
@@ -278,7 +307,7 @@ class Hub:
         elif isinstance(item, LogFrame):
             await self._send_logs(watcher, item)
         else:
-            await watcher.ws.send_str(item.raw)
+            await _send(watcher, item.data)
             if item.final:
                 # The last lines may have been published in a window we missed.
                 await self._catch_up(watcher, item.project, item.deployment)
@@ -289,13 +318,13 @@ class Hub:
         if frame.last <= last:
             return
         if frame.first == last + 1:
-            await watcher.ws.send_str(frame.raw)
+            await _send(watcher, frame.data)
             watcher.seqs[frame.deployment] = frame.last
             return
         await self._catch_up(watcher, frame.project, frame.deployment)
         if watcher.seqs.get(frame.deployment, 0) < frame.last:
             # The stream no longer holds the start of this frame: send what is new in it.
-            events = [e for e in json.loads(frame.raw)["events"] if e["seq"] > last]
+            events = [e for e in json.loads(frame.data)["events"] if e["seq"] > last]
             raw = [dumps(e) for e in events]
             await watcher.ws.send_str(logs_frame(frame.project, frame.deployment, raw))
             watcher.seqs[frame.deployment] = frame.last
@@ -351,6 +380,10 @@ class Hub:
                 watcher.deployment_project[deployments[0].id] = project
             for dep_id in tracked:
                 await self._catch_up(watcher, project, dep_id)
+
+
+async def _send(watcher: Watcher, data: bytes) -> None:
+    await watcher.ws.send_frame(data, WSMsgType.TEXT)
 
 
 async def handle_message(hub: Hub, watcher: Watcher, text: str) -> dict[str, Any] | None:
@@ -418,7 +451,9 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     from .app import HUB
 
     hub = request.config_dict[HUB]
-    ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=64 * 1024)
+    # No permessage-deflate: it would compress every frame once per socket (its context is per
+    # connection), the single largest cost of fanning one log out to many watchers.
+    ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=64 * 1024, compress=False)
     await ws.prepare(request)
     watcher = Watcher(ws)
     header = bearer(request.headers.get("Authorization"))
@@ -437,9 +472,9 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
                     await ws.close(code=4401, message=str(exc)[:120].encode())
                     break
                 if reply is not None:
-                    watcher.offer(Reply(dumps(reply)))
+                    watcher.offer(Reply(dumps(reply).encode()))
             elif msg.type == WSMsgType.BINARY:
-                watcher.offer(Reply(dumps({"type": "error", "message": "send JSON text frames"})))
+                watcher.offer(Reply(dumps({"type": "error", "message": "send JSON text frames"}).encode()))
     finally:
         writer.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -103,3 +103,26 @@ async def test_log_comes_from_storage_once_redis_forgot_it(service: Service, git
     await redis.delete(keys.log_stream(dep["id"]))
     assert await service.logs(dep["id"]) == from_redis
     assert await service.logs(dep["id"], after=3) == from_redis[3:]
+
+
+async def test_a_lagging_socket_gets_its_waiting_batches_as_one_frame() -> None:
+    import json
+
+    from deployhub.live import LogFrame, StatusFrame, Watcher
+    from deployhub.logs import encode_event, logs_frame
+
+    def frame(first: int, last: int, dep: str = "dep000000001") -> LogFrame:
+        events = [encode_event(n, 1.0, "stdout", f"l{n}") for n in range(first, last + 1)]
+        return LogFrame("p", dep, first, last, logs_frame("p", dep, events).encode())
+
+    watcher = Watcher(None)  # type: ignore[arg-type]
+    for item in (frame(1, 2), frame(3, 5), frame(6, 6), StatusFrame("p", "x", False, b"{}"), frame(7, 8),
+                 frame(9, 9, dep="dep000000002")):
+        watcher.offer(item)
+    merged = await watcher.take()
+    assert isinstance(merged, LogFrame) and (merged.first, merged.last) == (1, 6)
+    assert [e["seq"] for e in json.loads(merged.data)["events"]] == [1, 2, 3, 4, 5, 6]
+    assert isinstance(await watcher.take(), StatusFrame)  # order is kept: no merging across it
+    assert (await watcher.take()).last == 8
+    assert (await watcher.take()).deployment == "dep000000002"
+    assert watcher.queued_bytes == 0
