@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from . import api, live
 from .auth import Tokens
@@ -26,6 +26,7 @@ from .validation import Resolver, system_resolver
 log = logging.getLogger(__name__)
 
 REAP_INTERVAL = 10.0
+REDIS_CONNECTIONS = 64
 
 
 class Context:
@@ -117,8 +118,15 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
             ctx.redis_url = await stack.enter_async_context(embedded_redis(ctx.settings.data_dir))
         else:
             ctx.redis_url = ctx.settings.redis_url
-        ctx.redis = Redis.from_url(ctx.redis_url.reveal(), decode_responses=True, health_check_interval=30)
+        # A blocking pool: a burst (a thousand sockets catching up when a build ends) waits for
+        # a connection instead of failing with "Too many connections", as the default pool does.
+        pool = BlockingConnectionPool.from_url(
+            ctx.redis_url.reveal(), max_connections=REDIS_CONNECTIONS, timeout=20,
+            decode_responses=True, health_check_interval=30,
+        )
+        ctx.redis = Redis(connection_pool=pool)
         stack.push_async_callback(ctx.redis.aclose)
+        stack.push_async_callback(pool.aclose)
         ctx.store = Store(ctx.redis)
         ctx.tokens = Tokens(ctx.redis)
         yield

@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -57,6 +57,7 @@ class StatusFrame:
     deployment: str
     final: bool
     data: bytes
+    log_seq: int = 0  # the deployment's last log seq, once it has ended
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,10 +138,19 @@ class Watcher:
             parts.append(follower)
         if len(parts) == 1:
             return frame
-        head = frame_head(frame.project, frame.deployment).encode()
-        body = b",".join(p.data[len(head):-2] for p in parts)
-        return LogFrame(frame.project, frame.deployment, frame.first, parts[-1].last,
-                        head + body + b"]}")
+        key = (frame.deployment, frame.first, parts[-1].last)
+        data = _MERGED.get(key)
+        if data is None:  # sockets that lag together share one merged frame
+            head = frame_head(frame.project, frame.deployment).encode()
+            data = b"".join([head, b",".join(p.data[len(head):-2] for p in parts), b"]}"])
+            _MERGED[key] = data
+            if len(_MERGED) > 256:
+                _MERGED.popitem(last=False)
+        return LogFrame(frame.project, frame.deployment, frame.first, parts[-1].last, data)
+
+
+# (deployment, first seq, last seq) -> merged logs frame; identical for every socket.
+_MERGED: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
 
 
 def _size(item: Item) -> int:
@@ -269,7 +279,8 @@ class Hub:
             dep = decode_status_message(payload)
             body = deployment_json(self.settings, dep, payload.get("production", ""))
             frame = dumps({"type": "status", "deployment": body}).encode()
-            item = StatusFrame(project, dep.id, dep.final, frame)
+            log_seq = int(payload["deployment"].get("log_seq") or 0)
+            item = StatusFrame(project, dep.id, dep.final, frame, log_seq)
         elif payload["type"] == "production":
             item = StatusFrame(project, "", False, dumps(payload).encode())
         else:
@@ -308,8 +319,8 @@ class Hub:
             await self._send_logs(watcher, item)
         else:
             await _send(watcher, item.data)
-            if item.final:
-                # The last lines may have been published in a window we missed.
+            if item.final and watcher.seqs.get(item.deployment, 0) < (item.log_seq or 1 << 62):
+                # Lines published in a window this socket missed: read them before it closes.
                 await self._catch_up(watcher, item.project, item.deployment)
 
     async def _send_logs(self, watcher: Watcher, frame: LogFrame) -> None:
@@ -429,6 +440,9 @@ async def handle_message(hub: Hub, watcher: Watcher, text: str) -> dict[str, Any
         return {"type": "error", "message": str(exc)}
     except NotFound as exc:
         return {"type": "error", "message": str(exc)}
+    except (RedisError, OSError):
+        log.warning("could not answer a %s message: Redis unavailable", kind)
+        return {"type": "error", "message": f"{kind} failed: DeployHub's Redis is unavailable; try again"}
     return {
         "type": "error",
         "message": f"unknown message type {kind!r}; use auth, subscribe, unsubscribe or ping",
@@ -458,7 +472,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     watcher = Watcher(ws)
     header = bearer(request.headers.get("Authorization"))
     if header is not None:
-        with contextlib.suppress(Unauthorized):
+        with contextlib.suppress(Unauthorized, RedisError, OSError):  # else: an auth message
             watcher.owner = await hub.tokens.check(header)
     hub.sockets.add(watcher)
     writer = asyncio.create_task(hub.write(watcher))

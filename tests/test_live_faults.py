@@ -9,8 +9,10 @@ import socket
 import subprocess
 import sys
 
+import aiohttp
 import pytest
 
+from deployhub import get_context
 from deployhub.app import HUB
 from deployhub.live import Hub
 from tests.support.infra import TINY_APP, GitServer, RedisServer, unique_name
@@ -159,3 +161,20 @@ async def test_cli_follow_resumes_across_a_server_restart(
     assert lines[:-1] == [e["text"] for e in events if e["stream"] != "stderr"]
     printed_err = [l for l in err.decode().splitlines() if not l.startswith("[deployhub]")]
     assert printed_err == [e["text"] for e in events if e["stream"] == "stderr"]
+
+
+async def test_a_connect_storm_waits_for_redis_connections_instead_of_failing(service: Service) -> None:
+    """More sockets at once than Redis connections in the pool: all are answered, none dropped."""
+    store = get_context(service.app).store
+    await store.create_deployment("storm", "http://127.0.0.1:9/x.git", "", service.token_id)
+
+    headers = {"Authorization": f"Bearer {service.token}"}
+    async with aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(limit=0)) as http:
+
+        async def one() -> str:
+            async with http.ws_connect(service.url + "/api/ws") as ws:
+                await ws.send_json({"type": "subscribe", "project": "storm"})
+                return str((await ws.receive_json(timeout=30))["type"])
+
+        answers = await asyncio.gather(*(one() for _ in range(300)))
+    assert answers == ["subscribed"] * 300

@@ -308,6 +308,9 @@ class Build:
             log.exception("could not store the log of %s", self.dep.id)
         with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
             await retry(lambda: self.store.redis.expire(keys.log_stream(self.dep.id), LOG_TTL_SECONDS))
+        # Watchers compare this with what they got to know whether to read the stream once more.
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
+            await retry(lambda: self.store.redis.hset(keys.deployment(self.dep.id), "log_seq", self.logs.seq))
         await retry(lambda: self.store.transition(self.dep, status, reason))
 
     # -- environment -----------------------------------------------------------------------
