@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .settings import Settings, SettingsError, env_name
+from .settings import Settings, SettingsError, env_name, parse_value
 
 FINAL = {"ready", "failed", "canceled"}
 
@@ -77,7 +77,7 @@ def serve_command(args: argparse.Namespace) -> int:
     for field in dataclasses.fields(Settings):
         value = getattr(args, field.name)
         if value is not None:
-            overrides[field.name] = _flag_value(field, value)
+            overrides[field.name] = parse_value(field, value, "--" + field.name.replace("_", "-"))
     settings = Settings.from_env(**overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -153,20 +153,6 @@ async def _token(settings: Settings, action: str, arg: str | None) -> int:
         else:
             print(f"Revoked {arg}")
     return 0
-
-
-def _flag_value(field: dataclasses.Field[Any], raw: str) -> Any:
-    kind = str(field.type)
-    try:
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-    except ValueError:
-        raise SettingsError(f"--{field.name.replace('_', '-')} must be a number, not {raw!r}") from None
-    if kind.startswith("tuple"):
-        return tuple(p.strip() for p in raw.split(",") if p.strip())
-    return raw
 
 
 # -- deploy --------------------------------------------------------------------------------

@@ -358,37 +358,34 @@ class Hub:
         # Read history only once Redis has confirmed the subscription, so nothing published in
         # between is missed; a gap left by a late confirmation is still filled by seq.
         await asyncio.wait({sub.ready}, timeout=5.0)
-        deployments = await self.store.list_deployments(sub.project, SNAPSHOT_DEPLOYMENTS)
-        project = await self.store.get_project(sub.project)
+        deployments = await self._snapshot(sub.project)
         await watcher.ws.send_str(
-            dumps({
-                "type": "subscribed",
-                "project": sub.project,
-                "deployments": [
-                    deployment_json(self.settings, d, project.production) for d in deployments
-                ],
-            })
+            dumps({"type": "subscribed", "project": sub.project, "deployments": deployments})
         )
         wanted = dict(sub.resume)
         if deployments:
-            wanted.setdefault(deployments[0].id, 0)
+            wanted.setdefault(deployments[0]["id"], 0)
         for dep_id, after in wanted.items():
             watcher.seqs[dep_id] = max(after, 0)
             watcher.deployment_project[dep_id] = sub.project
             await self._catch_up(watcher, sub.project, dep_id)
 
+    async def _snapshot(self, project: str) -> list[dict[str, Any]]:
+        """The project's newest deployments as the API shows them, newest first."""
+        deployments = await self.store.list_deployments(project, SNAPSHOT_DEPLOYMENTS)
+        production = (await self.store.get_project(project)).production
+        return [deployment_json(self.settings, d, production) for d in deployments]
+
     async def _resync(self, watcher: Watcher) -> None:
         await watcher.ws.send_str(dumps({"type": "resync"}))
         for project in sorted(watcher.projects):
-            deployments = await self.store.list_deployments(project, SNAPSHOT_DEPLOYMENTS)
-            production = (await self.store.get_project(project)).production
-            for dep in reversed(deployments):
-                body = deployment_json(self.settings, dep, production)
+            deployments = await self._snapshot(project)
+            for body in reversed(deployments):
                 await watcher.ws.send_str(dumps({"type": "status", "deployment": body}))
             tracked = [d for d, p in watcher.deployment_project.items() if p == project]
-            if deployments and deployments[0].id not in tracked:
-                tracked.append(deployments[0].id)
-                watcher.deployment_project[deployments[0].id] = project
+            if deployments and deployments[0]["id"] not in tracked:
+                tracked.append(deployments[0]["id"])
+                watcher.deployment_project[deployments[0]["id"]] = project
             for dep_id in tracked:
                 await self._catch_up(watcher, project, dep_id)
 

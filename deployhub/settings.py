@@ -116,7 +116,7 @@ class Settings:
         for field in dataclasses.fields(cls):
             raw = environ.get(env_name(field.name))
             if raw is not None and raw != "":
-                values[field.name] = _parse(field, raw)
+                values[field.name] = parse_value(field, raw, env_name(field.name))
         values.update({k: v for k, v in overrides.items() if v is not None})
         if isinstance(values.get("redis_url"), str):
             values["redis_url"] = Secret(values["redis_url"])
@@ -163,7 +163,8 @@ def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 
 
-def _parse(field: dataclasses.Field[Any], raw: str) -> Any:
+def parse_value(field: dataclasses.Field[Any], raw: str, source: str) -> Any:
+    """A setting's text (from `source`: an env var or a flag) as the field's type."""
     kind = str(field.type)
     try:
         if kind == "int":
@@ -171,7 +172,7 @@ def _parse(field: dataclasses.Field[Any], raw: str) -> Any:
         if kind == "float":
             return float(raw)
     except ValueError:
-        raise SettingsError(f"{env_name(field.name)} must be a number, not {raw!r}") from None
+        raise SettingsError(f"{source} must be a number, not {raw!r}") from None
     if kind.startswith("tuple"):
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     return raw

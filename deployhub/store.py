@@ -211,19 +211,17 @@ class Store:
         data = _text(await self.redis.hgetall(keys.project(name)))
         if not data:
             raise NotFound(f"no project {name!r}")
-        return Project(
-            name=data["name"],
-            repo_url=data.get("repo_url", ""),
-            created_at=float(data.get("created_at", 0)),
-            production=data.get("production", ""),
-            owner=data.get("owner", ""),
-        )
+        return _project(data)
 
     async def list_projects(self, owner: str | None = None) -> list[Project]:
         """Every project, or the ones `owner` owns."""
         key = keys.PROJECTS if owner is None else keys.token_projects(owner)
         names = sorted(_decode(n) for n in await self.redis.smembers(key))
-        return [await self.get_project(name) for name in names]
+        async with self.redis.pipeline(transaction=False) as pipe:  # one round trip, not one each
+            for name in names:
+                pipe.hgetall(keys.project(name))
+            rows = await pipe.execute()
+        return [_project(_text(row)) for row in rows if row]
 
     async def owned_project(self, name: str, owner: str) -> Project:
         """The project if `owner` owns it; NotFound otherwise, so others cannot tell it exists."""
@@ -334,6 +332,16 @@ class Store:
             if ok:
                 failed.append(dep_id)
         return failed
+
+
+def _project(data: dict[str, str]) -> Project:
+    return Project(
+        name=data["name"],
+        repo_url=data.get("repo_url", ""),
+        created_at=float(data.get("created_at", 0)),
+        production=data.get("production", ""),
+        owner=data.get("owner", ""),
+    )
 
 
 def _decode(value: bytes | str) -> str:
