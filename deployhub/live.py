@@ -10,15 +10,18 @@ slow to keep up (its queue is dropped and it catches up from the stream).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import json
 import logging
+import struct
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from aiohttp.abc import AbstractStreamWriter
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
@@ -33,13 +36,34 @@ from .views import deployment_json
 
 log = logging.getLogger(__name__)
 
-QUEUE_FRAMES = 512
-QUEUE_BYTES = 1024 * 1024  # a socket further behind than this catches up from Redis instead
-COALESCE_BYTES = 256 * 1024
+QUEUE_FRAMES = 512  # control items (statuses, replies) waiting for one socket
+QUEUE_BYTES = 1024 * 1024  # past either limit the socket resyncs from Redis instead
+COALESCE_BYTES = 256 * 1024  # a lagging socket's batches are sent as frames up to this size
+RECENT_BYTES = 8 * 1024 * 1024  # recent log frames kept in memory, per deployment...
+RECENT_DEPLOYMENTS = 16  # ...for this many deployments; older lines are read from Redis
 MAX_PROJECTS_PER_SOCKET = 50
 HISTORY_CHUNK = 2000
 SNAPSHOT_DEPLOYMENTS = 20
 HEARTBEAT = 20.0
+# A socket whose writer has nothing waiting gets each new frame written at once by the
+# dispatcher, unless this many bytes are already waiting in its transport.
+DIRECT_BUFFER = 256 * 1024
+
+
+def wire_frame(payload: bytes) -> bytes:
+    """`payload` as one unmasked WebSocket text frame (RFC 6455 5.2), as a server sends it.
+
+    Server frames carry no mask, so one encoding serves every socket: fanning a batch out to
+    a thousand watchers is then a thousand `send()`s of the same bytes.
+    """
+    size = len(payload)
+    if size < 126:
+        head = struct.pack("!BB", 0x81, size)
+    elif size < 1 << 16:
+        head = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        head = struct.pack("!BBQ", 0x81, 127, size)
+    return head + payload
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +72,20 @@ class LogFrame:
     deployment: str
     first: int
     last: int
-    data: bytes  # the frame as sent, encoded once for every socket
+    data: bytes  # the JSON text, encoded once for every socket
+    wire: bytes  # the same as a WebSocket frame
+
+    @classmethod
+    def of(cls, project: str, deployment: str, events: list[bytes]) -> LogFrame:
+        """A frame of already encoded events (their seqs must run without a gap)."""
+        head = frame_head(project, deployment).encode()
+        data = b"".join([head, b",".join(events), b"]}"])
+        first, last = (json.loads(e)["seq"] for e in (events[0], events[-1]))
+        return cls(project, deployment, first, last, data, wire_frame(data))
+
+    def events(self) -> list[bytes]:
+        """The frame's events, encoded (as the worker published them)."""
+        return [dumps(e).encode() for e in json.loads(self.data)["events"]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +94,7 @@ class StatusFrame:
     deployment: str
     final: bool
     data: bytes
+    wire: bytes
     log_seq: int = 0  # the deployment's last log seq, once it has ended
 
 
@@ -72,25 +110,102 @@ class Reply:
     data: bytes
 
 
+@dataclasses.dataclass
+class Backlog:
+    """Marker: this socket still needs the deployment's lines up to `upto`."""
+
+    project: str
+    deployment: str
+    upto: int
+
+
 class Resync:
     """Marker: the socket lost frames (too slow, or Redis reconnected); catch up from Redis."""
 
 
 RESYNC = Resync()
-Item = LogFrame | StatusFrame | Subscribe | Reply | Resync
+Item = StatusFrame | Subscribe | Reply | Backlog | Resync
+
+
+class Recent:
+    """The newest log frames of one deployment, shared by every socket of this process.
+
+    A socket that falls behind reads from here by seq (then from Redis, if it fell further
+    behind than this holds), so being slow costs it a cursor, not a copy of every frame.
+    """
+
+    def __init__(self, limit: int = RECENT_BYTES) -> None:
+        self.frames: deque[LogFrame] = deque()
+        self.bytes = 0
+        self.limit = limit
+        self._merged: OrderedDict[tuple[int, int], LogFrame] = OrderedDict()
+
+    def add(self, frame: LogFrame) -> None:
+        if self.frames and frame.first != self.frames[-1].last + 1:
+            self.clear()  # frames published while Redis was away are not here: start afresh
+        self.frames.append(frame)
+        self.bytes += len(frame.data)
+        while self.bytes > self.limit and len(self.frames) > 1:
+            self.bytes -= len(self.frames.popleft().data)
+
+    def clear(self) -> None:
+        self.frames.clear()
+        self._merged.clear()
+        self.bytes = 0
+
+    def since(self, after: int, upto: int) -> LogFrame | None:
+        """One frame of the lines after `after` (up to `upto`, at most COALESCE_BYTES unless a
+        single batch is bigger), or None when they are no longer (or not yet) held here."""
+        frames = self.frames
+        if not frames or not frames[0].first <= after + 1 <= frames[-1].last:
+            return None
+        i = bisect.bisect_right(frames, after + 1, key=lambda f: f.first) - 1
+        parts = [frames[i]]
+        size = len(frames[i].data)
+        for j in range(i + 1, len(frames)):
+            follower = frames[j]
+            if follower.last > upto or size + len(follower.data) > COALESCE_BYTES:
+                break
+            parts.append(follower)
+            size += len(follower.data)
+        if parts[0].first <= after:  # the socket stopped inside a batch: send its tail
+            events = [e for e in parts[0].events() if json.loads(e)["seq"] > after]
+            rest = [e for p in parts[1:] for e in p.events()]
+            return LogFrame.of(parts[0].project, parts[0].deployment, events + rest)
+        if len(parts) == 1:
+            return parts[0]
+        key = (parts[0].first, parts[-1].last)
+        merged = self._merged.get(key)
+        if merged is None:  # sockets that lag together share one merged frame
+            head = len(frame_head(parts[0].project, parts[0].deployment).encode())
+            data = b"".join([parts[0].data[:head], b",".join(p.data[head:-2] for p in parts), b"]}"])
+            merged = LogFrame(
+                parts[0].project, parts[0].deployment, key[0], key[1], data, wire_frame(data)
+            )
+            self._merged[key] = merged
+            if len(self._merged) > 64:
+                self._merged.popitem(last=False)
+        return merged
 
 
 class Watcher:
-    """One WebSocket: only the handler reads it, only `writer` writes it."""
+    """One WebSocket: only the handler reads it; the writer task, or the dispatcher when the
+    writer is idle, writes it."""
 
-    def __init__(self, ws: web.WebSocketResponse) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, transport: asyncio.Transport, stream: AbstractStreamWriter
+    ) -> None:
         self.ws = ws
+        self.transport = transport
+        self.stream = stream
         self.items: deque[Item] = deque()
+        self.busy = False  # the writer task is delivering an item
         self._ready = asyncio.Event()
         self.projects: set[str] = set()
         self.seqs: dict[str, int] = {}  # deployment -> last seq sent
         self.deployment_project: dict[str, str] = {}
         self.overflows = 0
+        self.lagged = 0  # frames that could not be written at once
         self.queued_bytes = 0
         self.owner: str | None = None  # the token id, once authenticated
 
@@ -103,58 +218,58 @@ class Watcher:
             self._ready.set()
             return
         self.overflows += 1
-        # Subscriptions and replies must still be answered; frames are refetched from Redis.
+        # Subscriptions and replies must still be answered; the rest is reread from Redis.
         keep = [i for i in (*self.items, item) if isinstance(i, Subscribe | Reply)]
         self.items = deque([*keep, RESYNC])
         self.queued_bytes = sum(_size(i) for i in keep)
         self._ready.set()
 
+    def deliver(self, frame: LogFrame) -> None:
+        """Hand over a new batch without ever waiting for the socket."""
+        if frame.project not in self.projects or self.write_now(frame):
+            return
+        self.lagged += 1
+        tail = self.items[-1] if self.items else None
+        if isinstance(tail, Backlog) and tail.deployment == frame.deployment:
+            tail.upto = max(tail.upto, frame.last)  # one marker covers any number of batches
+        else:
+            self.offer(Backlog(frame.project, frame.deployment, frame.last))
+
+    def write_now(self, frame: LogFrame) -> bool:
+        """The fast path: write `frame` at once if nothing is ahead of it and it is the next
+        one this socket needs. Anything else (a gap, a backlog, a full buffer) goes through
+        the queue and the writer task, which know how to catch up."""
+        transport = self.transport
+        if (self.items or self.busy
+                or frame.first != self.seqs.get(frame.deployment, 0) + 1
+                or self.ws.closed or transport.is_closing()
+                or transport.get_write_buffer_size() > DIRECT_BUFFER):
+            return False
+        transport.write(frame.wire)
+        self.seqs[frame.deployment] = frame.last
+        self.deployment_project[frame.deployment] = frame.project
+        return True
+
+    async def send(self, wire: bytes) -> None:
+        """Write one encoded frame and wait while the peer is slow to read."""
+        if self.ws.closed or self.transport.is_closing():
+            raise ConnectionResetError("the socket is closing")
+        self.transport.write(wire)
+        await self.stream.drain()
+
     async def take(self) -> Item:
+        self.busy = False
         while not self.items:
             self._ready.clear()
             await self._ready.wait()
+        self.busy = True
         item = self.items.popleft()
         self.queued_bytes -= _size(item)
-        if isinstance(item, LogFrame):
-            item = self._coalesce(item)
         return item
-
-    def _coalesce(self, frame: LogFrame) -> LogFrame:
-        """A socket that fell a little behind gets its waiting batches as one frame.
-
-        Under load this trades many small sends (a syscall each) for one bigger one, which
-        is what lets one process keep up with a thousand watchers.
-        """
-        parts: list[LogFrame] = [frame]
-        size = len(frame.data)
-        while self.items and size < COALESCE_BYTES:
-            follower = self.items[0]
-            if not (isinstance(follower, LogFrame) and follower.deployment == frame.deployment
-                    and follower.first == parts[-1].last + 1):
-                break
-            self.items.popleft()
-            self.queued_bytes -= len(follower.data)
-            size += len(follower.data)
-            parts.append(follower)
-        if len(parts) == 1:
-            return frame
-        key = (frame.deployment, frame.first, parts[-1].last)
-        data = _MERGED.get(key)
-        if data is None:  # sockets that lag together share one merged frame
-            head = frame_head(frame.project, frame.deployment).encode()
-            data = b"".join([head, b",".join(p.data[len(head):-2] for p in parts), b"]}"])
-            _MERGED[key] = data
-            if len(_MERGED) > 256:
-                _MERGED.popitem(last=False)
-        return LogFrame(frame.project, frame.deployment, frame.first, parts[-1].last, data)
-
-
-# (deployment, first seq, last seq) -> merged logs frame; identical for every socket.
-_MERGED: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
 
 
 def _size(item: Item) -> int:
-    return len(item.data) if isinstance(item, LogFrame | StatusFrame | Reply) else 0
+    return len(item.data) if isinstance(item, StatusFrame | Reply) else 0
 
 
 class Hub:
@@ -167,6 +282,7 @@ class Hub:
         self.tokens = Tokens(redis)
         self.watchers: dict[str, set[Watcher]] = {}
         self.sockets: set[Watcher] = set()
+        self.recent: OrderedDict[str, Recent] = OrderedDict()  # deployment -> its newest frames
         self._pubsub: PubSub | None = None
         self._confirmed: dict[str, asyncio.Future[None]] = {}
         self._connected = asyncio.Event()
@@ -194,6 +310,8 @@ class Hub:
         if members:
             return
         del self.watchers[project]
+        for dep_id in [d for d, r in self.recent.items() if r.frames and r.frames[0].project == project]:
+            del self.recent[dep_id]
         future = self._confirmed.pop(project, None)
         if future is not None and not future.done():
             future.cancel()
@@ -271,22 +389,38 @@ class Hub:
             events = payload["events"]
             if not events:
                 return
-            item = LogFrame(
-                project, payload["deployment"], events[0]["seq"], events[-1]["seq"],
-                data.encode() if isinstance(data, str) else data,
+            raw = data.encode() if isinstance(data, str) else data
+            frame = LogFrame(
+                project, payload["deployment"], events[0]["seq"], events[-1]["seq"], raw,
+                wire_frame(raw),
             )
+            self._remember(frame)
+            for watcher in members:
+                watcher.deliver(frame)
+            return
         elif payload["type"] == "status":
             dep = decode_status_message(payload)
             body = deployment_json(self.settings, dep, payload.get("production", ""))
-            frame = dumps({"type": "status", "deployment": body}).encode()
+            text = dumps({"type": "status", "deployment": body}).encode()
             log_seq = int(payload["deployment"].get("log_seq") or 0)
-            item = StatusFrame(project, dep.id, dep.final, frame, log_seq)
+            item = StatusFrame(project, dep.id, dep.final, text, wire_frame(text), log_seq)
         elif payload["type"] == "production":
-            item = StatusFrame(project, "", False, dumps(payload).encode())
+            text = dumps(payload).encode()
+            item = StatusFrame(project, "", False, text, wire_frame(text))
         else:
             return
         for watcher in members:
             watcher.offer(item)
+
+    def _remember(self, frame: LogFrame) -> None:
+        recent = self.recent.get(frame.deployment)
+        if recent is None:
+            recent = self.recent[frame.deployment] = Recent()
+            if len(self.recent) > RECENT_DEPLOYMENTS:
+                self.recent.popitem(last=False)
+        else:
+            self.recent.move_to_end(frame.deployment)
+        recent.add(frame)
 
     # -- one socket's writer ------------------------------------------------------------
 
@@ -310,35 +444,37 @@ class Hub:
         if isinstance(item, Subscribe):
             await self._send_subscribed(watcher, item)
         elif isinstance(item, Reply):
-            await _send(watcher, item.data)
+            await watcher.send(wire_frame(item.data))
         elif isinstance(item, Resync):
             await self._resync(watcher)
         elif item.project not in watcher.projects:
             return
-        elif isinstance(item, LogFrame):
-            await self._send_logs(watcher, item)
+        elif isinstance(item, Backlog):
+            await self._send_backlog(watcher, item)
         else:
-            await _send(watcher, item.data)
+            await watcher.send(item.wire)
             if item.final and watcher.seqs.get(item.deployment, 0) < (item.log_seq or 1 << 62):
                 # Lines published in a window this socket missed: read them before it closes.
                 await self._catch_up(watcher, item.project, item.deployment)
 
-    async def _send_logs(self, watcher: Watcher, frame: LogFrame) -> None:
-        watcher.deployment_project[frame.deployment] = frame.project
-        last = watcher.seqs.get(frame.deployment, 0)
-        if frame.last <= last:
-            return
-        if frame.first == last + 1:
-            await _send(watcher, frame.data)
-            watcher.seqs[frame.deployment] = frame.last
-            return
-        await self._catch_up(watcher, frame.project, frame.deployment)
-        if watcher.seqs.get(frame.deployment, 0) < frame.last:
-            # The stream no longer holds the start of this frame: send what is new in it.
-            events = [e for e in json.loads(frame.data)["events"] if e["seq"] > last]
-            raw = [dumps(e) for e in events]
-            await watcher.ws.send_str(logs_frame(frame.project, frame.deployment, raw))
-            watcher.seqs[frame.deployment] = frame.last
+    async def _send_backlog(self, watcher: Watcher, backlog: Backlog) -> None:
+        """Bring a socket that fell behind up to `backlog.upto`: from the shared recent frames
+        while they reach back far enough, else from the deployment's stream."""
+        dep_id = backlog.deployment
+        watcher.deployment_project[dep_id] = backlog.project
+        while (after := watcher.seqs.get(dep_id, 0)) < backlog.upto:
+            recent = self.recent.get(dep_id)
+            frame = recent.since(after, backlog.upto) if recent is not None else None
+            if frame is None:
+                await self._catch_up(watcher, backlog.project, dep_id)
+                if watcher.seqs.get(dep_id, 0) > after:
+                    continue
+                # Neither holds these lines any more (the stream expired): go on from memory.
+                if recent is None or not recent.frames or recent.frames[0].last <= after:
+                    return
+                frame = recent.frames[0]
+            await watcher.send(frame.wire)
+            watcher.seqs[dep_id] = max(after, frame.last)
 
     async def _catch_up(self, watcher: Watcher, project: str, dep_id: str) -> None:
         """Send every stored line after the last one this socket got."""
@@ -388,10 +524,6 @@ class Hub:
                 watcher.deployment_project[deployments[0]["id"]] = project
             for dep_id in tracked:
                 await self._catch_up(watcher, project, dep_id)
-
-
-async def _send(watcher: Watcher, data: bytes) -> None:
-    await watcher.ws.send_frame(data, WSMsgType.TEXT)
 
 
 async def handle_message(hub: Hub, watcher: Watcher, text: str) -> dict[str, Any] | None:
@@ -465,8 +597,9 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     # No permessage-deflate: it would compress every frame once per socket (its context is per
     # connection), the single largest cost of fanning one log out to many watchers.
     ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=64 * 1024, compress=False)
-    await ws.prepare(request)
-    watcher = Watcher(ws)
+    stream = await ws.prepare(request)
+    assert request.transport is not None  # prepare() fails on a closed connection
+    watcher = Watcher(ws, request.transport, stream)
     header = bearer(request.headers.get("Authorization"))
     if header is not None:
         with contextlib.suppress(Unauthorized, RedisError, OSError):  # else: an auth message

@@ -105,24 +105,64 @@ async def test_log_comes_from_storage_once_redis_forgot_it(service: Service, git
     assert await service.logs(dep["id"], after=3) == from_redis[3:]
 
 
-async def test_a_lagging_socket_gets_its_waiting_batches_as_one_frame() -> None:
+def test_a_lagging_socket_reads_recent_batches_as_one_frame() -> None:
     import json
 
-    from deployhub.live import LogFrame, StatusFrame, Watcher
-    from deployhub.logs import encode_event, logs_frame
+    from deployhub.live import COALESCE_BYTES, LogFrame, Recent, wire_frame
+    from deployhub.logs import encode_event
 
-    def frame(first: int, last: int, dep: str = "dep000000001") -> LogFrame:
-        events = [encode_event(n, 1.0, "stdout", f"l{n}") for n in range(first, last + 1)]
-        return LogFrame("p", dep, first, last, logs_frame("p", dep, events).encode())
+    def frame(first: int, last: int, width: int = 2) -> LogFrame:
+        return LogFrame.of("p", "dep000000001", [
+            encode_event(n, 1.0, "stdout", f"l{n}".ljust(width)).encode() for n in range(first, last + 1)
+        ])
 
-    watcher = Watcher(None)  # type: ignore[arg-type]
-    for item in (frame(1, 2), frame(3, 5), frame(6, 6), StatusFrame("p", "x", False, b"{}"), frame(7, 8),
-                 frame(9, 9, dep="dep000000002")):
-        watcher.offer(item)
-    merged = await watcher.take()
-    assert isinstance(merged, LogFrame) and (merged.first, merged.last) == (1, 6)
-    assert [e["seq"] for e in json.loads(merged.data)["events"]] == [1, 2, 3, 4, 5, 6]
-    assert isinstance(await watcher.take(), StatusFrame)  # order is kept: no merging across it
-    assert (await watcher.take()).last == 8
-    assert (await watcher.take()).deployment == "dep000000002"
-    assert watcher.queued_bytes == 0
+    def seqs(f: LogFrame | None) -> list[int]:
+        assert f is not None and f.wire == wire_frame(f.data)
+        return [e["seq"] for e in json.loads(f.data)["events"]]
+
+    recent = Recent(limit=10_000)
+    for first, last in ((1, 2), (3, 5), (6, 6), (7, 8)):
+        recent.add(frame(first, last))
+    assert seqs(recent.since(0, 8)) == list(range(1, 9))
+    assert recent.since(0, 8) is recent.since(0, 8)  # sockets lagging together share it
+    assert seqs(recent.since(0, 6)) == list(range(1, 7))  # never past what the marker says
+    assert seqs(recent.since(3, 8)) == [4, 5, 6, 7, 8]  # from inside a batch
+    assert recent.since(8, 8) is None  # nothing newer yet
+    recent.add(frame(20, 21))  # a gap (Redis was away): older frames cannot be trusted
+    assert recent.since(8, 21) is None and seqs(recent.since(19, 21)) == [20, 21]
+    big = 64 * 1024
+    recent = Recent(limit=8 * big)
+    for n in range(1, 21):
+        recent.add(frame(n, n, width=big))  # more than the limit: the oldest go
+    assert recent.bytes <= 8 * big and len(recent.frames) == 7
+    assert recent.since(12, 20) is None and len(seqs(recent.since(13, 20))) == 3
+    assert len(seqs(recent.since(13, 20))) * big < COALESCE_BYTES  # merged frames stay bounded
+
+
+async def test_frames_of_every_length_reach_an_aiohttp_client_intact(service: Service) -> None:
+    """Log frames are encoded once as WebSocket frames by hand (RFC 6455 has three length
+    forms: <126, 16-bit and 64-bit); a real client must decode each of them."""
+    from deployhub import get_context
+    from deployhub.logs import LogPublisher
+
+    ctx = get_context(service.app)
+    project = unique_name("frames")
+    dep = await ctx.store.create_deployment(project, "http://127.0.0.1:9/x.git", "", service.token_id)
+    watch = await Watch(service).open(project)
+    await watch.wait_for(lambda: any(f["type"] == "subscribed" for f in watch.frames), timeout=10)
+    assert watch.ws is not None
+    await watch.ws.send_json({"type": "ping"})  # the pong reply is a 15-byte frame
+    publisher = LogPublisher(ctx.redis, project, dep.id, max_lines=10_000, line_max_bytes=1000)
+    publisher.start()
+    texts = ["one short line"]  # one small batch: a frame under 64 KiB
+    publisher.emit("stdout", texts[0])
+    await watch.wait_for(lambda: len(watch.seqs(dep.id)) == 1, timeout=10)
+    texts += [f"{n:05d} " + "é" * 300 for n in range(1, 501)]  # 500 x ~600 bytes: over 64 KiB
+    for text in texts[1:]:
+        publisher.emit("stderr", text)
+    await publisher.close()
+    await watch.wait_for(lambda: len(watch.seqs(dep.id)) == len(texts), timeout=10)
+    assert [e["text"] for e in watch.lines[dep.id]] == texts
+    assert watch.seqs(dep.id) == list(range(1, len(texts) + 1))
+    assert {"type": "pong"} in watch.frames
+    await watch.close()
