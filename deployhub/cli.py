@@ -19,6 +19,10 @@ from aiohttp import web
 from .settings import Settings, SettingsError, env_name, parse_value
 
 FINAL = {"ready", "failed", "canceled"}
+# After a restart every open page reconnects at once; aiohttp's default listen backlog (128)
+# overflowed under a storm of 1,000 sockets and the kernel dropped connections. The kernel
+# caps this at net.core.somaxconn.
+LISTEN_BACKLOG = 2048
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +89,9 @@ def serve_command(args: argparse.Namespace) -> int:
     app = create_app(settings)
     app.on_startup.append(_first_login)
     try:
-        web.run_app(app, host=settings.host, port=settings.port, print=None)
+        web.run_app(
+            app, host=settings.host, port=settings.port, print=None, backlog=LISTEN_BACKLOG
+        )
     except EmbeddedRedisError as exc:
         print(f"deployhub: {exc}", file=sys.stderr)
         return 1

@@ -94,3 +94,15 @@ def test_token_cli_against_a_running_server(served: Served) -> None:
     assert "laptop" in token("list").stdout and secret not in token("list").stdout
     assert token("revoke", token_id).returncode == 0
     assert served.get("/api/projects")[0] == 401
+
+
+def test_serve_listens_with_room_for_a_reconnect_storm(served: Served) -> None:
+    """After a restart every open page reconnects at once: the accept queue must hold them."""
+    from deployhub.cli import LISTEN_BACKLOG
+
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    listening = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{served.port}"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert listening[0] == "LISTEN", listening
+    assert int(listening[2]) == min(LISTEN_BACKLOG, somaxconn) > 128  # Send-Q: the backlog
