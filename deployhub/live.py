@@ -47,7 +47,7 @@ SNAPSHOT_DEPLOYMENTS = 20
 HEARTBEAT = 20.0
 # A socket whose writer has nothing waiting gets each new frame written at once by the
 # dispatcher, unless this many bytes are already waiting in its transport.
-DIRECT_BUFFER = 256 * 1024
+DIRECT_BUFFER = 64 * 1024
 
 
 def wire_frame(payload: bytes) -> bytes:

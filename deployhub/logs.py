@@ -103,7 +103,7 @@ class LogPublisher:
         self.seq = 0
         self.dropped = 0
         self.events: list[str] = []  # every event, for the copy kept in storage
-        self._pending: deque[tuple[int, str]] = deque()
+        self._pending: deque[tuple[int, str, float]] = deque()  # seq, event, monotonic time
         self._wake = asyncio.Event()
         self._append = redis.register_script(_APPEND)
         self._head = frame_head(project, dep_id)
@@ -131,8 +131,8 @@ class LogPublisher:
         self.bytes += len(text)
         event = encode_event(self.seq, time.time(), stream, text)
         self.events.append(event)
-        self._pending.append((self.seq, event))
-        if len(self._pending) >= self.batch_size:
+        self._pending.append((self.seq, event, time.monotonic()))
+        if len(self._pending) == 1 or len(self._pending) >= self.batch_size:
             self._wake.set()
 
     def hide(self, secrets: list[str]) -> None:
@@ -172,19 +172,23 @@ class LogPublisher:
             if not self._pending:
                 if self._closing:
                     return
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self.interval)
-                except TimeoutError:
-                    pass
+                await self._wake.wait()  # the first line, or close()
                 self._wake.clear()
-                if not self._pending:
+                continue
+            if not self._closing and len(self._pending) < self.batch_size:
+                # Let a short burst gather into one batch, but no line waits longer than
+                # `interval`: the clock runs from the oldest waiting line, not from now.
+                wait = self._pending[0][2] + self.interval - time.monotonic()
+                if wait > 0:
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), wait)
+                    except TimeoutError:
+                        pass
+                    self._wake.clear()
                     continue
-            elif not self._closing and len(self._pending) < self.batch_size:
-                # Let a short burst gather into one batch.
-                await asyncio.sleep(self.interval)
             batch = [self._pending[i] for i in range(min(self.batch_size, len(self._pending)))]
             args: list[Any] = [self.max_lines + 100, self._head]
-            for seq, event in batch:
+            for seq, event, _emitted in batch:
                 args += [seq, event]
             try:
                 await self._append(

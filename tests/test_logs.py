@@ -60,3 +60,26 @@ async def test_lines_emitted_while_redis_is_down_arrive_once(redis_server: Redis
     assert [json.loads(e)["seq"] for e in events] == list(range(1, 201))
     assert await redis.xlen(keys.log_stream("dep000000002")) == 200
     await redis.aclose()
+
+
+async def test_a_full_batch_goes_out_without_waiting_for_the_timer(redis_server: RedisServer) -> None:
+    """A busy build must not build a standing backlog: reaching the batch size flushes at once,
+    even while the publisher is waiting for its timer (it used to sleep the whole interval)."""
+    redis = Redis.from_url(redis_server.url, decode_responses=True)
+    stream = keys.log_stream("dep000000003")
+    publisher = LogPublisher(
+        redis, "p", "dep000000003", max_lines=10_000, line_max_bytes=100, interval=3.0, batch_size=500
+    )
+    publisher.start()
+    for n in range(100):
+        publisher.emit("stdout", f"early {n}")
+    await asyncio.sleep(0.2)  # the publisher now waits for the 3 s timer
+    for n in range(500):
+        publisher.emit("stdout", f"burst {n}")
+    async with asyncio.timeout(1.5):  # half the timer
+        while await redis.xlen(stream) < 500:
+            await asyncio.sleep(0.01)
+    assert await redis.xlen(stream) == 500  # one full batch; 100 lines are younger than 3 s
+    await publisher.close(timeout=10)
+    assert await redis.xlen(stream) == 600
+    await redis.aclose()
