@@ -134,10 +134,10 @@ class Recent:
     behind than this holds), so being slow costs it a cursor, not a copy of every frame.
     """
 
-    def __init__(self, limit: int = RECENT_BYTES) -> None:
+    def __init__(self, limit: int | None = None) -> None:
         self.frames: deque[LogFrame] = deque()
         self.bytes = 0
-        self.limit = limit
+        self.limit = RECENT_BYTES if limit is None else limit
         self._merged: OrderedDict[tuple[int, int], LogFrame] = OrderedDict()
 
     def add(self, frame: LogFrame) -> None:

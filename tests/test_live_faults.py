@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import socket
 import subprocess
@@ -12,7 +13,7 @@ import sys
 import aiohttp
 import pytest
 
-from deployhub import get_context
+from deployhub import get_context, live
 from deployhub.app import HUB
 from deployhub.live import Hub
 from tests.support.infra import TINY_APP, GitServer, RedisServer, unique_name
@@ -73,10 +74,51 @@ async def stalled_socket(port: int, project: str, token: str) -> socket.socket:
     return sock
 
 
+def read_log_seqs(sock: socket.socket, dep_id: str, until: int, timeout: float = 60) -> list[int]:
+    """Read WebSocket frames from a raw socket until `dep_id`'s seq `until`; every seq seen."""
+    sock.settimeout(timeout)
+    buf = bytearray()
+    seqs: list[int] = []
+    upgraded = False
+    while not seqs or seqs[-1] < until:
+        chunk = sock.recv(1 << 20)
+        assert chunk, f"the server closed the socket after seq {seqs[-1] if seqs else 0}"
+        buf += chunk
+        if not upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                continue
+            assert buf.startswith(b"HTTP/1.1 101"), bytes(buf[:100])
+            del buf[:end + 4]
+            upgraded = True
+        while len(buf) >= 2:
+            opcode, size, head = buf[0] & 0x0F, buf[1] & 0x7F, 2
+            if size == 126:
+                size, head = int.from_bytes(buf[2:4]), 4
+            elif size == 127:
+                size, head = int.from_bytes(buf[2:10]), 10
+            if len(buf) < head + size:
+                break
+            payload = bytes(buf[head:head + size])
+            del buf[:head + size]
+            if opcode == 0x9:  # answer the heartbeat like a browser would
+                mask = os.urandom(4)
+                sock.sendall(bytes([0x8A, 0x80 | len(payload)]) + mask
+                             + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+            elif opcode == 0x1:
+                frame = json.loads(payload)
+                if frame["type"] == "logs" and frame["deployment"] == dep_id:
+                    seqs += [e["seq"] for e in frame["events"]]
+    return seqs
+
+
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("catch_up_from", ["memory", "redis"])
 async def test_a_socket_that_never_reads_does_not_delay_others(
-    service: Service, git_server: GitServer
+    service: Service, git_server: GitServer, catch_up_from: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if catch_up_from == "redis":  # the shared recent frames no longer reach back to it
+        monkeypatch.setattr(live, "RECENT_BYTES", 1024 * 1024)
     config = '{"lines": 30000, "delayMs": 0, "width": 300}'  # ~9 MB: more than any socket buffer
     url = git_server.add_repo(unique_name("wide"), files_dir=TINY_APP, files={"tiny.json": config})
     dep = await service.deploy(url)
@@ -91,6 +133,12 @@ async def test_a_socket_that_never_reads_does_not_delay_others(
         behind = [w for w in app_hub(service).sockets if w.seqs.get(dep["id"], 0) < len(expected) // 2]
         assert behind, "the stalled socket kept up: the test proved nothing"
         assert all(w.lagged and w.busy for w in behind)
+        # Once it reads again it gets the rest: every line once, in order, nothing skipped.
+        recent = app_hub(service).recent[dep["id"]]
+        in_memory = [w.seqs[dep["id"]] + 1 >= recent.frames[0].first for w in behind]
+        assert in_memory == [catch_up_from == "memory"] * len(behind), "the wrong path was tested"
+        got = await asyncio.to_thread(read_log_seqs, stuck, dep["id"], expected[-1])
+        assert got == expected
     finally:
         stuck.close()
 
