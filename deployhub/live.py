@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 import struct
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -38,9 +38,9 @@ log = logging.getLogger(__name__)
 
 QUEUE_FRAMES = 512  # control items (statuses, replies) waiting for one socket
 QUEUE_BYTES = 1024 * 1024  # past either limit the socket resyncs from Redis instead
-COALESCE_BYTES = 256 * 1024  # a lagging socket's batches are sent as frames up to this size
-RECENT_BYTES = 8 * 1024 * 1024  # recent log frames kept in memory, per deployment...
-RECENT_DEPLOYMENTS = 16  # ...for this many deployments; older lines are read from Redis
+COALESCE_BYTES = 64 * 1024  # a lagging socket's batches are sent as frames up to this size
+RECENT_BYTES = 16 * 1024 * 1024  # recent log frames kept in memory, per deployment...
+RECENT_DEPLOYMENTS = 8  # ...for this many deployments; older lines are read from Redis
 MAX_PROJECTS_PER_SOCKET = 50
 HISTORY_CHUNK = 2000
 SNAPSHOT_DEPLOYMENTS = 20
@@ -224,16 +224,19 @@ class Watcher:
         self.queued_bytes = sum(_size(i) for i in keep)
         self._ready.set()
 
-    def deliver(self, frame: LogFrame) -> None:
-        """Hand over a new batch without ever waiting for the socket."""
-        if frame.project not in self.projects or self.write_now(frame):
-            return
+    def deliver(self, frame: LogFrame) -> bool:
+        """Hand over a new batch without ever waiting for the socket; True if written now."""
+        if frame.project not in self.projects:
+            return False
+        if self.write_now(frame):
+            return True
         self.lagged += 1
         tail = self.items[-1] if self.items else None
         if isinstance(tail, Backlog) and tail.deployment == frame.deployment:
             tail.upto = max(tail.upto, frame.last)  # one marker covers any number of batches
         else:
             self.offer(Backlog(frame.project, frame.deployment, frame.last))
+        return False
 
     def write_now(self, frame: LogFrame) -> bool:
         """The fast path: write `frame` at once if nothing is ahead of it and it is the next
@@ -283,6 +286,7 @@ class Hub:
         self.watchers: dict[str, set[Watcher]] = {}
         self.sockets: set[Watcher] = set()
         self.recent: OrderedDict[str, Recent] = OrderedDict()  # deployment -> its newest frames
+        self.stats: Counter[str] = Counter()
         self._pubsub: PubSub | None = None
         self._confirmed: dict[str, asyncio.Future[None]] = {}
         self._connected = asyncio.Event()
@@ -395,8 +399,11 @@ class Hub:
                 wire_frame(raw),
             )
             self._remember(frame)
+            written = 0
             for watcher in members:
-                watcher.deliver(frame)
+                written += watcher.deliver(frame)
+            self.stats["frames written at once"] += written
+            self.stats["frames queued"] += len(members) - written
             return
         elif payload["type"] == "status":
             dep = decode_status_message(payload)
@@ -466,24 +473,35 @@ class Hub:
             recent = self.recent.get(dep_id)
             frame = recent.since(after, backlog.upto) if recent is not None else None
             if frame is None:
-                await self._catch_up(watcher, backlog.project, dep_id)
+                # Read the stream only up to where the shared frames begin: the socket then
+                # rejoins them at a batch boundary, and the frames stay shared.
+                start = recent.frames[0].first if recent is not None and recent.frames else 0
+                self.stats["catch-ups from Redis"] += 1
+                await self._catch_up(
+                    watcher, backlog.project, dep_id, until=start - 1 if start > after + 1 else None
+                )
                 if watcher.seqs.get(dep_id, 0) > after:
                     continue
                 # Neither holds these lines any more (the stream expired): go on from memory.
                 if recent is None or not recent.frames or recent.frames[0].last <= after:
                     return
                 frame = recent.frames[0]
+            self.stats["frames from memory"] += 1
             await watcher.send(frame.wire)
             watcher.seqs[dep_id] = max(after, frame.last)
 
-    async def _catch_up(self, watcher: Watcher, project: str, dep_id: str) -> None:
-        """Send every stored line after the last one this socket got."""
+    async def _catch_up(
+        self, watcher: Watcher, project: str, dep_id: str, until: int | None = None
+    ) -> None:
+        """Send every stored line after the last one this socket got (up to `until`)."""
         while True:
             after = watcher.seqs.get(dep_id, 0)
-            events = await read_events(self.redis, dep_id, after, HISTORY_CHUNK)
+            if until is not None and after >= until:
+                return
+            events = await read_events(self.redis, dep_id, after, HISTORY_CHUNK, until)
             if not events:
                 return
-            await watcher.ws.send_str(logs_frame(project, dep_id, events))
+            await watcher.send(wire_frame(logs_frame(project, dep_id, events).encode()))
             watcher.seqs[dep_id] = event_seq(events[-1])
             if len(events) < HISTORY_CHUNK:
                 return
@@ -636,6 +654,8 @@ async def running_hub(settings: Settings, redis: Redis) -> AsyncIterator[Hub]:
     try:
         yield hub
     finally:
+        if hub.stats:
+            log.info("live logs: %s", ", ".join(f"{n} {what}" for what, n in hub.stats.items()))
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

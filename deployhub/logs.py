@@ -204,9 +204,14 @@ class LogPublisher:
                 self._pending.popleft()
 
 
-async def read_events(redis: Redis, dep_id: str, after: int = 0, count: int = 5000) -> list[str]:
-    """Raw event JSON strings with seq > `after`, oldest first."""
-    entries = await redis.xrange(keys.log_stream(dep_id), min=f"{after + 1}-0", count=count)
+async def read_events(
+    redis: Redis, dep_id: str, after: int = 0, count: int = 5000, until: int | None = None
+) -> list[str]:
+    """Raw event JSON strings with `after` < seq <= `until` (or the end), oldest first."""
+    entries = await redis.xrange(
+        keys.log_stream(dep_id), min=f"{after + 1}-0", max="+" if until is None else f"{until}-0",
+        count=count,
+    )
     return [_field(fields) for _id, fields in entries or [] if fields]
 
 
