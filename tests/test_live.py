@@ -130,7 +130,7 @@ def test_a_lagging_socket_reads_recent_batches_as_one_frame() -> None:
     assert recent.since(8, 8) is None  # nothing newer yet
     recent.add(frame(20, 21))  # a gap (Redis was away): older frames cannot be trusted
     assert recent.since(8, 21) is None and seqs(recent.since(19, 21)) == [20, 21]
-    big = 64 * 1024
+    big = COALESCE_BYTES // 4  # three such frames fit in one merged frame, four do not
     recent = Recent(limit=8 * big)
     for n in range(1, 21):
         recent.add(frame(n, n, width=big))  # more than the limit: the oldest go
