@@ -10,14 +10,15 @@ What happens (every process on 127.0.0.1; see bench/README.md for how to read th
   `python -m bench.naive_relay` -- so its CPU seconds (/proc/<pid>/stat) and peak RSS
   (/proc/<pid>/status VmHWM, reset with clear_refs at the start of the window, plus VmRSS
   sampled every 50 ms) belong to that configuration alone;
-* N WebSocket watchers (aiohttp client) spread over several client processes, all subscribed
-  to one project;
+* N WebSocket watchers (a lean RFC 6455 client by default, `--client aiohttp` for aiohttp's)
+  spread over several client processes, all subscribed to one project;
 * one publisher process driving `deployhub.logs.LogPublisher` exactly as the worker does
   (`emit("stdout", text)` at a fixed offered rate, its own 50 ms / 500-line batching), each
   line's text starting with its send time (time.time());
 * every watcher checks every message: exactly-once and in order by seq (first seq of a frame
-  must be last seen + 1, and a frame must hold exactly last-first+1 events); a few watchers
-  per run also parse every event in full and take the latency from the text timestamp.
+  must be last seen + 1; every 16th frame must hold exactly last-first+1 events); a few
+  watchers per run also parse every event in full and take the latency from the text
+  timestamp.
 
 By default the servers (and Redis) are pinned to CPU 0 and the load generators (publisher,
 watchers) to CPU 1, so the system under test gets one whole core -- all a single asyncio
