@@ -76,16 +76,13 @@ class LogFrame:
     wire: bytes  # the same as a WebSocket frame
 
     @classmethod
-    def of(cls, project: str, deployment: str, events: list[bytes]) -> LogFrame:
-        """A frame of already encoded events (their seqs must run without a gap)."""
-        head = frame_head(project, deployment).encode()
-        data = b"".join([head, b",".join(events), b"]}"])
-        first, last = (json.loads(e)["seq"] for e in (events[0], events[-1]))
-        return cls(project, deployment, first, last, data, wire_frame(data))
+    def of(cls, project: str, deployment: str, events: list[dict[str, Any]]) -> LogFrame:
+        """A frame of these events (their seqs must run without a gap)."""
+        data = logs_frame(project, deployment, [dumps(e) for e in events]).encode()
+        return cls(project, deployment, events[0]["seq"], events[-1]["seq"], data, wire_frame(data))
 
-    def events(self) -> list[bytes]:
-        """The frame's events, encoded (as the worker published them)."""
-        return [dumps(e).encode() for e in json.loads(self.data)["events"]]
+    def events(self) -> list[dict[str, Any]]:
+        return list(json.loads(self.data)["events"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,9 +166,8 @@ class Recent:
             parts.append(follower)
             size += len(follower.data)
         if parts[0].first <= after:  # the socket stopped inside a batch: send its tail
-            events = [e for e in parts[0].events() if json.loads(e)["seq"] > after]
-            rest = [e for p in parts[1:] for e in p.events()]
-            return LogFrame.of(parts[0].project, parts[0].deployment, events + rest)
+            events = [e for p in parts for e in p.events() if e["seq"] > after]
+            return LogFrame.of(parts[0].project, parts[0].deployment, events)
         if len(parts) == 1:
             return parts[0]
         key = (parts[0].first, parts[-1].last)

@@ -109,11 +109,11 @@ def test_a_lagging_socket_reads_recent_batches_as_one_frame() -> None:
     import json
 
     from deployhub.live import COALESCE_BYTES, LogFrame, Recent, wire_frame
-    from deployhub.logs import encode_event
 
     def frame(first: int, last: int, width: int = 2) -> LogFrame:
         return LogFrame.of("p", "dep000000001", [
-            encode_event(n, 1.0, "stdout", f"l{n}".ljust(width)).encode() for n in range(first, last + 1)
+            {"seq": n, "ts": 1.0, "stream": "stdout", "text": f"l{n}".ljust(width)}
+            for n in range(first, last + 1)
         ])
 
     def seqs(f: LogFrame | None) -> list[int]:

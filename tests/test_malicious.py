@@ -13,17 +13,14 @@ from typing import Any
 import pytest
 
 from tests.support.infra import (
-    FIXTURES_DIR,
     TINY_APP,
     GitServer,
     RedisServer,
     unique_name,
 )
 from tests.support.service import Service, StartService
-from tests.test_sandbox import processes_with, snoop_results, wait_for_processes
+from tests.test_sandbox import MALICIOUS, processes_with, snoop_results, wait_for_processes
 from worker.sandbox import INSIDE_PATH, limits_in_force
-
-MALICIOUS = FIXTURES_DIR / "malicious"
 CANARIES = {"DEPLOYHUB_CANARY_SECRET": "canary-server-secret-4f1c",
             "AWS_SECRET_ACCESS_KEY": "canary-aws-secret-9d2e"}
 DATA_SECRET = "canary-data-secret-77ab"
