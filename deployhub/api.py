@@ -10,6 +10,7 @@ from aiohttp import web
 from . import storage as storage_keys
 from .auth import Unauthorized, bearer
 from .logs import read_events
+from .status import Status
 from .store import NotFound, ProjectTaken
 from .validation import (
     InvalidInput,
@@ -111,7 +112,7 @@ async def cancel_deployment(request: web.Request) -> web.Response:
     )
     if dep.final:
         return error(409, f"deployment {dep.id} already ended ({dep.status})")
-    await ctx.store.transition(dep, "canceled", "Canceled by user.")
+    await ctx.store.transition(dep, Status.CANCELED, "Canceled by user.")
     dep = await ctx.store.get_deployment(dep.id)
     production = (await ctx.store.get_project(dep.project)).production
     return web.json_response(deployment_json(ctx.settings, dep, production))

@@ -136,7 +136,7 @@ async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
     ctx = app[CONTEXT]
     async with open_storage(ctx.settings) as storage:
         ctx.storage = storage
-        ctx.sites = Sites(ctx.settings, storage, ctx.redis)
+        ctx.sites = Sites(ctx.settings, storage, ctx.store)
         yield
 
 

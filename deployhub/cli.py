@@ -17,8 +17,8 @@ import aiohttp
 from aiohttp import web
 
 from .settings import Settings, SettingsError, env_name, parse_value
+from .status import Status
 
-FINAL = {"ready", "failed", "canceled"}
 # After a restart every open page reconnects at once; aiohttp's default listen backlog (128)
 # overflowed under a storm of 1,000 sockets and the kernel dropped connections. The kernel
 # caps this at net.core.somaxconn.
@@ -192,7 +192,7 @@ async def deploy(server: str, body: dict[str, str], follow: bool, token: str = "
             print(data["deployment_url"])
             return 0
         final = await Follower(session, server, data["project"], data["id"]).run()
-    if final["status"] == "ready":
+    if final["status"] == Status.READY:
         print(f"Ready: {final['url']}  (this deployment: {final['deployment_url']})", flush=True)
         return 0
     if final["status"] == "error":
@@ -266,7 +266,7 @@ class Follower:
         if dep["status"] != self.status:
             self.status = dep["status"]
             print(f"[deployhub] {self.status}", file=sys.stderr, flush=True)
-        return dep if dep["status"] in FINAL else None
+        return dep if Status(dep["status"]).final else None
 
     async def _drain(self, ws: aiohttp.ClientWebSocketResponse, final: dict[str, Any]) -> None:
         while True:

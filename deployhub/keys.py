@@ -8,6 +8,8 @@ PROJECTS = PREFIX + "projects"
 ACTIVE = PREFIX + "active"
 # HASH token id -> JSON {name, created_at, digest}.
 TOKENS = PREFIX + "tokens"
+# PUB/SUB channel nobody publishes on: keeps the subscriber connection in subscribed mode.
+IDLE_CHANNEL = PREFIX + "ch-idle"
 # HASH sha256(token) -> token id, to look a bearer token up in one step.
 TOKEN_DIGESTS = PREFIX + "token-digests"
 

@@ -333,7 +333,7 @@ class Hub:
                     channels = [keys.channel(p) for p in self.watchers]
                     # pubsub refuses to read before it has a subscription; a private channel
                     # keeps the connection in subscribed mode while no project is watched.
-                    await pubsub.subscribe(keys.PREFIX + "ch-idle", *channels)
+                    await pubsub.subscribe(keys.IDLE_CHANNEL, *channels)
                     if pubsub.connection is not None:
                         # redis-py may reconnect on its own and resubscribe quietly; whatever
                         # was published meanwhile must still reach the sockets.

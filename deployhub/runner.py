@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from .settings import Secret, Settings
+from .status import Status
 from .store import Deployment, NotFound, Store
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class LocalRunner:
         except Exception as exc:
             log.exception("could not run the build of %s", dep.id)
             with contextlib.suppress(Exception):
-                await self.store.transition(dep, "failed", f"DeployHub could not start the build: {exc}")
+                await self.store.transition(dep, Status.FAILED, f"DeployHub could not start the build: {exc}")
         finally:
             self.owned.pop(dep.id, None)
 
@@ -93,7 +94,7 @@ class LocalRunner:
         if not current.final:
             detail = "\n".join(tail)
             await self.store.transition(
-                dep, "failed",
+                dep, Status.FAILED,
                 f"The build worker exited (code {code}) without finishing the deployment."
                 + (f"\n{detail}" if detail else ""),
             )
@@ -113,7 +114,7 @@ class LocalRunner:
                 continue
             with contextlib.suppress(NotFound):
                 if await self.store.transition(
-                    dep_id, "failed",
+                    dep_id, Status.FAILED,
                     "DeployHub restarted before this build finished. Deploy again to retry.",
                 ):
                     failed.append(dep_id)

@@ -9,9 +9,9 @@ from typing import Any
 
 from aiohttp import web
 
-from . import keys
 from .settings import Settings
 from .storage import Storage, manifest_key, site_key
+from .store import Store
 
 MANIFEST_CACHE = 512
 MAX_PATH = 1024
@@ -22,10 +22,10 @@ _HASHED_RE = re.compile(r"[.-][A-Za-z0-9_]{8,}\.(?:js|mjs|css|woff2?|ttf|otf|png
 
 
 class Sites:
-    def __init__(self, settings: Settings, storage: Storage, redis: Any) -> None:
+    def __init__(self, settings: Settings, storage: Storage, store: Store) -> None:
         self.settings = settings
         self.storage = storage
-        self.redis = redis
+        self.store = store
         self.suffix = "." + settings.domain.lower().strip(".")
         # Deployments are immutable, so a manifest never goes stale once read.
         self._manifests: OrderedDict[str, dict[str, dict[str, Any]]] = OrderedDict()
@@ -61,12 +61,10 @@ class Sites:
     async def _deployment_for(self, label: str) -> str | None:
         match = _DEPLOYMENT_LABEL_RE.match(label)
         if match:
-            project = await self.redis.hget(keys.deployment(match["dep"]), "project")
-            if project != match["project"]:
+            if await self.store.project_of(match["dep"]) != match["project"]:
                 return None
             return match["dep"]
-        production = await self.redis.hget(keys.project(label), "production")
-        return str(production) if production else None
+        return await self.store.production_of(label)
 
     async def _manifest(self, dep_id: str) -> dict[str, dict[str, Any]] | None:
         cached = self._manifests.get(dep_id)

@@ -12,10 +12,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from . import keys
-
-STEPS = ("queued", "cloning", "installing", "building", "uploading", "ready")
-FINAL = frozenset({"ready", "failed", "canceled"})
-STATUSES = (*STEPS, "failed", "canceled")
+from .status import FINAL, Status, lua_set
 
 LEASE_SECONDS = 30
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -24,19 +21,20 @@ _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 # active set and the production pointer right, and publishes the new state, all in one step
 # so watchers see states in the order they happened.
 _TRANSITION = """
+local FINAL = """ + lua_set(FINAL) + """
 local dep, active, channel = KEYS[1], KEYS[2], KEYS[3]
 local status, reason, now, id = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local current = redis.call('HGET', dep, 'status')
 if not current then return -1 end
-if current == 'ready' or current == 'failed' or current == 'canceled' then return 0 end
+if FINAL[current] then return 0 end
 redis.call('HSET', dep, 'status', status, 'updated_at', now, 't_' .. status, now)
 if reason ~= '' then redis.call('HSET', dep, 'reason', reason) end
 local project_key = KEYS[4]
-if status == 'ready' or status == 'failed' or status == 'canceled' then
+if FINAL[status] then
   redis.call('SREM', active, id)
   redis.call('DEL', KEYS[5])
 end
-if status == 'ready' then
+if status == '""" + Status.READY + """' then
   local production = redis.call('HGET', project_key, 'production')
   local newer = true
   if production then
@@ -59,7 +57,7 @@ _PROMOTE = """
 local project_key, dep, channel = KEYS[1], KEYS[2], KEYS[3]
 local fields = redis.call('HMGET', dep, 'project', 'status')
 if fields[1] ~= ARGV[1] then return -1 end
-if fields[2] ~= 'ready' then return 0 end
+if fields[2] ~= '""" + Status.READY + """' then return 0 end
 redis.call('HSET', project_key, 'production', ARGV[2])
 redis.call('PUBLISH', channel, cjson.encode({type = 'production', project = ARGV[1],
                                              production = ARGV[2]}))
@@ -112,7 +110,7 @@ class Deployment:
     project: str
     repo_url: str
     branch: str
-    status: str
+    status: Status
     reason: str
     created_at: float
     updated_at: float
@@ -125,18 +123,23 @@ class Deployment:
             project=data["project"],
             repo_url=data["repo_url"],
             branch=data.get("branch", ""),
-            status=data["status"],
+            status=Status(data["status"]),
             reason=data.get("reason", ""),
             created_at=float(data["created_at"]),
             updated_at=float(data.get("updated_at", data["created_at"])),
             timestamps={
                 name[2:]: float(value) for name, value in data.items() if name.startswith("t_")
             },
+            commit=data.get("commit", ""),
+            log_seq=int(data.get("log_seq") or 0),
         )
+
+    commit: str = ""  # "<short sha> <subject>", once cloned
+    log_seq: int = 0  # the last log seq, once the build has ended
 
     @property
     def final(self) -> bool:
-        return self.status in FINAL
+        return self.status.final
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +180,7 @@ class Store:
         now = repr(time.time())
         record = {
             "id": dep_id, "project": project, "repo_url": repo_url, "branch": branch,
-            "status": "queued", "created_at": now, "updated_at": now, "t_queued": now,
+            "status": Status.QUEUED.value, "created_at": now, "updated_at": now, "t_queued": now,
         }
         fields = [item for pair in record.items() for item in pair]
         created = await self._create(
@@ -270,10 +273,9 @@ class Store:
         ids = await self.redis.zrevrange(keys.project_deployments(project), 0, limit - 1)
         return await self.get_deployments(_decode(i) for i in ids if isinstance(i, bytes | str))
 
-    async def transition(self, dep: Deployment | str, status: str, reason: str = "") -> bool:
+    async def transition(self, dep: Deployment | str, status: Status, reason: str = "") -> bool:
         """Move to `status`; False when the deployment had already ended."""
-        if status not in STATUSES:
-            raise ValueError(f"unknown status {status!r}")
+        status = Status(status)
         if isinstance(dep, str):
             dep = await self.get_deployment(dep)
         result = await self._transition(
@@ -284,7 +286,7 @@ class Store:
                 keys.project(dep.project),
                 keys.lease(dep.id),
             ],
-            args=[status, reason, repr(time.time()), dep.id, keys.deployment("")],
+            args=[status.value, reason, repr(time.time()), dep.id, keys.deployment("")],
         )
         if result == -1:
             raise NotFound(f"no deployment {dep.id!r}")
@@ -322,7 +324,7 @@ class Store:
             try:
                 ok = await self.transition(
                     dep_id,
-                    "failed",
+                    Status.FAILED,
                     "The build stopped reporting (its worker or server went away). "
                     "Deploy again to retry.",
                 )
@@ -332,6 +334,32 @@ class Store:
             if ok:
                 failed.append(dep_id)
         return failed
+
+
+    # -- what the worker records, and what the site server looks up --------------------
+
+    async def record_commit(self, dep_id: str, commit: str) -> None:
+        """The commit a build cloned ("<short sha> <subject>")."""
+        await self.redis.hset(keys.deployment(dep_id), "commit", commit)
+
+    async def record_log_end(self, dep_id: str, last_seq: int, keep_seconds: int) -> None:
+        """The build's log is complete at `last_seq`; its stream expires after `keep_seconds`
+        (the full log is in storage by then). Watchers compare `log_seq` with what they got
+        to know whether to read the stream once more."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.expire(keys.log_stream(dep_id), keep_seconds)
+            pipe.hset(keys.deployment(dep_id), "log_seq", last_seq)
+            await pipe.execute()
+
+    async def production_of(self, project: str) -> str | None:
+        """The id of the deployment serving `project`'s site, if any."""
+        production = await self.redis.hget(keys.project(project), "production")
+        return _decode(production) if production else None
+
+    async def project_of(self, dep_id: str) -> str | None:
+        """The project a deployment belongs to, or None if there is no such deployment."""
+        project = await self.redis.hget(keys.deployment(dep_id), "project")
+        return None if project is None else _decode(project)
 
 
 def _project(data: dict[str, str]) -> Project:

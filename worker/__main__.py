@@ -15,6 +15,7 @@ import sys
 from redis.asyncio import Redis
 
 from deployhub.settings import Settings, SettingsError
+from deployhub.status import Status
 from deployhub.storage import open_storage
 from deployhub.store import NotFound, Store
 from deployhub.validation import InvalidInput, check_deployment_id
@@ -32,8 +33,8 @@ async def watch(build: Build, store: Store) -> None:
         try:
             await store.refresh_leases([build.dep.id], holder())
             current = await store.get_deployment(build.dep.id)
-            if current.status == "canceled":
-                build.stop("canceled", current.reason or "Canceled.")
+            if current.status == Status.CANCELED:
+                build.stop(Status.CANCELED, current.reason or "Canceled.")
         except Exception as exc:  # an outage must not end the build; the lease has slack
             log.warning("lease refresh failed: %s", exc)
         await asyncio.sleep(WATCH_INTERVAL)
@@ -46,7 +47,7 @@ async def watch_parent(build: Build) -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     while await reader.read(4096):
         pass
-    build.stop("failed", "The server that started this build stopped before it finished.")
+    build.stop(Status.FAILED, "The server that started this build stopped before it finished.")
 
 
 async def main(dep_id: str, watch_stdin: bool) -> int:
@@ -68,7 +69,7 @@ async def main(dep_id: str, watch_stdin: bool) -> int:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(
-                    sig, build.stop, "failed", "The build worker was shut down before it finished."
+                    sig, build.stop, Status.FAILED, "The build worker was shut down before it finished."
                 )
             helpers = [asyncio.create_task(watch(build, store))]
             if watch_stdin:

@@ -21,10 +21,10 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from deployhub import keys
 from deployhub.logs import LogPublisher
 from deployhub.settings import Settings
 from deployhub.storage import Storage, log_key, manifest_key, site_key
+from deployhub.status import Status
 from deployhub.store import Deployment, Store
 from deployhub.validation import InvalidInput, check_repo_url
 
@@ -77,20 +77,20 @@ class Build:
         self.src = self.work / "src"
         self.started = time.monotonic()
         self.sandbox = Sandbox(settings, dep.id, self.work, self.src, self.logs.emit)
-        self._task: asyncio.Task[tuple[str, str]] | None = None
+        self._task: asyncio.Task[tuple[Status, str]] | None = None
         self.variables: dict[str, str] = {}
-        self._stopped: tuple[str, str] | None = None
+        self._stopped: tuple[Status, str] | None = None
 
     # -- the steps -------------------------------------------------------------------------
 
-    def stop(self, status: str, reason: str) -> None:
+    def stop(self, status: Status, reason: str) -> None:
         """End the build early (cancel, shutdown): kills what runs and records why."""
         if self._stopped is None:
             self._stopped = (status, reason)
             if self._task is not None:
                 self._task.cancel()
 
-    async def run(self) -> str:
+    async def run(self) -> Status:
         """Build and publish the deployment; returns its final status."""
         self.logs.start()
         self._task = asyncio.create_task(self._attempt(), name=f"build-{self.dep.id}")
@@ -101,17 +101,17 @@ class Build:
         await self._finish(status, reason)
         return status
 
-    async def _attempt(self) -> tuple[str, str]:
+    async def _attempt(self) -> tuple[Status, str]:
         try:
             async with asyncio.timeout(self.settings.build_timeout):
                 await self._steps()
-            return "ready", ""
+            return Status.READY, ""
         except BuildError as exc:
-            return "failed", str(exc)
+            return Status.FAILED, str(exc)
         except TimeoutError:
-            return "failed", self._timeout_reason()
+            return Status.FAILED, self._timeout_reason()
         except Canceled as exc:
-            return "canceled", str(exc)
+            return Status.CANCELED, str(exc)
         except asyncio.CancelledError:
             if self._stopped is None:
                 raise
@@ -121,7 +121,7 @@ class Build:
             return self._stopped
         except Exception as exc:
             log.exception("build %s crashed", self.dep.id)
-            return "failed", f"DeployHub hit an internal error while building: {exc!r}"
+            return Status.FAILED, f"DeployHub hit an internal error while building: {exc!r}"
 
     async def _steps(self) -> None:
         variables = await retry(lambda: self.store.build_variables(self.dep.project))
@@ -130,19 +130,19 @@ class Build:
         if variables:
             shown = ", ".join(f"{n} (secret)" if secret else n for n, (_, secret) in sorted(variables.items()))
             self.logs.emit("system", f"Build variables: {shown}")
-        await self._step("cloning")
+        await self._step(Status.CLONING)
         await self._clone()
-        await self._step("installing")
+        await self._step(Status.INSTALLING)
         build_plan = plan(self.src)
         self.logs.emit("system", f"Detected {build_plan.manager} project")
         await self._command(build_plan.install)
-        await self._step("building")
+        await self._step(Status.BUILDING)
         await self._command(build_plan.build)
         output = find_output(self.src)
-        await self._step("uploading")
+        await self._step(Status.UPLOADING)
         await self._upload(output)
 
-    async def _step(self, status: str) -> None:
+    async def _step(self, status: Status) -> None:
         if not await retry(lambda: self.store.transition(self.dep, status)):
             raise Canceled("Canceled while running.")
         self.logs.emit("system", f"--- {status}")
@@ -205,7 +205,7 @@ class Build:
         commit = await self._git_output(["log", "-1", "--format=%h %s"])
         if commit:
             self.logs.emit("system", f"Cloned commit {commit}")
-            await retry(lambda: self.store.redis.hset(keys.deployment(self.dep.id), "commit", commit))
+            await retry(lambda: self.store.record_commit(self.dep.id, commit))
 
     async def _git_output(self, args: list[str]) -> str:
         lines: list[str] = []
@@ -295,9 +295,9 @@ class Build:
 
     # -- ending ----------------------------------------------------------------------------
 
-    async def _finish(self, status: str, reason: str) -> None:
+    async def _finish(self, status: Status, reason: str) -> None:
         if reason:
-            self.logs.emit("system", f"Error: {reason}" if status == "failed" else reason)
+            self.logs.emit("system", f"Error: {reason}" if status == Status.FAILED else reason)
         if self.logs.dropped:
             self.logs.emit("system", f"{self.logs.dropped} further log lines were not kept.")
         await self.logs.close(timeout=120)
@@ -307,10 +307,7 @@ class Build:
         except Exception:
             log.exception("could not store the log of %s", self.dep.id)
         with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
-            await retry(lambda: self.store.redis.expire(keys.log_stream(self.dep.id), LOG_TTL_SECONDS))
-        # Watchers compare this with what they got to know whether to read the stream once more.
-        with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
-            await retry(lambda: self.store.redis.hset(keys.deployment(self.dep.id), "log_seq", self.logs.seq))
+            await retry(lambda: self.store.record_log_end(self.dep.id, self.logs.seq, LOG_TTL_SECONDS))
         await retry(lambda: self.store.transition(self.dep, status, reason))
 
     # -- environment -----------------------------------------------------------------------

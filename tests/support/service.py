@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from deployhub import Settings, create_app, get_context
-from deployhub.store import FINAL
+from deployhub.status import FINAL
 from tests.support.infra import RedisServer
 
 DOMAIN = "localhost"
