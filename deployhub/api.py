@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from . import storage as storage_keys
 from .auth import Unauthorized, bearer
+from .connections import REDIS, STORAGE, STORE, TOKENS
 from .logs import read_events
-from .status import Status
+from .runners import RUNNER
+from .state import RESOLVER, SETTINGS
+from .storage import log_key
 from .store import NotFound, ProjectTaken
 from .validation import (
+    MAX_BODY,
     InvalidInput,
     check_branch,
     check_deployment_id,
@@ -25,7 +29,7 @@ from .validation import (
 from .views import deployment_json, project_json
 
 routes = web.RouteTableDef()
-MAX_BODY = 64 * 1024
+LOG_CHUNK = 5000  # events read from Redis per round trip while streaming a log
 
 
 def error(status: int, message: str) -> web.Response:
@@ -47,9 +51,11 @@ async def read_json(request: web.Request) -> Any:
 
 
 @web.middleware
-async def api_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+async def api_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     try:
-        return await handler(request)  # type: ignore[no-any-return]
+        return await handler(request)
     except InvalidInput as exc:
         return error(400, str(exc))
     except NotFound as exc:
@@ -62,23 +68,17 @@ async def api_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return response
 
 
-def _ctx(request: web.Request) -> Any:
-    from .app import CONTEXT
-
-    return request.config_dict[CONTEXT]
-
-
 async def caller(request: web.Request) -> str:
     """The id of the token that signed the request; Unauthorized otherwise."""
-    return str(await _ctx(request).tokens.check(bearer(request.headers.get("Authorization"))))
+    return await request.config_dict[TOKENS].check(bearer(request.headers.get("Authorization")))
 
 
 @routes.post("/api/deployments")
 async def create_deployment(request: web.Request) -> web.Response:
-    ctx = _ctx(request)
+    settings, store, runner = request.config_dict[SETTINGS], request.config_dict[STORE], request.config_dict[RUNNER]
     owner = await caller(request)
-    if ctx.build_problem:
-        return error(503, ctx.build_problem)
+    if runner.refused:
+        return error(503, runner.refused)
     body = check_fields(
         await read_json(request), required={"repo_url"}, optional={"project", "branch"}
     )
@@ -86,42 +86,42 @@ async def create_deployment(request: web.Request) -> web.Response:
     project = check_project(body["project"]) if body.get("project") is not None else None
     branch = check_branch(body["branch"]) if body.get("branch") not in (None, "") else ""
     repo = await check_repo_url(
-        body["repo_url"], allow_hosts=ctx.settings.allow_hosts, resolver=ctx.resolver
+        body["repo_url"], allow_hosts=settings.allow_hosts, resolver=request.config_dict[RESOLVER]
     )
     project = project or project_from_url(repo.url)
-    dep = await ctx.store.create_deployment(project, repo.url, branch, owner)
-    await ctx.runner.submit(dep)
-    production = (await ctx.store.get_project(project)).production
-    return web.json_response(deployment_json(ctx.settings, dep, production), status=202)
+    dep = await store.create_deployment(project, repo.url, branch, owner)
+    await runner.submit(dep)
+    production = (await store.get_project(project)).production
+    return web.json_response(deployment_json(settings, dep, production), status=202)
 
 
 @routes.get("/api/deployments/{id}")
 async def get_deployment(request: web.Request) -> web.Response:
-    ctx = _ctx(request)
-    dep, project = await ctx.store.owned_deployment(
+    settings, store = request.config_dict[SETTINGS], request.config_dict[STORE]
+    dep, project = await store.owned_deployment(
         check_deployment_id(request.match_info["id"]), await caller(request)
     )
-    return web.json_response(deployment_json(ctx.settings, dep, project.production))
+    return web.json_response(deployment_json(settings, dep, project.production))
 
 
 @routes.post("/api/deployments/{id}/cancel")
 async def cancel_deployment(request: web.Request) -> web.Response:
-    ctx = _ctx(request)
-    dep, _ = await ctx.store.owned_deployment(
+    store = request.config_dict[STORE]
+    dep, _ = await store.owned_deployment(
         check_deployment_id(request.match_info["id"]), await caller(request)
     )
-    if dep.final:
+    if dep.final or not await request.config_dict[RUNNER].cancel(dep, "Canceled by user."):
+        dep = await store.get_deployment(dep.id)
         return error(409, f"deployment {dep.id} already ended ({dep.status})")
-    await ctx.store.transition(dep, Status.CANCELED, "Canceled by user.")
-    dep = await ctx.store.get_deployment(dep.id)
-    production = (await ctx.store.get_project(dep.project)).production
-    return web.json_response(deployment_json(ctx.settings, dep, production))
+    dep = await store.get_deployment(dep.id)
+    production = (await store.get_project(dep.project)).production
+    return web.json_response(deployment_json(request.config_dict[SETTINGS], dep, production))
 
 
 @routes.get("/api/deployments/{id}/logs")
 async def get_logs(request: web.Request) -> web.StreamResponse:
-    ctx = _ctx(request)
-    dep, _ = await ctx.store.owned_deployment(
+    redis = request.config_dict[REDIS]
+    dep, _ = await request.config_dict[STORE].owned_deployment(
         check_deployment_id(request.match_info["id"]), await caller(request)
     )
     raw_after = request.query.get("after", "0")
@@ -130,15 +130,15 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
     after = int(raw_after)
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson; charset=utf-8"})
     await response.prepare(request)
-    events = await read_events(ctx.redis, dep.id, after, 5000)
+    events = await read_events(redis, dep.id, after, LOG_CHUNK)
     if events or not dep.final:
         while events:
             await response.write(("\n".join(events) + "\n").encode())
             after = json.loads(events[-1])["seq"]
-            events = await read_events(ctx.redis, dep.id, after, 5000)
+            events = await read_events(redis, dep.id, after, LOG_CHUNK)
     else:
         # Redis has forgotten it (or never had it): the copy in storage is complete.
-        stored = await ctx.storage.get_bytes(storage_keys.log_key(dep.id))
+        stored = await request.config_dict[STORAGE].get_bytes(log_key(dep.id))
         for line in (stored or b"").splitlines():
             if line.strip() and json.loads(line)["seq"] > after:
                 await response.write(line + b"\n")
@@ -148,45 +148,45 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/api/projects")
 async def list_projects(request: web.Request) -> web.Response:
-    ctx = _ctx(request)
-    projects = await ctx.store.list_projects(owner=await caller(request))
-    return web.json_response({"projects": [project_json(ctx.settings, p) for p in projects]})
+    settings, store = request.config_dict[SETTINGS], request.config_dict[STORE]
+    projects = await store.list_projects(owner=await caller(request))
+    return web.json_response({"projects": [project_json(settings, p) for p in projects]})
 
 
 @routes.get("/api/projects/{name}")
 async def get_project(request: web.Request) -> web.Response:
-    ctx = _ctx(request)
-    project = await ctx.store.owned_project(
+    settings, store = request.config_dict[SETTINGS], request.config_dict[STORE]
+    project = await store.owned_project(
         check_project(request.match_info["name"]), await caller(request)
     )
-    return web.json_response(project_json(ctx.settings, project))
+    return web.json_response(project_json(settings, project))
 
 
 @routes.get("/api/projects/{name}/deployments")
 async def list_deployments(request: web.Request) -> web.Response:
-    ctx = _ctx(request)
-    project = await ctx.store.owned_project(
+    settings, store = request.config_dict[SETTINGS], request.config_dict[STORE]
+    project = await store.owned_project(
         check_project(request.match_info["name"]), await caller(request)
     )
-    deployments = await ctx.store.list_deployments(project.name)
+    deployments = await store.list_deployments(project.name)
     return web.json_response({
-        "deployments": [deployment_json(ctx.settings, d, project.production) for d in deployments]
+        "deployments": [deployment_json(settings, d, project.production) for d in deployments]
     })
 
 
 @routes.post("/api/projects/{name}/rollback")
 async def rollback(request: web.Request) -> web.Response:
-    ctx = _ctx(request)
+    settings, store = request.config_dict[SETTINGS], request.config_dict[STORE]
     owner = await caller(request)
     name = check_project(request.match_info["name"])
     body = check_fields(await read_json(request), required={"deployment"}, optional=set())
     if not isinstance(body["deployment"], str):
         raise InvalidInput("deployment must be a deployment id string")
     dep_id = check_deployment_id(body["deployment"])
-    await ctx.store.owned_project(name, owner)
-    if not await ctx.store.promote(name, dep_id):
+    await store.owned_project(name, owner)
+    if not await store.promote(name, dep_id):
         return error(409, f"deployment {dep_id} is not ready, so it cannot serve the site")
-    return web.json_response(project_json(ctx.settings, await ctx.store.get_project(name)))
+    return web.json_response(project_json(settings, await store.get_project(name)))
 
 
 def _variables_json(variables: dict[str, tuple[str, bool]]) -> dict[str, Any]:
@@ -201,18 +201,18 @@ def _variables_json(variables: dict[str, tuple[str, bool]]) -> dict[str, Any]:
 
 @routes.get("/api/projects/{name}/variables")
 async def get_variables(request: web.Request) -> web.Response:
-    ctx = _ctx(request)
-    project = await ctx.store.owned_project(check_project(request.match_info["name"]), await caller(request))
-    return web.json_response(_variables_json(await ctx.store.build_variables(project.name)))
+    store = request.config_dict[STORE]
+    project = await store.owned_project(check_project(request.match_info["name"]), await caller(request))
+    return web.json_response(_variables_json(await store.build_variables(project.name)))
 
 
 @routes.patch("/api/projects/{name}/variables")
 async def set_variables(request: web.Request) -> web.Response:
-    ctx = _ctx(request)
+    store = request.config_dict[STORE]
     owner = await caller(request)
     name = check_project(request.match_info["name"])
     body = check_fields(await read_json(request), required={"variables"}, optional=set())
     variables = check_variables(body["variables"])
-    project = await ctx.store.claim_project(name, owner)
-    await ctx.store.set_build_variables(project.name, variables)
-    return web.json_response(_variables_json(await ctx.store.build_variables(project.name)))
+    project = await store.claim_project(name, owner)
+    await store.set_build_variables(project.name, variables)
+    return web.json_response(_variables_json(await store.build_variables(project.name)))

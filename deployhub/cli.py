@@ -103,13 +103,14 @@ def serve_command(args: argparse.Namespace) -> int:
 
 async def _first_login(app: web.Application) -> None:
     """With no token yet, make one and print a login link (as Jupyter does)."""
-    from .app import get_context
+    from .connections import get_tokens
+    from .state import get_settings
 
-    ctx = get_context(app)
-    if await ctx.tokens.count():
+    tokens, settings = get_tokens(app), get_settings(app)
+    if await tokens.count():
         return
-    _, secret = await ctx.tokens.create("first login")
-    base = f"http://{ctx.settings.host}:{ctx.settings.port}/"
+    _, secret = await tokens.create("first login")
+    base = f"http://{settings.host}:{settings.port}/"
     print(
         f"\nNo API token existed, so one was made. Open this link to sign in (it is shown once):\n"
         f"    {base}#token={secret}\n"

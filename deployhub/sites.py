@@ -7,9 +7,13 @@ import re
 from collections import OrderedDict
 from typing import Any
 
+from collections.abc import AsyncIterator, Awaitable, Callable
+
 from aiohttp import web
 
+from .connections import STORAGE, STORE
 from .settings import Settings
+from .state import SETTINGS, require
 from .storage import Storage, manifest_key, site_key
 from .store import Store
 
@@ -139,3 +143,29 @@ def _lookup(manifest: dict[str, Any], rel: str) -> tuple[str, int] | None:
 
 def _not_found(message: str, status: int = 404) -> web.Response:
     return web.Response(status=status, text=message + "\n", content_type="text/plain")
+
+
+SITES = web.AppKey("deployhub.sites", Sites)
+
+
+def get_sites(app: web.Application) -> Sites:
+    return require(app, SITES)
+
+
+async def sites_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[SITES] = Sites(app[SETTINGS], app[STORAGE], app[STORE])
+    yield
+
+
+@web.middleware
+async def site_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A request whose Host is `<label>.<domain>` is a site's; the rest go to the app."""
+    sites = request.config_dict[SITES]
+    label = sites.site_label(request.host)
+    if label is None:
+        return await handler(request)
+    if request.method not in ("GET", "HEAD"):
+        return web.Response(status=405, text="Sites answer GET and HEAD only.\n", headers={"Allow": "GET, HEAD"})
+    return await sites.handle(request, label)

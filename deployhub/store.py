@@ -7,7 +7,7 @@ import json
 import secrets
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
@@ -155,15 +155,12 @@ def new_deployment_id() -> str:
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
 
 
-def _text(data: dict[Any, Any]) -> dict[str, str]:
-    return {
-        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-        for k, v in data.items()
-    }
-
-
 class Store:
-    """Typed access to the records; the server and the worker share it."""
+    """Typed access to the records; the server and the worker share it.
+
+    `redis` must decode responses (`decode_responses=True`): every value here is text, which
+    the casts below state for the type checker (redis-py types replies as bytes | str).
+    """
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
@@ -198,7 +195,7 @@ class Store:
         return Deployment.from_hash(record)
 
     async def get_deployment(self, dep_id: str) -> Deployment:
-        data = _text(await self.redis.hgetall(keys.deployment(dep_id)))
+        data = cast(dict[str, str], await self.redis.hgetall(keys.deployment(dep_id)))
         if not data:
             raise NotFound(f"no deployment {dep_id!r}")
         return Deployment.from_hash(data)
@@ -208,10 +205,10 @@ class Store:
             for dep_id in ids:
                 pipe.hgetall(keys.deployment(dep_id))
             rows = await pipe.execute()
-        return [Deployment.from_hash(_text(row)) for row in rows if row]
+        return [Deployment.from_hash(row) for row in rows if row]
 
     async def get_project(self, name: str) -> Project:
-        data = _text(await self.redis.hgetall(keys.project(name)))
+        data = cast(dict[str, str], await self.redis.hgetall(keys.project(name)))
         if not data:
             raise NotFound(f"no project {name!r}")
         return _project(data)
@@ -219,12 +216,12 @@ class Store:
     async def list_projects(self, owner: str | None = None) -> list[Project]:
         """Every project, or the ones `owner` owns."""
         key = keys.PROJECTS if owner is None else keys.token_projects(owner)
-        names = sorted(_decode(n) for n in await self.redis.smembers(key))
+        names = sorted(cast(set[str], await self.redis.smembers(key)))
         async with self.redis.pipeline(transaction=False) as pipe:  # one round trip, not one each
             for name in names:
                 pipe.hgetall(keys.project(name))
             rows = await pipe.execute()
-        return [_project(_text(row)) for row in rows if row]
+        return [_project(row) for row in rows if row]
 
     async def owned_project(self, name: str, owner: str) -> Project:
         """The project if `owner` owns it; NotFound otherwise, so others cannot tell it exists."""
@@ -242,7 +239,7 @@ class Store:
 
     async def build_variables(self, project: str) -> dict[str, tuple[str, bool]]:
         """name -> (value, secret)"""
-        rows = _text(await self.redis.hgetall(keys.project_env(project)))
+        rows = cast(dict[str, str], await self.redis.hgetall(keys.project_env(project)))
         return {
             name: (str(data["value"]), bool(data["secret"]))
             for name, raw in rows.items()
@@ -271,7 +268,7 @@ class Store:
 
     async def list_deployments(self, project: str, limit: int = 50) -> list[Deployment]:
         ids = await self.redis.zrevrange(keys.project_deployments(project), 0, limit - 1)
-        return await self.get_deployments(_decode(i) for i in ids if isinstance(i, bytes | str))
+        return await self.get_deployments(cast(list[str], ids))
 
     async def transition(self, dep: Deployment | str, status: Status, reason: str = "") -> bool:
         """Move to `status`; False when the deployment had already ended."""
@@ -309,11 +306,10 @@ class Store:
             await pipe.execute()
 
     async def active_ids(self) -> list[str]:
-        return sorted(_decode(i) for i in await self.redis.smembers(keys.ACTIVE))
+        return sorted(cast(set[str], await self.redis.smembers(keys.ACTIVE)))
 
     async def lease_holder(self, dep_id: str) -> str | None:
-        holder = await self.redis.get(keys.lease(dep_id))
-        return None if holder is None else _decode(holder)
+        return cast(str | None, await self.redis.get(keys.lease(dep_id)))
 
     async def reap(self) -> list[str]:
         """Fail every active deployment whose lease ran out: nothing is left to finish it."""
@@ -353,13 +349,11 @@ class Store:
 
     async def production_of(self, project: str) -> str | None:
         """The id of the deployment serving `project`'s site, if any."""
-        production = await self.redis.hget(keys.project(project), "production")
-        return _decode(production) if production else None
+        return cast(str | None, await self.redis.hget(keys.project(project), "production")) or None
 
     async def project_of(self, dep_id: str) -> str | None:
         """The project a deployment belongs to, or None if there is no such deployment."""
-        project = await self.redis.hget(keys.deployment(dep_id), "project")
-        return None if project is None else _decode(project)
+        return cast(str | None, await self.redis.hget(keys.deployment(dep_id), "project"))
 
 
 def _project(data: dict[str, str]) -> Project:
@@ -370,10 +364,6 @@ def _project(data: dict[str, str]) -> Project:
         production=data.get("production", ""),
         owner=data.get("owner", ""),
     )
-
-
-def _decode(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def decode_status_message(payload: dict[str, Any]) -> Deployment:

@@ -20,6 +20,10 @@ _BRANCH_RE = re.compile(r"^[A-Za-z0-9._/-]{1,200}$")
 _HOST_LABEL_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 
 
+MAX_BODY = 64 * 1024  # bytes of a REST body or a WebSocket message from a client
+MAX_RESUME = 100  # deployments a WebSocket subscribe may resume at once
+
+
 class InvalidInput(ValueError):
     """Bad input from a user; the message is shown to them as is."""
 

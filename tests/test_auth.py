@@ -5,14 +5,14 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from deployhub import get_context
+from deployhub import get_tokens
 from tests.support.infra import TINY_APP, GitServer, unique_name
 from tests.support.service import Service
 
 
 @pytest.fixture
 async def stranger(service: Service) -> aiohttp.ClientSession:
-    _, secret = await get_context(service.app).tokens.create("stranger")
+    _, secret = await get_tokens(service.app).create("stranger")
     session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {secret}"})
     yield session
     await session.close()
@@ -63,7 +63,7 @@ async def test_other_tokens_cannot_see_deploy_or_watch(
 
 
 async def test_revoked_token_stops_working(service: Service) -> None:
-    tokens = get_context(service.app).tokens
+    tokens = get_tokens(service.app)
     token, secret = await tokens.create("temp")
     headers = {"Authorization": f"Bearer {secret}"}
     async with service.http.get(service.url + "/api/projects", headers=headers) as r:

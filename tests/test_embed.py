@@ -7,7 +7,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from deployhub import create_app, get_context, setup
+from deployhub import create_app, get_settings, get_tokens, setup
 from tests.support.infra import RedisServer
 from tests.support.service import loopback_resolver, make_settings
 
@@ -27,7 +27,7 @@ async def test_mounted_with_add_subapp(tmp_path: Path, redis_server: RedisServer
         page = await client.get("/deploy/")
         assert page.status == 200 and "<html" in (await page.text()).lower()
         assert (await client.get("/deploy/api/projects")).status == 401
-        _, token = await get_context(sub).tokens.create("embed")
+        _, token = await get_tokens(sub).create("embed")
         auth = {"Authorization": f"Bearer {token}"}
         assert (await client.get("/deploy/api/projects", headers=auth)).status == 200
         bad = await client.post("/deploy/api/deployments", json={"repo_url": "file:///x"}, headers=auth)
@@ -44,14 +44,14 @@ async def test_setup_on_their_app(tmp_path: Path, redis_server: RedisServer) -> 
     async with TestClient(TestServer(theirs)) as client:
         assert await (await client.get("/hello")).text() == "their app"
         assert (await client.get("/api/projects")).status == 401
-        _, token = await get_context(theirs).tokens.create("embed")
+        _, token = await get_tokens(theirs).create("embed")
         answer = await client.get("/api/projects", headers={"Authorization": f"Bearer {token}"})
         assert answer.status == 200
-        assert get_context(theirs).settings.domain == "localhost"
+        assert get_settings(theirs).domain == "localhost"
 
 
-def test_get_context_says_when_setup_was_skipped() -> None:
+def test_accessors_say_when_setup_was_skipped() -> None:
     import pytest
 
     with pytest.raises(RuntimeError, match="deployhub.setup"):
-        get_context(web.Application())
+        get_settings(web.Application())

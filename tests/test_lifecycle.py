@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
-from deployhub import get_context
+from deployhub import get_store
 from deployhub.store import Store
 from tests.support.infra import TINY_APP, GitServer, RedisServer, unique_name
+from tests.support.served import Served
 from tests.support.service import Service, StartService, Watch, make_settings
+from tests.support.workers import wait_for_worker
 
 
 def slow_repo(git_server: GitServer, lines: int = 2000, delay_ms: int = 10) -> str:
@@ -29,8 +32,8 @@ async def wait_building(service: Service, dep_id: str) -> None:
 async def test_worker_killed_mid_build_fails_the_deployment(service: Service, git_server: GitServer) -> None:
     dep = await service.deploy(slow_repo(git_server))
     await wait_building(service, dep["id"])
-    worker = get_context(service.app).runner.procs[dep["id"]]
-    os.kill(worker.pid, signal.SIGKILL)
+    (pid,) = await wait_for_worker(dep["id"], running=True)
+    os.kill(pid, signal.SIGKILL)
     final = await service.wait_final(dep["id"], timeout=20)
     assert final["status"] == "failed"
     assert "worker exited (code -9)" in final["reason"]
@@ -41,39 +44,34 @@ async def test_cancel_stops_a_running_build(service: Service, git_server: GitSer
     await wait_building(service, dep["id"])
     status, body = await service.post_json(f"/api/deployments/{dep['id']}/cancel", {})
     assert status == 200 and body["status"] == "canceled"
-    runner = get_context(service.app).runner
-    for _ in range(200):  # the worker notices within its watch interval and exits
-        if dep["id"] not in runner.procs:
-            break
-        await asyncio.sleep(0.05)
-    assert dep["id"] not in runner.procs
+    # The worker notices within its watch interval and exits.
+    await wait_for_worker(dep["id"], running=False, timeout=10)
     again = await service.post_json(f"/api/deployments/{dep['id']}/cancel", {})
     assert again[0] == 409
 
 
-async def test_leftovers_of_a_previous_run_are_failed_on_start(
-    tmp_path, redis_server: RedisServer, start_service: StartService, git_server: GitServer
-) -> None:
-    settings = make_settings(tmp_path / "data", redis_server.url)
-    first = await start_service(settings)
-    dep = await first.deploy(slow_repo(git_server))
-    await wait_building(first, dep["id"])
-    runner = get_context(first.app).runner
-    # A crash: the server vanishes without a chance to end its builds.
-    for task in list(runner.owned.values()):
-        task.cancel()
-    for proc in list(runner.procs.values()):
-        proc.kill()
-    await asyncio.sleep(0.2)
-    store = get_context(first.app).store
-    await store.refresh_leases([dep["id"]], runner.holder)  # as the dead server left it
-    second = await start_service(make_settings(tmp_path / "data", redis_server.url))
-    final = await get_context(second.app).store.get_deployment(dep["id"])
-    assert final.status == "failed" and "restarted" in final.reason
+def test_leftovers_of_a_previous_run_are_failed_on_start(tmp_path, git_server: GitServer) -> None:
+    first = Served(tmp_path / "data")
+    first.start()
+    status, dep = first.post_json("/api/deployments", {"repo_url": slow_repo(git_server, delay_ms=50)})
+    assert status == 202, dep
+    deadline = time.monotonic() + 60
+    while first.get_json(f"/api/deployments/{dep['id']}")["status"] != "building":
+        assert time.monotonic() < deadline, "never reached building"
+        time.sleep(0.05)
+    first.crash()  # server, its Redis and its workers die at once, ending nothing
+    second = Served(tmp_path / "data")
+    second.token = first.token
+    second.start(expect_login=False)
+    try:
+        final = second.wait_final(dep["id"], timeout=20)
+        assert final["status"] == "failed" and "restarted" in final["reason"], final
+    finally:
+        second.stop()
 
 
 async def test_reaper_fails_deployments_nobody_holds(service: Service) -> None:
-    store: Store = get_context(service.app).store
+    store: Store = get_store(service.app)
     dep = await store.create_deployment("orphan", "http://127.0.0.1:9/x.git", "")
     await store.redis.delete(f"dh:lease:{dep.id}")
     assert await store.reap() == [dep.id]

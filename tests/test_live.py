@@ -91,13 +91,13 @@ async def test_bad_socket_messages_get_error_frames_and_socket_stays_usable(
 
 
 async def test_log_comes_from_storage_once_redis_forgot_it(service: Service, git_server: GitServer) -> None:
-    from deployhub import get_context, keys
+    from deployhub import get_store, keys
 
     url = git_server.add_repo(unique_name("tiny"), files_dir=TINY_APP)
     dep = await service.deploy(url)
     await service.wait_final(dep["id"])
     from_redis = await service.logs(dep["id"])
-    redis = get_context(service.app).redis
+    redis = get_store(service.app).redis
     assert await redis.ttl(keys.log_stream(dep["id"])) > 0  # the stream expires; storage keeps it
     await redis.delete(keys.log_stream(dep["id"]))
     assert await service.logs(dep["id"]) == from_redis
@@ -107,7 +107,8 @@ async def test_log_comes_from_storage_once_redis_forgot_it(service: Service, git
 def test_a_lagging_socket_reads_recent_batches_as_one_frame() -> None:
     import json
 
-    from deployhub.live import COALESCE_BYTES, LogFrame, Recent, wire_frame
+    from deployhub.live.frames import LogFrame, wire_frame
+    from deployhub.live.recent import COALESCE_BYTES, Recent
 
     def frame(first: int, last: int, width: int = 2) -> LogFrame:
         return LogFrame.of("p", "dep000000001", [
@@ -141,17 +142,17 @@ def test_a_lagging_socket_reads_recent_batches_as_one_frame() -> None:
 async def test_frames_of_every_length_reach_an_aiohttp_client_intact(service: Service) -> None:
     """Log frames are encoded once as WebSocket frames by hand (RFC 6455 has three length
     forms: <126, 16-bit and 64-bit); a real client must decode each of them."""
-    from deployhub import get_context
+    from deployhub import get_store
     from deployhub.logs import LogPublisher
 
-    ctx = get_context(service.app)
+    store = get_store(service.app)
     project = unique_name("frames")
-    dep = await ctx.store.create_deployment(project, "http://127.0.0.1:9/x.git", "", service.token_id)
+    dep = await store.create_deployment(project, "http://127.0.0.1:9/x.git", "", service.token_id)
     watch = await Watch(service).open(project)
     await watch.wait_for(lambda: any(f["type"] == "subscribed" for f in watch.frames), timeout=10)
     assert watch.ws is not None
     await watch.ws.send_json({"type": "ping"})  # the pong reply is a 15-byte frame
-    publisher = LogPublisher(ctx.redis, project, dep.id, max_lines=10_000, line_max_bytes=1000)
+    publisher = LogPublisher(store.redis, project, dep.id, max_lines=10_000, line_max_bytes=1000)
     publisher.start()
     texts = ["one short line"]  # one small batch: a frame under 64 KiB
     publisher.emit("stdout", texts[0])

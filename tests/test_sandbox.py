@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 import deployhub
-from deployhub import get_context
 from tests.support.infra import (
     FIXTURES_DIR,
     TINY_APP,
@@ -22,6 +21,7 @@ from tests.support.infra import (
     unique_name,
 )
 from tests.support.service import Service, StartService, make_settings
+from tests.support.workers import wait_for_worker
 from worker import sandbox
 from worker.build import collect_files, open_beneath
 from worker.detect import BuildError, find_output
@@ -126,7 +126,8 @@ async def test_killed_worker_takes_its_sandbox_along(service: Service, git_serve
     marker = unique_name("daemon")
     dep = await service.deploy(forever_repo(git_server, marker))
     await wait_for_processes(marker, present=True, timeout=30)
-    os.kill(get_context(service.app).runner.procs[dep["id"]].pid, signal.SIGKILL)
+    (pid,) = await wait_for_worker(dep["id"], running=True)
+    os.kill(pid, signal.SIGKILL)
     await wait_for_processes(marker, present=False, timeout=10)  # bwrap --die-with-parent
     final = await service.wait_final(dep["id"], timeout=20)
     assert final["status"] == "failed"

@@ -1,20 +1,12 @@
 // Pure helpers for deployment status, step timeline and time formatting.
-// No DOM here, so this file can be exercised directly with node.
+// No DOM here. The lifecycle (steps, final statuses) comes from the server's Status enum
+// through the generated lifecycle.js module, so the page keeps no list of its own.
 
-export const STEPS = ["queued", "cloning", "installing", "building", "uploading", "ready"];
-export const STATUSES = [...STEPS, "failed", "canceled"];
-const FINAL = new Set(["ready", "failed", "canceled"]);
+import { LIFECYCLE } from "./lifecycle.js";
 
-export const STATUS_LABELS = {
-  queued: "Queued",
-  cloning: "Cloning",
-  installing: "Installing",
-  building: "Building",
-  uploading: "Uploading",
-  ready: "Ready",
-  failed: "Failed",
-  canceled: "Canceled",
-};
+export const STEPS = LIFECYCLE.steps;
+export const STATUSES = LIFECYCLE.statuses;
+const FINAL = new Set(LIFECYCLE.final);
 
 export function isFinal(status) {
   return FINAL.has(status);
@@ -26,7 +18,8 @@ export function statusKey(status) {
 }
 
 export function statusLabel(status) {
-  return STATUS_LABELS[status] ?? String(status ?? "Unknown");
+  if (!STATUSES.includes(status)) return String(status ?? "Unknown");
+  return status.charAt(0).toUpperCase() + status.slice(1);
 }
 
 /**
@@ -77,7 +70,7 @@ export function computeSteps(dep, now = clock.now()) {
     else if (i === stop)
       state = status === "failed" ? "failed" : status === "canceled" ? "canceled" : "current";
     else state = final ? "skipped" : "pending";
-    return { name, label: STATUS_LABELS[name], state, duration: stepDuration(ts, i, stop, end) };
+    return { name, label: statusLabel(name), state, duration: stepDuration(ts, i, stop, end) };
   });
 
   const start = ts.queued ?? dep.created_at;

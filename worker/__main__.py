@@ -27,11 +27,11 @@ log = logging.getLogger("worker")
 WATCH_INTERVAL = 2.0
 
 
-async def watch(build: Build, store: Store) -> None:
+async def watch(build: Build, store: Store, lease_holder: str) -> None:
     """Keep the lease alive and notice a cancel made through the API."""
     while True:
         try:
-            await store.refresh_leases([build.dep.id], holder())
+            await store.refresh_leases([build.dep.id], lease_holder)
             current = await store.get_deployment(build.dep.id)
             if current.status == Status.CANCELED:
                 build.stop(Status.CANCELED, current.reason or "Canceled.")
@@ -50,7 +50,7 @@ async def watch_parent(build: Build) -> None:
     build.stop(Status.FAILED, "The server that started this build stopped before it finished.")
 
 
-async def main(dep_id: str, watch_stdin: bool) -> int:
+async def main(dep_id: str, watch_stdin: bool, lease_holder: str) -> int:
     settings = Settings.from_env()
     if settings.redis_url is None:
         raise SettingsError("the worker needs DEPLOYHUB_REDIS_URL")
@@ -71,7 +71,7 @@ async def main(dep_id: str, watch_stdin: bool) -> int:
                 loop.add_signal_handler(
                     sig, build.stop, Status.FAILED, "The build worker was shut down before it finished."
                 )
-            helpers = [asyncio.create_task(watch(build, store))]
+            helpers = [asyncio.create_task(watch(build, store, lease_holder))]
             if watch_stdin:
                 helpers.append(asyncio.create_task(watch_parent(build)))
             try:
@@ -89,16 +89,32 @@ async def main(dep_id: str, watch_stdin: bool) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
-    parser.add_argument("deployment", help="the deployment id to build")
+    parser.add_argument("deployment", nargs="?", help="the deployment id to build")
+    parser.add_argument(
+        "--lease-holder", default=None,
+        help="hold the deployment's lease under this name (the runner's, so a runner that "
+             "restarts knows the builds it had); default worker:<host>:<pid>",
+    )
+    parser.add_argument("--check-sandbox", action="store_true",
+                        help="exit 0 if builds can be sandboxed here, else print why and exit 1")
     parser.add_argument(
         "--watch-stdin", action="store_true",
         help="stop the build when standard input closes (the local runner's lifeline)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.check_sandbox:
+        from .sandbox import sandbox_problem
+
+        problem = sandbox_problem()
+        if problem:
+            print(problem)
+        return 1 if problem else 0
+    if args.deployment is None:
+        parser.error("give the deployment id to build")
     try:
         dep_id = check_deployment_id(args.deployment)
-        return asyncio.run(main(dep_id, args.watch_stdin))
+        return asyncio.run(main(dep_id, args.watch_stdin, args.lease_holder or holder()))
     except (SettingsError, InvalidInput) as exc:
         print(f"worker: {exc}", file=sys.stderr)
         return 2

@@ -33,6 +33,7 @@ class Served:
             ["deployhub", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
              "--allow-hosts", "127.0.0.1"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,  # its own process group, for crash()
         )
         self.reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self.reader.start()
@@ -60,6 +61,20 @@ class Served:
         self.reader.join(10)
         assert self.proc.stdout is not None
         self.proc.stdout.close()
+
+    def crash(self) -> None:
+        """SIGKILL the server and everything it started (its Redis, its workers) at once."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self.reader.join(10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+    def get_json(self, path: str) -> Any:
+        status, _, raw = self.get(path)
+        assert status == 200, (status, raw[:500])
+        return json.loads(raw)
 
     @property
     def url(self) -> str:

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from deployhub import Settings, create_app, get_context
+from deployhub import Settings, create_app, get_tokens
 from deployhub.status import FINAL
 from tests.support.infra import RedisServer
 
@@ -32,7 +32,7 @@ class Service:
 
     async def start(self) -> None:
         await self.server.start_server()
-        token, self.token = await get_context(self.app).tokens.create("tests")
+        token, self.token = await get_tokens(self.app).create("tests")
         self.token_id = token.id
         self.session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"})
 

@@ -1,4 +1,4 @@
-"""Starting builds: the local runner runs `python -m worker` as a child process per build."""
+"""The local runner: `python -m worker` as a sandboxed child process per build."""
 
 from __future__ import annotations
 
@@ -11,25 +11,22 @@ import socket
 import sys
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Protocol
 
-from .settings import Secret, Settings
-from .status import Status
-from .store import Deployment, NotFound, Store
+from ..settings import Secret, Settings
+from ..status import Status
+from ..store import Deployment, NotFound, Store
 
 log = logging.getLogger(__name__)
 
 LEASE_REFRESH = 10.0
 STOP_GRACE = 10.0
+SANDBOX_CHECK_TIMEOUT = 30.0
+WORKER_TAIL_LINES = 10  # of a dead worker's stderr, put in the deployment's reason
 # Variables a worker needs from the server's environment; everything else stays behind.
 WORKER_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS",
               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
               "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
               "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED", "PYTHONPATH")
-
-
-class Runner(Protocol):
-    async def submit(self, dep: Deployment) -> None: ...
 
 
 class LocalRunner:
@@ -47,6 +44,34 @@ class LocalRunner:
         self.owned: dict[str, asyncio.Task[None]] = {}
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.holder = f"local:{socket.gethostname()}:{settings.data_dir.resolve()}"
+        self.refused: str | None = None
+
+    async def check_sandbox(self) -> None:
+        """Ask the worker program itself whether it can sandbox builds on this machine; the
+        answer (None, or why not) is what the API tells a deploy while it stands."""
+        if self.settings.sandbox != "bwrap":
+            log.warning("DEPLOYHUB_SANDBOX=none: build code runs unsandboxed, with the worker's rights")
+            return
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker", "--check-sandbox",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=self._worker_env(),
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), SANDBOX_CHECK_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            self.refused = f"The build sandbox check did not answer within {SANDBOX_CHECK_TIMEOUT:.0f} s."
+        else:
+            if proc.returncode == 1 and out.strip():
+                self.refused = out.decode(errors="replace").strip()
+            elif proc.returncode != 0:
+                detail = err.decode(errors="replace").strip().splitlines()[-WORKER_TAIL_LINES:]
+                self.refused = (f"The build sandbox check failed (exit code {proc.returncode}): "
+                                + " / ".join(detail))
+        if self.refused:
+            log.error("builds are refused: %s", self.refused)
 
     async def submit(self, dep: Deployment) -> None:
         await self.store.refresh_leases([dep.id], self.holder)
@@ -63,24 +88,36 @@ class LocalRunner:
             raise
         except Exception as exc:
             log.exception("could not run the build of %s", dep.id)
-            with contextlib.suppress(Exception):
+            try:
                 await self.store.transition(dep, Status.FAILED, f"DeployHub could not start the build: {exc}")
+            except Exception as again:  # Redis is away: the reaper fails it once the lease ends
+                log.warning("could not record that %s failed: %s", dep.id, again)
         finally:
             self.owned.pop(dep.id, None)
 
-    async def _run_worker(self, dep: Deployment) -> None:
+    async def cancel(self, dep: Deployment, reason: str) -> bool:
+        # The worker sees the status within its watch interval and kills the build; a build
+        # still waiting for a slot sees it when it gets one and never starts.
+        return await self.store.transition(dep, Status.CANCELED, reason)
+
+    def _worker_env(self) -> dict[str, str]:
         env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
         env.update(self.settings.to_env())
         env["DEPLOYHUB_REDIS_URL"] = self.redis_url.reveal()
+        return env
+
+    async def _run_worker(self, dep: Deployment) -> None:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "worker", dep.id, "--watch-stdin",
+            # The worker holds the lease under our name: after a crash of this server (which
+            # takes its workers along), the next start here fails what it had left.
+            sys.executable, "-m", "worker", dep.id, "--watch-stdin", "--lease-holder", self.holder,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
-            env=env,
+            env=self._worker_env(),
         )
         self.procs[dep.id] = proc
-        tail: deque[str] = deque(maxlen=10)
+        tail: deque[str] = deque(maxlen=WORKER_TAIL_LINES)
         try:
             assert proc.stderr is not None
             async for raw in proc.stderr:
@@ -103,8 +140,10 @@ class LocalRunner:
         while True:
             await asyncio.sleep(LEASE_REFRESH)
             if self.owned:
-                with contextlib.suppress(Exception):
+                try:
                     await self.store.refresh_leases(list(self.owned), self.holder)
+                except Exception as exc:  # the lease has slack; the next refresh may succeed
+                    log.warning("could not refresh the build leases: %s", exc)
 
     async def fail_leftovers(self) -> list[str]:
         """Deployments a previous run of this server left unfinished: end them now."""
@@ -134,13 +173,14 @@ class LocalRunner:
             for task in pending:
                 task.cancel()
             for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task  # _run records its own failures
 
 
 @contextlib.asynccontextmanager
 async def local_runner(settings: Settings, redis_url: Secret, store: Store) -> AsyncIterator[LocalRunner]:
     runner = LocalRunner(settings, redis_url, store)
+    await runner.check_sandbox()
     for dep_id in await runner.fail_leftovers():
         log.warning("deployment %s was left unfinished by a previous run: marked failed", dep_id)
     leases = asyncio.create_task(runner.keep_leases(), name="deployhub-leases")

@@ -1,0 +1,340 @@
+"""The hub: the project -> sockets map, the Redis subscriber task, one writer per socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from .. import keys
+from ..connections import REDIS, STORE
+from ..logs import event_seq, logs_frame, read_events
+from ..settings import Settings
+from ..state import SETTINGS, require
+from ..store import Store, decode_status_message, dumps
+from ..views import deployment_json
+from .frames import LogFrame, StatusFrame, wire_frame
+from .recent import RECENT_DEPLOYMENTS, Recent
+from .watcher import RESYNC, Backlog, Item, Reply, Resync, Subscribe, Watcher
+
+log = logging.getLogger(__name__)
+
+HISTORY_CHUNK = 2000  # log events per frame when reading the stream
+SNAPSHOT_DEPLOYMENTS = 20  # deployments listed in a `subscribed` frame
+SUBSCRIBE_CONFIRM_TIMEOUT = 5.0  # seconds to wait for Redis to confirm a subscription
+REDIS_RETRY_DELAY = 0.5  # seconds a writer waits before retrying a delivery Redis refused
+RECONNECT_BACKOFF = (0.1, 5.0)  # first and longest wait between subscriber reconnects
+
+
+class Hub:
+    """Fans Redis pub/sub messages out to the sockets of this process."""
+
+    def __init__(self, settings: Settings, redis: Redis, store: Store) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.store = store
+        self.watchers: dict[str, set[Watcher]] = {}
+        self.sockets: set[Watcher] = set()
+        self.recent: OrderedDict[str, Recent] = OrderedDict()  # deployment -> its newest frames
+        # What delivery did, by name ("frames written at once", "frames queued", "frames from
+        # memory", "catch-ups from Redis"): logged at shutdown, read by tests and operators.
+        self.stats: Counter[str] = Counter()
+        self._pubsub: PubSub | None = None
+        self._confirmed: dict[str, asyncio.Future[None]] = {}
+        self._connected = asyncio.Event()
+
+    # -- membership ---------------------------------------------------------------------
+
+    async def add(self, project: str, watcher: Watcher) -> asyncio.Future[None]:
+        """Register a watcher; the future resolves once Redis confirms the subscription."""
+        members = self.watchers.setdefault(project, set())
+        members.add(watcher)
+        future = self._confirmed.get(project)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._confirmed[project] = future
+            if self._pubsub is not None and self._connected.is_set():
+                with contextlib.suppress(RedisError, OSError):
+                    await self._pubsub.subscribe(keys.channel(project))
+        return future
+
+    async def remove(self, project: str, watcher: Watcher) -> None:
+        members = self.watchers.get(project)
+        if not members:
+            return
+        members.discard(watcher)
+        if members:
+            return
+        del self.watchers[project]
+        for dep_id in [d for d, r in self.recent.items() if r.frames and r.frames[0].project == project]:
+            del self.recent[dep_id]
+        future = self._confirmed.pop(project, None)
+        if future is not None and not future.done():
+            future.cancel()
+        if self._pubsub is not None and self._connected.is_set():
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.unsubscribe(keys.channel(project))
+
+    # -- the subscriber task ------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Listen forever; after a lost connection, resubscribe and make every socket catch up."""
+        backoff = RECONNECT_BACKOFF[0]
+        first = True
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    self._pubsub = pubsub
+                    await pubsub.ping()
+                    channels = [keys.channel(p) for p in self.watchers]
+                    # pubsub refuses to read before it has a subscription; a private channel
+                    # keeps the connection in subscribed mode while no project is watched.
+                    await pubsub.subscribe(keys.IDLE_CHANNEL, *channels)
+                    if pubsub.connection is not None:
+                        # redis-py may reconnect on its own and resubscribe quietly; whatever
+                        # was published meanwhile must still reach the sockets.
+                        pubsub.connection.register_connect_callback(self._reconnected)
+                    self._connected.set()
+                    if not first:
+                        log.info("Redis is back; resubscribed %d projects", len(channels))
+                        for members in self.watchers.values():
+                            for watcher in members:
+                                watcher.offer(RESYNC)
+                    first = False
+                    backoff = RECONNECT_BACKOFF[0]
+                    await self._listen(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                log.warning("Redis subscriber lost its connection (%s); retrying in %.1fs", exc, backoff)
+            finally:
+                self._connected.clear()
+                self._pubsub = None
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RECONNECT_BACKOFF[1])
+
+    async def _reconnected(self, connection: object) -> None:
+        log.info("Redis subscriber reconnected; every socket catches up from the streams")
+        for members in self.watchers.values():
+            for watcher in members:
+                watcher.offer(RESYNC)
+
+    async def _listen(self, pubsub: PubSub) -> None:
+        async for message in pubsub.listen():
+            kind = message["type"]
+            channel: str = message["channel"]  # the client decodes responses
+            project = channel[len(keys.channel("")):]
+            if kind == "subscribe":
+                future = self._confirmed.get(project)
+                if future is not None and not future.done():
+                    future.set_result(None)
+            elif kind == "message":
+                try:
+                    self.dispatch(project, message["data"])
+                except Exception:
+                    log.exception("dropped a malformed message on %s", channel)
+
+    def dispatch(self, project: str, data: str) -> None:
+        members = self.watchers.get(project)
+        if not members:
+            return
+        payload: dict[str, Any] = json.loads(data)
+        item: Item
+        if payload["type"] == "logs":
+            events = payload["events"]
+            if not events:
+                return
+            raw = data.encode()
+            frame = LogFrame(
+                project, payload["deployment"], events[0]["seq"], events[-1]["seq"], raw,
+                wire_frame(raw),
+            )
+            self._remember(frame)
+            written = 0
+            for watcher in members:
+                written += watcher.deliver(frame)
+            self.stats["frames written at once"] += written
+            self.stats["frames queued"] += len(members) - written
+            return
+        elif payload["type"] == "status":
+            dep = decode_status_message(payload)
+            body = deployment_json(self.settings, dep, payload.get("production", ""))
+            text = dumps({"type": "status", "deployment": body}).encode()
+            log_seq = int(payload["deployment"].get("log_seq") or 0)
+            item = StatusFrame(project, dep.id, dep.final, text, wire_frame(text), log_seq)
+        elif payload["type"] == "production":
+            text = dumps(payload).encode()
+            item = StatusFrame(project, "", False, text, wire_frame(text))
+        else:
+            return
+        for watcher in members:
+            watcher.offer(item)
+
+    def _remember(self, frame: LogFrame) -> None:
+        recent = self.recent.get(frame.deployment)
+        if recent is None:
+            recent = self.recent[frame.deployment] = Recent()
+            if len(self.recent) > RECENT_DEPLOYMENTS:
+                self.recent.popitem(last=False)
+        else:
+            self.recent.move_to_end(frame.deployment)
+        recent.add(frame)
+
+    # -- one socket's writer ------------------------------------------------------------
+
+    async def write(self, watcher: Watcher) -> None:
+        try:
+            while True:
+                item = await watcher.take()
+                try:
+                    await self._deliver(watcher, item)
+                except (RedisError, OSError) as exc:
+                    if isinstance(exc, ConnectionResetError):
+                        raise
+                    # Redis is away: try again shortly, from the stream, losing nothing.
+                    log.warning("live delivery paused: %s", exc)
+                    await asyncio.sleep(REDIS_RETRY_DELAY)
+                    watcher.offer(item if isinstance(item, Subscribe) else RESYNC)
+        except ConnectionResetError:
+            # The socket closed under us (aiohttp raises ClientConnectionResetError, a
+            # ConnectionResetError, for a write to a closing one); the handler cleans up.
+            log.debug("socket closed while its writer was delivering")
+
+    async def _deliver(self, watcher: Watcher, item: Item) -> None:
+        if isinstance(item, Subscribe):
+            await self._send_subscribed(watcher, item)
+        elif isinstance(item, Reply):
+            await watcher.send(wire_frame(item.data))
+        elif isinstance(item, Resync):
+            await self._resync(watcher)
+        elif item.project not in watcher.projects:
+            return
+        elif isinstance(item, Backlog):
+            await self._send_backlog(watcher, item)
+        else:
+            await watcher.send(item.wire)
+            if item.final and watcher.seqs.get(item.deployment, 0) < (item.log_seq or 1 << 62):
+                # Lines published in a window this socket missed: read them before it closes.
+                await self._catch_up(watcher, item.project, item.deployment)
+
+    async def _send_backlog(self, watcher: Watcher, backlog: Backlog) -> None:
+        """Bring a socket that fell behind up to `backlog.upto`: from the shared recent frames
+        while they reach back far enough, else from the deployment's stream."""
+        dep_id = backlog.deployment
+        watcher.deployment_project[dep_id] = backlog.project
+        while (after := watcher.seqs.get(dep_id, 0)) < backlog.upto:
+            recent = self.recent.get(dep_id)
+            frame = recent.since(after, backlog.upto) if recent is not None else None
+            if frame is None:
+                # Read the stream only up to where the shared frames begin: the socket then
+                # rejoins them at a batch boundary, and the frames stay shared.
+                start = recent.frames[0].first if recent is not None and recent.frames else 0
+                self.stats["catch-ups from Redis"] += 1
+                await self._catch_up(
+                    watcher, backlog.project, dep_id, until=start - 1 if start > after + 1 else None
+                )
+                if watcher.seqs.get(dep_id, 0) > after:
+                    continue
+                # Neither holds these lines any more (the stream expired): go on from memory.
+                if recent is None or not recent.frames or recent.frames[0].last <= after:
+                    return
+                frame = recent.frames[0]
+            self.stats["frames from memory"] += 1
+            await watcher.send(frame.wire)
+            watcher.seqs[dep_id] = max(after, frame.last)
+
+    async def _catch_up(
+        self, watcher: Watcher, project: str, dep_id: str, until: int | None = None
+    ) -> None:
+        """Send every stored line after the last one this socket got (up to `until`)."""
+        while True:
+            after = watcher.seqs.get(dep_id, 0)
+            if until is not None and after >= until:
+                return
+            events = await read_events(self.redis, dep_id, after, HISTORY_CHUNK, until)
+            if not events:
+                return
+            await watcher.send(wire_frame(logs_frame(project, dep_id, events).encode()))
+            watcher.seqs[dep_id] = event_seq(events[-1])
+            if len(events) < HISTORY_CHUNK:
+                return
+
+    async def _send_subscribed(self, watcher: Watcher, sub: Subscribe) -> None:
+        if sub.project not in watcher.projects:
+            return  # unsubscribed meanwhile
+        # Read history only once Redis has confirmed the subscription, so nothing published in
+        # between is missed; a gap left by a late confirmation is still filled by seq.
+        await asyncio.wait({sub.ready}, timeout=SUBSCRIBE_CONFIRM_TIMEOUT)
+        deployments = await self._snapshot(sub.project)
+        await watcher.send_json({"type": "subscribed", "project": sub.project, "deployments": deployments})
+        wanted = dict(sub.resume)
+        if deployments:
+            wanted.setdefault(deployments[0]["id"], 0)
+        for dep_id, after in wanted.items():
+            watcher.seqs[dep_id] = max(after, 0)
+            watcher.deployment_project[dep_id] = sub.project
+            await self._catch_up(watcher, sub.project, dep_id)
+
+    async def _snapshot(self, project: str) -> list[dict[str, Any]]:
+        """The project's newest deployments as the API shows them, newest first."""
+        deployments = await self.store.list_deployments(project, SNAPSHOT_DEPLOYMENTS)
+        production = (await self.store.get_project(project)).production
+        return [deployment_json(self.settings, d, production) for d in deployments]
+
+    async def _resync(self, watcher: Watcher) -> None:
+        await watcher.send_json({"type": "resync"})
+        for project in sorted(watcher.projects):
+            deployments = await self._snapshot(project)
+            for body in reversed(deployments):
+                await watcher.send_json({"type": "status", "deployment": body})
+            tracked = [d for d, p in watcher.deployment_project.items() if p == project]
+            if deployments and deployments[0]["id"] not in tracked:
+                tracked.append(deployments[0]["id"])
+                watcher.deployment_project[deployments[0]["id"]] = project
+            for dep_id in tracked:
+                await self._catch_up(watcher, project, dep_id)
+
+
+@contextlib.asynccontextmanager
+async def running_hub(settings: Settings, redis: Redis, store: Store) -> AsyncIterator[Hub]:
+    hub = Hub(settings, redis, store)
+    task = asyncio.create_task(hub.run(), name="deployhub-subscriber")
+    try:
+        yield hub
+    finally:
+        if hub.stats:
+            log.info("live logs: %s", ", ".join(f"{n} {what}" for what, n in hub.stats.items()))
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+HUB = web.AppKey("deployhub.hub", Hub)
+
+
+def get_hub(app: web.Application) -> Hub:
+    return require(app, HUB)
+
+
+async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with running_hub(app[SETTINGS], app[REDIS], app[STORE]) as hub:
+        app[HUB] = hub
+        yield
+
+
+async def close_sockets(app: web.Application) -> None:
+    """on_shutdown: say goodbye to every socket, so clients reconnect elsewhere at once."""
+    hub = app.get(HUB)
+    if hub is None:
+        return
+    for watcher in list(hub.sockets):
+        await watcher.ws.close(code=1001, message=b"server shutting down")

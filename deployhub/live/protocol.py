@@ -1,0 +1,131 @@
+"""The WebSocket endpoint: authenticate, subscribe, unsubscribe, ping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from redis.exceptions import RedisError
+
+from ..auth import Tokens, Unauthorized, bearer
+from ..connections import TOKENS
+from ..store import NotFound, dumps
+from ..validation import MAX_BODY, MAX_RESUME, InvalidInput, check_deployment_id, check_project
+from .hub import HUB, Hub
+from .watcher import Reply, Subscribe, Watcher
+
+log = logging.getLogger(__name__)
+
+MAX_PROJECTS_PER_SOCKET = 50
+HEARTBEAT = 20.0
+CLOSE_REASON_BYTES = 120  # a close frame's reason may hold at most 123 bytes
+
+
+async def handle_message(
+    hub: Hub, tokens: Tokens, watcher: Watcher, text: str
+) -> dict[str, Any] | None:
+    """Apply one client message; returns the reply (an error frame for a bad one), if any."""
+    try:
+        message = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return {"type": "error", "message": "messages must be JSON objects"}
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        return {"type": "error", "message": 'messages need a string "type"'}
+    kind = message["type"]
+    try:
+        if kind == "auth":
+            token = message.get("token")
+            watcher.owner = await tokens.check(token if isinstance(token, str) else None)
+            return {"type": "authenticated"}
+        if kind == "subscribe":
+            if watcher.owner is None:
+                raise Unauthorized(
+                    'authenticate first: send {"type": "auth", "token": ...} or an '
+                    "Authorization header"
+                )
+            project = check_project(message.get("project"))
+            resume = _check_resume(message.get("resume", {}))
+            if project not in watcher.projects:
+                if len(watcher.projects) >= MAX_PROJECTS_PER_SOCKET:
+                    raise InvalidInput(
+                        f"a socket may watch at most {MAX_PROJECTS_PER_SOCKET} projects"
+                    )
+                await hub.store.owned_project(project, watcher.owner)
+            watcher.projects.add(project)
+            ready = await hub.add(project, watcher)
+            watcher.offer(Subscribe(project, resume, ready))
+            return None
+        if kind == "unsubscribe":
+            project = check_project(message.get("project"))
+            watcher.projects.discard(project)
+            await hub.remove(project, watcher)
+            return None
+        if kind == "ping":
+            return {"type": "pong"}
+    except InvalidInput as exc:
+        return {"type": "error", "message": str(exc)}
+    except NotFound as exc:
+        return {"type": "error", "message": str(exc)}
+    except (RedisError, OSError):
+        log.warning("could not answer a %s message: Redis unavailable", kind)
+        return {"type": "error", "message": f"{kind} failed: DeployHub's Redis is unavailable; try again"}
+    return {
+        "type": "error",
+        "message": f"unknown message type {kind!r}; use auth, subscribe, unsubscribe or ping",
+    }
+
+
+def _check_resume(raw: object) -> dict[str, int]:
+    if not isinstance(raw, dict) or len(raw) > MAX_RESUME:
+        raise InvalidInput(f"resume must be an object of at most {MAX_RESUME} {{deployment id: last seq}}")
+    resume = {}
+    for dep_id, seq in raw.items():
+        check_deployment_id(dep_id)
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise InvalidInput("resume values must be non-negative integers (the last seq seen)")
+        resume[dep_id] = seq
+    return resume
+
+
+async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
+    hub = request.config_dict[HUB]
+    tokens = request.config_dict[TOKENS]
+    # No permessage-deflate: it would compress every frame once per socket (its context is per
+    # connection), the single largest cost of fanning one log out to many watchers.
+    ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=MAX_BODY, compress=False)
+    stream = await ws.prepare(request)
+    assert request.transport is not None  # prepare() fails on a closed connection
+    watcher = Watcher(ws, request.transport, stream)
+    header = bearer(request.headers.get("Authorization"))
+    if header is not None:
+        with contextlib.suppress(Unauthorized, RedisError, OSError):  # else: an auth message
+            watcher.owner = await tokens.check(header)
+    hub.sockets.add(watcher)
+    writer = asyncio.create_task(hub.write(watcher))
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                try:
+                    reply = await handle_message(hub, tokens, watcher, msg.data)
+                except Unauthorized as exc:
+                    # The page reconnects with a token after 4401; nothing else is sent.
+                    await ws.close(code=4401, message=str(exc).encode()[:CLOSE_REASON_BYTES].decode(errors="ignore").encode())
+                    break
+                if reply is not None:
+                    watcher.offer(Reply(dumps(reply).encode()))
+            elif msg.type == WSMsgType.BINARY:
+                watcher.offer(Reply(dumps({"type": "error", "message": "send JSON text frames"}).encode()))
+    finally:
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+        hub.sockets.discard(watcher)
+        for project in list(watcher.projects):
+            await hub.remove(project, watcher)
+    return ws
+
+
