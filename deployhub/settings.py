@@ -43,9 +43,10 @@ def _default_data_dir() -> Path:
     return Path(base) / "deployhub"
 
 
-def setting(default: Any, help: str, *, factory: Any = None) -> Any:
-    """A settings field whose help text feeds the CLI and the README table."""
-    meta = {"help": help}
+def setting(default: Any, help: str, *, factory: Any = None, shown: str = "") -> Any:
+    """A settings field whose help text feeds the CLI and the README table; `shown` is how
+    the README shows a default that is not a plain value (a computed path, a fallback)."""
+    meta = {"help": help, "shown": shown}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -58,27 +59,28 @@ class Settings:
     data_dir: Path = setting(
         None,
         "Directory for the embedded Redis data, file storage and build directories.",
-        factory=_default_data_dir,
+        factory=_default_data_dir, shown="`~/.local/share/deployhub`",
     )
     domain: str = setting(
-        "localhost", "Sites are served at <project>.<domain>; the Host header decides."
+        "localhost", "Sites are served at `<project>.<domain>`; the Host header decides."
     )
     site_url: str = setting(
         "",
-        "Template for public site URLs, with {name} and {domain}; "
-        "default http://{name}.{domain}:<port>.",
+        "Template for public site URLs, with `{name}` and `{domain}`; "
+        "default `http://{name}.{domain}:<port>`.",
     )
     redis_url: Secret | None = setting(
-        None, "Redis URL. Empty: start a private Redis-compatible server under the data directory."
+        None, "Redis URL. Empty: start a private Redis-compatible server under the data directory.",
+        shown="(embedded)",
     )
-    storage: str = setting("file", "Where built files go: 'file' (under the data directory) or 's3'.")
+    storage: str = setting("file", "Where built files go: `file` (under the data directory) or `s3`.")
     s3_bucket: str = setting("", "S3 bucket for built files and logs (storage=s3).")
     s3_prefix: str = setting("", "Key prefix inside the S3 bucket.")
     s3_endpoint_url: str = setting(
         "", "S3-compatible endpoint URL; empty for AWS. Credentials come from the AWS chain."
     )
     s3_region: str = setting("us-east-1", "S3 region.")
-    runner: str = setting("local", "Where builds run: 'local' (sandboxed child processes).")
+    runner: str = setting("local", "Where builds run: `local` (sandboxed child processes).")
     max_builds: int = setting(2, "Builds that may run at once on this server; the rest queue.")
     build_timeout: float = setting(900.0, "Seconds a build may take before it is failed.")
     clone_timeout: float = setting(120.0, "Seconds the git clone may take.")
@@ -89,8 +91,8 @@ class Settings:
     )
     sandbox: str = setting(
         "bwrap",
-        "How builds are isolated: 'bwrap' (bubblewrap; builds are refused when it cannot run) "
-        "or 'none' (UNSAFE: build code runs with the worker's rights).",
+        "How builds are isolated: `bwrap` (bubblewrap; builds are refused when it cannot run) "
+        "or `none` (UNSAFE: build code runs with the worker's rights).",
     )
     build_memory_mb: int = setting(
         2048, "Memory limit of a build in MiB (cgroup; skipped with a warning where none is writable)."
@@ -102,7 +104,7 @@ class Settings:
         20 * 1024 * 1024, "Log bytes kept per deployment; later lines are cut with a marker."
     )
     log_max_lines: int = setting(
-        50_000, "Log lines kept per deployment in Redis; later lines are cut with a marker."
+        50_000, "Log lines kept per deployment; later lines are cut with a marker."
     )
     log_line_max_bytes: int = setting(
         4096, "Longer log lines are cut to this many bytes with a marker."
@@ -157,6 +159,27 @@ class Settings:
                 value = ",".join(value)
             env[env_name(field.name)] = str(value)
         return env
+
+
+def readme_rows() -> list[str]:
+    """The README's configuration table, one row per setting, as the docs test expects it."""
+    defaults = Settings()
+    rows = []
+    for field in dataclasses.fields(Settings):
+        flag = "--" + field.name.replace("_", "-")
+        rows.append(f"| `{env_name(field.name)}` | `{flag}` | {_shown(field, getattr(defaults, field.name))} "
+                    f"| {field.metadata['help']} |")
+    return rows
+
+
+def _shown(field: dataclasses.Field[Any], value: Any) -> str:
+    if field.metadata.get("shown"):
+        return str(field.metadata["shown"])
+    if value in ("", (), None):
+        return "(empty)" if value == "" else "(none)"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"`{value}`"
 
 
 def env_name(field_name: str) -> str:

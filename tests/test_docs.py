@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from deployhub.cli import build_parser
-from deployhub.settings import Settings, SettingsError, env_name
+from deployhub.settings import Settings, SettingsError, env_name, readme_rows
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -18,6 +18,13 @@ def test_setting_is_in_the_readme_table(field: str) -> None:
     flag = "--" + field.replace("_", "-")
     assert f"| `{env_name(field)}` | `{flag}` |" in README
     assert flag in _serve_help()
+
+
+def test_the_readme_table_is_the_settings_whole_rows() -> None:
+    """Name, flag, default and meaning of every setting, in order: a changed default or help
+    text fails here until the README says the same."""
+    table = [line for line in README.splitlines() if line.startswith("| `DEPLOYHUB_")]
+    assert table == readme_rows()
 
 
 def _serve_help() -> str:
