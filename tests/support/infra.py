@@ -35,7 +35,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from deployhub.embedded_redis import find_binary
+from deployhub.embedded_redis import find_binary, free_port
 
 HOST = "127.0.0.1"
 FIXTURES_DIR = Path(__file__).resolve().parent.parent / "fixtures"
@@ -44,13 +44,6 @@ VITE_REACT_APP = FIXTURES_DIR / "vite-react"
 
 
 # --------------------------------------------------------------------------- ports
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def free_ports(count: int) -> list[int]:

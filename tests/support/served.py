@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.infra import free_port
+from deployhub.embedded_redis import free_port
 
 
 class Served:
