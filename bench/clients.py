@@ -14,7 +14,7 @@ from array import array
 from collections import Counter
 from typing import Any
 
-from .processes import Child, _child_common
+from .processes import Child, child_common
 from .report import BINS_PER_S
 
 SEQ = b'"seq":'
@@ -430,7 +430,7 @@ class RawSocket(asyncio.Protocol):
 
 
 def clients_entry(conn: Any, cpus: set[int] | None, nice: int = 0) -> None:
-    _child_common(cpus, nice)
+    child_common(cpus, nice)
     try:
         asyncio.run(_clients(conn))
     except Exception as exc:

@@ -46,16 +46,17 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from tests.support.procs import HOST, RedisServer, pin, stop_all
+
 from .clients import clients_entry, close_clients
 from .processes import (
-    HOST,
-    LoadMeter,
+    ROOT,
     Child,
-    Managed,
+    LoadMeter,
     Sampler,
+    Server,
     core_busy,
     core_times,
-    pin,
     proc_cpu_seconds,
     proc_cpu_split,
     proc_mem_kb,
@@ -69,7 +70,6 @@ from .publisher import publisher_entry
 from .report import git_state, judge, percentiles, ratios, render
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 RESULTS_DIR = HERE / "results"
 
 
@@ -130,7 +130,7 @@ class Bench:
         self.client_cpus = set(cpus) if args.clients == "shared" else self.load_cpus
         # nice: the publisher (the "worker") must get its CPU first so the offered rate holds.
         self.client_nice = 10 if args.clients == "shared" else 5
-        self.redis: Managed | None = None
+        self.redis: RedisServer | None = None
         self.redis_url = ""
         self.runs = 0
         self.meter = LoadMeter()
@@ -163,7 +163,7 @@ class Bench:
             children.append(child)
         return children
 
-    def new_run(self, kind: str, label: str) -> tuple[Managed, int, str, str, Sampler]:
+    def new_run(self, kind: str, label: str) -> tuple[Server, int, str, str, Sampler]:
         """A fresh server, a new project with one queued deployment whose lease is kept alive
         (so DeployHub's reaper does not end it mid-run) and an RSS sampler."""
         self.runs += 1
@@ -252,7 +252,7 @@ class Bench:
             close_clients(clients)
             if publisher is not None:
                 publisher.stop()
-            alive = server.alive()
+            alive = server.running
             server.stop()
         total = {k: sum(s[k] for s in summaries) for k in (
             "watchers", "subscribed", "closed_early", "complete", "accepted", "received", "lost",
@@ -677,8 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.alarm(0)
         for child in list(Child.live):
             child.stop()
-        for proc in list(Managed.live):
-            proc.stop()
+        stop_all()
         if not args.keep_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     report["meta"]["elapsed_s"] = round(time.time() - started, 1)

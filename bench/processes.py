@@ -3,18 +3,18 @@
 Starting and stopping them (pinned to CPUs, dying with the parent), reading their CPU
 and memory from /proc, the load other processes put on the machine (LoadMeter) and the
 thread that samples the server's RSS and keeps the deployment's lease alive (Sampler).
+Launching, probing and stopping a server is tests/support/procs.py's, shared with the
+tests. DeployHub is imported only inside functions: the spawned children import this
+module (through bench.logs_fanout, their __mp_main__) and must not load the app.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import multiprocessing as mp
 import os
 import resource
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -22,21 +22,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-HOST = "127.0.0.1"
+from tests.support.procs import HOST, Managed, RedisServer, clean_env, die_with_parent, pin
+
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-_PR_SET_PDEATHSIG = 1
-try:
-    _libc: Any = ctypes.CDLL(None, use_errno=True)
-except OSError:  # pragma: no cover
-    _libc = None
-
-
-def _die_with_parent() -> None:
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def raise_nofile() -> int:
@@ -48,27 +37,15 @@ def raise_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def pin(pid: int, cpus: set[int] | None) -> None:
-    if cpus:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(pid, cpus)
-
-
-def _child_common(cpus: set[int] | None, nice: int = 0) -> None:
+def child_common(cpus: set[int] | None, nice: int = 0) -> None:
     """First thing in every multiprocessing child: die with the parent, no Ctrl-C noise."""
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise_nofile()
     pin(0, cpus)
     if nice:
         with contextlib.suppress(OSError):
             os.nice(nice)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def proc_cpu_split(pid: int) -> tuple[float, float]:
@@ -207,123 +184,52 @@ class LoadMeter:
 # ------------------------------------------------------------------------ server processes
 
 
-class Managed:
-    """A subprocess with a log file; stopped by `stop()` (SIGTERM, then SIGKILL)."""
+class Server(Managed):
+    """DeployHub (`deployhub.cli serve`) or the naive relay, a fresh process per run."""
 
-    live: set[Managed] = set()
+    start_timeout = 60.0
+    stop_timeout = 10.0
 
-    def __init__(self, name: str, argv: list[str], log_path: Path, cpus: set[int] | None,
-                 env: dict[str, str] | None = None) -> None:
-        self.name = name
-        self.argv = argv
-        self.log_path = log_path
-        self.cpus = cpus
-        self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
+    def __init__(self, kind: str, tag: str, tmp: Path, redis_url: str, cpus: set[int] | None) -> None:
+        from deployhub.embedded_redis import free_port
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        self.name = f"{kind}-{tag}"  # its log: <tmp>/<kind>-<tag>.log
+        # cwd: `python -m deployhub.cli` and `-m bench.naive_relay` must find this checkout.
+        super().__init__(tmp, cpus=cpus, own_session=True, cwd=ROOT)
+        self.kind = kind
+        self.tag = tag
+        self.redis_url = redis_url
+        self.port = free_port()
 
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=ROOT, env=self.env, start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl call
-            )
-        Managed.live.add(self)
-        pin(self.proc.pid, self.cpus)
+    def _command(self) -> list[str]:
+        if self.kind == "deployhub":
+            return [sys.executable, "-m", "deployhub.cli", "serve", "--host", HOST, "--port", str(self.port),
+                    "--redis-url", self.redis_url, "--data-dir", str(self.base_dir / f"dh-{self.tag}")]
+        return [sys.executable, "-m", "bench.naive_relay", "--host", HOST, "--port", str(self.port),
+                "--redis-url", self.redis_url]
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+    def _env(self) -> dict[str, str]:
+        return {**clean_env(), "PYTHONUNBUFFERED": "1"}
 
-    def wait_ready(self, probe: Any, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if not self.alive():
-                raise RuntimeError(f"{self.name} exited while starting; see {self.log_path}:\n{self.tail()}")
-            if probe():
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s; see {self.log_path}:\n{self.tail()}")
-            time.sleep(0.05)
-
-    def tail(self, limit: int = 3000) -> str:
+    def _ready(self) -> bool:
         try:
-            return self.log_path.read_text(errors="replace")[-limit:]
+            with urllib.request.urlopen(f"http://{HOST}:{self.port}/", timeout=1) as resp:
+                return bool(resp.status == 200)
         except OSError:
-            return ""
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        Managed.live.discard(self)
+            return False
 
 
-def redis_binary() -> str:
-    from deployhub.embedded_redis import find_binary
-
-    return find_binary()
-
-
-def _redis_ping(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def _http_ok(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{HOST}:{port}/", timeout=1) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False
-
-
-def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOYHUB_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def start_redis(tmp: Path, cpus: set[int] | None) -> tuple[Managed, str]:
-    port = free_port()
-    data = tmp / "redis"
-    data.mkdir()
-    server = Managed(
-        "redis",
-        [redis_binary(), "--bind", HOST, "--port", str(port), "--dir", str(data), "--save", "",
-         "--appendonly", "no", "--protected-mode", "no", "--daemonize", "no"],
-        tmp / "redis.log", cpus,
-    )
+def start_redis(tmp: Path, cpus: set[int] | None) -> tuple[RedisServer, str]:
+    """The benchmark's own Redis, without persistence, pinned with the servers."""
+    server = RedisServer(tmp / "redis", persist=False, cpus=cpus, own_session=True)
     server.start()
-    server.wait_ready(lambda: _redis_ping(port), 20)
-    return server, f"redis://{HOST}:{port}/0"
+    return server, server.url
 
 
-def start_server(kind: str, tmp: Path, redis_url: str, cpus: set[int] | None, tag: str) -> tuple[Managed, int]:
-    port = free_port()
-    if kind == "deployhub":
-        data_dir = tmp / f"dh-{tag}"
-        argv = [sys.executable, "-m", "deployhub.cli", "serve", "--host", HOST, "--port", str(port),
-                "--redis-url", redis_url, "--data-dir", str(data_dir)]
-    else:
-        argv = [sys.executable, "-m", "bench.naive_relay", "--host", HOST, "--port", str(port),
-                "--redis-url", redis_url]
-    server = Managed(kind, argv, tmp / f"{kind}-{tag}.log", cpus, env=clean_env())
+def start_server(kind: str, tmp: Path, redis_url: str, cpus: set[int] | None, tag: str) -> tuple[Server, int]:
+    server = Server(kind, tag, tmp, redis_url, cpus)
     server.start()
-    server.wait_ready(lambda: _http_ok(port), 60)
-    return server, port
+    return server, server.port
 
 
 class Sampler(threading.Thread):

@@ -10,12 +10,12 @@ from array import array
 from collections import Counter
 from typing import Any
 
-from .processes import _child_common
+from .processes import child_common
 from .report import BINS_PER_S, percentiles
 
 
 def publisher_entry(conn: Any, cpus: set[int] | None, spec: dict[str, Any]) -> None:
-    _child_common(cpus)
+    child_common(cpus)
     try:
         asyncio.run(_publisher(conn, spec))
     except Exception as exc:  # report instead of hanging the parent
