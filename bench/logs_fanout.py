@@ -102,11 +102,12 @@ async def _create_deployment(redis_url: str, project: str) -> tuple[str, str | N
 async def _finish_deployment(redis_url: str, dep_id: str) -> bool:
     from redis.asyncio import Redis
 
+    from deployhub.status import Status
     from deployhub.store import Store
 
     redis = Redis.from_url(redis_url, decode_responses=True)
     try:
-        return await Store(redis).transition(dep_id, "failed", "bench: the build ended")
+        return await Store(redis).transition(dep_id, Status.FAILED, "bench: the build ended")
     finally:
         await redis.aclose()
 
