@@ -26,7 +26,10 @@ _LAZY = {
     "get_sites": "sites",
 }
 
-__all__ = ["Secret", "Settings", *_LAZY]
+__all__ = [
+    "Secret", "Settings", "create_app", "get_hub", "get_runner", "get_settings", "get_sites",
+    "get_storage", "get_store", "get_tokens", "setup",
+]
 
 
 def __getattr__(name: str) -> Any:

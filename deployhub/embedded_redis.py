@@ -49,7 +49,8 @@ def running_url(data_dir: Path) -> Secret | None:
         return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -60,7 +61,7 @@ async def embedded_redis(data_dir: Path) -> AsyncIterator[Secret]:
     """Start the server with its data (append-only file) under `data_dir`; yield its URL."""
     workdir = data_dir / "redis"
     workdir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     password = secrets.token_urlsafe(24)
     config = workdir / "redis.conf"
     # The password goes in a file only we can read, not on a command line others can see.

@@ -11,7 +11,7 @@ from deployhub import get_store
 from deployhub.store import Store
 from tests.support.infra import TINY_APP, GitServer, RedisServer, unique_name
 from tests.support.served import Served
-from tests.support.service import Service, StartService, Watch, make_settings
+from tests.support.service import Service, StartService, Watch
 from tests.support.workers import wait_for_worker
 
 

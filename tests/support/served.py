@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.infra import free_port
+from deployhub.embedded_redis import free_port
+from tests.support.procs import clean_env
 
 
 class Served:
@@ -28,11 +29,10 @@ class Served:
         self.output: list[str] = []
 
     def start(self, expect_login: bool = True) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOYHUB_")}
         self.proc = subprocess.Popen(
             ["deployhub", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
              "--allow-hosts", "127.0.0.1"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,  # its own process group, for crash()
         )
         self.reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)

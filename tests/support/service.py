@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from deployhub import Settings, create_app, get_tokens
+from deployhub.embedded_redis import free_port
 from deployhub.status import FINAL
 from tests.support.infra import RedisServer
 
@@ -100,17 +101,11 @@ def make_settings(data_dir: Path, redis_url: str | None, port: int = 0, **overri
         {},
         data_dir=data_dir,
         redis_url=redis_url,
-        port=port or _free_port(),
+        port=port or free_port(),
         domain=DOMAIN,
         allow_hosts=("127.0.0.1",),
         **overrides,
     )
-
-
-def _free_port() -> int:
-    from tests.support.infra import free_port
-
-    return free_port()
 
 
 StartService = Callable[..., Awaitable[Service]]
