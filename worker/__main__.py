@@ -1,4 +1,6 @@
 """`python -m worker <deployment-id>`: build one deployment (the build container's entry point).
+`python -m worker --check-sandbox`: exit 0 silently when bubblewrap can sandbox builds here,
+else exit 1 and print why (the server runs this before it takes builds).
 
 Configuration comes from the same DEPLOYHUB_* variables as the server.
 """
@@ -20,6 +22,7 @@ from deployhub.storage import open_storage
 from deployhub.store import NotFound, Store
 from deployhub.validation import InvalidInput, check_deployment_id
 
+from . import bwrap
 from .build import Build, holder, retry
 
 log = logging.getLogger("worker")
@@ -87,16 +90,37 @@ async def main(dep_id: str, watch_stdin: bool) -> int:
         await redis.aclose()
 
 
+def check_sandbox() -> int:
+    """Whether bubblewrap works here, with the bwrap the settings choose (whatever
+    DEPLOYHUB_SANDBOX says: this answers for bwrap)."""
+    problem = bwrap.problem(Settings.from_env().bwrap)
+    if problem:
+        print(problem)
+        return 1
+    return 0
+
+
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
-    parser.add_argument("deployment", help="the deployment id to build")
+    parser = argparse.ArgumentParser(
+        prog="python -m worker", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("deployment", nargs="?", help="the deployment id to build")
     parser.add_argument(
         "--watch-stdin", action="store_true",
         help="stop the build when standard input closes (the local runner's lifeline)",
     )
+    parser.add_argument(
+        "--check-sandbox", action="store_true",
+        help="exit 0 when bubblewrap can sandbox builds here, else print why and exit 1",
+    )
     args = parser.parse_args(argv)
+    if args.deployment is None and not args.check_sandbox:
+        parser.error("the deployment id is required (or --check-sandbox)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.check_sandbox:
+            return check_sandbox()
         dep_id = check_deployment_id(args.deployment)
         return asyncio.run(main(dep_id, args.watch_stdin))
     except (SettingsError, InvalidInput) as exc:

@@ -225,7 +225,7 @@ class Build:
     async def _command(self, argv: list[str]) -> None:
         """Run one untrusted command (repository code) in the build's sandbox and limits."""
         remaining = self.settings.build_timeout - (time.monotonic() - self.started)
-        with self.sandbox.prepare(argv, self._build_env()) as command:
+        async with self.sandbox.prepare(argv, self._build_env()) as command:
             self.logs.emit("system", "$ " + " ".join(argv))
             try:
                 result = await proc.run(
