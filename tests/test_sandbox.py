@@ -25,8 +25,8 @@ from tests.support.infra import (
 )
 from tests.support.service import Service, StartService, make_settings
 from worker import cgroups, sandbox
-from worker.build import collect_files, open_beneath
 from worker.detect import BuildError, find_output
+from worker.output import collect_files, open_beneath
 
 MALICIOUS = FIXTURES_DIR / "malicious"
 
