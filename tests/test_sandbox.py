@@ -9,8 +9,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -29,6 +31,7 @@ from worker.detect import BuildError, find_output
 from worker.output import collect_files, open_beneath
 
 MALICIOUS = FIXTURES_DIR / "malicious"
+T = TypeVar("T")
 
 
 def snoop_results(texts: list[str]) -> dict[str, str]:
@@ -209,6 +212,25 @@ async def test_without_cgroups_the_log_says_which_limits_are_off(
         "Warning: no cgroup v1 pids controller is mounted; DEPLOYHUB_BUILD_MAX_PROCESSES is not "
         "enforced for this build",
     ]
+
+
+async def test_cgroup_setup_and_teardown_run_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[str] = []
+    create, close = cgroups.Cgroups.create, cgroups.Cgroups.close
+
+    def record(result: T) -> T:
+        threads.append(threading.current_thread().name)
+        return result
+
+    monkeypatch.setattr(cgroups.Cgroups, "create", classmethod(lambda _c, *a, **k: record(create(*a, **k))))
+    monkeypatch.setattr(cgroups.Cgroups, "close", lambda groups: record(close(groups)))
+    settings = make_settings(tmp_path / "data", None, sandbox="none")
+    box = sandbox.Sandbox(settings, "dep1", tmp_path, tmp_path / "src", lambda _s, _t: None)
+    async with box.prepare(["true"], {"PATH": "/usr/bin"}):
+        assert len(threads) == 1
+    assert len(threads) == 2 and threading.main_thread().name not in threads
 
 
 async def test_server_refuses_builds_when_the_sandbox_cannot_run(
