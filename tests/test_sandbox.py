@@ -7,8 +7,12 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -22,12 +26,12 @@ from tests.support.infra import (
 )
 from tests.support.service import Service, StartService, make_settings
 from tests.support.workers import wait_for_worker
-from worker import sandbox
-from worker.build import collect_files, open_beneath
+from worker import cgroups, sandbox
 from worker.detect import BuildError, find_output
-from worker.sandbox import cgroup_parent, sandbox_problem
+from worker.output import collect_files, open_beneath
 
 MALICIOUS = FIXTURES_DIR / "malicious"
+T = TypeVar("T")
 
 
 def snoop_results(texts: list[str]) -> dict[str, str]:
@@ -64,8 +68,21 @@ async def wait_for_processes(marker: str, present: bool, timeout: float = 15) ->
         await asyncio.sleep(0.05)
 
 
+def check_sandbox(**env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m worker --check-sandbox` with DEPLOYHUB_* set to `env` only."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOYHUB_")}
+    return subprocess.run(
+        [sys.executable, "-m", "worker", "--check-sandbox"], env={**clean, **env},
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
 def test_bwrap_works_here() -> None:
-    assert sandbox_problem() is None
+    result = check_sandbox()  # no DEPLOYHUB_REDIS_URL either: the check needs none
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    usage = subprocess.run([sys.executable, "-m", "worker"], capture_output=True, text=True,
+                           timeout=60, check=False)
+    assert usage.returncode == 2 and "deployment id is required" in usage.stderr
 
 
 async def test_build_sees_a_clean_env_and_none_of_the_host(
@@ -104,7 +121,7 @@ def forever_repo(git_server: GitServer, marker: str) -> str:
 
 
 def leftover_cgroups(dep_id: str) -> list[Path]:
-    parents = [cgroup_parent(c) for c in ("memory", "pids")]
+    parents = [cgroups.builds_dir(c) for c in ("memory", "pids")]
     return [p for parent in parents if parent and parent.is_dir() for p in parent.glob(f"{dep_id}-*")]
 
 
@@ -146,12 +163,14 @@ async def test_sandbox_none_still_builds_with_a_warning(
     assert status == 200 and b"Hello from tiny" in body
 
 
-def test_unusable_bwrap_fails_builds_naming_the_escape_hatch(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sandbox, "bwrap_binary", lambda: None)
-    assert "not installed" in (sandbox._probe() or "")
-    monkeypatch.setattr(sandbox, "bwrap_binary", lambda: "/bin/false")  # "cannot create a namespace"
-    problem = sandbox._probe() or ""
-    assert "/bin/false cannot run here" in problem and "DEPLOYHUB_SANDBOX=none" in problem
+def test_unusable_bwrap_fails_builds_naming_the_escape_hatch(tmp_path: Path) -> None:
+    missing = check_sandbox(DEPLOYHUB_BWRAP=str(tmp_path / "bwrap"))
+    assert missing.returncode == 1
+    assert f"{tmp_path / 'bwrap'} (DEPLOYHUB_BWRAP) does not exist" in missing.stdout
+    broken = check_sandbox(DEPLOYHUB_BWRAP="/bin/false")  # as bwrap does without user namespaces
+    assert broken.returncode == 1
+    assert "/bin/false cannot run here (exit code 1)" in broken.stdout
+    assert "user namespaces" in broken.stdout and "DEPLOYHUB_SANDBOX=none" in broken.stdout
 
 
 def test_output_limits_and_symlinked_parents(tmp_path: Path) -> None:
@@ -177,14 +196,14 @@ def test_output_limits_and_symlinked_parents(tmp_path: Path) -> None:
         find_output(tmp_path / "evil")
 
 
-def test_without_cgroups_the_log_says_which_limits_are_off(
+async def test_without_cgroups_the_log_says_which_limits_are_off(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sandbox, "_cgroup_base", lambda controller: None)
+    monkeypatch.setattr(cgroups, "builds_dir", lambda controller: None)  # a cgroup v2-only host
     settings = make_settings(tmp_path / "data", None, sandbox="none")
     lines: list[str] = []
     box = sandbox.Sandbox(settings, "dep1", tmp_path, tmp_path / "src", lambda _s, t: lines.append(t))
-    with box.prepare(["npm", "ci"], {"PATH": "/usr/bin"}) as command:
+    async with box.prepare(["npm", "ci"], {"PATH": "/usr/bin"}) as command:
         assert command.argv == ["npm", "ci"] and command.env == {"PATH": "/usr/bin"}
     assert lines == [
         "Warning: DEPLOYHUB_SANDBOX=none: build commands run WITHOUT isolation, with DeployHub's "
@@ -196,13 +215,35 @@ def test_without_cgroups_the_log_says_which_limits_are_off(
     ]
 
 
-async def test_server_refuses_builds_when_the_sandbox_cannot_run(
-    monkeypatch: pytest.MonkeyPatch, redis_server, start_service  # type: ignore[no-untyped-def]
+async def test_cgroup_setup_and_teardown_run_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    problem = "Builds are sandboxed with bubblewrap, but `bwrap` is not installed. Set DEPLOYHUB_SANDBOX=none"
-    monkeypatch.setitem(sandbox._probed, "problem", problem)
-    service = await start_service(redis=redis_server)
+    threads: list[str] = []
+    create, close = cgroups.Cgroups.create, cgroups.Cgroups.close
+
+    def record(result: T) -> T:
+        threads.append(threading.current_thread().name)
+        return result
+
+    monkeypatch.setattr(cgroups.Cgroups, "create", classmethod(lambda _c, *a, **k: record(create(*a, **k))))
+    monkeypatch.setattr(cgroups.Cgroups, "close", lambda groups: record(close(groups)))
+    settings = make_settings(tmp_path / "data", None, sandbox="none")
+    box = sandbox.Sandbox(settings, "dep1", tmp_path, tmp_path / "src", lambda _s, _t: None)
+    async with box.prepare(["true"], {"PATH": "/usr/bin"}):
+        assert len(threads) == 1
+    assert len(threads) == 2 and threading.main_thread().name not in threads
+
+
+async def test_server_refuses_builds_when_the_sandbox_cannot_run(
+    tmp_path: Path, redis_server: RedisServer,
+    start_service: StartService,
+) -> None:
+    missing = str(tmp_path / "no-bwrap")
+    # The setting reaches `python -m worker --check-sandbox`, which the local runner runs.
+    service = await start_service(redis=redis_server, bwrap=missing)
     status, body = await service.post_json("/api/deployments", {"repo_url": "http://127.0.0.1:9/a.git"})
-    assert status == 503 and body["error"] == problem
+    assert status == 503
+    assert f"{missing} (DEPLOYHUB_BWRAP) does not exist" in body["error"]
+    assert "DEPLOYHUB_SANDBOX=none" in body["error"]
     _, projects = await service.get_json("/api/projects")
     assert projects["projects"] == []

@@ -1,4 +1,6 @@
 """`python -m worker <deployment-id>`: build one deployment (the build container's entry point).
+`python -m worker --check-sandbox`: exit 0 silently when bubblewrap can sandbox builds here,
+else exit 1 and print why (the server runs this before it takes builds).
 
 Configuration comes from the same DEPLOYHUB_* variables as the server.
 """
@@ -20,6 +22,7 @@ from deployhub.storage import open_storage
 from deployhub.store import NotFound, Store
 from deployhub.validation import InvalidInput, check_deployment_id
 
+from . import bwrap
 from .build import Build, holder, retry
 
 log = logging.getLogger("worker")
@@ -87,32 +90,42 @@ async def main(dep_id: str, watch_stdin: bool, lease_holder: str) -> int:
         await redis.aclose()
 
 
+def check_sandbox() -> int:
+    """Whether bubblewrap works here, with the bwrap the settings choose (whatever
+    DEPLOYHUB_SANDBOX says: this answers for bwrap)."""
+    problem = bwrap.problem(Settings.from_env().bwrap)
+    if problem:
+        print(problem)
+        return 1
+    return 0
+
+
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m worker", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("deployment", nargs="?", help="the deployment id to build")
     parser.add_argument(
         "--lease-holder", default=None,
         help="hold the deployment's lease under this name (the runner's, so a runner that "
              "restarts knows the builds it had); default worker:<host>:<pid>",
     )
-    parser.add_argument("--check-sandbox", action="store_true",
-                        help="exit 0 if builds can be sandboxed here, else print why and exit 1")
     parser.add_argument(
         "--watch-stdin", action="store_true",
         help="stop the build when standard input closes (the local runner's lifeline)",
     )
+    parser.add_argument(
+        "--check-sandbox", action="store_true",
+        help="exit 0 when bubblewrap can sandbox builds here, else print why and exit 1",
+    )
     args = parser.parse_args(argv)
+    if args.deployment is None and not args.check_sandbox:
+        parser.error("the deployment id is required (or --check-sandbox)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.check_sandbox:
-        from .sandbox import sandbox_problem
-
-        problem = sandbox_problem()
-        if problem:
-            print(problem)
-        return 1 if problem else 0
-    if args.deployment is None:
-        parser.error("give the deployment id to build")
     try:
+        if args.check_sandbox:
+            return check_sandbox()
         dep_id = check_deployment_id(args.deployment)
         return asyncio.run(main(dep_id, args.watch_stdin, args.lease_holder or holder()))
     except (SettingsError, InvalidInput) as exc:

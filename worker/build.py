@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import json
 import logging
-import mimetypes
 import os
 import shutil
 import socket
-import stat
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,19 +19,19 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from deployhub.logs import LogPublisher
 from deployhub.settings import Settings
-from deployhub.storage import Storage, log_key, manifest_key, site_key
+from deployhub.storage import Storage, log_key
 from deployhub.status import Status
 from deployhub.store import Deployment, Store
 from deployhub.validation import InvalidInput, check_repo_url
 
 from . import proc
 from .detect import BuildError, find_output, plan
+from .output import upload
 from .sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-UPLOAD_CONCURRENCY = 8
 LOG_TTL_SECONDS = 7 * 24 * 3600
 # What untrusted build commands may see of our environment: nothing secret.
 PASSTHROUGH_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS")
@@ -225,7 +221,7 @@ class Build:
     async def _command(self, argv: list[str]) -> None:
         """Run one untrusted command (repository code) in the build's sandbox and limits."""
         remaining = self.settings.build_timeout - (time.monotonic() - self.started)
-        with self.sandbox.prepare(argv, self._build_env()) as command:
+        async with self.sandbox.prepare(argv, self._build_env()) as command:
             self.logs.emit("system", "$ " + " ".join(argv))
             try:
                 result = await proc.run(
@@ -248,50 +244,13 @@ class Build:
     # -- output ----------------------------------------------------------------------------
 
     async def _upload(self, output: Path) -> None:
-        # Every name under the output is opened relative to a directory fd with O_NOFOLLOW, so
-        # a symlink anywhere (the output dir, a parent of it, a file) can never lead outside.
-        rel_dir = output.relative_to(self.src).as_posix()
-        try:
-            out_fd = open_beneath(self.src, rel_dir, directory=True)
-        except OSError as exc:
-            raise BuildError(f"The output directory {rel_dir}/ cannot be read: {exc.strerror}") from None
-        try:
-            files = collect_files(
-                out_fd, self.logs.emit,
-                max_files=self.settings.build_max_output_files,
-                max_bytes=self.settings.build_max_output_mb * 1024 * 1024,
-            )
-            if not files:
-                raise BuildError(f"The output directory {rel_dir}/ holds no files.")
-            self.logs.emit("system", f"Uploading {len(files)} files from {rel_dir}/")
-            manifest: dict[str, dict[str, object]] = {}
-            gate = asyncio.Semaphore(UPLOAD_CONCURRENCY)
-
-            async def upload(rel: str) -> None:
-                content_type = guess_type(rel)
-                async with gate:
-                    try:
-                        fd = open_beneath(out_fd, rel)
-                    except OSError as exc:
-                        raise BuildError(f"Could not read {rel_dir}/{rel}: {exc.strerror}") from None
-                    try:
-                        size = os.fstat(fd).st_size
-                        # The open file itself, whatever its name points at by now.
-                        await self.storage.put_file(
-                            site_key(self.dep.id, rel), Path(f"/proc/self/fd/{fd}"), content_type
-                        )
-                    finally:
-                        os.close(fd)
-                manifest[rel] = {"size": size, "type": content_type}
-
-            await asyncio.gather(*(upload(rel) for rel, _ in files))
-        finally:
-            os.close(out_fd)
-        # The manifest goes last: a site is served only from a complete upload.
-        body = json.dumps({"files": dict(sorted(manifest.items()))}).encode()
-        await self.storage.put_bytes(manifest_key(self.dep.id), body, "application/json")
+        count = await upload(
+            self.storage, self.dep.id, self.src, output, self.logs.emit,
+            max_files=self.settings.build_max_output_files,
+            max_bytes=self.settings.build_max_output_mb * 1024 * 1024,
+        )
         url = self.settings.site_url_for(self.dep.project)
-        self.logs.emit("system", f"Deployed {len(files)} files. Live at {url}")
+        self.logs.emit("system", f"Deployed {count} files. Live at {url}")
 
     # -- ending ----------------------------------------------------------------------------
 
@@ -335,85 +294,6 @@ class Build:
             "COREPACK_ENABLE_DOWNLOAD_PROMPT": "0",
             "COREPACK_INTEGRITY_KEYS": "0",
         }
-
-
-NOFOLLOW_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-
-
-def open_beneath(base: Path | int, rel: str, *, directory: bool = False) -> int:
-    """Open `rel` under `base` (a path or a directory fd) one component at a time, refusing a
-    symlink at every step (ELOOP/ENOTDIR); a regular file unless `directory`."""
-    parts = [p for p in rel.split("/") if p not in ("", ".")]
-    if any(p == ".." for p in parts):
-        raise OSError(errno.EPERM, os.strerror(errno.EPERM), rel)
-    fd = os.open(base, NOFOLLOW_FLAGS | os.O_DIRECTORY) if isinstance(base, Path) else os.dup(base)
-    try:
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            flags = NOFOLLOW_FLAGS | (os.O_DIRECTORY if directory or not last else 0)
-            child = os.open(part, flags, dir_fd=fd)
-            os.close(fd)
-            fd = child
-        mode = os.fstat(fd).st_mode
-        if not (stat.S_ISDIR(mode) if directory else stat.S_ISREG(mode)):
-            raise OSError(errno.EINVAL, "not a regular file", rel)
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def collect_files(
-    out_fd: int, emit: proc.Emit, *, max_files: int = 0, max_bytes: int = 0
-) -> list[tuple[str, int]]:
-    """(path, size) of the regular files under the directory `out_fd`; symlinks and other
-    special files are skipped, never followed. Past `max_files` or `max_bytes`: BuildError."""
-    files: list[tuple[str, int]] = []
-    total = 0
-    try:
-        walk = os.fwalk(".", dir_fd=out_fd, follow_symlinks=False)
-        for dirpath, dirnames, filenames, dir_fd in walk:
-            base = dirpath.removeprefix(".").lstrip("/")
-            for name in sorted(dirnames):
-                if stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode):
-                    emit("system", f"Skipped symlinked directory {_join(base, name)}")
-            for name in sorted(filenames):
-                rel = _join(base, name)
-                mode = os.lstat(name, dir_fd=dir_fd)
-                if not stat.S_ISREG(mode.st_mode):
-                    kind = "a symlink" if stat.S_ISLNK(mode.st_mode) else "not a regular file"
-                    emit("system", f"Skipped {rel}: {kind}")
-                    continue
-                files.append((rel, mode.st_size))
-                total += mode.st_size
-                if max_files and len(files) > max_files:
-                    raise BuildError(
-                        f"The build output holds more than {max_files} files "
-                        "(DEPLOYHUB_BUILD_MAX_OUTPUT_FILES)."
-                    )
-                if max_bytes and total > max_bytes:
-                    raise BuildError(
-                        f"The build output is larger than {max_bytes // (1024 * 1024)} MiB "
-                        "(DEPLOYHUB_BUILD_MAX_OUTPUT_MB)."
-                    )
-    except OSError as exc:
-        raise BuildError(f"Could not read the build output: {exc}") from None
-    return sorted(files)
-
-
-def _join(base: str, name: str) -> str:
-    return f"{base}/{name}" if base else name
-
-
-def guess_type(path: str) -> str:
-    content_type, _ = mimetypes.guess_type(path, strict=False)
-    if content_type is None:
-        return "application/octet-stream"
-    if content_type.startswith("text/") or content_type in (
-        "application/javascript", "application/json", "image/svg+xml",
-    ):
-        return content_type + "; charset=utf-8"
-    return content_type
 
 
 def holder() -> str:
