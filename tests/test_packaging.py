@@ -24,5 +24,10 @@ def test_wheel_ships_web_assets_worker_and_entry_point(tmp_path: Path) -> None:
     for expected in ("deployhub/web/index.html", "deployhub/web/app.js", "deployhub/web/style.css",
                      "deployhub/py.typed", "worker/__main__.py", "deployhub/cli.py"):
         assert expected in names, expected
+    # Every module of the source tree, subpackages included (a package left out of setup.cfg
+    # installs fine and fails at the first import).
+    sources = {p.relative_to(ROOT).as_posix() for pkg in ("deployhub", "worker")
+               for p in (ROOT / pkg).rglob("*.py")}
+    assert sources <= names, sorted(sources - names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "deployhub = deployhub.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
