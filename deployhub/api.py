@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from .auth import Unauthorized, bearer
 from .connections import REDIS, STORAGE, STORE, TOKENS
 from .logs import read_events
+from .redis_client import CONNECTION_ERRORS
 from .runners import RUNNER
 from .state import RESOLVER, SETTINGS
 from .storage import log_key
@@ -28,7 +31,9 @@ from .validation import (
 )
 from .views import deployment_json, project_json
 
+log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
+RETRY_AFTER_SECONDS = 5  # what a client is told to wait while Redis is unreachable
 LOG_CHUNK = 5000  # events read from Redis per round trip while streaming a log
 
 
@@ -65,6 +70,13 @@ async def api_errors(
     except Unauthorized as exc:
         response = error(401, str(exc))
         response.headers["WWW-Authenticate"] = 'Bearer realm="deployhub"'
+        return response
+    except (RedisError, *CONNECTION_ERRORS) as exc:
+        # The pool has already retried with backoff: Redis is away (a restart, a failover).
+        log.warning("%s %s: Redis unavailable: %s", request.method, request.path, exc)
+        response = error(503, "DeployHub's database (Redis) is unreachable right now; "
+                              f"try again in {RETRY_AFTER_SECONDS} s")
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return response
 
 
@@ -128,9 +140,9 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
     if not raw_after.isdigit() or len(raw_after) > 12:
         raise InvalidInput("after must be a non-negative integer (a seq)")
     after = int(raw_after)
+    events = await read_events(redis, dep.id, after, LOG_CHUNK)  # before the headers go out
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson; charset=utf-8"})
     await response.prepare(request)
-    events = await read_events(redis, dep.id, after, LOG_CHUNK)
     if events or not dep.final:
         while events:
             await response.write(("\n".join(events) + "\n").encode())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import api, connections, page, reaper, runners, sites
+from . import api, connections, ops, page, reaper, runners, sites
 from .live import hub, protocol
 from .settings import Settings
 from .state import RESOLVER, SETTINGS
@@ -24,10 +24,12 @@ def setup(app: web.Application, settings: Settings, *, resolver: Resolver | None
     app.cleanup_ctx.append(runners.runner_ctx)
     app.cleanup_ctx.append(reaper.reaper_ctx)
     app.on_shutdown.append(hub.close_sockets)
+    app.middlewares.append(ops.count_site_requests)
     app.middlewares.append(sites.site_middleware)
     app.middlewares.append(api.api_errors)
     app.router.add_routes(api.routes)
     app.router.add_get("/api/ws", protocol.websocket_handler)
+    ops.add_routes(app)
     page.add_routes(app.router)
 
 

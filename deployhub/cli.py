@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def serve_command(args: argparse.Namespace) -> int:
     from .app import create_app
+    from .connections import StartupError
     from .embedded_redis import EmbeddedRedisError
 
     overrides: dict[str, Any] = {}
@@ -92,7 +93,7 @@ def serve_command(args: argparse.Namespace) -> int:
         web.run_app(
             app, host=settings.host, port=settings.port, print=None, backlog=LISTEN_BACKLOG
         )
-    except EmbeddedRedisError as exc:
+    except (EmbeddedRedisError, StartupError) as exc:
         print(f"deployhub: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
@@ -128,17 +129,16 @@ def token_command(args: argparse.Namespace) -> int:
 async def _token(settings: Settings, action: str, arg: str | None) -> int:
     import contextlib
 
-    from redis.asyncio import Redis
-
     from .auth import Tokens
     from .embedded_redis import embedded_redis, running_url
+    from .redis_client import open_redis
     from .validation import InvalidInput
 
     async with contextlib.AsyncExitStack() as stack:
         url = settings.redis_url or running_url(settings.data_dir)
         if url is None:  # no server running on this data directory: start its Redis briefly
             url = await stack.enter_async_context(embedded_redis(settings.data_dir))
-        redis = Redis.from_url(url.reveal(), decode_responses=True)
+        redis = open_redis(url.reveal(), max_connections=4)
         stack.push_async_callback(redis.aclose)
         tokens = Tokens(redis)
         if action == "create":

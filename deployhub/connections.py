@@ -5,24 +5,29 @@ Each is one cleanup context that opens it at start-up and closes it at shutdown.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 from aiohttp import web
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from .auth import Tokens
 from .embedded_redis import embedded_redis
+from .redis_client import CONNECTION_ERRORS, open_redis
 from .settings import Secret
 from .state import SETTINGS, require
-from .storage import Storage, open_storage
+from .storage import Storage, StorageError, open_storage
 from .store import Store
 
-# Connections the server's pool may open; a burst waits for one instead of failing.
-REDIS_CONNECTIONS = 64
-# Seconds a caller waits for a free connection before the pool gives up.
-REDIS_POOL_TIMEOUT = 20
-REDIS_HEALTH_CHECK_SECONDS = 30
+REDIS_CONNECTIONS = 64  # connections the server's pool may open
+STARTUP_CHECK_TIMEOUT = 10.0  # seconds for Redis and storage to answer at start-up
+
+
+class StartupError(RuntimeError):
+    """A backend DeployHub cannot use; the message names the setting to fix."""
 
 REDIS = web.AppKey("deployhub.redis", Redis)
 # The URL workers are given: the embedded server's when no DEPLOYHUB_REDIS_URL is set.
@@ -51,15 +56,13 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
             url = await stack.enter_async_context(embedded_redis(settings.data_dir))
         else:
             url = settings.redis_url
-        # A blocking pool: a burst (a thousand sockets catching up when a build ends) waits for
-        # a connection instead of failing with "Too many connections", as the default pool does.
-        pool = BlockingConnectionPool.from_url(
-            url.reveal(), max_connections=REDIS_CONNECTIONS, timeout=REDIS_POOL_TIMEOUT,
-            decode_responses=True, health_check_interval=REDIS_HEALTH_CHECK_SECONDS,
-        )
-        redis = Redis(connection_pool=pool)
-        stack.push_async_callback(pool.aclose)
+        try:
+            redis = open_redis(url.reveal(), max_connections=REDIS_CONNECTIONS)
+        except ValueError as exc:  # redis-py's words for a malformed URL
+            raise StartupError(f"DEPLOYHUB_REDIS_URL: {exc}") from None
         stack.push_async_callback(redis.aclose)
+        if settings.redis_url is not None:
+            await _check_redis(redis, url)
         app[REDIS_URL] = url
         app[REDIS] = redis
         app[STORE] = Store(redis)
@@ -67,7 +70,37 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _check_redis(redis: Redis, url: Secret) -> None:
+    where = redacted(url)
+    try:
+        async with asyncio.timeout(STARTUP_CHECK_TIMEOUT):
+            await redis.ping()
+    except TimeoutError:
+        raise StartupError(f"DEPLOYHUB_REDIS_URL: Redis at {where} did not answer within "
+                           f"{STARTUP_CHECK_TIMEOUT:.0f} s") from None
+    except (RedisError, *CONNECTION_ERRORS) as exc:
+        raise StartupError(f"DEPLOYHUB_REDIS_URL: cannot use Redis at {where}: {exc}") from None
+
+
+def redacted(url: Secret) -> str:
+    """scheme://host:port/db of a Redis URL: never its password."""
+    parts = urlsplit(url.reveal())
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ":?"
+    return f"{parts.scheme}://{parts.hostname or '?'}{port}{parts.path}"
+
+
 async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     async with open_storage(app[SETTINGS]) as storage:
+        try:
+            async with asyncio.timeout(STARTUP_CHECK_TIMEOUT):
+                await storage.check()
+        except TimeoutError:
+            raise StartupError(f"storage did not answer within {STARTUP_CHECK_TIMEOUT:.0f} s "
+                               "(DEPLOYHUB_S3_ENDPOINT_URL)") from None
+        except StorageError as exc:
+            raise StartupError(str(exc)) from None
         app[STORAGE] = storage
         yield

@@ -10,6 +10,9 @@ ACTIVE = PREFIX + "active"
 TOKENS = PREFIX + "tokens"
 # PUB/SUB channel nobody publishes on: keeps the subscriber connection in subscribed mode.
 IDLE_CHANNEL = PREFIX + "ch-idle"
+# HASH counter -> value: final:<status>, phase_le:<phase>:<bound>, phase_sum:<phase>,
+# phase_count:<phase>; kept by the transition script for every replica's /metrics.
+METRICS = PREFIX + "metrics"
 # HASH sha256(token) -> token id, to look a bearer token up in one step.
 TOKEN_DIGESTS = PREFIX + "token-digests"
 

@@ -23,6 +23,10 @@ from .settings import Settings
 CHUNK = 256 * 1024
 
 
+class StorageError(RuntimeError):
+    """The storage backend cannot be used; the message names the setting to fix."""
+
+
 def site_key(dep_id: str, path: str) -> str:
     return f"sites/{dep_id}/{path}"
 
@@ -36,6 +40,9 @@ def log_key(dep_id: str) -> str:
 
 
 class Storage(Protocol):
+    async def check(self) -> None:
+        """Raise StorageError unless the backend can be read and written now."""
+
     async def put_file(self, key: str, path: Path, content_type: str) -> None: ...
 
     async def put_bytes(self, key: str, data: bytes, content_type: str) -> None: ...
@@ -52,6 +59,10 @@ class FileStorage:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+
+    async def check(self) -> None:
+        if not os.access(self.root, os.R_OK | os.W_OK | os.X_OK):
+            raise StorageError(f"DEPLOYHUB_DATA_DIR: cannot write to the storage directory {self.root}")
 
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
@@ -101,6 +112,23 @@ class S3Storage:
         self.client = client
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+
+    async def check(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            await self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise StorageError(f"DEPLOYHUB_S3_BUCKET: the bucket {self.bucket!r} does not exist") from None
+            if code in ("403", "AccessDenied", "Forbidden"):
+                raise StorageError(
+                    f"DEPLOYHUB_S3_BUCKET: access to {self.bucket!r} is denied to these credentials"
+                ) from None
+            raise StorageError(f"DEPLOYHUB_S3_BUCKET: {self.bucket!r}: {exc}") from None
+        except (BotoCoreError, OSError) as exc:
+            raise StorageError(f"DEPLOYHUB_S3_ENDPOINT_URL: cannot reach S3: {exc}") from None
 
     async def put_file(self, key: str, path: Path, content_type: str) -> None:
         async with aiofiles.open(path, "rb") as f:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import secrets
 import time
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -16,6 +17,8 @@ from .status import FINAL, Status, lua_set
 
 LEASE_SECONDS = 30
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+# Upper bounds (seconds) of the phase-duration histogram kept for /metrics.
+PHASE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800)
 
 # Moves a deployment to a new status unless it is already final, records when, keeps the
 # active set and the production pointer right, and publishes the new state, all in one step
@@ -27,6 +30,19 @@ local status, reason, now, id = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local current = redis.call('HGET', dep, 'status')
 if not current then return -1 end
 if FINAL[current] then return 0 end
+-- Metrics for every replica's /metrics: how long the phase being left took, and how
+-- deployments end (a histogram as cumulative bucket counts, a sum and a count).
+local metrics = KEYS[6]
+local started = tonumber(redis.call('HGET', dep, 't_' .. current) or '')
+if started and current ~= status then
+  local took = math.max(0, tonumber(now) - started)
+  for _, bound in ipairs(""" + "{" + ", ".join(map(str, PHASE_BUCKETS)) + "}" + """) do
+    if took <= bound then redis.call('HINCRBY', metrics, 'phase_le:' .. current .. ':' .. bound, 1) end
+  end
+  redis.call('HINCRBYFLOAT', metrics, 'phase_sum:' .. current, took)
+  redis.call('HINCRBY', metrics, 'phase_count:' .. current, 1)
+end
+if FINAL[status] then redis.call('HINCRBY', metrics, 'final:' .. status, 1) end
 redis.call('HSET', dep, 'status', status, 'updated_at', now, 't_' .. status, now)
 if reason ~= '' then redis.call('HSET', dep, 'reason', reason) end
 local project_key = KEYS[4]
@@ -282,6 +298,7 @@ class Store:
                 keys.channel(dep.project),
                 keys.project(dep.project),
                 keys.lease(dep.id),
+                keys.METRICS,
             ],
             args=[status.value, reason, repr(time.time()), dep.id, keys.deployment("")],
         )
@@ -346,6 +363,19 @@ class Store:
             pipe.expire(keys.log_stream(dep_id), keep_seconds)
             pipe.hset(keys.deployment(dep_id), "log_seq", last_seq)
             await pipe.execute()
+
+    async def metrics(self) -> dict[str, str]:
+        """The counters the transition script keeps (see _TRANSITION), for /metrics."""
+        return cast(dict[str, str], await self.redis.hgetall(keys.METRICS))
+
+    async def count_active(self) -> Counter[Status]:
+        """Deployments not yet final, by status (queued, building...)."""
+        ids = await self.active_ids()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for dep_id in ids:
+                pipe.hget(keys.deployment(dep_id), "status")
+            statuses = await pipe.execute()
+        return Counter(Status(s) for s in statuses if s in Status.__members__.values())
 
     async def production_of(self, project: str) -> str | None:
         """The id of the deployment serving `project`'s site, if any."""

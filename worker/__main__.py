@@ -14,8 +14,7 @@ import logging
 import signal
 import sys
 
-from redis.asyncio import Redis
-
+from deployhub.redis_client import open_redis
 from deployhub.settings import Settings, SettingsError
 from deployhub.status import Status
 from deployhub.storage import open_storage
@@ -57,7 +56,7 @@ async def main(dep_id: str, watch_stdin: bool, lease_holder: str) -> int:
     settings = Settings.from_env()
     if settings.redis_url is None:
         raise SettingsError("the worker needs DEPLOYHUB_REDIS_URL")
-    redis = Redis.from_url(settings.redis_url.reveal(), decode_responses=True)
+    redis = open_redis(settings.redis_url.reveal(), max_connections=8)
     try:
         store = Store(redis)
         try:

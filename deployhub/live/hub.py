@@ -46,7 +46,8 @@ class Hub:
         self.sockets: set[Watcher] = set()
         self.recent: OrderedDict[str, Recent] = OrderedDict()  # deployment -> its newest frames
         # What delivery did, by name ("frames written at once", "frames queued", "frames from
-        # memory", "catch-ups from Redis"): logged at shutdown, read by tests and operators.
+        # memory", "catch-ups from Redis", "log lines relayed"): logged at shutdown, exported
+        # at /metrics.
         self.stats: Counter[str] = Counter()
         self._pubsub: PubSub | None = None
         self._confirmed: dict[str, asyncio.Future[None]] = {}
@@ -164,6 +165,7 @@ class Hub:
                 written += watcher.deliver(frame)
             self.stats["frames written at once"] += written
             self.stats["frames queued"] += len(members) - written
+            self.stats["log lines relayed"] += (frame.last - frame.first + 1) * len(members)
             return
         elif payload["type"] == "status":
             dep = decode_status_message(payload)
