@@ -104,6 +104,24 @@ async def test_log_comes_from_storage_once_redis_forgot_it(service: Service, git
     assert await service.logs(dep["id"], after=3) == from_redis[3:]
 
 
+async def test_a_watcher_gets_the_log_from_storage_once_redis_forgot_it(
+    service: Service, git_server: GitServer
+) -> None:
+    from deployhub import get_store, keys
+
+    url = git_server.add_repo(unique_name("tiny"), files_dir=TINY_APP)
+    dep = await service.deploy(url)
+    await service.wait_final(dep["id"])
+    stored = await service.logs(dep["id"])
+    await get_store(service.app).redis.delete(keys.log_stream(dep["id"]))
+    watch = await Watch(service).open(dep["project"])  # the newest deployment: its history first
+    await watch.wait_for(lambda: watch.seqs(dep["id"]) == [e["seq"] for e in stored], timeout=20)
+    await watch.close()
+    again = await Watch(service).open(dep["project"], resume={dep["id"]: 5})  # a reconnect
+    await again.wait_for(lambda: again.seqs(dep["id"]) == [e["seq"] for e in stored][5:], timeout=20)
+    await again.close()
+
+
 def test_a_lagging_socket_reads_recent_batches_as_one_frame() -> None:
     import json
 

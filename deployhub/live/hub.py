@@ -16,9 +16,11 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from .. import keys
-from ..connections import REDIS, STORE
+from ..connections import REDIS, STORAGE, STORE
 from ..logs import event_seq, logs_frame, read_events
 from ..settings import Settings
+from ..status import Status
+from ..storage import Storage, log_key
 from ..state import SETTINGS, require
 from ..store import Store, decode_status_message, dumps
 from ..views import deployment_json
@@ -38,10 +40,11 @@ RECONNECT_BACKOFF = (0.1, 5.0)  # first and longest wait between subscriber reco
 class Hub:
     """Fans Redis pub/sub messages out to the sockets of this process."""
 
-    def __init__(self, settings: Settings, redis: Redis, store: Store) -> None:
+    def __init__(self, settings: Settings, redis: Redis, store: Store, storage: Storage) -> None:
         self.settings = settings
         self.redis = redis
         self.store = store
+        self.storage = storage
         self.watchers: dict[str, set[Watcher]] = {}
         self.sockets: set[Watcher] = set()
         self.recent: OrderedDict[str, Recent] = OrderedDict()  # deployment -> its newest frames
@@ -281,10 +284,32 @@ class Hub:
         wanted = dict(sub.resume)
         if deployments:
             wanted.setdefault(deployments[0]["id"], 0)
+        # Those still running certainly have their stream; the others may have outlived it.
+        running = {d["id"] for d in deployments if not Status(d["status"]).final}
         for dep_id, after in wanted.items():
             watcher.seqs[dep_id] = max(after, 0)
             watcher.deployment_project[dep_id] = sub.project
             await self._catch_up(watcher, sub.project, dep_id)
+            if watcher.seqs[dep_id] == max(after, 0) and dep_id not in running:
+                await self._from_storage(watcher, sub.project, dep_id)
+
+    async def _from_storage(self, watcher: Watcher, project: str, dep_id: str) -> None:
+        """A finished deployment whose stream Redis no longer has (it expires after 7 days):
+        the full log written to storage when the build ended is the history."""
+        if await self.redis.exists(keys.log_stream(dep_id)):
+            return  # the stream is there; there was just nothing new in it
+        if await self.store.project_of(dep_id) != project:
+            return  # not this project's (the resume names came from the client)
+        stored = await self.storage.get_bytes(log_key(dep_id))
+        after = watcher.seqs.get(dep_id, 0)
+        events = [line for line in (stored or b"").decode(errors="replace").splitlines()
+                  if line.strip() and event_seq(line) > after]
+        for start in range(0, len(events), HISTORY_CHUNK):
+            chunk = events[start:start + HISTORY_CHUNK]
+            await watcher.send(wire_frame(logs_frame(project, dep_id, chunk).encode()))
+            watcher.seqs[dep_id] = event_seq(chunk[-1])
+        if events:
+            self.stats["logs read from storage"] += 1
 
     async def _snapshot(self, project: str) -> list[dict[str, Any]]:
         """The project's newest deployments as the API shows them, newest first."""
@@ -307,8 +332,10 @@ class Hub:
 
 
 @contextlib.asynccontextmanager
-async def running_hub(settings: Settings, redis: Redis, store: Store) -> AsyncIterator[Hub]:
-    hub = Hub(settings, redis, store)
+async def running_hub(
+    settings: Settings, redis: Redis, store: Store, storage: Storage
+) -> AsyncIterator[Hub]:
+    hub = Hub(settings, redis, store, storage)
     task = asyncio.create_task(hub.run(), name="deployhub-subscriber")
     try:
         yield hub
@@ -328,7 +355,7 @@ def get_hub(app: web.Application) -> Hub:
 
 
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with running_hub(app[SETTINGS], app[REDIS], app[STORE]) as hub:
+    async with running_hub(app[SETTINGS], app[REDIS], app[STORE], app[STORAGE]) as hub:
         app[HUB] = hub
         yield
 
