@@ -8,14 +8,19 @@ from aiohttp import web
 from . import api, connections, ops, page, reaper, runners, sites
 from .live import hub, protocol
 from .settings import Settings
-from .state import RESOLVER, SETTINGS
+from .state import INSTANCE, RESOLVER, SETTINGS
 from .validation import MAX_BODY, Resolver, system_resolver
 
 
-def setup(app: web.Application, settings: Settings, *, resolver: Resolver | None = None) -> None:
-    """Add DeployHub's page, API, WebSocket, site hosting and background tasks to `app`."""
+def setup(
+    app: web.Application, settings: Settings, *, resolver: Resolver | None = None, instance: str = ""
+) -> None:
+    """Add DeployHub's page, API, WebSocket, site hosting and background tasks to `app`.
+
+    `instance` tells apart processes that share a data directory (`serve --workers N`)."""
     app[SETTINGS] = settings
     app[RESOLVER] = resolver or system_resolver
+    app[INSTANCE] = instance
     # In order: each context may use what the ones before it provide.
     app.cleanup_ctx.append(connections.redis_ctx)
     app.cleanup_ctx.append(connections.storage_ctx)
@@ -33,8 +38,10 @@ def setup(app: web.Application, settings: Settings, *, resolver: Resolver | None
     page.add_routes(app.router)
 
 
-def create_app(settings: Settings | None = None, *, resolver: Resolver | None = None) -> web.Application:
+def create_app(
+    settings: Settings | None = None, *, resolver: Resolver | None = None, instance: str = ""
+) -> web.Application:
     """A complete DeployHub application; mount it with `add_subapp` or run it as it is."""
     app = web.Application(client_max_size=MAX_BODY)
-    setup(app, settings or Settings.from_env(), resolver=resolver)
+    setup(app, settings or Settings.from_env(), resolver=resolver, instance=instance)
     return app

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
             flag, dest=field.name, default=None, metavar=field.name.upper(),
             help=f"{field.metadata['help']} [env {env_name(field.name)}]",
         )
+    # Set by the --workers supervisor for each process it starts; names its builds' leases.
+    serve.add_argument("--instance", default="", help=argparse.SUPPRESS)
     serve.set_defaults(run=serve_command)
 
     deploy = commands.add_parser("deploy", help="deploy a Git URL and optionally follow its log")
@@ -86,12 +88,21 @@ def serve_command(args: argparse.Namespace) -> int:
     settings = Settings.from_env(**overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    print(f"DeployHub on http://{settings.host}:{settings.port}/  (data in {settings.data_dir})", flush=True)
-    app = create_app(settings)
-    app.on_startup.append(_first_login)
     try:
+        if settings.workers > 1:
+            from .workers import supervise
+
+            print(f"DeployHub on http://{settings.host}:{settings.port}/  ({settings.workers} "
+                  f"processes, data in {settings.data_dir})", flush=True)
+            return asyncio.run(supervise(settings))
+        if not args.instance:
+            print(f"DeployHub on http://{settings.host}:{settings.port}/  (data in {settings.data_dir})",
+                  flush=True)
+        app = create_app(settings, instance=args.instance)
+        app.on_startup.append(_first_login)
         web.run_app(
-            app, host=settings.host, port=settings.port, print=None, backlog=LISTEN_BACKLOG
+            app, host=settings.host, port=settings.port, print=None, backlog=LISTEN_BACKLOG,
+            reuse_port=bool(args.instance),  # the --workers processes share the port
         )
     except (EmbeddedRedisError, StartupError) as exc:
         print(f"deployhub: {exc}", file=sys.stderr)
@@ -106,18 +117,9 @@ async def _first_login(app: web.Application) -> None:
     """With no token yet, make one and print a login link (as Jupyter does)."""
     from .connections import get_tokens
     from .state import get_settings
+    from .workers import first_login
 
-    tokens, settings = get_tokens(app), get_settings(app)
-    if await tokens.count():
-        return
-    _, secret = await tokens.create("first login")
-    base = f"http://{settings.host}:{settings.port}/"
-    print(
-        f"\nNo API token existed, so one was made. Open this link to sign in (it is shown once):\n"
-        f"    {base}#token={secret}\n"
-        f"Use the same token with `deployhub deploy --token` or DEPLOYHUB_TOKEN.\n",
-        flush=True,
-    )
+    await first_login(get_tokens(app), get_settings(app))
 
 
 def token_command(args: argparse.Namespace) -> int:

@@ -115,6 +115,12 @@ class Settings:
         4096, "Longer log lines are cut to this many bytes with a marker."
     )
 
+    workers: int = setting(
+        1,
+        "Server processes on the one port (`SO_REUSEPORT`), so WebSockets and sites use every "
+        "core; they share Redis and storage.",
+    )
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read every setting from DEPLOYHUB_<NAME>; explicit overrides win."""
@@ -142,6 +148,8 @@ class Settings:
             raise SettingsError(f"sandbox must be 'bwrap' or 'none', not {self.sandbox!r}")
         if self.runner not in ("local",):
             raise SettingsError(f"runner must be 'local', not {self.runner!r}")
+        if not 1 <= self.workers <= 256:
+            raise SettingsError(f"workers must be 1-256, not {self.workers}")
         if self.max_builds < 1:
             raise SettingsError("max_builds must be at least 1")
         if not 1 <= self.port <= 65535:

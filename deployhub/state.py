@@ -18,6 +18,8 @@ T = TypeVar("T")
 
 SETTINGS = web.AppKey("deployhub.settings", Settings)
 RESOLVER: web.AppKey[Resolver] = web.AppKey("deployhub.resolver")
+# "" for a single process; the index of each `serve --workers N` process.
+INSTANCE = web.AppKey("deployhub.instance", str)
 
 
 def require(app: web.Application, key: web.AppKey[T]) -> T:

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from ..connections import REDIS_URL, STORE
 from ..settings import Secret, Settings, SettingsError
-from ..state import SETTINGS, require
+from ..state import INSTANCE, SETTINGS, require
 from ..store import Deployment, Store
 
 
@@ -41,18 +41,22 @@ def get_runner(app: web.Application) -> Runner:
 
 
 @contextlib.asynccontextmanager
-async def open_runner(settings: Settings, *, redis_url: Secret, store: Store) -> AsyncIterator[Runner]:
+async def open_runner(
+    settings: Settings, *, redis_url: Secret, store: Store, instance: str = ""
+) -> AsyncIterator[Runner]:
     """The configured runner, started, and closed on exit."""
     if settings.runner == "local":
         from .local import local_runner
 
-        async with local_runner(settings, redis_url, store) as runner:
+        async with local_runner(settings, redis_url, store, instance) as runner:
             yield runner
         return
     raise SettingsError(f"runner must be 'local', not {settings.runner!r}")
 
 
 async def runner_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with open_runner(app[SETTINGS], redis_url=app[REDIS_URL], store=app[STORE]) as runner:
+    async with open_runner(
+        app[SETTINGS], redis_url=app[REDIS_URL], store=app[STORE], instance=app[INSTANCE]
+    ) as runner:
         app[RUNNER] = runner
         yield

@@ -36,14 +36,18 @@ class LocalRunner:
     fails a deployment whose worker dies without saying how the build ended.
     """
 
-    def __init__(self, settings: Settings, redis_url: Secret, store: Store) -> None:
+    def __init__(self, settings: Settings, redis_url: Secret, store: Store, instance: str = "") -> None:
         self.settings = settings
         self.redis_url = redis_url
         self.store = store
         self.slots = asyncio.Semaphore(settings.max_builds)
         self.owned: dict[str, asyncio.Task[None]] = {}
         self.procs: dict[str, asyncio.subprocess.Process] = {}
+        # Names this runner's builds' leases: the same after a restart on this machine and
+        # data directory (and --workers index), so the restart fails what was left.
         self.holder = f"local:{socket.gethostname()}:{settings.data_dir.resolve()}"
+        if instance:
+            self.holder += f"#{instance}"
         self.refused: str | None = None
 
     async def check_sandbox(self) -> None:
@@ -178,8 +182,10 @@ class LocalRunner:
 
 
 @contextlib.asynccontextmanager
-async def local_runner(settings: Settings, redis_url: Secret, store: Store) -> AsyncIterator[LocalRunner]:
-    runner = LocalRunner(settings, redis_url, store)
+async def local_runner(
+    settings: Settings, redis_url: Secret, store: Store, instance: str = ""
+) -> AsyncIterator[LocalRunner]:
+    runner = LocalRunner(settings, redis_url, store, instance)
     await runner.check_sandbox()
     for dep_id in await runner.fail_leftovers():
         log.warning("deployment %s was left unfinished by a previous run: marked failed", dep_id)
