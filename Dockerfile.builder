@@ -1,23 +1,26 @@
 # The build container: `python -m worker <deployment-id>` clones, installs, builds and uploads
-# one deployment. The worker runs as root only to hand the untrusted steps to bubblewrap and
-# an unprivileged user; they never see its environment (Redis and storage credentials).
-FROM python:3.11-slim-bookworm
+# one deployment (the ECS runner passes the id and the lease holder as the container command).
+# Node 22 LTS: Debian bookworm's nodejs is 18, which cannot run Vite 7 or Next 15.
+FROM node:22-bookworm-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    DEPLOYHUB_DATA_DIR=/work
+    DEPLOYHUB_DATA_DIR=/work PATH=/opt/deployhub/bin:$PATH
 
+# git clones, python3 runs the worker; the image's `node` user (uid 1000) is the one the
+# untrusted install and build commands run as.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends git bubblewrap ca-certificates nodejs npm \
+    && apt-get install -y --no-install-recommends git python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --create-home --home-dir /home/build build
+    && python3 -m venv /opt/deployhub \
+    && mkdir -p /work && chmod 0711 /work
 
 WORKDIR /src
 COPY pyproject.toml setup.cfg README.md ./
 COPY deployhub ./deployhub
 COPY worker ./worker
 COPY web ./web
-RUN pip install .
+RUN pip install --no-cache-dir . && rm -rf /src
 
 WORKDIR /work
 ENTRYPOINT ["python", "-m", "worker"]
