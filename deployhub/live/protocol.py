@@ -25,6 +25,11 @@ HEARTBEAT = 20.0
 CLOSE_REASON_BYTES = 120  # a close frame's reason may hold at most 123 bytes
 
 
+def close_reason(text: str) -> bytes:
+    """`text` cut to fit a close frame, never in the middle of a UTF-8 character."""
+    return text.encode()[:CLOSE_REASON_BYTES].decode(errors="ignore").encode()
+
+
 async def handle_message(
     hub: Hub, tokens: Tokens, watcher: Watcher, text: str
 ) -> dict[str, Any] | None:
@@ -113,7 +118,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
                     reply = await handle_message(hub, tokens, watcher, msg.data)
                 except Unauthorized as exc:
                     # The page reconnects with a token after 4401; nothing else is sent.
-                    await ws.close(code=4401, message=str(exc).encode()[:CLOSE_REASON_BYTES].decode(errors="ignore").encode())
+                    await ws.close(code=4401, message=close_reason(str(exc)))
                     break
                 if reply is not None:
                     watcher.offer(Reply(dumps(reply).encode()))
