@@ -23,7 +23,9 @@ from .validation import (
     check_fields,
     check_project,
     check_repo_url,
+    check_query_int,
     check_variables,
+    loads_json,
     project_from_url,
 )
 from .views import deployment_json, project_json
@@ -42,12 +44,7 @@ async def read_json(request: web.Request) -> Any:
     raw = await request.content.read(MAX_BODY + 1)
     if len(raw) > MAX_BODY:
         raise InvalidInput(f"the request body is larger than {MAX_BODY} bytes")
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"the request body is not valid JSON ({exc})") from None
-    except RecursionError:
-        raise InvalidInput("the request body is nested too deeply") from None
+    return loads_json(raw)
 
 
 @web.middleware
@@ -124,10 +121,7 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
     dep, _ = await request.config_dict[STORE].owned_deployment(
         check_deployment_id(request.match_info["id"]), await caller(request)
     )
-    raw_after = request.query.get("after", "0")
-    if not raw_after.isdigit() or len(raw_after) > 12:
-        raise InvalidInput("after must be a non-negative integer (a seq)")
-    after = int(raw_after)
+    after = check_query_int(request.query.get("after", "0"), "after")
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson; charset=utf-8"})
     await response.prepare(request)
     events = await read_events(redis, dep.id, after, LOG_CHUNK)

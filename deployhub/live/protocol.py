@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from typing import Any
 
@@ -14,7 +13,15 @@ from redis.exceptions import RedisError
 from ..auth import Tokens, Unauthorized, bearer
 from ..connections import TOKENS
 from ..store import NotFound, dumps
-from ..validation import MAX_BODY, MAX_RESUME, InvalidInput, check_deployment_id, check_project
+from ..validation import (
+    MAX_BODY,
+    MAX_RESUME,
+    MAX_SEQ,
+    InvalidInput,
+    check_deployment_id,
+    check_project,
+    loads_json,
+)
 from .hub import HUB, Hub
 from .watcher import Reply, Subscribe, Watcher
 
@@ -30,9 +37,9 @@ async def handle_message(
 ) -> dict[str, Any] | None:
     """Apply one client message; returns the reply (an error frame for a bad one), if any."""
     try:
-        message = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        return {"type": "error", "message": "messages must be JSON objects"}
+        message = loads_json(text, "the message")
+    except InvalidInput as exc:
+        return {"type": "error", "message": f"messages must be JSON objects; {exc}"}
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         return {"type": "error", "message": 'messages need a string "type"'}
     kind = message["type"]
@@ -79,14 +86,20 @@ async def handle_message(
     }
 
 
+def _reason(exc: Exception) -> bytes:
+    return str(exc).encode()[:CLOSE_REASON_BYTES].decode(errors="ignore").encode()
+
+
 def _check_resume(raw: object) -> dict[str, int]:
     if not isinstance(raw, dict) or len(raw) > MAX_RESUME:
         raise InvalidInput(f"resume must be an object of at most {MAX_RESUME} {{deployment id: last seq}}")
     resume = {}
     for dep_id, seq in raw.items():
         check_deployment_id(dep_id)
-        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-            raise InvalidInput("resume values must be non-negative integers (the last seq seen)")
+        if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ:
+            raise InvalidInput(
+                f"resume values must be non-negative integers up to {MAX_SEQ} (the last seq seen)"
+            )
         resume[dep_id] = seq
     return resume
 
@@ -113,7 +126,13 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
                     reply = await handle_message(hub, tokens, watcher, msg.data)
                 except Unauthorized as exc:
                     # The page reconnects with a token after 4401; nothing else is sent.
-                    await ws.close(code=4401, message=str(exc).encode()[:CLOSE_REASON_BYTES].decode(errors="ignore").encode())
+                    await ws.close(code=4401, message=_reason(exc))
+                    break
+                except Exception:
+                    # A bug, not the client's fault; still end with a close frame, never a
+                    # dropped connection the client cannot tell from a network failure.
+                    log.exception("a WebSocket message failed")
+                    await ws.close(code=1011, message=b"internal error; reconnect")
                     break
                 if reply is not None:
                     watcher.offer(Reply(dumps(reply).encode()))

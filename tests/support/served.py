@@ -21,8 +21,9 @@ from tests.support.procs import clean_env
 
 
 class Served:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *args: str) -> None:
         self.data_dir = data_dir
+        self.args = args  # more `deployhub serve` flags
         self.port = free_port()
         self.proc: subprocess.Popen[str] | None = None
         self.token = ""
@@ -31,7 +32,7 @@ class Served:
     def start(self, expect_login: bool = True) -> None:
         self.proc = subprocess.Popen(
             ["deployhub", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
-             "--allow-hosts", "127.0.0.1"],
+             "--allow-hosts", "127.0.0.1", *self.args],
             env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,  # its own process group, for crash()
         )
