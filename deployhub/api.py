@@ -14,7 +14,7 @@ from .logs import read_events
 from .runners import RUNNER
 from .state import RESOLVER, SETTINGS
 from .storage import log_key
-from .store import NotFound, ProjectTaken
+from .store import NotFound, ProjectTaken, TooManyActive
 from .validation import (
     MAX_BODY,
     InvalidInput,
@@ -59,6 +59,8 @@ async def api_errors(
         return error(404, str(exc))
     except ProjectTaken as exc:
         return error(409, str(exc))
+    except TooManyActive as exc:
+        return error(429, str(exc))
     except Unauthorized as exc:
         response = error(401, str(exc))
         response.headers["WWW-Authenticate"] = 'Bearer realm="deployhub"'
@@ -86,7 +88,9 @@ async def create_deployment(request: web.Request) -> web.Response:
         body["repo_url"], allow_hosts=settings.allow_hosts, resolver=request.config_dict[RESOLVER]
     )
     project = project or project_from_url(repo.url)
-    dep = await store.create_deployment(project, repo.url, branch, owner)
+    dep = await store.create_deployment(
+        project, repo.url, branch, owner, max_active=settings.max_active_per_token
+    )
     await runner.submit(dep)
     production = (await store.get_project(project)).production
     return web.json_response(deployment_json(settings, dep, production), status=202)

@@ -109,7 +109,9 @@ class Settings:
     log_line_max_bytes: int = setting(
         4096, "Longer log lines are cut to this many bytes with a marker."
     )
-
+    max_active_per_token: int = setting(
+        10, "Deployments one token may have queued or running at once; more are refused with 429."
+    )
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read every setting from DEPLOYHUB_<NAME>; explicit overrides win."""
@@ -139,6 +141,8 @@ class Settings:
             raise SettingsError(f"runner must be 'local', not {self.runner!r}")
         if self.max_builds < 1:
             raise SettingsError("max_builds must be at least 1")
+        if self.max_active_per_token < 1:
+            raise SettingsError("max_active_per_token must be at least 1")
         if not 1 <= self.port <= 65535:
             raise SettingsError(f"port must be 1-65535, not {self.port}")
 
