@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .auth import Unauthorized, bearer
+from .auth import TooManyAttempts, Unauthorized, bearer, client_address
 from .connections import REDIS, STORAGE, STORE, TOKENS
 from .logs import read_events
 from .runners import RUNNER
@@ -61,15 +61,31 @@ async def api_errors(
         return error(409, str(exc))
     except TooManyActive as exc:
         return error(429, str(exc))
+    except TooManyAttempts as exc:
+        response = error(429, str(exc))
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     except Unauthorized as exc:
         response = error(401, str(exc))
         response.headers["WWW-Authenticate"] = 'Bearer realm="deployhub"'
         return response
 
 
+def client_of(request: web.Request) -> str:
+    """The address bad tokens are counted against (see auth.client_address)."""
+    return client_address(
+        request.remote, request.headers.get("X-Forwarded-For"),
+        request.config_dict[SETTINGS].trusted_proxies,
+    )
+
+
 async def caller(request: web.Request) -> str:
-    """The id of the token that signed the request; Unauthorized otherwise."""
-    return await request.config_dict[TOKENS].check(bearer(request.headers.get("Authorization")))
+    """The id of the token that signed the request; Unauthorized (or TooManyAttempts)
+    otherwise."""
+    return await request.config_dict[TOKENS].check(
+        bearer(request.headers.get("Authorization")), client=client_of(request),
+        max_failures=request.config_dict[SETTINGS].token_failures_per_minute,
+    )
 
 
 @routes.post("/api/deployments")

@@ -6,8 +6,10 @@ PREFIX = "dh:"
 PROJECTS = PREFIX + "projects"
 # SET of deployment ids in a non-final state; the reaper walks it.
 ACTIVE = PREFIX + "active"
-# HASH token id -> JSON {name, created_at, digest}.
+# HASH token id -> JSON {name, created_at, digest, expires_at (null: never)}.
 TOKENS = PREFIX + "tokens"
+# HASH token id -> unix time it was last accepted (written at most once a minute per token).
+TOKEN_LAST_USED = PREFIX + "token-last-used"
 # PUB/SUB channel nobody publishes on: keeps the subscriber connection in subscribed mode.
 IDLE_CHANNEL = PREFIX + "ch-idle"
 # HASH sha256(token) -> token id, to look a bearer token up in one step.
@@ -17,6 +19,11 @@ TOKEN_DIGESTS = PREFIX + "token-digests"
 def token_projects(token_id: str) -> str:
     """SET of the project names a token owns."""
     return f"{PREFIX}token:{token_id}:projects"
+
+
+def auth_failures(address: str) -> str:
+    """STRING counter of bad tokens from one client address, expiring with its window."""
+    return f"{PREFIX}auth-failures:{address}"
 
 
 def project(name: str) -> str:

@@ -112,6 +112,16 @@ class Settings:
     max_active_per_token: int = setting(
         10, "Deployments one token may have queued or running at once; more are refused with 429."
     )
+    token_failures_per_minute: int = setting(
+        20,
+        "Bad tokens a client address may send per minute; then its requests get 429 with "
+        "`Retry-After` until the minute ends. Counted in Redis, shared by every server.",
+    )
+    trusted_proxies: tuple[str, ...] = setting(
+        (),
+        "Comma-separated IPs of your reverse proxies. Only requests from them have their "
+        "`X-Forwarded-For` believed for the client address; otherwise it is the TCP peer.",
+    )
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read every setting from DEPLOYHUB_<NAME>; explicit overrides win."""
@@ -143,6 +153,8 @@ class Settings:
             raise SettingsError("max_builds must be at least 1")
         if self.max_active_per_token < 1:
             raise SettingsError("max_active_per_token must be at least 1")
+        if self.token_failures_per_minute < 1:
+            raise SettingsError("token_failures_per_minute must be at least 1")
         if not 1 <= self.port <= 65535:
             raise SettingsError(f"port must be 1-65535, not {self.port}")
 

@@ -23,7 +23,8 @@ from tests.support.served import Served
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, git_server: GitServer) -> Iterator[Served]:
     """One server with one ready deployment of the tiny app, project 'tiny'."""
-    server = Served(tmp_path_factory.mktemp("hostile") / "data")
+    # The fuzzers send many bad tokens from 127.0.0.1: the limit on them is tested elsewhere.
+    server = Served(tmp_path_factory.mktemp("hostile") / "data", "--token-failures-per-minute", "1000000")
     server.start()
     status, dep = server.post_json(
         "/api/deployments",
@@ -458,4 +459,4 @@ def test_fuzz_socket_messages_answer_or_close_cleanly(site: Served, message: obj
         assert json.loads(answer.data)["type"] in ("error", "pong", "subscribed", "authenticated", "logs", "status")
     else:
         assert answer.type == aiohttp.WSMsgType.CLOSE, answer
-        assert answer.data == 4401, answer
+        assert answer.data in (4401, 4429), answer

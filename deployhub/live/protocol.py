@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from typing import Any
 
 from aiohttp import WSMsgType, web
 from redis.exceptions import RedisError
 
-from ..auth import Tokens, Unauthorized, bearer
+from ..api import client_of
+from ..auth import TooManyAttempts, Tokens, Unauthorized, bearer
 from ..connections import TOKENS
+from ..state import SETTINGS
 from ..store import NotFound, dumps
 from ..validation import (
     MAX_BODY,
@@ -32,8 +35,21 @@ HEARTBEAT = 20.0
 CLOSE_REASON_BYTES = 120  # a close frame's reason may hold at most 123 bytes
 
 
+@dataclasses.dataclass(frozen=True)
+class Auth:
+    """What checking a token over this socket needs: the store of tokens, and whom to count
+    bad ones against."""
+
+    tokens: Tokens
+    client: str
+    max_failures: int
+
+    async def check(self, secret: str | None) -> str:
+        return await self.tokens.check(secret, client=self.client, max_failures=self.max_failures)
+
+
 async def handle_message(
-    hub: Hub, tokens: Tokens, watcher: Watcher, text: str
+    hub: Hub, auth: Auth, watcher: Watcher, text: str
 ) -> dict[str, Any] | None:
     """Apply one client message; returns the reply (an error frame for a bad one), if any."""
     try:
@@ -46,7 +62,7 @@ async def handle_message(
     try:
         if kind == "auth":
             token = message.get("token")
-            watcher.owner = await tokens.check(token if isinstance(token, str) else None)
+            watcher.owner = await auth.check(token if isinstance(token, str) else None)
             return {"type": "authenticated"}
         if kind == "subscribe":
             if watcher.owner is None:
@@ -106,7 +122,10 @@ def _check_resume(raw: object) -> dict[str, int]:
 
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     hub = request.config_dict[HUB]
-    tokens = request.config_dict[TOKENS]
+    auth = Auth(
+        request.config_dict[TOKENS], client_of(request),
+        request.config_dict[SETTINGS].token_failures_per_minute,
+    )
     # No permessage-deflate: it would compress every frame once per socket (its context is per
     # connection), the single largest cost of fanning one log out to many watchers.
     ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=MAX_BODY, compress=False)
@@ -115,18 +134,22 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     watcher = Watcher(ws, request.transport, stream)
     header = bearer(request.headers.get("Authorization"))
     if header is not None:
-        with contextlib.suppress(Unauthorized, RedisError, OSError):  # else: an auth message
-            watcher.owner = await tokens.check(header)
+        # Else an auth message; too many bad tokens shows at the first subscribe (4401).
+        with contextlib.suppress(Unauthorized, TooManyAttempts, RedisError, OSError):
+            watcher.owner = await auth.check(header)
     hub.sockets.add(watcher)
     writer = asyncio.create_task(hub.write(watcher))
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 try:
-                    reply = await handle_message(hub, tokens, watcher, msg.data)
+                    reply = await handle_message(hub, auth, watcher, msg.data)
                 except Unauthorized as exc:
                     # The page reconnects with a token after 4401; nothing else is sent.
                     await ws.close(code=4401, message=_reason(exc))
+                    break
+                except TooManyAttempts as exc:
+                    await ws.close(code=4429, message=_reason(exc))
                     break
                 except Exception:
                     # A bug, not the client's fault; still end with a close frame, never a
