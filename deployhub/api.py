@@ -14,6 +14,7 @@ from .logs import read_events
 from .runners import RUNNER
 from .state import RESOLVER, SETTINGS
 from .storage import log_key
+from .secretbox import secret_box
 from .store import NotFound, ProjectTaken, TooManyActive
 from .validation import (
     MAX_BODY,
@@ -203,8 +204,9 @@ async def rollback(request: web.Request) -> web.Response:
     return web.json_response(project_json(settings, await store.get_project(name)))
 
 
-def _variables_json(variables: dict[str, tuple[str, bool]]) -> dict[str, Any]:
-    # A secret is write-only: once set, its value never leaves the server again.
+def _variables_json(variables: dict[str, tuple[str | None, bool]]) -> dict[str, Any]:
+    # A secret is write-only: once set, its value never leaves the server again (the store
+    # does not even decrypt it for this).
     return {
         "variables": {
             name: {"value": None if secret else value, "secret": secret}
@@ -217,7 +219,7 @@ def _variables_json(variables: dict[str, tuple[str, bool]]) -> dict[str, Any]:
 async def get_variables(request: web.Request) -> web.Response:
     store = request.config_dict[STORE]
     project = await store.owned_project(check_project(request.match_info["name"]), await caller(request))
-    return web.json_response(_variables_json(await store.build_variables(project.name)))
+    return web.json_response(_variables_json(await store.list_variables(project.name)))
 
 
 @routes.patch("/api/projects/{name}/variables")
@@ -228,5 +230,7 @@ async def set_variables(request: web.Request) -> web.Response:
     body = check_fields(await read_json(request), required={"variables"}, optional=set())
     variables = check_variables(body["variables"])
     project = await store.claim_project(name, owner)
-    await store.set_build_variables(project.name, variables)
-    return web.json_response(_variables_json(await store.build_variables(project.name)))
+    await store.set_build_variables(
+        project.name, variables, secret_box(request.config_dict[SETTINGS])
+    )
+    return web.json_response(_variables_json(await store.list_variables(project.name)))

@@ -32,7 +32,8 @@ def project(name: str) -> str:
 
 
 def project_env(name: str) -> str:
-    """HASH variable name -> JSON {value, secret}: the project's build variables."""
+    """HASH variable name -> JSON {value, secret: false} or {sealed (Fernet token), secret: true}
+    (or, written before encryption, {value, secret: true}): the project's build variables."""
     return f"{PREFIX}project:{name}:env"
 
 

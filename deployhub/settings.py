@@ -122,6 +122,13 @@ class Settings:
         "Comma-separated IPs of your reverse proxies. Only requests from them have their "
         "`X-Forwarded-For` believed for the client address; otherwise it is the TCP peer.",
     )
+    secrets_key: Secret | None = setting(
+        None,
+        "Fernet key that encrypts secret build variables in Redis. Empty: the key in "
+        "`<data-dir>/secrets.key` (mode 0600, made on first use).",
+        shown="(key file)",
+    )
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read every setting from DEPLOYHUB_<NAME>; explicit overrides win."""
@@ -132,8 +139,9 @@ class Settings:
             if raw is not None and raw != "":
                 values[field.name] = parse_value(field, raw, env_name(field.name))
         values.update({k: v for k, v in overrides.items() if v is not None})
-        if isinstance(values.get("redis_url"), str):
-            values["redis_url"] = Secret(values["redis_url"])
+        for name in ("redis_url", "secrets_key"):
+            if isinstance(values.get(name), str):
+                values[name] = Secret(values[name])
         if isinstance(values.get("data_dir"), str):
             values["data_dir"] = Path(values["data_dir"])
         settings = cls(**values)
@@ -157,6 +165,10 @@ class Settings:
             raise SettingsError("token_failures_per_minute must be at least 1")
         if not 1 <= self.port <= 65535:
             raise SettingsError(f"port must be 1-65535, not {self.port}")
+        if self.secrets_key is not None:
+            from .secretbox import SecretBox
+
+            SecretBox(self.secrets_key.reveal().encode())  # a SettingsError when malformed
 
     def site_url_for(self, name: str) -> str:
         template = self.site_url or "http://{name}.{domain}:" + str(self.port)

@@ -12,6 +12,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from . import keys
+from .secretbox import SecretBox
 from .status import FINAL, Status, lua_set
 
 LEASE_SECONDS = 30
@@ -260,26 +261,48 @@ class Store:
             raise NotFound(f"no project {name!r}")
         return await self.get_project(name)
 
-    async def build_variables(self, project: str) -> dict[str, tuple[str, bool]]:
-        """name -> (value, secret)"""
+    async def list_variables(self, project: str) -> dict[str, tuple[str | None, bool]]:
+        """name -> (value, secret), a secret's value None: what the API shows, decrypting
+        nothing."""
         rows = cast(dict[str, str], await self.redis.hgetall(keys.project_env(project)))
         return {
-            name: (str(data["value"]), bool(data["secret"]))
+            name: (None if data["secret"] else str(data["value"]), bool(data["secret"]))
             for name, raw in rows.items()
             for data in [json.loads(raw)]
         }
 
+    async def build_variables(self, project: str, box: SecretBox) -> dict[str, tuple[str, bool]]:
+        """name -> (value, secret), secrets decrypted with `box`: what a build gets.
+
+        A secret is stored as {"sealed": <Fernet token>, "secret": true}; one stored by a
+        version before encryption ({"value": <plain text>, "secret": true}) is still read as
+        it is, until it is set again.
+        """
+        rows = cast(dict[str, str], await self.redis.hgetall(keys.project_env(project)))
+        variables = {}
+        for name, raw in rows.items():
+            data = json.loads(raw)
+            if "sealed" in data:
+                value = box.open(str(data["sealed"]), f"the secret build variable {name}")
+            else:
+                value = str(data["value"])
+            variables[name] = (value, bool(data["secret"]))
+        return variables
+
     async def set_build_variables(
-        self, project: str, variables: dict[str, tuple[str, bool] | None]
+        self, project: str, variables: dict[str, tuple[str, bool] | None], box: SecretBox
     ) -> None:
-        """Set (or, for None, remove) build variables in one step."""
+        """Set (or, for None, remove) build variables in one step; secrets are stored
+        encrypted with `box`, the others as they are."""
         async with self.redis.pipeline(transaction=True) as pipe:
             for name, entry in variables.items():
                 if entry is None:
                     pipe.hdel(keys.project_env(project), name)
-                else:
-                    pipe.hset(keys.project_env(project), name,
-                              json.dumps({"value": entry[0], "secret": entry[1]}))
+                    continue
+                value, secret = entry
+                record = {"sealed": box.seal(value), "secret": True} if secret else {
+                    "value": value, "secret": False}
+                pipe.hset(keys.project_env(project), name, json.dumps(record))
             await pipe.execute()
 
     async def owned_deployment(self, dep_id: str, owner: str) -> tuple[Deployment, Project]:
