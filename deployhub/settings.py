@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import os
 from collections.abc import Mapping
@@ -165,10 +166,12 @@ class Settings:
             raise SettingsError("token_failures_per_minute must be at least 1")
         if not 1 <= self.port <= 65535:
             raise SettingsError(f"port must be 1-65535, not {self.port}")
-        if self.secrets_key is not None:
-            from .secretbox import SecretBox
-
-            SecretBox(self.secrets_key.reveal().encode())  # a SettingsError when malformed
+        if self.secrets_key is not None and not _fernet_key(self.secrets_key.reveal()):
+            raise SettingsError(
+                "DEPLOYHUB_SECRETS_KEY must be a Fernet key: 32 random bytes in url-safe base64 "
+                "(make one with `python -c 'from cryptography.fernet import Fernet; "
+                "print(Fernet.generate_key().decode())'`)"
+            )
 
     def site_url_for(self, name: str) -> str:
         template = self.site_url or "http://{name}.{domain}:" + str(self.port)
@@ -187,6 +190,14 @@ class Settings:
                 value = ",".join(value)
             env[env_name(field.name)] = str(value)
         return env
+
+
+def _fernet_key(text: str) -> bool:
+    # The format Fernet itself checks, here so that reading settings needs no cryptography.
+    try:
+        return len(base64.urlsafe_b64decode(text.encode("ascii"))) == 32
+    except (ValueError, UnicodeError):
+        return False
 
 
 def readme_rows() -> list[str]:
