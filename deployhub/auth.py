@@ -21,6 +21,7 @@ from .validation import InvalidInput
 TOKEN_PREFIX = "dh_"
 _TOKEN_RE = re.compile(r"dh_[A-Za-z0-9_-]{20,100}")
 _NAME_RE = re.compile(r"[A-Za-z0-9 ._-]{1,60}")
+_ID_RE = re.compile(r"[0-9a-f]{8}")
 _DURATION_RE = re.compile(r"([1-9][0-9]{0,5})([mhdw])")
 _DURATION_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 # Seconds between two writes of a token's last-used time: a busy client costs one write a
@@ -125,6 +126,10 @@ class Tokens:
         return sorted(tokens, key=lambda t: t.created_at)
 
     async def revoke(self, token_id: str) -> bool:
+        # An id is 8 hex digits; anything else (argv may even hold lone surrogates, from
+        # undecodable bytes) names no token and must not reach Redis's encoder.
+        if not _ID_RE.fullmatch(token_id):
+            return False
         raw = await self.redis.hget(keys.TOKENS, token_id)
         if raw is None:
             return False

@@ -168,3 +168,6 @@ def test_token_names_and_expiries_from_the_cli(redis_server: RedisServer, capsys
                 ["x", "--expires", "9" * 5000 + "d"], ["\udcff"]):
         assert cli.main(["token", "create", *bad, *redis]) == 2, bad
         assert "deployhub:" in capsys.readouterr().err
+    for bad_id in ("\udcff", "abc\n", "0" * 5000):
+        assert cli.main(["token", "revoke", bad_id, *redis]) == 1
+        assert "no token with id" in capsys.readouterr().err
