@@ -61,6 +61,10 @@ SITE_CASES = [
     ("/", "tiny.localhost:{port}:99", {200, 400, 404}, None),
     ("/", "tiny.localhost.:{port}", {200}, INDEX),
     ("/etc/passwd", "tiny", {200}, INDEX),  # an extension-less path is a client route
+    ("/%ED%A0%80", "tiny", {200, 400, 404}, None),  # an encoded lone surrogate
+    ("/%FF%FE.html", "tiny", {400, 404}, None),  # not UTF-8
+    ("/index.html%0A", "tiny", {400, 404}, None),
+    ("/" + "9" * 5000, "tiny", {200, 400, 404, 414}, None),
 ]
 
 
