@@ -10,14 +10,15 @@ from typing import Any
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from .auth import Unauthorized, bearer
+from .auth import TooManyAttempts, Unauthorized, bearer, client_address
 from .connections import REDIS, STORAGE, STORE, TOKENS
 from .logs import read_events
 from .redis_client import CONNECTION_ERRORS
 from .runners import RUNNER
 from .state import RESOLVER, SETTINGS
 from .storage import log_key
-from .store import NotFound, ProjectTaken
+from .secretbox import secret_box
+from .store import NotFound, ProjectTaken, TooManyActive
 from .validation import (
     MAX_BODY,
     InvalidInput,
@@ -26,7 +27,9 @@ from .validation import (
     check_fields,
     check_project,
     check_repo_url,
+    check_query_int,
     check_variables,
+    loads_json,
     project_from_url,
 )
 from .views import deployment_json, project_json
@@ -47,12 +50,7 @@ async def read_json(request: web.Request) -> Any:
     raw = await request.content.read(MAX_BODY + 1)
     if len(raw) > MAX_BODY:
         raise InvalidInput(f"the request body is larger than {MAX_BODY} bytes")
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"the request body is not valid JSON ({exc})") from None
-    except RecursionError:
-        raise InvalidInput("the request body is nested too deeply") from None
+    return loads_json(raw)
 
 
 @web.middleware
@@ -67,6 +65,12 @@ async def api_errors(
         return error(404, str(exc))
     except ProjectTaken as exc:
         return error(409, str(exc))
+    except TooManyActive as exc:
+        return error(429, str(exc))
+    except TooManyAttempts as exc:
+        response = error(429, str(exc))
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     except Unauthorized as exc:
         response = error(401, str(exc))
         response.headers["WWW-Authenticate"] = 'Bearer realm="deployhub"'
@@ -80,9 +84,21 @@ async def api_errors(
         return response
 
 
+def client_of(request: web.Request) -> str:
+    """The address bad tokens are counted against (see auth.client_address)."""
+    return client_address(
+        request.remote, request.headers.get("X-Forwarded-For"),
+        request.config_dict[SETTINGS].trusted_proxies,
+    )
+
+
 async def caller(request: web.Request) -> str:
-    """The id of the token that signed the request; Unauthorized otherwise."""
-    return await request.config_dict[TOKENS].check(bearer(request.headers.get("Authorization")))
+    """The id of the token that signed the request; Unauthorized (or TooManyAttempts)
+    otherwise."""
+    return await request.config_dict[TOKENS].check(
+        bearer(request.headers.get("Authorization")), client=client_of(request),
+        max_failures=request.config_dict[SETTINGS].token_failures_per_minute,
+    )
 
 
 @routes.post("/api/deployments")
@@ -101,7 +117,9 @@ async def create_deployment(request: web.Request) -> web.Response:
         body["repo_url"], allow_hosts=settings.allow_hosts, resolver=request.config_dict[RESOLVER]
     )
     project = project or project_from_url(repo.url)
-    dep = await store.create_deployment(project, repo.url, branch, owner)
+    dep = await store.create_deployment(
+        project, repo.url, branch, owner, max_active=settings.max_active_per_token
+    )
     await runner.submit(dep)
     production = (await store.get_project(project)).production
     return web.json_response(deployment_json(settings, dep, production), status=202)
@@ -136,10 +154,7 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
     dep, _ = await request.config_dict[STORE].owned_deployment(
         check_deployment_id(request.match_info["id"]), await caller(request)
     )
-    raw_after = request.query.get("after", "0")
-    if not raw_after.isdigit() or len(raw_after) > 12:
-        raise InvalidInput("after must be a non-negative integer (a seq)")
-    after = int(raw_after)
+    after = check_query_int(request.query.get("after", "0"), "after")
     events = await read_events(redis, dep.id, after, LOG_CHUNK)  # before the headers go out
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson; charset=utf-8"})
     await response.prepare(request)
@@ -201,8 +216,9 @@ async def rollback(request: web.Request) -> web.Response:
     return web.json_response(project_json(settings, await store.get_project(name)))
 
 
-def _variables_json(variables: dict[str, tuple[str, bool]]) -> dict[str, Any]:
-    # A secret is write-only: once set, its value never leaves the server again.
+def _variables_json(variables: dict[str, tuple[str | None, bool]]) -> dict[str, Any]:
+    # A secret is write-only: once set, its value never leaves the server again (the store
+    # does not even decrypt it for this).
     return {
         "variables": {
             name: {"value": None if secret else value, "secret": secret}
@@ -215,7 +231,7 @@ def _variables_json(variables: dict[str, tuple[str, bool]]) -> dict[str, Any]:
 async def get_variables(request: web.Request) -> web.Response:
     store = request.config_dict[STORE]
     project = await store.owned_project(check_project(request.match_info["name"]), await caller(request))
-    return web.json_response(_variables_json(await store.build_variables(project.name)))
+    return web.json_response(_variables_json(await store.list_variables(project.name)))
 
 
 @routes.patch("/api/projects/{name}/variables")
@@ -226,5 +242,7 @@ async def set_variables(request: web.Request) -> web.Response:
     body = check_fields(await read_json(request), required={"variables"}, optional=set())
     variables = check_variables(body["variables"])
     project = await store.claim_project(name, owner)
-    await store.set_build_variables(project.name, variables)
-    return web.json_response(_variables_json(await store.build_variables(project.name)))
+    await store.set_build_variables(
+        project.name, variables, secret_box(request.config_dict[SETTINGS])
+    )
+    return web.json_response(_variables_json(await store.list_variables(project.name)))

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     token = commands.add_parser("token", help="create, list or revoke API tokens")
     token.add_argument("action", choices=["create", "list", "revoke"])
     token.add_argument("name_or_id", nargs="?", help="a name for create, the token id for revoke")
+    token.add_argument(
+        "--expires", default=None, metavar="DURATION",
+        help="create: the token stops working after this long (90m, 12h, 30d, 2w); default never",
+    )
     token.add_argument("--data-dir", dest="data_dir", default=None, help="[env DEPLOYHUB_DATA_DIR]")
     token.add_argument("--redis-url", dest="redis_url", default=None, help="[env DEPLOYHUB_REDIS_URL]")
     token.set_defaults(run=token_command)
@@ -125,17 +129,31 @@ async def _first_login(app: web.Application) -> None:
 def token_command(args: argparse.Namespace) -> int:
     overrides = {k: v for k in ("data_dir", "redis_url") if (v := getattr(args, k)) is not None}
     settings = Settings.from_env(**overrides)
-    return asyncio.run(_token(settings, args.action, args.name_or_id))
+    return asyncio.run(_token(settings, args.action, args.name_or_id, args.expires))
 
 
-async def _token(settings: Settings, action: str, arg: str | None) -> int:
+def _when(moment: float | None, never: str) -> str:
+    return never if moment is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(moment))
+
+
+async def _token(settings: Settings, action: str, arg: str | None, expires: str | None = None) -> int:
     import contextlib
 
-    from .auth import Tokens
+    from .auth import Tokens, check_token_name, parse_duration
     from .embedded_redis import embedded_redis, running_url
     from .redis_client import open_redis
     from .validation import InvalidInput
 
+    try:  # before Redis: a bad name or expiry is the user's to fix, and needs no server
+        if action == "create":
+            check_token_name(arg or "cli")
+        expires_in = parse_duration(expires) if expires is not None else None
+    except InvalidInput as exc:
+        print(f"deployhub: {exc}", file=sys.stderr)
+        return 2
+    if expires_in is not None and action != "create":
+        print("deployhub: --expires goes with `token create`", file=sys.stderr)
+        return 2
     async with contextlib.AsyncExitStack() as stack:
         url = settings.redis_url or running_url(settings.data_dir)
         if url is None:  # no server running on this data directory: start its Redis briefly
@@ -144,15 +162,16 @@ async def _token(settings: Settings, action: str, arg: str | None) -> int:
         stack.push_async_callback(redis.aclose)
         tokens = Tokens(redis)
         if action == "create":
-            try:
-                token, secret = await tokens.create(arg or "cli")
-            except InvalidInput as exc:
-                print(f"deployhub: {exc}", file=sys.stderr)
-                return 2
-            print(f"Token {token.id} ({token.name}). Shown once, keep it safe:\n{secret}")
+            token, secret = await tokens.create(arg or "cli", expires_in)
+            until = f", expires {_when(token.expires_at, '')}" if token.expires_at else ""
+            print(f"Token {token.id} ({token.name}{until}). Shown once, keep it safe:\n{secret}")
         elif action == "list":
+            now = time.time()
+            print(f"{'ID':8}  {'CREATED':16}  {'EXPIRES':16}  {'LAST USED':16}  NAME")
             for token in await tokens.list():
-                print(f"{token.id}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(token.created_at))}  {token.name}")
+                ends = "expired" if token.expired(now) else _when(token.expires_at, "never")
+                print(f"{token.id:8}  {_when(token.created_at, '')}  {ends:16}  "
+                      f"{_when(token.last_used_at, 'never'):16}  {token.name}")
         elif not arg:
             print("deployhub: token revoke needs the token id (see `deployhub token list`)", file=sys.stderr)
             return 2

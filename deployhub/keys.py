@@ -6,8 +6,10 @@ PREFIX = "dh:"
 PROJECTS = PREFIX + "projects"
 # SET of deployment ids in a non-final state; the reaper walks it.
 ACTIVE = PREFIX + "active"
-# HASH token id -> JSON {name, created_at, digest}.
+# HASH token id -> JSON {name, created_at, digest, expires_at (null: never)}.
 TOKENS = PREFIX + "tokens"
+# HASH token id -> unix time it was last accepted (written at most once a minute per token).
+TOKEN_LAST_USED = PREFIX + "token-last-used"
 # PUB/SUB channel nobody publishes on: keeps the subscriber connection in subscribed mode.
 IDLE_CHANNEL = PREFIX + "ch-idle"
 # HASH counter -> value: final:<status>, phase_le:<phase>:<bound>, phase_sum:<phase>,
@@ -22,13 +24,19 @@ def token_projects(token_id: str) -> str:
     return f"{PREFIX}token:{token_id}:projects"
 
 
+def auth_failures(address: str) -> str:
+    """STRING counter of bad tokens from one client address, expiring with its window."""
+    return f"{PREFIX}auth-failures:{address}"
+
+
 def project(name: str) -> str:
     """HASH name, repo_url, owner (token id), created_at, production (deployment id)."""
     return f"{PREFIX}project:{name}"
 
 
 def project_env(name: str) -> str:
-    """HASH variable name -> JSON {value, secret}: the project's build variables."""
+    """HASH variable name -> JSON {value, secret: false} or {sealed (Fernet token), secret: true}
+    (or, written before encryption, {value, secret: true}): the project's build variables."""
     return f"{PREFIX}project:{name}:env"
 
 

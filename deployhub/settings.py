@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import os
 from collections.abc import Mapping
@@ -114,6 +115,25 @@ class Settings:
     log_line_max_bytes: int = setting(
         4096, "Longer log lines are cut to this many bytes with a marker."
     )
+    max_active_per_token: int = setting(
+        10, "Deployments one token may have queued or running at once; more are refused with 429."
+    )
+    token_failures_per_minute: int = setting(
+        20,
+        "Bad tokens a client address may send per minute; then its requests get 429 with "
+        "`Retry-After` until the minute ends. Counted in Redis, shared by every server.",
+    )
+    trusted_proxies: tuple[str, ...] = setting(
+        (),
+        "Comma-separated IPs of your reverse proxies. Only requests from them have their "
+        "`X-Forwarded-For` believed for the client address; otherwise it is the TCP peer.",
+    )
+    secrets_key: Secret | None = setting(
+        None,
+        "Fernet key that encrypts secret build variables in Redis. Empty: the key in "
+        "`<data-dir>/secrets.key` (mode 0600, made on first use).",
+        shown="(key file)",
+    )
 
     workers: int = setting(
         1,
@@ -131,8 +151,9 @@ class Settings:
             if raw is not None and raw != "":
                 values[field.name] = parse_value(field, raw, env_name(field.name))
         values.update({k: v for k, v in overrides.items() if v is not None})
-        if isinstance(values.get("redis_url"), str):
-            values["redis_url"] = Secret(values["redis_url"])
+        for name in ("redis_url", "secrets_key"):
+            if isinstance(values.get(name), str):
+                values[name] = Secret(values[name])
         if isinstance(values.get("data_dir"), str):
             values["data_dir"] = Path(values["data_dir"])
         settings = cls(**values)
@@ -152,8 +173,18 @@ class Settings:
             raise SettingsError(f"workers must be 1-256, not {self.workers}")
         if self.max_builds < 1:
             raise SettingsError("max_builds must be at least 1")
+        if self.max_active_per_token < 1:
+            raise SettingsError("max_active_per_token must be at least 1")
+        if self.token_failures_per_minute < 1:
+            raise SettingsError("token_failures_per_minute must be at least 1")
         if not 1 <= self.port <= 65535:
             raise SettingsError(f"port must be 1-65535, not {self.port}")
+        if self.secrets_key is not None and not _fernet_key(self.secrets_key.reveal()):
+            raise SettingsError(
+                "DEPLOYHUB_SECRETS_KEY must be a Fernet key: 32 random bytes in url-safe base64 "
+                "(make one with `python -c 'from cryptography.fernet import Fernet; "
+                "print(Fernet.generate_key().decode())'`)"
+            )
 
     def site_url_for(self, name: str) -> str:
         template = self.site_url or "http://{name}.{domain}:" + str(self.port)
@@ -172,6 +203,14 @@ class Settings:
                 value = ",".join(value)
             env[env_name(field.name)] = str(value)
         return env
+
+
+def _fernet_key(text: str) -> bool:
+    # The format Fernet itself checks, here so that reading settings needs no cryptography.
+    try:
+        return len(base64.urlsafe_b64decode(text.encode("ascii"))) == 32
+    except (ValueError, UnicodeError):
+        return False
 
 
 def readme_rows() -> list[str]:

@@ -13,6 +13,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from . import keys
+from .secretbox import SecretBox
 from .status import FINAL, Status, lua_set
 
 LEASE_SECONDS = 30
@@ -81,14 +82,26 @@ return 1
 """
 
 
-# Records a new deployment, and its project the first time, unless another token owns it.
+# Records a new deployment, and its project the first time, unless another token owns it or
+# the owner already has `limit` deployments queued or running. Counting inside the script
+# makes the check and the insert one step: two concurrent creates cannot both take the last
+# slot. It walks the active set (queued and running deployments of every token, a short list).
 _CREATE = """
 local dep, project, projects, project_deps, active, lease, owned = unpack(KEYS)
 local owner, name, repo_url, now, id, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local limit, dep_prefix, project_prefix = tonumber(ARGV[7]), ARGV[8], ARGV[9]
 local current = redis.call('HGET', project, 'owner')
 if current and current ~= owner then return 0 end
+if limit > 0 and owner ~= '' then
+  local mine = 0
+  for _, other in ipairs(redis.call('SMEMBERS', active)) do
+    local of = redis.call('HGET', dep_prefix .. other, 'project')
+    if of and redis.call('HGET', project_prefix .. of, 'owner') == owner then mine = mine + 1 end
+  end
+  if mine >= limit then return -2 end
+end
 local fields = {}
-for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', dep, unpack(fields))
 redis.call('HSETNX', project, 'created_at', now)
 redis.call('HSET', project, 'name', name, 'repo_url', repo_url, 'owner', owner)
@@ -118,6 +131,10 @@ class NotFound(LookupError):
 
 class ProjectTaken(Exception):
     pass
+
+
+class TooManyActive(Exception):
+    """The token already has as many deployments queued or running as it may."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,9 +203,10 @@ class Store:
         self._claim = redis.register_script(_CLAIM)
 
     async def create_deployment(
-        self, project: str, repo_url: str, branch: str, owner: str = ""
+        self, project: str, repo_url: str, branch: str, owner: str = "", max_active: int = 0
     ) -> Deployment:
-        """A new queued deployment; ProjectTaken if another token owns `project`."""
+        """A new queued deployment; ProjectTaken if another token owns `project`,
+        TooManyActive if `owner` already has `max_active` (0: no limit) queued or running."""
         dep_id = new_deployment_id()
         now = repr(time.time())
         record = {
@@ -202,8 +220,14 @@ class Store:
                 keys.project_deployments(project), keys.ACTIVE, keys.lease(dep_id),
                 keys.token_projects(owner),
             ],
-            args=[owner, project, repo_url, now, dep_id, LEASE_SECONDS, *fields],
+            args=[owner, project, repo_url, now, dep_id, LEASE_SECONDS, max_active,
+                  keys.deployment(""), keys.project(""), *fields],
         )
+        if created == -2:
+            raise TooManyActive(
+                f"this token already has {max_active} deployments queued or running, the most "
+                "it may (DEPLOYHUB_MAX_ACTIVE_PER_TOKEN); wait for one to finish or cancel one"
+            )
         if not created:
             raise ProjectTaken(
                 f"the project name {project!r} is taken; choose another with \"project\""
@@ -253,26 +277,48 @@ class Store:
             raise NotFound(f"no project {name!r}")
         return await self.get_project(name)
 
-    async def build_variables(self, project: str) -> dict[str, tuple[str, bool]]:
-        """name -> (value, secret)"""
+    async def list_variables(self, project: str) -> dict[str, tuple[str | None, bool]]:
+        """name -> (value, secret), a secret's value None: what the API shows, decrypting
+        nothing."""
         rows = cast(dict[str, str], await self.redis.hgetall(keys.project_env(project)))
         return {
-            name: (str(data["value"]), bool(data["secret"]))
+            name: (None if data["secret"] else str(data["value"]), bool(data["secret"]))
             for name, raw in rows.items()
             for data in [json.loads(raw)]
         }
 
+    async def build_variables(self, project: str, box: SecretBox) -> dict[str, tuple[str, bool]]:
+        """name -> (value, secret), secrets decrypted with `box`: what a build gets.
+
+        A secret is stored as {"sealed": <Fernet token>, "secret": true}; one stored by a
+        version before encryption ({"value": <plain text>, "secret": true}) is still read as
+        it is, until it is set again.
+        """
+        rows = cast(dict[str, str], await self.redis.hgetall(keys.project_env(project)))
+        variables = {}
+        for name, raw in rows.items():
+            data = json.loads(raw)
+            if "sealed" in data:
+                value = box.open(str(data["sealed"]), f"the secret build variable {name}")
+            else:
+                value = str(data["value"])
+            variables[name] = (value, bool(data["secret"]))
+        return variables
+
     async def set_build_variables(
-        self, project: str, variables: dict[str, tuple[str, bool] | None]
+        self, project: str, variables: dict[str, tuple[str, bool] | None], box: SecretBox
     ) -> None:
-        """Set (or, for None, remove) build variables in one step."""
+        """Set (or, for None, remove) build variables in one step; secrets are stored
+        encrypted with `box`, the others as they are."""
         async with self.redis.pipeline(transaction=True) as pipe:
             for name, entry in variables.items():
                 if entry is None:
                     pipe.hdel(keys.project_env(project), name)
-                else:
-                    pipe.hset(keys.project_env(project), name,
-                              json.dumps({"value": entry[0], "secret": entry[1]}))
+                    continue
+                value, secret = entry
+                record = {"sealed": box.seal(value), "secret": True} if secret else {
+                    "value": value, "secret": False}
+                pipe.hset(keys.project_env(project), name, json.dumps(record))
             await pipe.execute()
 
     async def owned_deployment(self, dep_id: str, owner: str) -> tuple[Deployment, Project]:

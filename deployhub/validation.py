@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
+import json
+import math
 import socket
 import unicodedata
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 # host, port -> the IP addresses it resolves to
@@ -22,10 +25,99 @@ _HOST_LABEL_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 
 MAX_BODY = 64 * 1024  # bytes of a REST body or a WebSocket message from a client
 MAX_RESUME = 100  # deployments a WebSocket subscribe may resume at once
+# Digits a JSON integer may have: every number we take (a log seq) fits in 64 bits, and
+# Python refuses to parse more than 4,300 digits with a ValueError nobody expects.
+MAX_INT_DIGITS = 20
+MAX_SEQ = 2**63 - 1  # Redis stream ids are 64-bit
+# Levels of arrays and objects a JSON document may nest; our deepest message has 3.
+MAX_DEPTH = 32
 
 
 class InvalidInput(ValueError):
     """Bad input from a user; the message is shown to them as is."""
+
+
+def _parse_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise InvalidInput(
+            f"a number has {len(digits.lstrip('-'))} digits; at most {MAX_INT_DIGITS} are accepted"
+        )
+    return int(digits)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise InvalidInput(f"the number {text[:30]}... is too large; send a finite number")
+    return value
+
+
+def _parse_constant(name: str) -> Any:
+    raise InvalidInput(f"{name} is not JSON; send a finite number or null")
+
+
+# Python strings hold code points: the JSON decoder turns a correctly paired escape
+# ("\\ud83d\\ude00") into one astral character, so any surrogate left is unpaired, and
+# cannot be encoded as UTF-8 (for Redis, a log line, a response).
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(value: str, what: str) -> str:
+    """`value` if it can be encoded as UTF-8 (no unpaired surrogate), else InvalidInput."""
+    found = _SURROGATE_RE.search(value)
+    if found is not None:
+        raise InvalidInput(
+            f"{what} holds an unpaired UTF-16 surrogate (\\u{ord(found.group()):04x} at "
+            f"character {found.start()}); send valid Unicode text"
+        )
+    return value
+
+
+def loads_json(raw: bytes | str, what: str = "the request body") -> Any:
+    """Decode JSON from a client, REST and WebSocket alike.
+
+    Refuses, with a message that says what to fix: text that is not UTF-8 JSON, integers of
+    more than MAX_INT_DIGITS digits, NaN/Infinity (not JSON; they break our own encoding),
+    unpaired surrogates anywhere (Redis, logs and responses cannot encode them) and nesting
+    deeper than MAX_DEPTH.
+    """
+    try:
+        value = json.loads(
+            raw, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant
+        )
+    except InvalidInput as exc:
+        raise InvalidInput(f"{what} is refused: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"{what} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InvalidInput(f"{what} is nested too deeply (at most {MAX_DEPTH} levels)") from None
+    # An explicit stack rather than recursion: the decoder already went as deep as the
+    # interpreter allows, so a recursive walk from inside a handler could overflow.
+    stack: list[tuple[Any, str, int]] = [(value, "$", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, str):
+            check_text(item, f"{what} at {path}")
+        elif isinstance(item, (dict, list)):
+            if depth >= MAX_DEPTH:
+                raise InvalidInput(f"{what} is nested too deeply (at most {MAX_DEPTH} levels)")
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    check_text(key, f"a key in {what} at {path}")
+                    stack.append((child, f"{path}.{key[:40]}", depth + 1))
+            else:
+                stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
+    return value
+
+
+def check_query_int(raw: str, name: str, *, maximum: int = MAX_SEQ) -> int:
+    """A non-negative integer from a query string: ASCII digits only (str.isdigit also takes
+    '²' and '١', which int() then refuses or reads), bounded."""
+    if not raw.isascii() or not raw.isdigit() or len(raw) > MAX_INT_DIGITS or int(raw) > maximum:
+        raise InvalidInput(
+            f"{name} must be a non-negative integer (a log seq) in ASCII digits, at most {maximum}"
+        )
+    return int(raw)
 
 
 @dataclass(frozen=True)
@@ -60,11 +152,19 @@ async def check_repo_url(
     """An http(s) Git URL whose host resolves only to public addresses (or is allowlisted)."""
     if not isinstance(raw, str) or not raw.strip():
         raise InvalidInput("repo_url must be a non-empty string such as https://host/owner/repo.git")
-    url = raw.strip()
+    url = raw
     if len(url) > 2048:
         raise InvalidInput("repo_url is longer than 2048 characters")
-    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
-        raise InvalidInput("repo_url must not contain spaces or control characters")
+    check_text(url, "repo_url")
+    # Refused, not stripped: a URL with a trailing newline or an invisible character is not
+    # the URL the user thinks they sent, and git would get something else again.
+    bad = next((ch for ch in url if _unprintable(ch)), None)
+    if bad is not None:
+        where = "at the start or end" if bad in (url[0], url[-1]) and url.strip() != url else "inside"
+        raise InvalidInput(
+            f"repo_url must not contain spaces or control characters (found U+{ord(bad):04X} "
+            f"{where}); remove it and send the URL alone"
+        )
     if url.startswith("-"):
         raise InvalidInput("repo_url must not start with '-'")
     parts = urlsplit(url)
@@ -106,6 +206,12 @@ async def check_repo_url(
     return RepoURL(url=url, host=host, port=port, addresses=tuple(addresses))
 
 
+def _unprintable(char: str) -> bool:
+    # Cc control, Cf format (zero-width, bidi overrides), Cs surrogate, Co private use,
+    # Cn unassigned, Z* separators (spaces, line and paragraph separators).
+    return char.isspace() or unicodedata.category(char)[0] in "CZ"
+
+
 def _valid_host(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -138,7 +244,8 @@ def project_from_url(url: str) -> str:
 def check_project(raw: object) -> str:
     if not isinstance(raw, str):
         raise InvalidInput("project must be a string")
-    if not _PROJECT_RE.match(raw) or len(raw) > PROJECT_MAX:
+    # fullmatch: with match, '$' also matches before a trailing newline ("app\n").
+    if not _PROJECT_RE.fullmatch(raw) or len(raw) > PROJECT_MAX:
         raise InvalidInput(
             f"project must be 1-{PROJECT_MAX} lowercase letters, digits and single hyphens, "
             f"not starting or ending with a hyphen (try {slugify(raw) or 'my-app'!r})"
@@ -147,7 +254,7 @@ def check_project(raw: object) -> str:
 
 
 def check_branch(raw: object) -> str:
-    if not isinstance(raw, str) or not _BRANCH_RE.match(raw):
+    if not isinstance(raw, str) or not _BRANCH_RE.fullmatch(raw):
         raise InvalidInput("branch must be 1-200 characters of letters, digits, '.', '_', '/', '-'")
     if raw.startswith(("-", "/", ".")) or ".." in raw or raw.endswith((".lock", "/", ".")):
         raise InvalidInput(f"branch {raw!r} is not a valid git branch name")
@@ -188,8 +295,11 @@ def check_variables(raw: object) -> dict[str, tuple[str, bool] | None]:
         raise InvalidInput(f"at most {MAX_VARIABLES} variables at once")
     checked: dict[str, tuple[str, bool] | None] = {}
     for name, spec in raw.items():
-        if not VARIABLE_NAME_RE.match(name):
-            raise InvalidInput(f"variable name {name[:70]!r} must match [A-Za-z_][A-Za-z0-9_]*")
+        if not VARIABLE_NAME_RE.fullmatch(name):
+            raise InvalidInput(
+                f"variable name {name[:70].encode('ascii', 'backslashreplace').decode()!r} must "
+                "match [A-Za-z_][A-Za-z0-9_]* (no spaces or control characters), 1-64 long"
+            )
         if name in RESERVED_VARIABLES or name.startswith(("DEPLOYHUB_", "npm_config_")):
             raise InvalidInput(f"{name} is set by DeployHub and cannot be overridden")
         if spec is None:
@@ -200,6 +310,7 @@ def check_variables(raw: object) -> dict[str, tuple[str, bool] | None]:
         value, secret = spec["value"], spec.get("secret", False)
         if not isinstance(value, str) or not isinstance(secret, bool):
             raise InvalidInput(f"{name}: value must be a string and secret a boolean")
+        check_text(value, f"the value of {name}")
         if len(value.encode()) > MAX_VARIABLE_BYTES or "\x00" in value:
             raise InvalidInput(f"{name}: value must be under 32 KiB and contain no NUL")
         checked[name] = (value, secret)

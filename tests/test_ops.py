@@ -13,7 +13,7 @@ import pytest
 from deployhub.embedded_redis import free_port
 from tests.support.infra import TINY_APP, GitServer, RedisServer, S3Server, unique_name
 from tests.support.procs import clean_env
-from tests.support.service import Service, StartService, make_settings
+from tests.support.service import Service, StartService
 
 
 async def test_probes_and_metrics_after_a_deploy(service: Service, git_server: GitServer) -> None:

@@ -18,6 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from deployhub.logs import LogPublisher
+from deployhub.secretbox import secret_box
 from deployhub.settings import Settings
 from deployhub.storage import Storage, log_key
 from deployhub.status import Status
@@ -120,7 +121,8 @@ class Build:
             return Status.FAILED, f"DeployHub hit an internal error while building: {exc!r}"
 
     async def _steps(self) -> None:
-        variables = await retry(lambda: self.store.build_variables(self.dep.project))
+        box = secret_box(self.settings)  # DEPLOYHUB_SECRETS_KEY or the data directory's key file
+        variables = await retry(lambda: self.store.build_variables(self.dep.project, box))
         self.variables = {name: value for name, (value, _) in variables.items()}
         self.logs.hide([value for value, secret in variables.values() if secret])
         if variables:

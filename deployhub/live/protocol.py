@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import dataclasses
 import logging
 from typing import Any
 
 from aiohttp import WSMsgType, web
 from redis.exceptions import RedisError
 
-from ..auth import Tokens, Unauthorized, bearer
+from ..api import client_of
+from ..auth import TooManyAttempts, Tokens, Unauthorized, bearer
 from ..connections import TOKENS
+from ..state import SETTINGS
 from ..store import NotFound, dumps
-from ..validation import MAX_BODY, MAX_RESUME, InvalidInput, check_deployment_id, check_project
+from ..validation import (
+    MAX_BODY,
+    MAX_RESUME,
+    MAX_SEQ,
+    InvalidInput,
+    check_deployment_id,
+    check_project,
+    loads_json,
+)
 from .hub import HUB, Hub
 from .watcher import Reply, Subscribe, Watcher
 
@@ -25,26 +35,34 @@ HEARTBEAT = 20.0
 CLOSE_REASON_BYTES = 120  # a close frame's reason may hold at most 123 bytes
 
 
-def close_reason(text: str) -> bytes:
-    """`text` cut to fit a close frame, never in the middle of a UTF-8 character."""
-    return text.encode()[:CLOSE_REASON_BYTES].decode(errors="ignore").encode()
+@dataclasses.dataclass(frozen=True)
+class Auth:
+    """What checking a token over this socket needs: the store of tokens, and whom to count
+    bad ones against."""
+
+    tokens: Tokens
+    client: str
+    max_failures: int
+
+    async def check(self, secret: str | None) -> str:
+        return await self.tokens.check(secret, client=self.client, max_failures=self.max_failures)
 
 
 async def handle_message(
-    hub: Hub, tokens: Tokens, watcher: Watcher, text: str
+    hub: Hub, auth: Auth, watcher: Watcher, text: str
 ) -> dict[str, Any] | None:
     """Apply one client message; returns the reply (an error frame for a bad one), if any."""
     try:
-        message = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        return {"type": "error", "message": "messages must be JSON objects"}
+        message = loads_json(text, "the message")
+    except InvalidInput as exc:
+        return {"type": "error", "message": f"messages must be JSON objects; {exc}"}
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         return {"type": "error", "message": 'messages need a string "type"'}
     kind = message["type"]
     try:
         if kind == "auth":
             token = message.get("token")
-            watcher.owner = await tokens.check(token if isinstance(token, str) else None)
+            watcher.owner = await auth.check(token if isinstance(token, str) else None)
             return {"type": "authenticated"}
         if kind == "subscribe":
             if watcher.owner is None:
@@ -84,21 +102,30 @@ async def handle_message(
     }
 
 
+def _reason(exc: Exception) -> bytes:
+    return str(exc).encode()[:CLOSE_REASON_BYTES].decode(errors="ignore").encode()
+
+
 def _check_resume(raw: object) -> dict[str, int]:
     if not isinstance(raw, dict) or len(raw) > MAX_RESUME:
         raise InvalidInput(f"resume must be an object of at most {MAX_RESUME} {{deployment id: last seq}}")
     resume = {}
     for dep_id, seq in raw.items():
         check_deployment_id(dep_id)
-        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-            raise InvalidInput("resume values must be non-negative integers (the last seq seen)")
+        if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ:
+            raise InvalidInput(
+                f"resume values must be non-negative integers up to {MAX_SEQ} (the last seq seen)"
+            )
         resume[dep_id] = seq
     return resume
 
 
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     hub = request.config_dict[HUB]
-    tokens = request.config_dict[TOKENS]
+    auth = Auth(
+        request.config_dict[TOKENS], client_of(request),
+        request.config_dict[SETTINGS].token_failures_per_minute,
+    )
     # No permessage-deflate: it would compress every frame once per socket (its context is per
     # connection), the single largest cost of fanning one log out to many watchers.
     ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=MAX_BODY, compress=False)
@@ -107,18 +134,28 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     watcher = Watcher(ws, request.transport, stream)
     header = bearer(request.headers.get("Authorization"))
     if header is not None:
-        with contextlib.suppress(Unauthorized, RedisError, OSError):  # else: an auth message
-            watcher.owner = await tokens.check(header)
+        # Else an auth message; too many bad tokens shows at the first subscribe (4401).
+        with contextlib.suppress(Unauthorized, TooManyAttempts, RedisError, OSError):
+            watcher.owner = await auth.check(header)
     hub.sockets.add(watcher)
     writer = asyncio.create_task(hub.write(watcher))
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 try:
-                    reply = await handle_message(hub, tokens, watcher, msg.data)
+                    reply = await handle_message(hub, auth, watcher, msg.data)
                 except Unauthorized as exc:
                     # The page reconnects with a token after 4401; nothing else is sent.
-                    await ws.close(code=4401, message=close_reason(str(exc)))
+                    await ws.close(code=4401, message=_reason(exc))
+                    break
+                except TooManyAttempts as exc:
+                    await ws.close(code=4429, message=_reason(exc))
+                    break
+                except Exception:
+                    # A bug, not the client's fault; still end with a close frame, never a
+                    # dropped connection the client cannot tell from a network failure.
+                    log.exception("a WebSocket message failed")
+                    await ws.close(code=1011, message=b"internal error; reconnect")
                     break
                 if reply is not None:
                     watcher.offer(Reply(dumps(reply).encode()))
