@@ -1,21 +1,23 @@
-"""`deployhub serve` runs the service; `deployhub deploy URL --follow` deploys from a terminal."""
+"""The `deployhub` command: `serve` and `token` run on the server's machine; `deploy`, `logs`,
+`ls`, `rollback`, `cancel` and `login` talk to a server through its API."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import dataclasses
+import getpass
 import json
 import logging
-import os
-import random
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
+from .client import DEFAULT_SERVER, Client, ClientError, Follower, resolve, save_login
+from .console import Output, age, error
 from .settings import Settings, SettingsError, env_name, parse_value
 from .status import Status
 
@@ -55,16 +57,43 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--instance", default="", help=argparse.SUPPRESS)
     serve.set_defaults(run=serve_command)
 
-    deploy = commands.add_parser("deploy", help="deploy a Git URL and optionally follow its log")
-    deploy.add_argument("repo_url")
+    remote = argparse.ArgumentParser(add_help=False)  # what every client command takes
+    remote.add_argument("--server", help=f"DeployHub server URL [env DEPLOYHUB_SERVER; default "
+                                         f"the one `deployhub login` saved, else {DEFAULT_SERVER}]")
+    remote.add_argument("--token", help="API token [env DEPLOYHUB_TOKEN; default the one "
+                                        "`deployhub login` saved for the server]")
+    remote.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    deploy = commands.add_parser("deploy", parents=[remote],
+                                 help="deploy a Git URL (or redeploy a project) and follow its log")
+    deploy.add_argument("repo_url", nargs="?", help="the Git URL; omit it with --project to redeploy")
     deploy.add_argument("--project", help="project name (default: from the repository name)")
     deploy.add_argument("--branch", help="branch to build (default: the repository's default)")
     deploy.add_argument("--follow", "-f", action="store_true", help="print the log live until the end")
-    deploy.add_argument(
-        "--server", default="http://127.0.0.1:8000", help="DeployHub server URL [env DEPLOYHUB_SERVER]"
-    )
-    deploy.add_argument("--token", help="API token [env DEPLOYHUB_TOKEN]")
-    deploy.set_defaults(run=deploy_command)
+    deploy.set_defaults(run=remote_command(deploy_cmd))
+
+    logs = commands.add_parser("logs", parents=[remote], help="print a deployment's log")
+    logs.add_argument("deployment")
+    logs.add_argument("--follow", "-f", action="store_true", help="then the live tail, until it ends")
+    logs.set_defaults(run=remote_command(logs_cmd))
+
+    ls = commands.add_parser("ls", parents=[remote], help="list projects, or a project's deployments")
+    ls.add_argument("project", nargs="?")
+    ls.set_defaults(run=remote_command(ls_cmd))
+
+    rollback = commands.add_parser("rollback", parents=[remote],
+                                   help="serve an earlier ready deployment (default: the one before)")
+    rollback.add_argument("project")
+    rollback.add_argument("deployment", nargs="?")
+    rollback.set_defaults(run=remote_command(rollback_cmd))
+
+    cancel = commands.add_parser("cancel", parents=[remote], help="cancel a queued or running deployment")
+    cancel.add_argument("deployment")
+    cancel.set_defaults(run=remote_command(cancel_cmd))
+
+    login = commands.add_parser("login", parents=[remote],
+                                help="check a token and save it (0600) for later commands")
+    login.set_defaults(run=login_command)
 
     token = commands.add_parser("token", help="create, list or revoke API tokens")
     token.add_argument("action", choices=["create", "list", "revoke"])
@@ -183,128 +212,136 @@ async def _token(settings: Settings, action: str, arg: str | None, expires: str 
     return 0
 
 
-# -- deploy --------------------------------------------------------------------------------
+# -- client commands -------------------------------------------------------------------
+# Exit codes: 0 done (a followed deployment is ready); 1 it failed or was canceled, or the
+# server refused the request; 2 bad usage; 3 the server is unreachable (or answered 5xx);
+# 4 no token, or the server refused it.
+
+Command = Callable[[Client, argparse.Namespace, Output], Awaitable[int]]
 
 
-def deploy_command(args: argparse.Namespace) -> int:
-    server = os.environ.get("DEPLOYHUB_SERVER", args.server) if args.server == "http://127.0.0.1:8000" else args.server
-    token = args.token or os.environ.get("DEPLOYHUB_TOKEN", "")
-    body = {"repo_url": args.repo_url}
+def remote_command(command: Command) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        server, token = resolve(args.server, args.token)
+        output = Output(as_json=args.json)
+
+        async def go() -> int:
+            async with Client(server, token) as client:
+                return await command(client, args, output)
+
+        try:
+            return asyncio.run(go())
+        except ClientError as exc:
+            error(str(exc))
+            return exc.code
+        finally:
+            output.stop_progress()
+
+    return run
+
+
+async def deploy_cmd(client: Client, args: argparse.Namespace, out: Output) -> int:
+    body: dict[str, str] = {}
+    if args.repo_url:
+        body["repo_url"] = args.repo_url
+    elif args.project:  # a redeploy: the project's repository, as it was deployed last
+        body["repo_url"] = (await client.request("GET", f"/api/projects/{args.project}"))["repo_url"]
+    else:
+        raise ClientError("give the Git URL to deploy, or --project to redeploy a project")
     if args.project:
         body["project"] = args.project
     if args.branch:
         body["branch"] = args.branch
-    return asyncio.run(deploy(server.rstrip("/"), body, args.follow, token))
-
-
-async def deploy(server: str, body: dict[str, str], follow: bool, token: str = "") -> int:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with aiohttp.ClientSession(headers=headers) as session:
-        try:
-            async with session.post(f"{server}/api/deployments", json=body) as response:
-                data = await response.json(content_type=None)
-        except aiohttp.ClientError as exc:
-            print(f"deployhub: cannot reach {server}: {exc}", file=sys.stderr)
-            return 1
-        if response.status != 202:
-            print(f"deployhub: {data.get('error', response.reason)}", file=sys.stderr)
-            return 1
-        print(f"Deployment {data['id']} of {data['project']} queued", flush=True)
-        if not follow:
-            print(data["deployment_url"])
-            return 0
-        final = await Follower(session, server, data["project"], data["id"]).run()
-    if final["status"] == Status.READY:
-        print(f"Ready: {final['url']}  (this deployment: {final['deployment_url']})", flush=True)
+    dep = await client.request("POST", "/api/deployments", body)
+    if not args.follow:
+        out.result(dep, f"Deployment {dep['id']} of {dep['project']} queued: {dep['deployment_url']}")
         return 0
-    if final["status"] == "error":
-        print(f"deployhub: {final['reason']}", file=sys.stderr, flush=True)
-        return 1
-    print(f"Deployment {final['status']}: {final.get('reason', '')}", file=sys.stderr, flush=True)
+    if not out.as_json:
+        print(f"Deployment {dep['id']} of {dep['project']} queued", flush=True)
+    return await follow(client, dep, out)
+
+
+async def follow(client: Client, dep: dict[str, Any], out: Output) -> int:
+    out.start_progress(dep)
+    follower = Follower(client, dep["project"], dep["id"], on_event=out.event, on_status=out.status,
+                        on_reconnect=lambda why: out.note(f"{why}; reconnecting"))
+    final = await follower.run()
+    out.stop_progress()
+    if final["status"] == Status.READY:
+        out.result(final, f"Ready: {final['url']}  (this deployment: {final['deployment_url']})")
+        return 0
+    if out.as_json:
+        out.result(final, "")
+    error(f"deployment {final['status']}: {final.get('reason', '')}")
     return 1
 
 
-class Follower:
-    """Prints one deployment's log; after a dropped connection it resumes from the last seq."""
+async def logs_cmd(client: Client, args: argparse.Namespace, out: Output) -> int:
+    dep = await client.request("GET", f"/api/deployments/{args.deployment}")
+    if args.follow and not Status(dep["status"]).final:
+        return await follow(client, dep, out)
+    for event in await client.logs(dep["id"]):
+        out.event(event)
+    return 0
 
-    def __init__(self, session: aiohttp.ClientSession, server: str, project: str, dep_id: str) -> None:
-        self.session = session
-        self.ws_url = server.replace("http", "ws", 1) + "/api/ws"
-        self.project = project
-        self.dep_id = dep_id
-        self.last_seq = 0
-        self.status = ""
 
-    async def run(self) -> dict[str, Any]:
-        delay = 0.5
-        while True:
-            try:
-                final = await self._watch()
-                if final is not None:
-                    return final
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-                print(f"[deployhub] connection lost ({exc.__class__.__name__}); reconnecting", file=sys.stderr, flush=True)
-            else:
-                print("[deployhub] connection closed; reconnecting", file=sys.stderr, flush=True)
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 10.0)
+async def ls_cmd(client: Client, args: argparse.Namespace, out: Output) -> int:
+    if args.project:
+        data = await client.request("GET", f"/api/projects/{args.project}/deployments")
+        rows = [[d["id"], d["status"] + (" (production)" if d["is_production"] else ""),
+                 d.get("branch") or "-", age(d["created_at"]), d["deployment_url"]]
+                for d in data["deployments"]]
+        out.table(data, ["DEPLOYMENT", "STATUS", "BRANCH", "CREATED", "URL"], rows)
+        return 0
+    data = await client.request("GET", "/api/projects")
+    rows = [[p["name"], p["production"] or "-", age(p["created_at"]), p["url"]] for p in data["projects"]]
+    out.table(data, ["PROJECT", "PRODUCTION", "CREATED", "URL"], rows)
+    return 0
 
-    async def _watch(self) -> dict[str, Any] | None:
-        async with self.session.ws_connect(self.ws_url, heartbeat=20) as ws:
-            await ws.send_json({
-                "type": "subscribe", "project": self.project, "resume": {self.dep_id: self.last_seq},
-            })
-            final: dict[str, Any] | None = None
-            async for msg in ws:
-                if msg.type != aiohttp.WSMsgType.TEXT:
-                    continue
-                frame = json.loads(msg.data)
-                kind = frame.get("type")
-                if kind == "logs" and frame["deployment"] == self.dep_id:
-                    for event in frame["events"]:
-                        if event["seq"] > self.last_seq:
-                            self.last_seq = event["seq"]
-                            out = sys.stderr if event["stream"] == "stderr" else sys.stdout
-                            print(event["text"], file=out, flush=True)
-                elif kind == "subscribed":
-                    for dep in frame["deployments"]:
-                        if dep["id"] == self.dep_id:
-                            final = self._status(dep)
-                elif kind == "status" and frame["deployment"]["id"] == self.dep_id:
-                    final = self._status(frame["deployment"])
-                elif kind == "error":
-                    # Our only message is the subscribe: an error means we cannot watch.
-                    return {"status": "error", "reason": frame["message"]}
-                if final is not None:
-                    # The server sends the rest of the log before, or right after, the final
-                    # status; read until it is all here.
-                    await self._drain(ws, final)
-                    return final
-            if ws.close_code == 4401:
-                return {"status": "error", "reason": "the server refused the token (--token)"}
-            return None
 
-    def _status(self, dep: dict[str, Any]) -> dict[str, Any] | None:
-        if dep["status"] != self.status:
-            self.status = dep["status"]
-            print(f"[deployhub] {self.status}", file=sys.stderr, flush=True)
-        return dep if Status(dep["status"]).final else None
+async def rollback_cmd(client: Client, args: argparse.Namespace, out: Output) -> int:
+    target = args.deployment
+    if target is None:  # the ready deployment before the one serving now
+        project = await client.request("GET", f"/api/projects/{args.project}")
+        deployments = (await client.request("GET", f"/api/projects/{args.project}/deployments"))["deployments"]
+        older = [d for d in deployments if d["status"] == Status.READY
+                 and d["created_at"] < next((x["created_at"] for x in deployments
+                                             if x["id"] == project["production"]), float("inf"))]
+        if not older:
+            raise ClientError(f"{args.project} has no ready deployment older than the one it serves")
+        target = older[0]["id"]
+    project = await client.request("POST", f"/api/projects/{args.project}/rollback", {"deployment": target})
+    out.result(project, f"{project['name']} now serves {project['production']}: {project['url']}")
+    return 0
 
-    async def _drain(self, ws: aiohttp.ClientWebSocketResponse, final: dict[str, Any]) -> None:
-        while True:
-            try:
-                msg = await ws.receive(timeout=1.0)
-            except asyncio.TimeoutError:
-                return
-            if msg.type != aiohttp.WSMsgType.TEXT:
-                return
-            frame = json.loads(msg.data)
-            if frame.get("type") == "logs" and frame["deployment"] == self.dep_id:
-                for event in frame["events"]:
-                    if event["seq"] > self.last_seq:
-                        self.last_seq = event["seq"]
-                        out = sys.stderr if event["stream"] == "stderr" else sys.stdout
-                        print(event["text"], file=out, flush=True)
+
+async def cancel_cmd(client: Client, args: argparse.Namespace, out: Output) -> int:
+    dep = await client.request("POST", f"/api/deployments/{args.deployment}/cancel", {})
+    out.result(dep, f"Deployment {dep['id']} {dep['status']}")
+    return 0
+
+
+def login_command(args: argparse.Namespace) -> int:
+    server, token = resolve(args.server, args.token)
+    if not token:
+        token = getpass.getpass(f"Token for {server} (deployhub token create): ").strip()
+
+    async def check() -> int:
+        async with Client(server, token) as client:
+            await client.request("GET", "/api/projects")
+        return 0
+
+    try:
+        asyncio.run(check())
+    except ClientError as exc:
+        error(str(exc))
+        return exc.code
+    path = save_login(server, token)
+    if args.json:
+        print(json.dumps({"server": server, "saved": str(path)}))
+    else:
+        print(f"Logged in to {server}; the token is saved in {path} (mode 0600)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -190,14 +190,8 @@ async def test_cli_follow_resumes_across_a_server_restart(
     # The CLI posts to the builder, then follows through the front replica.
     dep = await builder.deploy(url)
     cli = await asyncio.create_subprocess_exec(
-        sys.executable, "-c",
-        "import asyncio,sys,aiohttp; from deployhub.cli import Follower\n"
-        "async def main():\n"
-        f"    async with aiohttp.ClientSession(headers={{'Authorization': 'Bearer {builder.token}'}}) as s:\n"
-        f"        final = await Follower(s, {front.url!r}, {dep['project']!r}, {dep['id']!r}).run()\n"
-        "    print('FINAL', final['status'])\n"
-        "asyncio.run(main())\n",
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        sys.executable, "-m", "deployhub", "logs", dep["id"], "--follow", "--server", front.url,
+        "--token", builder.token, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     await asyncio.sleep(2.5)
     await front.stop()
@@ -205,7 +199,7 @@ async def test_cli_follow_resumes_across_a_server_restart(
     await start_service(settings)  # same port
     out, err = await asyncio.wait_for(cli.communicate(), 120)
     lines = out.decode().splitlines()
-    assert lines[-1] == "FINAL ready", err.decode()[-2000:]
+    assert cli.returncode == 0 and lines[-1].startswith("Ready: "), err.decode()[-2000:]
     assert "reconnecting" in err.decode()
     events = await builder.logs(dep["id"])
     assert lines[:-1] == [e["text"] for e in events if e["stream"] != "stderr"]
