@@ -66,3 +66,26 @@ def refusal(address: str | IPAddress) -> str | None:
     if ip not in _GLOBAL_UNICAST:
         return "reserved"
     return None
+
+
+def local_addresses() -> frozenset[str]:
+    """The addresses of this machine's own interfaces (in the caller's network namespace):
+    a build must not reach the host through its public address either."""
+    found: set[str] = set()
+    lines = _lines("/proc/net/fib_trie")
+    for previous, line in zip(lines, lines[1:]):
+        if line.strip().startswith("/32 host LOCAL") and "|--" in previous:
+            found.add(previous.split("|--", 1)[1].strip())
+    for row in _lines("/proc/net/if_inet6"):
+        hexed = row.split()[0] if row.split() else ""
+        if len(hexed) == 32:
+            found.add(str(ipaddress.IPv6Address(int(hexed, 16))))
+    return frozenset(found)
+
+
+def _lines(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            return f.read().splitlines()
+    except OSError:
+        return []

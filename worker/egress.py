@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from deployhub.addresses import refusal
+from deployhub.addresses import local_addresses, refusal
 from deployhub.validation import Resolver, system_resolver
 
 from .bwrap import INSIDE_EGRESS
@@ -85,8 +86,9 @@ class EgressProxy:
     and every connection it relays."""
 
     def __init__(self, emit: Emit, *, resolver: Resolver = system_resolver,
-                 connect: Connect = open_tcp) -> None:
+                 connect: Connect = open_tcp, local: frozenset[str] | None = None) -> None:
         self.emit = emit
+        self.local = local_addresses() if local is None else local
         self.resolver = resolver
         self.connect = connect
         self.refused = 0
@@ -153,7 +155,7 @@ class EgressProxy:
         if not addresses:
             raise Refused(502, f"{host} could not be resolved")
         for address in addresses:
-            if why := refusal(address):
+            if why := refusal(address) or self._local(address):
                 self._report(f"Network: refused {host}:{port}: {address} is a {why} address; "
                              "builds reach only the public internet")
                 named = address if host == address else f"{host} resolves to {address}, which"
@@ -166,6 +168,11 @@ class EgressProxy:
             except (OSError, TimeoutError) as exc:
                 last = exc
         raise Refused(502, f"cannot connect to {host}:{port}: {last}")
+
+    def _local(self, address: str) -> str | None:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+        return "this machine's own" if str(mapped or ip) in self.local else None
 
     def _report(self, text: str) -> None:
         self.refused += 1

@@ -98,7 +98,9 @@ class Sandbox:
     async def prepare(self, argv: Sequence[str], host_env: Mapping[str, str]) -> AsyncIterator[Prepared]:
         binary = ""
         if self.isolated:
-            if problem := await asyncio.to_thread(bwrap.problem, self.settings.bwrap):
+            if problem := await asyncio.to_thread(
+                bwrap.problem, self.settings.bwrap, self.settings.build_network == "host"
+            ):
                 raise BuildError(problem)
             binary = bwrap.find_binary(self.settings.bwrap) or "bwrap"
         self._count += 1
