@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-MIN_INTERVAL = 0.5
+MIN_INTERVAL = 0.25
 SCAN_SHARE = 4  # sleep at least this many scan durations: scanning takes at most ~1/5 of a core
 
 
