@@ -269,3 +269,39 @@ async def test_server_refuses_builds_when_the_sandbox_cannot_run(
     assert "DEPLOYHUB_SANDBOX=none" in body["error"]
     _, projects = await service.get_json("/api/projects")
     assert projects["projects"] == []
+
+
+@pytest.mark.parametrize("without_limits", ["run", "refuse"])
+async def test_serve_says_at_start_which_limits_do_not_hold(
+    tmp_path: Path, redis_server: RedisServer, start_service: StartService,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, without_limits: str,
+) -> None:
+    # The worker's own check runs in a child process: make it see a host with no cgroups.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import worker.cgroups as c\nc.builds_dir = lambda controller: None\nc.v2_location = lambda: None\n")
+    monkeypatch.setenv("PYTHONPATH", f"{hook}:{os.environ.get('PYTHONPATH', '')}")
+    service = await start_service(redis=redis_server, build_without_limits=without_limits)
+    missing = ("no cgroup v1 or v2 memory controller is available (DEPLOYHUB_BUILD_MEMORY_MB); "
+               "no cgroup v1 or v2 pids controller is available (DEPLOYHUB_BUILD_MAX_PROCESSES)")
+    assert f"build limits NOT enforced on this machine: {missing}" in caplog.messages
+    status, body = await service.post_json("/api/deployments", {"repo_url": "http://127.0.0.1:9/a.git"})
+    if without_limits == "refuse":
+        assert status == 503 and missing in body["error"]
+        assert "DEPLOYHUB_BUILD_WITHOUT_LIMITS=run" in body["error"]
+    else:
+        assert status in (200, 201, 202), body
+
+
+def test_without_network_namespaces_builds_are_refused_naming_the_setting(tmp_path: Path) -> None:
+    fake = tmp_path / "bwrap"  # a bwrap that works only with the host's network
+    fake.write_text('#!/bin/sh\ncase " $* " in *" --share-net "*) exit 0;; esac\n'
+                    'echo "bwrap: loopback: Failed RTM_NEWADDR: Operation not permitted" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    refused = check_sandbox(DEPLOYHUB_BWRAP=str(fake))
+    assert refused.returncode == 1
+    assert f"{fake} cannot make one here" in refused.stdout
+    assert "DEPLOYHUB_BUILD_NETWORK=host" in refused.stdout and "UNSAFE" in refused.stdout
+    shared = check_sandbox(DEPLOYHUB_BWRAP=str(fake), DEPLOYHUB_BUILD_NETWORK="host")
+    assert (shared.returncode, shared.stdout) == (0, "")
