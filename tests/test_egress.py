@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from deployhub.addresses import local_addresses, refusal
-from tests.support.infra import GitServer, unique_name
-from tests.support.service import Service
+from tests.support.infra import TINY_APP, GitServer, RedisServer, unique_name
+from tests.support.service import Service, StartService
 from tests.test_sandbox import MALICIOUS
 from worker.egress import EgressProxy
 
@@ -236,3 +236,14 @@ async def test_a_build_cannot_reach_this_machine_by_its_public_address(
     assert found[f"direct {address}:{port}"] in ("ENETUNREACH", "ECONNREFUSED", "EHOSTUNREACH")
     assert found[f"proxy {address}:{port}"] == "HTTP-403"  # public, but this machine's own
     assert canary.hits == 0
+
+
+async def test_host_network_is_an_explicit_unsafe_choice(
+    redis_server: RedisServer, start_service: StartService, git_server: GitServer
+) -> None:
+    service = await start_service(redis=redis_server, build_network="host")
+    dep = await service.deploy(git_server.add_repo(unique_name("tiny"), files_dir=TINY_APP))
+    final = await service.wait_final(dep["id"])
+    assert final["status"] == "ready", final["reason"]
+    texts = [e["text"] for e in await service.logs(dep["id"])]
+    assert any(t.startswith("Warning: DEPLOYHUB_BUILD_NETWORK=host: build commands share") for t in texts)
