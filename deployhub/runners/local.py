@@ -199,8 +199,8 @@ class LocalRunner:
 @contextlib.asynccontextmanager
 async def local_runner(settings: Settings, redis_url: Secret, store: Store) -> AsyncIterator[LocalRunner]:
     runner = LocalRunner(settings, redis_url, store)
-    await runner.check_sandbox()
-    await runner.check_limits()
+    # Both ask a worker process (half a second each): at once. The sandbox's refusal wins.
+    await asyncio.gather(runner.check_limits(), runner.check_sandbox())
     for dep_id in await runner.fail_leftovers():
         log.warning("deployment %s was left unfinished by a previous run: marked failed", dep_id)
     leases = asyncio.create_task(runner.keep_leases(), name="deployhub-leases")
