@@ -247,3 +247,28 @@ async def test_host_network_is_an_explicit_unsafe_choice(
     assert final["status"] == "ready", final["reason"]
     texts = [e["text"] for e in await service.logs(dep["id"])]
     assert any(t.startswith("Warning: DEPLOYHUB_BUILD_NETWORK=host: build commands share") for t in texts)
+
+
+async def test_closing_ends_open_tunnels_quietly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # an idle keep-alive connection, until the proxy closes it
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    upstream = Upstream(server.sockets[0].getsockname()[1])
+
+    async def resolver(host: str, port: int) -> list[str]:
+        return ["93.184.215.14"]
+
+    egress = EgressProxy(lambda _s, _t: None, resolver=resolver, connect=upstream, local=frozenset())
+    await egress.start(tmp_path / "proxy.sock")
+    reader, writer = await asyncio.open_unix_connection(tmp_path / "proxy.sock")
+    writer.write(b"CONNECT public.example:443 HTTP/1.1\r\n\r\n")
+    assert await reader.readline() == b"HTTP/1.1 200 Connection established\r\n"
+    await asyncio.wait_for(egress.close(), 5)
+    assert await asyncio.wait_for(reader.read(), 5) == b"\r\n"  # the rest of the head, then EOF
+    await asyncio.sleep(0.05)  # where asyncio would log an error in a callback
+    assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+    writer.close()
+    server.close()
+    await server.wait_closed()

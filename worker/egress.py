@@ -121,6 +121,11 @@ class EgressProxy:
                 await self._handle(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, OSError):
             pass
+        except asyncio.CancelledError:
+            # close() ends the command's connections. Ending normally matters: asyncio's
+            # stream server (3.11) asks a cancelled handler task for its exception, and
+            # logs the CancelledError that raises as an error in a callback.
+            pass
         finally:
             self._tasks.discard(task)
             writer.close()
