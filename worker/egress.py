@@ -7,8 +7,8 @@ listens on 127.0.0.1, sets HTTP(S)_PROXY for the command it starts, and relays e
 connection to this proxy through the Unix socket bind-mounted into the sandbox. The proxy
 resolves the name itself, refuses every address `deployhub.addresses.refusal` names
 (after resolution, so a public name pointing inside is refused too), and only then connects,
-to exactly the addresses it checked. npm, yarn, pnpm, git and curl honour HTTP(S)_PROXY;
-code that ignores it reaches nothing.
+to exactly the addresses it checked. npm, yarn (1 through npm_config_*, 2+ through YARN_*),
+pnpm, git and curl honour these variables; code that ignores them reaches nothing.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ server.on("error", (e) => { console.error("egress forwarder: " + e.message); pro
 server.listen({ host: "127.0.0.1", port: 0 }, () => {
   const url = "http://127.0.0.1:" + server.address().port;
   const env = { ...process.env, NO_PROXY: "localhost,127.0.0.1,::1", no_proxy: "localhost,127.0.0.1,::1" };
-  for (const k of ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy",
-                   "npm_config_proxy", "npm_config_https_proxy"]) env[k] = url;
+  for (const k of ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "npm_config_proxy",
+                   "npm_config_https_proxy", "YARN_HTTP_PROXY", "YARN_HTTPS_PROXY"]) env[k] = url;
   const child = spawn(cmd[0], cmd.slice(1), { stdio: "inherit", env });
   child.on("error", (e) => { console.error(cmd[0] + ": " + e.message); process.exit(127); });
   child.on("exit", (code, sig) => process.exit(code ?? 128 + (os.constants.signals[sig] || 0)));
