@@ -96,5 +96,5 @@ def test_a_build_process_loads_only_the_shared_core() -> None:
     loaded = set(json.loads(out))
     assert "aiohttp" not in loaded
     core = {"deployhub", "deployhub.settings", "deployhub.store", "deployhub.storage", "deployhub.logs",
-            "deployhub.validation", "deployhub.keys", "deployhub.status"}
+            "deployhub.validation", "deployhub.keys", "deployhub.status", "deployhub.addresses"}
     assert loaded <= core, sorted(loaded - core)
