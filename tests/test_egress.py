@@ -172,7 +172,7 @@ class Canary:
             await server.wait_closed()
 
 
-async def probe(service: Service, git_server: GitServer, **target: object) -> dict[str, str]:
+async def probe(service: Service, git_server: GitServer, **target: object) -> tuple[dict[str, str], list[str]]:
     url = git_server.add_repo(unique_name("netprobe"), files_dir=MALICIOUS / "netprobe",
                               files={"target.json": json.dumps(target)})
     dep = await service.deploy(url)
@@ -180,7 +180,8 @@ async def probe(service: Service, git_server: GitServer, **target: object) -> di
     texts = [e["text"] for e in await service.logs(dep["id"])]
     assert final["status"] == "ready", (final["reason"], texts[-20:])
     assert any(t.startswith("added 1 package") for t in texts)  # npm ci, from the registry
-    return {" ".join(t.split(" ")[1:3]): t.split(" ", 3)[3] for t in texts if t.startswith("NETPROBE ")}
+    found = {" ".join(t.split(" ")[1:3]): t.split(" ", 3)[3] for t in texts if t.startswith("NETPROBE ")}
+    return found, texts
 
 
 async def test_a_build_cannot_reach_this_machine_but_npm_ci_works(
@@ -193,8 +194,8 @@ async def test_a_build_cannot_reach_this_machine_but_npm_ci_works(
     abstract.bind("\0" + name)
     abstract.listen()
     try:
-        found = await probe(service, git_server, tcp=[["127.0.0.1", port], ["localhost", port]],
-                            abstract=name)
+        found, texts = await probe(service, git_server, abstract=name,
+                                   tcp=[["127.0.0.1", port], ["localhost", port]])
     finally:
         abstract.close()
         await canary.close()
@@ -205,6 +206,8 @@ async def test_a_build_cannot_reach_this_machine_but_npm_ci_works(
     assert found["run /run"] == "ENOENT"
     assert found["dependency is-number"] == "OK"
     assert canary.hits == 0
+    assert f"Network: refused localhost:{port}: 127.0.0.1 is a loopback address; builds reach " \
+           "only the public internet" in texts
 
 
 def own_public_address() -> str | None:
@@ -230,7 +233,7 @@ async def test_a_build_cannot_reach_this_machine_by_its_public_address(
     canary = Canary()
     port = await canary.listen(address)
     try:
-        found = await probe(service, git_server, tcp=[[address, port]])
+        found, _ = await probe(service, git_server, tcp=[[address, port]])
     finally:
         await canary.close()
     assert found[f"direct {address}:{port}"] in ("ENETUNREACH", "ECONNREFUSED", "EHOSTUNREACH")
