@@ -34,6 +34,7 @@ from .egress import EgressProxy, forwarder_argv
 from .proc import Emit
 
 LIMIT_SETTINGS = {"memory": "DEPLOYHUB_BUILD_MEMORY_MB", "pids": "DEPLOYHUB_BUILD_MAX_PROCESSES"}
+EGRESS_PREFIX = "deployhub-egress-"  # then <worker pid>-<random>, in the temporary directory
 
 
 @dataclass
@@ -119,7 +120,8 @@ class Sandbox:
             if self.own_network:
                 # A short path of its own: a Unix socket's path has at most 107 bytes, and
                 # the data directory can be deep.
-                egress = Path(tempfile.mkdtemp(prefix="deployhub-egress-"))
+                _remove_dead_egress_dirs()
+                egress = Path(tempfile.mkdtemp(prefix=f"{EGRESS_PREFIX}{os.getpid()}-"))
                 proxy = EgressProxy(self.emit, resolver=self.resolver)
                 await proxy.start(egress / "proxy.sock")
                 argv = forwarder_argv(list(argv))
@@ -232,6 +234,14 @@ class Sandbox:
                 "and threads at once (DEPLOYHUB_BUILD_MAX_PROCESSES) and failed."
             )
         return None
+
+
+def _remove_dead_egress_dirs() -> None:
+    """The egress sockets of workers that were killed (SIGKILL runs no cleanup)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{EGRESS_PREFIX}*-*"):
+        pid = path.name[len(EGRESS_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _close_abandoned(job: asyncio.Future[Cgroups]) -> None:
