@@ -116,7 +116,6 @@ class Sandbox:
             self.home.mkdir(parents=True, exist_ok=True)
             self.cache.mkdir(parents=True, exist_ok=True)
             disk = await self._disk_watch()
-            wrap_limits = {"max_file_bytes": self.disk_bytes}
             if self.own_network:
                 # A short path of its own: a Unix socket's path has at most 107 bytes, and
                 # the data directory can be deep.
@@ -140,20 +139,22 @@ class Sandbox:
                 command = [binary, "--args", str(args_fd), "--", *argv]
                 # bwrap is the sandbox's pid 1, whose environ the build can read: give it
                 # nothing worth reading (cwd / keeps the host's paths out of its PWD too).
-                yield Prepared(groups.wrap(command, **wrap_limits), {"PATH": INSIDE_PATH},
+                yield Prepared(groups.wrap(command, self.disk_bytes), {"PATH": INSIDE_PATH},
                                Path("/"), (args_fd,), groups, disk)
             else:
-                yield Prepared(groups.wrap(list(argv), **wrap_limits), env, self.src, (),
+                yield Prepared(groups.wrap(list(argv), self.disk_bytes), env, self.src, (),
                                groups, disk)
         finally:
             if args_fd >= 0:
                 os.close(args_fd)
-            if proxy is not None:
-                await asyncio.shield(proxy.close())
-            if egress is not None:
-                shutil.rmtree(egress, ignore_errors=True)
-            # Shielded: a second cancel must not leave the groups (or a fork bomb in them).
-            await asyncio.shield(asyncio.to_thread(groups.close))
+            try:
+                # Shielded: a second cancel must not leave the groups (or a fork bomb in them).
+                await asyncio.shield(asyncio.to_thread(groups.close))
+            finally:
+                if proxy is not None:
+                    await asyncio.shield(proxy.close())
+                if egress is not None:
+                    shutil.rmtree(egress, ignore_errors=True)
 
     async def _create_cgroups(self, name: str) -> Cgroups:
         job = asyncio.ensure_future(asyncio.to_thread(
