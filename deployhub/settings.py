@@ -140,6 +140,20 @@ class Settings:
         "Server processes on the one port (`SO_REUSEPORT`), so WebSockets and sites use every "
         "core; they share Redis and storage.",
     )
+    build_network: str = setting(
+        "isolated",
+        "How builds reach the network: `isolated` (own network namespace; public addresses "
+        "only, through the worker's HTTP(S) proxy) or `host` (UNSAFE: the host's network, "
+        "with its loopback, private networks and metadata services).",
+    )
+    build_max_disk_mb: int = setting(
+        8192, "Disk a build command may fill in MiB (its directory and its growth of the npm cache)."
+    )
+    build_without_limits: str = setting(
+        "run",
+        "When a memory or process limit cannot be enforced here: `run` (with a warning in "
+        "every build log) or `refuse` (builds fail, saying which limit).",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -167,6 +181,12 @@ class Settings:
             raise SettingsError("storage=s3 needs DEPLOYHUB_S3_BUCKET")
         if self.sandbox not in ("bwrap", "none"):
             raise SettingsError(f"sandbox must be 'bwrap' or 'none', not {self.sandbox!r}")
+        if self.build_network not in ("isolated", "host"):
+            raise SettingsError(f"build_network must be 'isolated' or 'host', not {self.build_network!r}")
+        if self.build_without_limits not in ("run", "refuse"):
+            raise SettingsError(
+                f"build_without_limits must be 'run' or 'refuse', not {self.build_without_limits!r}"
+            )
         if self.runner not in ("local",):
             raise SettingsError(f"runner must be 'local', not {self.runner!r}")
         if not 1 <= self.workers <= 256:

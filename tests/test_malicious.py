@@ -103,7 +103,7 @@ async def test_fork_bomb_hits_the_process_limit(
     final, texts = await with_bystander(service, git_server, attack(git_server, "forkbomb", marker=marker))
     assert final["status"] == "failed"
     assert "more than 64 processes" in final["reason"] and "DEPLOYHUB_BUILD_MAX_PROCESSES" in final["reason"]
-    assert "Limits: memory 2048 MiB, 64 processes" in texts
+    assert "Limits: memory 2048 MiB, 64 processes, disk 8192 MiB" in texts
     await wait_for_processes(marker, present=False, timeout=5)
 
 
@@ -115,7 +115,7 @@ async def test_memory_hog_hits_the_memory_limit(
     final, texts = await with_bystander(service, git_server, attack(git_server, "memhog"))
     assert final["status"] == "failed"
     assert "more than 256 MiB (DEPLOYHUB_BUILD_MEMORY_MB)" in final["reason"]
-    assert "Limits: memory 256 MiB, 512 processes" in texts
+    assert "Limits: memory 256 MiB, 512 processes, disk 8192 MiB" in texts
     assert "holding 3 GiB and still alive" not in texts
 
 
@@ -161,3 +161,21 @@ async def test_symlinks_in_the_output_are_never_followed(service: Service, git_s
     # The output directory itself a symlink (dist -> /etc, .output/public -> /etc): refused.
     other = await service.wait_final(linked["id"])
     assert other["status"] == "failed" and "no output directory" in other["reason"]
+
+
+async def test_filling_the_disk_hits_the_disk_limit(
+    redis_server: RedisServer, start_service: StartService, git_server: GitServer
+) -> None:
+    service = await start_service(redis=redis_server, build_max_disk_mb=40)
+    started = time.monotonic()
+    final, texts = await with_bystander(service, git_server, attack(git_server, "diskfill"))
+    assert final["status"] == "failed"
+    assert final["reason"] == (
+        "The build filled more than 40 MiB of disk (DEPLOYHUB_BUILD_MAX_DISK_MB) and was stopped."
+    )
+    assert "Limits: memory 2048 MiB, 512 processes, disk 40 MiB" in texts
+    assert time.monotonic() - started < 60
+    written = max(int(t.split()[1]) for t in texts if t.startswith("wrote "))
+    print(f"diskfill overshoot: wrote at least {written} MiB against a 40 MiB limit")
+    assert written < 40 + 400  # the overshoot: what it wrote in one interval, here < 400 MiB
+    assert not (service.settings.data_dir / "builds" / final["id"]).exists()

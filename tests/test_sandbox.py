@@ -109,7 +109,7 @@ async def test_build_sees_a_clean_env_and_none_of_the_host(
     pids = next(t for t in texts if t.startswith("SNOOP pids ")).split()[2].split(",")
     assert len(pids) < 10  # its own pid namespace: no host processes
     assert [found[f"read {p}"] for p in hidden] == ["ENOENT"] * len(hidden)
-    assert found["read /build"] == "OK home,npm-cache,src"
+    assert found["read /build"] == "OK egress,home,npm-cache,src"
     assert [found[f"write {p}"] for p in writes] == ["OK", "OK", "OK", "EROFS", "EROFS", "EROFS", "ENOENT"]
     assert not outside.exists()
     assert "canary" not in "\n".join(texts)
@@ -199,20 +199,42 @@ def test_output_limits_and_symlinked_parents(tmp_path: Path) -> None:
 async def test_without_cgroups_the_log_says_which_limits_are_off(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cgroups, "builds_dir", lambda controller: None)  # a cgroup v2-only host
-    settings = make_settings(tmp_path / "data", None, sandbox="none")
+    monkeypatch.setattr(cgroups, "builds_dir", lambda controller: None)  # no cgroup v1...
+    monkeypatch.setattr(cgroups, "v2_location", lambda: None)  # ...and no v2 either
+    settings = make_settings(tmp_path / "data", None, sandbox="none", build_max_disk_mb=1)
     lines: list[str] = []
     box = sandbox.Sandbox(settings, "dep1", tmp_path, tmp_path / "src", lambda _s, t: lines.append(t))
     async with box.prepare(["npm", "ci"], {"PATH": "/usr/bin"}) as command:
-        assert command.argv == ["npm", "ci"] and command.env == {"PATH": "/usr/bin"}
+        # Only RLIMIT_FSIZE (1 MiB in 512-byte blocks) left to set before the command.
+        assert command.argv == ["/bin/sh", "-c", cgroups.CGROUP_WRAPPER, "sh", "2048", "--", "npm", "ci"]
+        assert command.env == {"PATH": "/usr/bin"}
     assert lines == [
         "Warning: DEPLOYHUB_SANDBOX=none: build commands run WITHOUT isolation, with DeployHub's "
         "own rights on this machine",
-        "Warning: no cgroup v1 memory controller is mounted; DEPLOYHUB_BUILD_MEMORY_MB is not "
-        "enforced for this build",
-        "Warning: no cgroup v1 pids controller is mounted; DEPLOYHUB_BUILD_MAX_PROCESSES is not "
-        "enforced for this build",
+        "Limits: disk 1 MiB",
+        "Warning: no cgroup v1 or v2 memory controller is available; DEPLOYHUB_BUILD_MEMORY_MB "
+        "is not enforced for this build",
+        "Warning: no cgroup v1 or v2 pids controller is available; DEPLOYHUB_BUILD_MAX_PROCESSES "
+        "is not enforced for this build",
     ]
+
+
+async def test_without_cgroups_builds_can_be_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cgroups, "builds_dir", lambda controller: None)
+    monkeypatch.setattr(cgroups, "v2_location", lambda: None)
+    settings = make_settings(tmp_path / "data", None, sandbox="none", build_without_limits="refuse")
+    box = sandbox.Sandbox(settings, "dep1", tmp_path, tmp_path / "src", lambda _s, _t: None)
+    with pytest.raises(BuildError) as refused:
+        async with box.prepare(["npm", "ci"], {"PATH": "/usr/bin"}):
+            raise AssertionError("the command must not run")
+    assert str(refused.value) == (
+        "Builds are refused on this machine because a limit cannot be enforced: no cgroup v1 "
+        "or v2 memory controller is available (DEPLOYHUB_BUILD_MEMORY_MB); no cgroup v1 or v2 "
+        "pids controller is available (DEPLOYHUB_BUILD_MAX_PROCESSES). Make the cgroup writable "
+        "for DeployHub, or set DEPLOYHUB_BUILD_WITHOUT_LIMITS=run to build without it."
+    )
 
 
 async def test_cgroup_setup_and_teardown_run_off_the_event_loop(
@@ -247,3 +269,39 @@ async def test_server_refuses_builds_when_the_sandbox_cannot_run(
     assert "DEPLOYHUB_SANDBOX=none" in body["error"]
     _, projects = await service.get_json("/api/projects")
     assert projects["projects"] == []
+
+
+@pytest.mark.parametrize("without_limits", ["run", "refuse"])
+async def test_serve_says_at_start_which_limits_do_not_hold(
+    tmp_path: Path, redis_server: RedisServer, start_service: StartService,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, without_limits: str,
+) -> None:
+    # The worker's own check runs in a child process: make it see a host with no cgroups.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import worker.cgroups as c\nc.builds_dir = lambda controller: None\nc.v2_location = lambda: None\n")
+    monkeypatch.setenv("PYTHONPATH", f"{hook}:{os.environ.get('PYTHONPATH', '')}")
+    service = await start_service(redis=redis_server, build_without_limits=without_limits)
+    missing = ("no cgroup v1 or v2 memory controller is available (DEPLOYHUB_BUILD_MEMORY_MB); "
+               "no cgroup v1 or v2 pids controller is available (DEPLOYHUB_BUILD_MAX_PROCESSES)")
+    assert f"build limits NOT enforced on this machine: {missing}" in caplog.messages
+    status, body = await service.post_json("/api/deployments", {"repo_url": "http://127.0.0.1:9/a.git"})
+    if without_limits == "refuse":
+        assert status == 503 and missing in body["error"]
+        assert "DEPLOYHUB_BUILD_WITHOUT_LIMITS=run" in body["error"]
+    else:
+        assert status in (200, 201, 202), body
+
+
+def test_without_network_namespaces_builds_are_refused_naming_the_setting(tmp_path: Path) -> None:
+    fake = tmp_path / "bwrap"  # a bwrap that works only with the host's network
+    fake.write_text('#!/bin/sh\ncase " $* " in *" --share-net "*) exit 0;; esac\n'
+                    'echo "bwrap: loopback: Failed RTM_NEWADDR: Operation not permitted" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    refused = check_sandbox(DEPLOYHUB_BWRAP=str(fake))
+    assert refused.returncode == 1
+    assert f"{fake} cannot make one here" in refused.stdout
+    assert "DEPLOYHUB_BUILD_NETWORK=host" in refused.stdout and "UNSAFE" in refused.stdout
+    shared = check_sandbox(DEPLOYHUB_BWRAP=str(fake), DEPLOYHUB_BUILD_NETWORK="host")
+    assert (shared.returncode, shared.stdout) == (0, "")

@@ -96,7 +96,7 @@ def test_a_build_process_loads_only_the_shared_core() -> None:
     loaded = set(json.loads(out))
     assert "aiohttp" not in loaded
     core = {"deployhub", "deployhub.settings", "deployhub.store", "deployhub.storage", "deployhub.logs",
-            "deployhub.redis_client",
+            "deployhub.redis_client", "deployhub.addresses",
             "deployhub.validation", "deployhub.keys", "deployhub.status",
             "deployhub.secretbox"}  # the worker decrypts secret build variables
     assert loaded <= core, sorted(loaded - core)

@@ -92,7 +92,8 @@ async def main(dep_id: str, watch_stdin: bool, lease_holder: str) -> int:
 def check_sandbox() -> int:
     """Whether bubblewrap works here, with the bwrap the settings choose (whatever
     DEPLOYHUB_SANDBOX says: this answers for bwrap)."""
-    problem = bwrap.problem(Settings.from_env().bwrap)
+    settings = Settings.from_env()
+    problem = bwrap.problem(settings.bwrap, share_net=settings.build_network == "host")
     if problem:
         print(problem)
         return 1

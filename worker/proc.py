@@ -7,7 +7,7 @@ import contextlib
 import os
 import signal
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ READ_SIZE = 64 * 1024
 class Result:
     code: int
     tail: list[str]  # the last lines, both streams, for error messages
+    stopped: bool = False  # the watchdog ended it (a limit was hit)
 
 
 class CommandTimeout(Exception):
@@ -37,11 +38,13 @@ async def run(
     max_line_bytes: int = 4096,
     tail_lines: int = 15,
     pass_fds: Sequence[int] = (),
+    watchdog: Callable[[], Awaitable[None]] | None = None,
 ) -> Result:
     """Run `argv` (never a shell string) and pass each line to `emit` as soon as it is read.
 
     The child leads its own process group so a timeout or cancellation kills every process
-    it started, not just the first.
+    it started, not just the first. When `watchdog()` returns before the command ends (a
+    limit it watches was hit), the command is killed and the result says `stopped`.
     """
     tail: deque[str] = deque(maxlen=tail_lines)
 
@@ -64,18 +67,39 @@ async def run(
         read_lines(proc.stdout, "stdout", on_line, max_line_bytes),
         read_lines(proc.stderr, "stderr", on_line, max_line_bytes),
     )
+
+    async def finish() -> int:
+        await readers
+        return await proc.wait()
+
+    waiter = asyncio.ensure_future(finish())
+    watch = asyncio.ensure_future(watchdog()) if watchdog is not None else None
     try:
         async with asyncio.timeout(timeout):
-            await readers
-            code = await proc.wait()
+            if watch is not None:
+                await asyncio.wait({waiter, watch}, return_when=asyncio.FIRST_COMPLETED)
+                # A watchdog that failed stops nothing: the command goes on, still timed.
+                if not waiter.done() and watch.exception() is None:
+                    waiter.cancel()
+                    kill_tree(proc.pid)
+                    await _reap(proc, readers)
+                    return Result(code=-signal.SIGKILL, tail=list(tail), stopped=True)
+            code = await waiter
     except TimeoutError:
+        waiter.cancel()
         kill_tree(proc.pid)
         await _reap(proc, readers)
         raise CommandTimeout(f"{argv[0]} did not finish within {timeout:.0f} s") from None
     except BaseException:
+        waiter.cancel()
         kill_tree(proc.pid)
         await _reap(proc, readers)
         raise
+    finally:
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watch
     # A build can leave daemons behind in its group (a dev server, a watcher): stop them.
     kill_tree(proc.pid)
     return Result(code=code, tail=list(tail))

@@ -1,8 +1,11 @@
 """The sandbox of one build: each untrusted command runs under bubblewrap (worker/bwrap.py
-says what the build sees), inside cgroups that cap it (worker/cgroups.py).
+says what the build sees) in its own network namespace whose only way out is the egress proxy
+(worker/egress.py), inside cgroups that cap it (worker/cgroups.py), its disk use watched
+(worker/disk.py).
 
-`Sandbox.prepare` wraps one command and removes its cgroups afterwards; the cgroup work blocks
-(kill loops that sleep, rmdir retries), so it runs in a thread, never on the event loop.
+`Sandbox.prepare` wraps one command and removes its cgroups and proxy afterwards; the cgroup
+work blocks (kill loops that sleep, rmdir retries), so it runs in a thread, never on the
+event loop.
 """
 
 from __future__ import annotations
@@ -10,22 +13,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from deployhub.settings import Settings
+from deployhub.validation import Resolver, system_resolver
 
 from . import bwrap
 from .bwrap import INSIDE_CACHE, INSIDE_HOME, INSIDE_PATH, INSIDE_SRC
 from .cgroups import Cgroups
 from .detect import BuildError
+from .disk import DiskWatch
+from .egress import EgressProxy, forwarder_argv
 from .proc import Emit
 
 LIMIT_SETTINGS = {"memory": "DEPLOYHUB_BUILD_MEMORY_MB", "pids": "DEPLOYHUB_BUILD_MAX_PROCESSES"}
+EGRESS_PREFIX = "deployhub-egress-"  # then <worker pid>-<random>, in the temporary directory
 
 
 @dataclass
@@ -35,13 +44,21 @@ class Prepared:
     cwd: Path
     pass_fds: tuple[int, ...]
     cgroups: Cgroups
+    disk: DiskWatch | None = None
+
+    @property
+    def watchdog(self) -> Callable[[], Awaitable[None]] | None:
+        """Returns once the command must be stopped (proc.run's watchdog)."""
+        return self.disk.run if self.disk is not None else None
 
 
 class Sandbox:
     """How one build runs its untrusted commands; `prepare` wraps one command."""
 
-    def __init__(self, settings: Settings, name: str, work: Path, src: Path, emit: Emit) -> None:
+    def __init__(self, settings: Settings, name: str, work: Path, src: Path, emit: Emit,
+                 resolver: Resolver = system_resolver) -> None:
         self.settings = settings
+        self.resolver = resolver  # the egress proxy's
         self.name = name
         self.work = work
         self.src = src
@@ -54,6 +71,14 @@ class Sandbox:
     @property
     def isolated(self) -> bool:
         return self.settings.sandbox == "bwrap"
+
+    @property
+    def own_network(self) -> bool:
+        return self.isolated and self.settings.build_network == "isolated"
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.settings.build_max_disk_mb * 1024 * 1024
 
     def env(self, host_env: Mapping[str, str]) -> dict[str, str]:
         """The command's environment: `host_env` (already clean) with sandbox paths."""
@@ -74,23 +99,37 @@ class Sandbox:
     async def prepare(self, argv: Sequence[str], host_env: Mapping[str, str]) -> AsyncIterator[Prepared]:
         binary = ""
         if self.isolated:
-            if problem := await asyncio.to_thread(bwrap.problem, self.settings.bwrap):
+            if problem := await asyncio.to_thread(
+                bwrap.problem, self.settings.bwrap, self.settings.build_network == "host"
+            ):
                 raise BuildError(problem)
             binary = bwrap.find_binary(self.settings.bwrap) or "bwrap"
         self._count += 1
         groups = await self._create_cgroups(f"{self.name}-{self._count}")
         args_fd = -1
+        proxy: EgressProxy | None = None
+        egress: Path | None = None
         try:
             self._announce(groups)
+            self._refuse_without_limits(groups)
             env = self.env(host_env)
             self.home.mkdir(parents=True, exist_ok=True)
             self.cache.mkdir(parents=True, exist_ok=True)
+            disk = await self._disk_watch()
+            if self.own_network:
+                # A short path of its own: a Unix socket's path has at most 107 bytes, and
+                # the data directory can be deep.
+                _remove_dead_egress_dirs()
+                egress = Path(tempfile.mkdtemp(prefix=f"{EGRESS_PREFIX}{os.getpid()}-"))
+                proxy = EgressProxy(self.emit, resolver=self.resolver)
+                await proxy.start(egress / "proxy.sock")
+                argv = forwarder_argv(list(argv))
             if self.isolated:
                 etc = self.work / "etc"
                 bwrap.write_identity(etc)
                 options = await asyncio.to_thread(  # the first call asks bwrap --help
                     bwrap.options, binary, src=self.src, home=self.home, cache=self.cache,
-                    etc=etc, env=env,
+                    etc=etc, env=env, egress=egress, tmp_bytes=self.disk_bytes,
                 )
                 # Options go through a memfd, not argv: the sandbox's pid 1 is bwrap, and its
                 # command line would otherwise show the host's paths to the build.
@@ -100,15 +139,22 @@ class Sandbox:
                 command = [binary, "--args", str(args_fd), "--", *argv]
                 # bwrap is the sandbox's pid 1, whose environ the build can read: give it
                 # nothing worth reading (cwd / keeps the host's paths out of its PWD too).
-                yield Prepared(groups.wrap(command), {"PATH": INSIDE_PATH}, Path("/"),
-                               (args_fd,), groups)
+                yield Prepared(groups.wrap(command, self.disk_bytes), {"PATH": INSIDE_PATH},
+                               Path("/"), (args_fd,), groups, disk)
             else:
-                yield Prepared(groups.wrap(list(argv)), env, self.src, (), groups)
+                yield Prepared(groups.wrap(list(argv), self.disk_bytes), env, self.src, (),
+                               groups, disk)
         finally:
             if args_fd >= 0:
                 os.close(args_fd)
-            # Shielded: a second cancel must not leave the groups (or a fork bomb in them).
-            await asyncio.shield(asyncio.to_thread(groups.close))
+            try:
+                # Shielded: a second cancel must not leave the groups (or a fork bomb in them).
+                await asyncio.shield(asyncio.to_thread(groups.close))
+            finally:
+                if proxy is not None:
+                    await asyncio.shield(proxy.close())
+                if egress is not None:
+                    shutil.rmtree(egress, ignore_errors=True)
 
     async def _create_cgroups(self, name: str) -> Cgroups:
         job = asyncio.ensure_future(asyncio.to_thread(
@@ -122,6 +168,24 @@ class Sandbox:
             job.add_done_callback(_close_abandoned)
             raise
 
+    async def _disk_watch(self) -> DiskWatch | None:
+        if self.disk_bytes <= 0:
+            return None
+        watch = DiskWatch([self.work], [self.cache], self.disk_bytes)
+        await watch.baseline()
+        return watch
+
+    def _refuse_without_limits(self, groups: Cgroups) -> None:
+        if groups.problems and self.settings.build_without_limits == "refuse":
+            missing = "; ".join(
+                f"{why} ({LIMIT_SETTINGS[controller]})" for controller, why in groups.problems
+            )
+            raise BuildError(
+                f"Builds are refused on this machine because a limit cannot be enforced: "
+                f"{missing}. Make the cgroup writable for DeployHub, or set "
+                "DEPLOYHUB_BUILD_WITHOUT_LIMITS=run to build without it."
+            )
+
     def _announce(self, groups: Cgroups) -> None:
         if self._announced:
             return
@@ -129,22 +193,37 @@ class Sandbox:
         if self.isolated:
             self.emit("system", f"Sandbox: bubblewrap; the repository is at {INSIDE_SRC}, "
                                 "the rest of this machine is not visible")
+            if self.own_network:
+                self.emit("system", "Network: public internet only, through the build's "
+                                    "HTTP(S) proxy (HTTP_PROXY/HTTPS_PROXY)")
+            else:
+                self.emit("system", "Warning: DEPLOYHUB_BUILD_NETWORK=host: build commands "
+                                    "share this machine's network, its loopback and private "
+                                    "networks included")
         else:
             self.emit("system", "Warning: DEPLOYHUB_SANDBOX=none: build commands run WITHOUT "
                                 "isolation, with DeployHub's own rights on this machine")
         limits = []
-        if groups.memory is not None:
+        if groups.limited("memory"):
             limits.append(f"memory {self.settings.build_memory_mb} MiB")
-        if groups.pids is not None:
+        if groups.limited("pids"):
             limits.append(f"{self.settings.build_max_processes} processes")
+        if self.disk_bytes > 0:
+            limits.append(f"disk {self.settings.build_max_disk_mb} MiB")
         if limits:
             self.emit("system", "Limits: " + ", ".join(limits))
         for controller, problem in groups.problems:
             setting = LIMIT_SETTINGS[controller]
             self.emit("system", f"Warning: {problem}; {setting} is not enforced for this build")
 
-    def limit_reason(self, groups: Cgroups) -> str | None:
+    def limit_reason(self, command: Prepared) -> str | None:
         """Why a command that failed was stopped by a limit, if it was."""
+        groups = command.cgroups
+        if command.disk is not None and command.disk.exceeded:
+            return (
+                f"The build filled more than {self.settings.build_max_disk_mb} MiB of disk "
+                "(DEPLOYHUB_BUILD_MAX_DISK_MB) and was stopped."
+            )
         if groups.out_of_memory():
             return (
                 f"The build ran out of memory: it needed more than "
@@ -156,6 +235,14 @@ class Sandbox:
                 "and threads at once (DEPLOYHUB_BUILD_MAX_PROCESSES) and failed."
             )
         return None
+
+
+def _remove_dead_egress_dirs() -> None:
+    """The egress sockets of workers that were killed (SIGKILL runs no cleanup)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{EGRESS_PREFIX}*-*"):
+        pid = path.name[len(EGRESS_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _close_abandoned(job: asyncio.Future[Cgroups]) -> None:

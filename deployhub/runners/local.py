@@ -77,6 +77,25 @@ class LocalRunner:
         if self.refused:
             log.error("builds are refused: %s", self.refused)
 
+    async def check_limits(self) -> None:
+        """Say at start which build limits cannot be enforced here (the worker decides)."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker.limits", stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, env=self._worker_env(),
+        )
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), SANDBOX_CHECK_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            out = (await proc.communicate())[0] or b"the limits check did not answer"
+        if missing := out.decode(errors="replace").strip():
+            log.warning("build limits NOT enforced on this machine: %s", missing)
+            if self.settings.build_without_limits == "refuse" and not self.refused:
+                self.refused = (f"Builds are refused on this machine because a limit cannot be "
+                                f"enforced: {missing}. Set DEPLOYHUB_BUILD_WITHOUT_LIMITS=run "
+                                "to build without it.")
+                log.error("builds are refused: %s", self.refused)
+
     async def submit(self, dep: Deployment) -> None:
         await self.store.refresh_leases([dep.id], self.holder)
         self.owned[dep.id] = asyncio.create_task(self._run(dep), name=f"build-{dep.id}")
@@ -186,7 +205,8 @@ async def local_runner(
     settings: Settings, redis_url: Secret, store: Store, instance: str = ""
 ) -> AsyncIterator[LocalRunner]:
     runner = LocalRunner(settings, redis_url, store, instance)
-    await runner.check_sandbox()
+    # Both ask a worker process (half a second each): at once. The sandbox's refusal wins.
+    await asyncio.gather(runner.check_limits(), runner.check_sandbox())
     for dep_id in await runner.fail_leftovers():
         log.warning("deployment %s was left unfinished by a previous run: marked failed", dep_id)
     leases = asyncio.create_task(runner.keep_leases(), name="deployhub-leases")

@@ -1,0 +1,289 @@
+"""The build network: its own namespace, and an egress proxy that refuses every address inside
+a network before any connection. Tests talk only to 127.0.0.1 (and the npm registry through
+the proxy); other addresses are only ever answers of an injected resolver."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from deployhub.addresses import local_addresses, refusal
+from tests.support.infra import TINY_APP, GitServer, RedisServer, unique_name
+from tests.support.service import Service, StartService
+from tests.test_sandbox import MALICIOUS
+from worker import sandbox
+from worker.egress import EgressProxy
+
+REFUSED = {
+    "127.0.0.1": "loopback", "127.8.9.10": "loopback", "::1": "loopback",
+    "10.1.2.3": "private (RFC 1918)", "172.16.0.1": "private (RFC 1918)",
+    "172.31.255.255": "private (RFC 1918)", "192.168.1.1": "private (RFC 1918)",
+    "169.254.169.254": "link-local (cloud metadata)", "169.254.170.2": "link-local (cloud metadata)",
+    "168.63.129.16": "cloud metadata", "100.64.0.1": "shared CGNAT (RFC 6598)",
+    "100.100.100.200": "shared CGNAT (RFC 6598)", "224.0.0.1": "multicast",
+    "239.255.255.250": "multicast", "0.0.0.0": "unspecified", "240.0.0.1": "reserved",
+    "255.255.255.255": "reserved", "::": "unspecified", "fc00::1": "unique local (RFC 4193)",
+    "fd00:ec2::254": "unique local (RFC 4193)", "fe80::1%eth0": "link-local",
+    "ff02::1": "multicast", "::ffff:10.0.0.1": "private (RFC 1918), in IPv6",
+    "::ffff:127.0.0.1": "loopback, in IPv6", "::ffff:169.254.169.254": "link-local (cloud metadata), in IPv6",
+    "64:ff9b::a9fe:a9fe": "link-local (cloud metadata), in IPv6",
+    "2002:c0a8:101::1": "private (RFC 1918), in IPv6", "2001:0:4136:e378::1": "Teredo",
+    "3fff::1": None,  # documentation (RFC 9637) but global unicast: allowed like 203.0.113/24
+    "4000::1": "reserved", "::10.0.0.1": "IPv4-compatible (deprecated)", "not-an-ip": "not an IP address",
+}
+ALLOWED = ["93.184.215.14", "8.8.8.8", "203.0.113.80", "100.128.0.1", "172.32.0.1",
+           "2606:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808"]
+
+
+@pytest.mark.parametrize("address", list(REFUSED))
+def test_addresses_inside_a_network_are_refused(address: str) -> None:
+    assert refusal(address) == REFUSED[address]
+
+
+@pytest.mark.parametrize("address", ALLOWED)
+def test_public_addresses_are_allowed(address: str) -> None:
+    assert refusal(address) is None
+
+
+def test_this_machines_own_addresses_are_known() -> None:
+    own = local_addresses()
+    assert "127.0.0.1" in own and "::1" in own
+    assert {str(info[4][0]) for info in socket.getaddrinfo("localhost", None)} & own
+
+
+class Upstream:
+    """An injected `connect`: records every call and connects to a local echo server instead,
+    so no test ever opens a connection to the address it was given."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.calls: list[tuple[str, int]] = []
+
+    async def __call__(self, address: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        self.calls.append((address, port))
+        return await asyncio.open_connection("127.0.0.1", self.port)
+
+
+@pytest.fixture
+async def proxy(tmp_path: Path) -> AsyncIterator[tuple[Path, Upstream, list[str]]]:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"hello from upstream: " + await reader.readline())
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    upstream = Upstream(server.sockets[0].getsockname()[1])
+    names = {"public.example": ["93.184.215.14"], "inside.example": ["10.0.0.7"],
+             "mixed.example": ["93.184.215.14", "169.254.169.254"], "v6.example": ["fd00::5"]}
+
+    async def resolver(host: str, port: int) -> list[str]:
+        try:
+            return [str(ipaddress.ip_address(host))]
+        except ValueError:
+            return names[host]
+
+    lines: list[str] = []
+    egress = EgressProxy(lambda _s, text: lines.append(text), resolver=resolver, connect=upstream,
+                         local=frozenset({"198.51.100.9", "2001:db8::9"}))
+    await egress.start(tmp_path / "proxy.sock")
+    yield tmp_path / "proxy.sock", upstream, lines
+    await egress.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def ask(sock: Path, head: str, then: bytes = b"") -> bytes:
+    reader, writer = await asyncio.open_unix_connection(sock)
+    writer.write(head.encode() + then)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return answer
+
+
+@pytest.mark.parametrize("target", [
+    "127.0.0.1:6379", "[::1]:22", "10.0.0.1:80", "169.254.169.254:80", "169.254.170.2:80",
+    "[::ffff:169.254.169.254]:80", "[fd00:ec2::254]:80", "100.100.100.200:80",
+    "inside.example:443", "mixed.example:443", "v6.example:443",
+    "198.51.100.9:8000", "[::ffff:198.51.100.9]:8000", "[2001:db8::9]:8000",  # this machine's own
+])
+async def test_refused_before_any_connection(
+    proxy: tuple[Path, Upstream, list[str]], target: str
+) -> None:
+    sock, upstream, lines = proxy
+    answer = await ask(sock, f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    assert b"builds reach only the public internet" in answer
+    assert upstream.calls == []
+    assert len(lines) == 1 and lines[0].startswith(f"Network: refused {target.rsplit(':', 1)[0].strip('[]')}")
+
+
+async def test_plain_http_to_an_inside_name_is_refused(proxy: tuple[Path, Upstream, list[str]]) -> None:
+    sock, upstream, _ = proxy
+    answer = await ask(sock, "GET http://inside.example/latest/meta-data HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b" 403 " in answer.split(b"\r\n")[0] and b"resolves to 10.0.0.7, which is a private (RFC 1918)" in answer
+    assert upstream.calls == []
+
+
+async def test_a_public_name_is_tunnelled_to_the_checked_address(
+    proxy: tuple[Path, Upstream, list[str]]
+) -> None:
+    sock, upstream, lines = proxy
+    answer = await ask(sock, "CONNECT public.example:443 HTTP/1.1\r\n\r\n", b"ping\n")
+    assert answer == b"HTTP/1.1 200 Connection established\r\n\r\nhello from upstream: ping\n"
+    forwarded = await ask(sock, "GET http://public.example:8080/a?b=1 HTTP/1.1\r\nHost: public.example\r\n"
+                                "Proxy-Authorization: x\r\n\r\n")
+    assert forwarded == b"hello from upstream: GET /a?b=1 HTTP/1.1\r\n"
+    assert upstream.calls == [("93.184.215.14", 443), ("93.184.215.14", 8080)] and lines == []
+
+
+@pytest.mark.parametrize("head", ["GET / HTTP/1.1", "CONNECT nohost HTTP/1.1", "CONNECT a:0 HTTP/1.1",
+                                  "GET ftp://public.example/ HTTP/1.1", "nonsense"])
+async def test_malformed_requests_are_refused(proxy: tuple[Path, Upstream, list[str]], head: str) -> None:
+    sock, upstream, _ = proxy
+    assert (await ask(sock, head + "\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+    assert upstream.calls == []
+
+
+class Canary:
+    """TCP servers on this machine that no build may reach: every accepted connection counts."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.servers: list[asyncio.Server] = []
+
+    async def listen(self, host: str) -> int:
+        def hit(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.hits += 1
+            writer.close()
+
+        server = await asyncio.start_server(hit, host, 0)
+        self.servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        for server in self.servers:
+            server.close()
+            await server.wait_closed()
+
+
+async def probe(service: Service, git_server: GitServer, **target: object) -> tuple[dict[str, str], list[str]]:
+    url = git_server.add_repo(unique_name("netprobe"), files_dir=MALICIOUS / "netprobe",
+                              files={"target.json": json.dumps(target)})
+    dep = await service.deploy(url)
+    final = await service.wait_final(dep["id"], 120)
+    texts = [e["text"] for e in await service.logs(dep["id"])]
+    assert final["status"] == "ready", (final["reason"], texts[-20:])
+    assert any(t.startswith("added 1 package") for t in texts)  # npm ci, from the registry
+    found = {" ".join(t.split(" ")[1:3]): t.split(" ", 3)[3] for t in texts if t.startswith("NETPROBE ")}
+    return found, texts
+
+
+async def test_a_build_cannot_reach_this_machine_but_npm_ci_works(
+    service: Service, git_server: GitServer
+) -> None:
+    canary = Canary()
+    port = await canary.listen("127.0.0.1")
+    name = unique_name("deployhub-canary")
+    abstract = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    abstract.bind("\0" + name)
+    abstract.listen()
+    try:
+        found, texts = await probe(service, git_server, abstract=name,
+                                   tcp=[["127.0.0.1", port], ["localhost", port]])
+    finally:
+        abstract.close()
+        await canary.close()
+    assert found[f"direct 127.0.0.1:{port}"] == "ECONNREFUSED"  # its own, empty loopback
+    assert found[f"proxy 127.0.0.1:{port}"] == "HTTP-403"
+    assert found[f"proxy localhost:{port}"] == "HTTP-403"
+    assert found[f"abstract {name}"] == "ECONNREFUSED"
+    assert found["run /run"] == "ENOENT"
+    assert found["dependency is-number"] == "OK"
+    assert canary.hits == 0
+    assert f"Network: refused localhost:{port}: 127.0.0.1 is a loopback address; builds reach " \
+           "only the public internet" in texts
+
+
+def own_public_address() -> str | None:
+    """This machine's address by its name, if it is neither loopback nor private."""
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, type=socket.SOCK_STREAM)
+    except OSError:
+        return None
+    for info in infos:
+        ip = ipaddress.ip_address(str(info[4][0]))
+        if not ip.is_loopback and not ip.is_private and not ip.is_link_local:
+            return str(ip)
+    return None
+
+
+async def test_a_build_cannot_reach_this_machine_by_its_public_address(
+    service: Service, git_server: GitServer
+) -> None:
+    address = own_public_address()
+    if address is None:
+        pytest.skip(f"{socket.gethostname()} resolves to no public address of this machine "
+                    "(only loopback or private ones), so there is none to try")
+    canary = Canary()
+    port = await canary.listen(address)
+    try:
+        found, _ = await probe(service, git_server, tcp=[[address, port]])
+    finally:
+        await canary.close()
+    assert found[f"direct {address}:{port}"] in ("ENETUNREACH", "ECONNREFUSED", "EHOSTUNREACH")
+    assert found[f"proxy {address}:{port}"] == "HTTP-403"  # public, but this machine's own
+    assert canary.hits == 0
+
+
+async def test_host_network_is_an_explicit_unsafe_choice(
+    redis_server: RedisServer, start_service: StartService, git_server: GitServer
+) -> None:
+    service = await start_service(redis=redis_server, build_network="host")
+    dep = await service.deploy(git_server.add_repo(unique_name("tiny"), files_dir=TINY_APP))
+    final = await service.wait_final(dep["id"])
+    assert final["status"] == "ready", final["reason"]
+    texts = [e["text"] for e in await service.logs(dep["id"])]
+    assert any(t.startswith("Warning: DEPLOYHUB_BUILD_NETWORK=host: build commands share") for t in texts)
+
+
+async def test_closing_ends_open_tunnels_quietly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # an idle keep-alive connection, until the proxy closes it
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    upstream = Upstream(server.sockets[0].getsockname()[1])
+
+    async def resolver(host: str, port: int) -> list[str]:
+        return ["93.184.215.14"]
+
+    egress = EgressProxy(lambda _s, _t: None, resolver=resolver, connect=upstream, local=frozenset())
+    await egress.start(tmp_path / "proxy.sock")
+    reader, writer = await asyncio.open_unix_connection(tmp_path / "proxy.sock")
+    writer.write(b"CONNECT public.example:443 HTTP/1.1\r\n\r\n")
+    assert await reader.readline() == b"HTTP/1.1 200 Connection established\r\n"
+    await asyncio.wait_for(egress.close(), 5)
+    assert await asyncio.wait_for(reader.read(), 5) == b"\r\n"  # the rest of the head, then EOF
+    await asyncio.sleep(0.05)  # where asyncio would log an error in a callback
+    assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+    writer.close()
+    server.close()
+    await server.wait_closed()
+
+
+def test_a_killed_workers_egress_socket_is_removed_later(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sandbox.tempfile, "gettempdir", lambda: str(tmp_path))
+    dead = next(pid for pid in range(999_999, 0, -1) if not Path(f"/proc/{pid}").exists())
+    for pid in (dead, os.getpid()):
+        (tmp_path / f"{sandbox.EGRESS_PREFIX}{pid}-abc").mkdir()
+        (tmp_path / f"{sandbox.EGRESS_PREFIX}{pid}-abc" / "proxy.sock").touch()
+    sandbox._remove_dead_egress_dirs()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{sandbox.EGRESS_PREFIX}{os.getpid()}-abc"]

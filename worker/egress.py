@@ -1,0 +1,249 @@
+"""The build's only way out to the network: an HTTP(S) proxy the worker runs on a Unix socket.
+
+A sandboxed command runs in its own network namespace (`bwrap --unshare-net`), which holds
+nothing but its own loopback: not the host's loopback, its networks, its abstract Unix
+sockets or a metadata service. Inside it, FORWARDER (run by node, which every build has)
+listens on 127.0.0.1, sets HTTP(S)_PROXY for the command it starts, and relays each
+connection to this proxy through the Unix socket bind-mounted into the sandbox. The proxy
+resolves the name itself, refuses every address `deployhub.addresses.refusal` names
+(after resolution, so a public name pointing inside is refused too), and only then connects,
+to exactly the addresses it checked. npm, yarn (1 through npm_config_*, 2+ through YARN_*),
+pnpm, git and curl honour these variables; code that ignores them reaches nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from deployhub.addresses import local_addresses, refusal
+from deployhub.validation import Resolver, system_resolver
+
+from .bwrap import INSIDE_EGRESS
+from .proc import Emit
+
+log = logging.getLogger(__name__)
+
+# address, port -> an open connection
+Connect = Callable[[str, int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+HEAD_MAX = 16 * 1024
+HEAD_TIMEOUT = 30.0
+RESOLVE_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 10.0
+MAX_CONNECTIONS = 256
+MAX_REPORTED = 20  # refusals told in the build log; a loop of them must not flood it
+COPY_SIZE = 64 * 1024
+
+# Runs inside the sandbox as the parent of the build command: listens on 127.0.0.1 (a port
+# the kernel picks, so it never collides with the build's own servers), relays every
+# connection to the proxy's socket, and exits with the command's status.
+FORWARDER = r"""
+"use strict";
+const net = require("net"), os = require("os"), { spawn } = require("child_process");
+const [sock, ...cmd] = process.argv.slice(1);
+const server = net.createServer({ pauseOnConnect: true }, (c) => {
+  const u = net.connect(sock, () => { c.pipe(u); u.pipe(c); c.resume(); });
+  c.on("error", () => u.destroy()); u.on("error", () => c.destroy());
+  c.on("close", () => u.destroy()); u.on("close", () => c.destroy());
+});
+server.on("error", (e) => { console.error("egress forwarder: " + e.message); process.exit(125); });
+server.listen({ host: "127.0.0.1", port: 0 }, () => {
+  const url = "http://127.0.0.1:" + server.address().port;
+  const env = { ...process.env, NO_PROXY: "localhost,127.0.0.1,::1", no_proxy: "localhost,127.0.0.1,::1" };
+  for (const k of ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "npm_config_proxy",
+                   "npm_config_https_proxy", "YARN_HTTP_PROXY", "YARN_HTTPS_PROXY"]) env[k] = url;
+  const child = spawn(cmd[0], cmd.slice(1), { stdio: "inherit", env });
+  child.on("error", (e) => { console.error(cmd[0] + ": " + e.message); process.exit(127); });
+  child.on("exit", (code, sig) => process.exit(code ?? 128 + (os.constants.signals[sig] || 0)));
+});
+"""
+
+INSIDE_SOCKET = INSIDE_EGRESS + "/proxy.sock"
+
+
+def forwarder_argv(argv: list[str]) -> list[str]:
+    return ["node", "-e", FORWARDER, INSIDE_SOCKET, *argv]
+
+
+async def open_tcp(address: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(address, port, limit=COPY_SIZE)
+
+
+class Refused(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class EgressProxy:
+    """One build command's proxy: `start(path)` listens on a Unix socket, `close()` ends it
+    and every connection it relays."""
+
+    def __init__(self, emit: Emit, *, resolver: Resolver = system_resolver,
+                 connect: Connect = open_tcp, local: frozenset[str] | None = None) -> None:
+        self.emit = emit
+        self.local = local_addresses() if local is None else local
+        self.resolver = resolver
+        self.connect = connect
+        self.refused = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+
+    async def start(self, path: Path) -> None:
+        self._server = await asyncio.start_unix_server(self._accept, path, limit=HEAD_MAX)
+        path.chmod(0o666)  # the sandbox's uid maps to ours, but be explicit
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            async with self._slots:
+                await self._handle(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, OSError):
+            pass
+        except asyncio.CancelledError:
+            # close() ends the command's connections. Ending normally matters: asyncio's
+            # stream server (3.11) asks a cancelled handler task for its exception, and
+            # logs the CancelledError that raises as an error in a callback.
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+        except (asyncio.LimitOverrunError, ValueError):
+            await _answer(writer, 431, "request head too large")
+            return
+        try:
+            method, host, port, forward = _parse(head)
+            upstream_reader, upstream = await self._open(host, port)
+        except Refused as exc:
+            await _answer(writer, exc.status, str(exc))
+            return
+        try:
+            if method == "CONNECT":
+                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                await writer.drain()
+            else:
+                upstream.write(forward)
+            await _splice(reader, writer, upstream_reader, upstream)
+        finally:
+            upstream.close()
+
+    async def _open(self, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            addresses = await asyncio.wait_for(self.resolver(host, port), RESOLVE_TIMEOUT)
+        except (OSError, TimeoutError, UnicodeError):
+            raise Refused(502, f"{host} could not be resolved") from None
+        if not addresses:
+            raise Refused(502, f"{host} could not be resolved")
+        for address in addresses:
+            if why := refusal(address) or self._local(address):
+                self._report(f"Network: refused {host}:{port}: {address} is a {why} address; "
+                             "builds reach only the public internet")
+                named = address if host == address else f"{host} resolves to {address}, which"
+                raise Refused(403, f"{named} is a {why} address: builds reach only the "
+                                   "public internet")
+        last: Exception | None = None
+        for address in addresses:  # only ever the addresses checked above
+            try:
+                return await asyncio.wait_for(self.connect(address, port), CONNECT_TIMEOUT)
+            except (OSError, TimeoutError) as exc:
+                last = exc
+        raise Refused(502, f"cannot connect to {host}:{port}: {last}")
+
+    def _local(self, address: str) -> str | None:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+        return "this machine's own" if str(mapped or ip) in self.local else None
+
+    def _report(self, text: str) -> None:
+        self.refused += 1
+        if self.refused <= MAX_REPORTED:
+            self.emit("system", text)
+
+
+def _parse(head: bytes) -> tuple[str, str, int, bytes]:
+    """(method, host, port, what to send upstream) of a proxy request head."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise Refused(400, "not an HTTP/1 proxy request")
+    method, target, version = parts
+    if method == "CONNECT":
+        host, sep, port_text = target.rpartition(":")
+        if not sep:
+            raise Refused(400, "CONNECT needs host:port")
+        return method, _host(host), _port(port_text), b""
+    url = urlsplit(target)
+    if url.scheme != "http" or not url.hostname:
+        raise Refused(400, "only CONNECT and absolute http:// URLs can be proxied")
+    try:
+        port = url.port or 80
+    except ValueError:
+        raise Refused(400, "bad port") from None
+    path = url.path or "/"
+    if url.query:
+        path += "?" + url.query
+    headers = [h for h in lines[1:] if h and not h.lower().startswith(("proxy-", "connection:"))]
+    # One request per connection: a second one must be checked again, so the server closes.
+    forward = "\r\n".join([f"{method} {path} {version}", *headers, "Connection: close", "", ""])
+    return method, _host(url.hostname), port, forward.encode("latin-1")
+
+
+def _host(text: str) -> str:
+    host = text.strip("[]")
+    if not host or any(c in host for c in " /\\@"):
+        raise Refused(400, "bad host")
+    return host
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise Refused(400, "bad port")
+    return int(text)
+
+
+async def _answer(writer: asyncio.StreamWriter, status: int, reason: str) -> None:
+    titles = {400: "Bad Request", 403: "Forbidden", 431: "Request Header Fields Too Large",
+              502: "Bad Gateway"}
+    body = f"DeployHub build network: {reason}\n".encode()
+    writer.write(f"HTTP/1.1 {status} {titles.get(status, 'Error')}\r\nContent-Type: text/plain\r\n"
+                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+
+
+async def _splice(ra: asyncio.StreamReader, wa: asyncio.StreamWriter,
+                  rb: asyncio.StreamReader, wb: asyncio.StreamWriter) -> None:
+    async def copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await reader.read(COPY_SIZE):
+                writer.write(data)
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+
+    await asyncio.gather(copy(ra, wb), copy(rb, wa))
