@@ -63,6 +63,15 @@ QUEUE = PREFIX + "queue"
 SLOTS = PREFIX + "slots"
 # PUB/SUB channel, message "1": a deployment was queued or a slot was freed; dispatchers wake.
 QUEUE_WAKE = PREFIX + "ch-queue"
+# HASH deployment id -> replica name: the replica a waiting deployment should build on (the
+# local runner's builds run where they were posted, while that replica lives).
+QUEUE_HOMES = PREFIX + "queue-homes"
+
+
+def replica(name: str) -> str:
+    """STRING with a TTL, refreshed while the replica `name` dispatches builds."""
+    return f"{PREFIX}replica:{name}"
+
 
 # -- the ECS runner (deployhub/runners/ecs.py) ----------------------------------------------
 # HASH deployment id -> ECS task ARN: the tasks to watch, until they have STOPPED.

@@ -32,17 +32,27 @@ KEEP_INTERVAL = 10.0
 # Deployments one dispatcher claims in one round before it looks at the clock again.
 CLAIMS_PER_ROUND = 16
 
-# Drops slots whose lease ran out, then, if fewer than ARGV[3] are held, pops queued
-# deployments (oldest first) until one still is `queued` and gives it a slot.
+# Drops slots whose lease ran out, then, if fewer than ARGV[3] are held, gives a slot to the
+# oldest deployment still `queued` (dropping ended ones on the way). A deployment with a home
+# replica other than the caller is left to its home while that replica lives: the caller
+# gets nothing, and the queue stays first come, first served.
 _CLAIM = """
-local queue, slots = KEYS[1], KEYS[2]
+local queue, slots, homes = KEYS[1], KEYS[2], KEYS[3]
 local now, lease, limit, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local me, replica_prefix = ARGV[5], ARGV[6]
 redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
 if redis.call('ZCARD', slots) >= limit then return false end
 while true do
   local head = redis.call('ZRANGE', queue, 0, 0)[1]
   if not head then return false end
+  if redis.call('HGET', prefix .. head, 'status') == '""" + Status.QUEUED + """' then
+    local home = redis.call('HGET', homes, head)
+    if home and home ~= me and redis.call('EXISTS', replica_prefix .. home) == 1 then
+      return false
+    end
+  end
   redis.call('ZREM', queue, head)
+  redis.call('HDEL', homes, head)
   if redis.call('HGET', prefix .. head, 'status') == '""" + Status.QUEUED + """' then
     redis.call('ZADD', slots, now + lease, head)
     return head
@@ -79,9 +89,12 @@ return #ids
 class BuildQueue:
     """The shared queue and slots in Redis (a client with `decode_responses=True`)."""
 
-    def __init__(self, redis: Redis, limit: int) -> None:
+    def __init__(self, redis: Redis, limit: int, home: str = "") -> None:
+        """`home`: this replica's name, for deployments that must build where they were
+        posted (the local runner's); empty: any replica may start them (ECS tasks)."""
         self.redis = redis
         self.limit = limit
+        self.home = home
         self._claim = redis.register_script(_CLAIM)
         self._hold = redis.register_script(_HOLD)
         self._keep_queued = redis.register_script(_KEEP_QUEUED)
@@ -89,6 +102,8 @@ class BuildQueue:
     async def enqueue(self, dep: Deployment) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zadd(keys.QUEUE, {dep.id: dep.created_at}, nx=True)
+            if self.home:
+                pipe.hset(keys.QUEUE_HOMES, dep.id, self.home)
             pipe.publish(keys.QUEUE_WAKE, "1")
             await pipe.execute()
 
@@ -96,8 +111,9 @@ class BuildQueue:
         """The next deployment to build, now holding a slot; None when all slots are taken
         or nothing waits."""
         dep_id = await self._claim(
-            keys=[keys.QUEUE, keys.SLOTS],
-            args=[int(time.time() * 1000), SLOT_LEASE_MS, self.limit, keys.deployment("")],
+            keys=[keys.QUEUE, keys.SLOTS, keys.QUEUE_HOMES],
+            args=[int(time.time() * 1000), SLOT_LEASE_MS, self.limit, keys.deployment(""),
+                  self.home, keys.replica("")],
         )
         return None if dep_id is None else str(dep_id)
 
@@ -114,6 +130,15 @@ class BuildQueue:
             pipe.zrem(keys.SLOTS, dep_id)
             pipe.publish(keys.QUEUE_WAKE, "1")
             await pipe.execute()
+
+    async def alive(self, living: bool = True) -> None:
+        """Say this replica takes the deployments homed here (or, `living=False`, that it
+        has stopped: others take them at once)."""
+        if self.home:
+            if living:
+                await self.redis.set(keys.replica(self.home), "1", ex=LEASE_SECONDS)
+            else:
+                await self.redis.delete(keys.replica(self.home))
 
     async def keep_queued(self) -> int:
         return int(await self._keep_queued(
@@ -151,6 +176,7 @@ class Dispatcher:
                 self._wake.clear()
                 try:
                     if time.monotonic() >= next_keep:
+                        await self.queue.alive()
                         await self.queue.keep_queued()
                         await self.queue.hold(self.mine())
                         next_keep = time.monotonic() + KEEP_INTERVAL
@@ -171,6 +197,8 @@ class Dispatcher:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.queue.alive(False), POLL_INTERVAL)
 
     async def _listen(self) -> None:
         """Set the wake event on every message of the queue channel; resubscribe after an

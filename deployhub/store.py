@@ -36,6 +36,7 @@ if FINAL[status] then
   -- An ended deployment leaves the shared queue and frees its build slot at once, so the
   -- next one starts without waiting for a slot lease to run out.
   redis.call('ZREM', KEYS[6], id)
+  redis.call('HDEL', KEYS[9], id)
   if redis.call('ZREM', KEYS[7], id) == 1 then redis.call('PUBLISH', KEYS[8], '1') end
 end
 if status == '""" + Status.READY + """' then
@@ -304,6 +305,7 @@ class Store:
                 keys.QUEUE,
                 keys.SLOTS,
                 keys.QUEUE_WAKE,
+                keys.QUEUE_HOMES,
             ],
             args=[status.value, reason, repr(time.time()), dep.id, keys.deployment("")],
         )

@@ -142,3 +142,21 @@ async def test_a_restart_leaves_running_tasks_to_the_next_server(
     assert await store.reap() == []
     assert (await store.get_deployment(dep.id)).status == "queued"
     assert await store.redis.ttl(f"dh:lease:{dep.id}") > 20  # the new server holds it
+
+
+async def test_a_shutdown_while_run_task_waits_puts_the_deployment_back_in_the_queue(
+    tmp_path: Path, redis_server: RedisServer, start_service: StartService, ecs_cluster: Cluster,
+    fault_proxy: FaultProxy,
+) -> None:
+    fault_proxy.faults = ["hang"]
+    first = await ecs_service(start_service, tmp_path, redis_server, ecs_cluster, name="first",
+                              ecs_endpoint_url=fault_proxy.url)
+    dep_id = (await first.deploy(REPO))["id"]
+    while fault_proxy.run_task_calls == 0:
+        await asyncio.sleep(0.05)
+    await first.stop()
+    second = await ecs_service(start_service, tmp_path, redis_server, ecs_cluster, name="second",
+                               max_builds=1)
+    dep = await wait_task(second, dep_id)
+    assert dep.task_arn and not dep.final, dep.reason
+    assert len(ecs_cluster.tasks()) == 1

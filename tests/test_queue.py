@@ -86,3 +86,16 @@ async def test_queued_deployments_keep_their_lease_while_they_wait(redis_server:
     assert (await store.get_deployment(dep.id)).queue_position == 1
     assert await store.reap() == []
     await redis.aclose()
+
+
+async def test_a_local_build_waits_for_its_home_replica_while_that_one_lives(redis_server: RedisServer) -> None:
+    redis = Redis.from_url(redis_server.url, decode_responses=True)
+    store = Store(redis)
+    home, other = BuildQueue(redis, limit=1, home="a"), BuildQueue(redis, limit=1, home="b")
+    dep = await store.create_deployment("home", REPO, "")
+    await home.alive()
+    await home.enqueue(dep)
+    assert await other.claim() is None  # first come, first served: nothing else jumps ahead
+    await home.alive(False)  # replica a stopped: its queue is anybody's
+    assert await other.claim() == dep.id
+    await redis.aclose()

@@ -132,9 +132,9 @@ class EcsRunner:
             if (await self.store.get_deployment(dep.id)).status == Status.CANCELED:
                 await self._stop(arn, "DeployHub: canceled while the task started")
         except asyncio.CancelledError:
-            # Shut down before ECS answered: queue it again for whoever runs next (a task
-            # RunTask did start meanwhile would be unknown to us; the deployment's lease would
-            # then end it as failed rather than build it twice unnoticed).
+            # Shut down before ECS answered: queue it again for whoever runs next. Should
+            # RunTask have started a task meanwhile, the next RunTask carries the same client
+            # token and ECS answers with that task instead of starting a second one.
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._requeue(dep_id))
             raise
@@ -191,6 +191,10 @@ class EcsRunner:
         params = self.run_task_params(dep)
         delay = CAPACITY_BACKOFF
         for attempt in range(1, CAPACITY_ATTEMPTS + 1):
+            # Idempotent per attempt: botocore's retries of one call, and a server that takes
+            # over a deployment whose RunTask was cut short, never start a second task; a
+            # retry after "no capacity" is a new request, so it gets a token of its own.
+            params["clientToken"] = f"deployhub-{dep.id}-{attempt}"
             try:
                 reply = await self.client.run_task(**params)
             except ClientError as exc:

@@ -42,11 +42,13 @@ class LocalRunner:
         self.settings = settings
         self.redis_url = redis_url
         self.store = store
-        self.queue = BuildQueue(store.redis, settings.max_builds)
-        self.dispatcher = Dispatcher(self.queue, self._start, lambda: list(self.owned))
         self.owned: dict[str, asyncio.Task[None]] = {}
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.holder = f"local:{socket.gethostname()}:{settings.data_dir.resolve()}"
+        # A build runs on the replica it was posted to while that one lives (its data
+        # directory, its npm cache); the slots are shared all the same.
+        self.queue = BuildQueue(store.redis, settings.max_builds, home=self.holder)
+        self.dispatcher = Dispatcher(self.queue, self._start, lambda: list(self.owned))
         self.refused: str | None = None
 
     async def check_sandbox(self) -> None:

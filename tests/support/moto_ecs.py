@@ -7,6 +7,7 @@ progress tasks by hand) until the test stops it with StopTask.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import urllib.request
@@ -92,12 +93,15 @@ class Cluster:
 
 def make_cluster(server: MotoServer) -> Cluster:
     ec2, ecs = server.client("ec2"), server.client("ecs")
-    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
-    # As Fargate VPCs have it; moto's task ENIs also need it (they read a private DNS name).
-    ec2.modify_vpc_attribute(VpcId=vpc, EnableDnsHostnames={"Value": True})
-    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.0.1.0/24")["Subnet"]["SubnetId"]
-    group = ec2.create_security_group(GroupName=f"g-{uuid.uuid4().hex[:8]}", Description="builds",
-                                      VpcId=vpc)["GroupId"]
+    try:
+        vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+        # As Fargate VPCs have it; moto's task ENIs also need it (they read a private DNS name).
+        ec2.modify_vpc_attribute(VpcId=vpc, EnableDnsHostnames={"Value": True})
+        subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.0.1.0/24")["Subnet"]["SubnetId"]
+        group = ec2.create_security_group(GroupName=f"g-{uuid.uuid4().hex[:8]}",
+                                          Description="builds", VpcId=vpc)["GroupId"]
+    finally:
+        ec2.close()
     name = f"c-{uuid.uuid4().hex[:10]}"
     ecs.create_cluster(clusterName=name)
     family = f"builder-{name}"
@@ -112,7 +116,8 @@ def make_cluster(server: MotoServer) -> Cluster:
 
 class FaultProxy:
     """An HTTP proxy in front of moto that answers the first RunTask calls with the given
-    faults (a ThrottlingException, or a 200 with capacity `failures`), then forwards."""
+    faults ("throttle": a ThrottlingException, "capacity": a 200 with capacity `failures`,
+    "hang": no answer), then forwards."""
 
     def __init__(self, upstream: str, faults: list[str]) -> None:
         self.upstream = upstream
@@ -121,6 +126,7 @@ class FaultProxy:
         self.port = free_port()
         self._runner: web.AppRunner | None = None
         self._session: ClientSession | None = None
+        self._release = asyncio.Event()  # ends every "hang" fault
 
     @property
     def url(self) -> str:
@@ -135,6 +141,7 @@ class FaultProxy:
         self._session = ClientSession()
 
     async def stop(self) -> None:
+        self._release.set()
         if self._session is not None:
             await self._session.close()
         if self._runner is not None:
@@ -146,6 +153,9 @@ class FaultProxy:
             self.run_task_calls += 1
             if self.faults:
                 fault = self.faults.pop(0)
+                if fault == "hang":  # never answers (until the proxy stops)
+                    await self._release.wait()
+                    return web.Response(status=503)
                 if fault == "throttle":
                     return web.json_response(
                         {"__type": "ThrottlingException", "message": "Rate exceeded"}, status=400,
@@ -176,7 +186,7 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer
 
 
 @pytest.fixture
-def ecs_cluster(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Cluster:
+def ecs_cluster(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
     """A fresh cluster; the AWS chain finds dummy credentials in the environment (and never
     asks a metadata service)."""
     for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -185,7 +195,9 @@ def ecs_cluster(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Clu
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
-    return make_cluster(moto_server)
+    cluster = make_cluster(moto_server)
+    yield cluster
+    cluster.ecs.close()
 
 
 @pytest.fixture
