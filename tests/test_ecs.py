@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from deployhub import get_store
-from deployhub.store import Deployment
+from deployhub.runners.ecs import EcsRunner
+from deployhub.settings import Settings, SettingsError
+from deployhub.store import Deployment, Store
 from tests.support.infra import RedisServer
 from tests.support.moto_ecs import Cluster, FaultProxy
 from tests.support.service import Service, StartService, make_settings
@@ -160,3 +163,33 @@ async def test_a_shutdown_while_run_task_waits_puts_the_deployment_back_in_the_q
     dep = await wait_task(second, dep_id)
     assert dep.task_arn and not dep.final, dep.reason
     assert len(ecs_cluster.tasks()) == 1
+
+
+async def test_a_capacity_provider_strategy_replaces_the_launch_type(
+    tmp_path: Path, redis_server: RedisServer, ecs_cluster: Cluster
+) -> None:
+    # moto ignores capacityProviderStrategy, so this reads the parameters DeployHub would send.
+    settings = make_settings(tmp_path, redis_server.url, **ecs_cluster.settings(),
+                             ecs_capacity_providers=("FARGATE_SPOT:3:1", "FARGATE:1"))
+    redis = Redis.from_url(redis_server.url, decode_responses=True)
+    store = Store(redis)
+    params = EcsRunner(settings, store, client=None).run_task_params(
+        await store.create_deployment("cap", REPO, ""))
+    await redis.aclose()
+    assert params["capacityProviderStrategy"] == [
+        {"capacityProvider": "FARGATE_SPOT", "weight": 3, "base": 1},
+        {"capacityProvider": "FARGATE", "weight": 1}]
+    assert "launchType" not in params
+
+
+def test_ecs_settings_say_what_is_missing() -> None:
+    with pytest.raises(SettingsError, match="DEPLOYHUB_ECS_CLUSTER, DEPLOYHUB_ECS_TASK_DEFINITION"):
+        Settings.from_env({"DEPLOYHUB_RUNNER": "ecs"})
+    with pytest.raises(SettingsError, match="storage=s3"):
+        Settings.from_env({"DEPLOYHUB_RUNNER": "ecs", "DEPLOYHUB_ECS_CLUSTER": "c",
+                           "DEPLOYHUB_ECS_TASK_DEFINITION": "t", "DEPLOYHUB_ECS_SUBNETS": "s"})
+    with pytest.raises(SettingsError, match="provider"):
+        Settings.from_env({"DEPLOYHUB_RUNNER": "ecs", "DEPLOYHUB_ECS_CLUSTER": "c",
+                           "DEPLOYHUB_ECS_TASK_DEFINITION": "t", "DEPLOYHUB_ECS_SUBNETS": "s",
+                           "DEPLOYHUB_STORAGE": "s3", "DEPLOYHUB_S3_BUCKET": "b",
+                           "DEPLOYHUB_REDIS_URL": "redis://r", "DEPLOYHUB_ECS_CAPACITY_PROVIDERS": "X:y"})

@@ -186,7 +186,7 @@ class EcsRunner:
         return params
 
     async def _run_task(self, dep: Deployment) -> str:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         params = self.run_task_params(dep)
         delay = CAPACITY_BACKOFF
@@ -210,6 +210,11 @@ class EcsRunner:
                     ) from None
                 raise StartFailed(_explain(f"ECS refused to start the build task ({code}: {message}).",
                                            code)) from None
+            except NoCredentialsError:
+                raise StartFailed(
+                    "DeployHub found no AWS credentials to start the build task with. Give this "
+                    "server an AWS identity (environment, profile, instance or task role)."
+                ) from None
             except BotoCoreError as exc:
                 raise StartFailed(
                     f"DeployHub could not reach ECS: {exc}. Check DEPLOYHUB_ECS_ENDPOINT_URL / "
