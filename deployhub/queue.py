@@ -191,14 +191,18 @@ class Dispatcher:
                     raise
                 except Exception as exc:  # Redis away: the next round tries again
                     log.warning("the build dispatcher could not run: %s", exc)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that comes
+                # as the event is set, and the server would never finish shutting down.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL)
+                    async with asyncio.timeout(POLL_INTERVAL):
+                        await self._wake.wait()
         finally:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.queue.alive(False), POLL_INTERVAL)
+                async with asyncio.timeout(POLL_INTERVAL):
+                    await self.queue.alive(False)
 
     async def _listen(self) -> None:
         """Set the wake event on every message of the queue channel; resubscribe after an

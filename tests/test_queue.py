@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+
+import pytest
 
 from redis.asyncio import Redis
 
-from deployhub.queue import BuildQueue
+from deployhub.queue import BuildQueue, Dispatcher
 from deployhub.status import Status
 from deployhub.store import Store
 from tests.support.infra import GitServer, RedisServer
@@ -98,4 +101,21 @@ async def test_a_local_build_waits_for_its_home_replica_while_that_one_lives(red
     assert await other.claim() is None  # first come, first served: nothing else jumps ahead
     await home.alive(False)  # replica a stopped: its queue is anybody's
     assert await other.claim() == dep.id
+    await redis.aclose()
+
+
+async def test_a_dispatcher_woken_as_it_is_canceled_still_stops(redis_server: RedisServer) -> None:
+    redis = Redis.from_url(redis_server.url, decode_responses=True)
+
+    async def start(dep_id: str) -> None:
+        raise AssertionError("nothing is queued")
+
+    dispatcher = Dispatcher(BuildQueue(redis, limit=1), start, list)
+    for _ in range(3):
+        task = asyncio.create_task(dispatcher.run())
+        await asyncio.sleep(0.3)  # waiting for a wake-up now
+        dispatcher._wake.set()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
     await redis.aclose()
