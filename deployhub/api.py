@@ -91,6 +91,7 @@ async def create_deployment(request: web.Request) -> web.Response:
     project = project or project_from_url(repo.url)
     dep = await store.create_deployment(project, repo.url, branch, owner)
     await runner.submit(dep)
+    dep = await store.get_deployment(dep.id)  # read back: now with its place in the queue
     production = (await store.get_project(project)).production
     return web.json_response(deployment_json(settings, dep, production), status=202)
 

@@ -31,7 +31,9 @@ async def test_two_replicas_share_one_build_slot(
                                               **ecs_cluster.settings())) for name in ("a", "b")]
     b.session.headers["Authorization"] = f"Bearer {a.token}"  # type: ignore[union-attr]
     first = await wait_task(a, (await a.deploy(REPO))["id"])
-    second, third = (await b.deploy(REPO))["id"], (await a.deploy(REPO))["id"]
+    posted = await b.deploy(REPO)
+    assert posted["status"] == "queued" and posted["queue_position"] == 1
+    second, third = posted["id"], (await a.deploy(REPO))["id"]
     for replica in (a, b):
         assert await position(replica, second) == ("queued", 1)
         assert await position(replica, third) == ("queued", 2)
