@@ -121,6 +121,7 @@ async def create_deployment(request: web.Request) -> web.Response:
         project, repo.url, branch, owner, max_active=settings.max_active_per_token
     )
     await runner.submit(dep)
+    dep = await store.get_deployment(dep.id)  # read back: now with its place in the queue
     production = (await store.get_project(project)).production
     return web.json_response(deployment_json(settings, dep, production), status=202)
 

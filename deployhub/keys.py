@@ -46,7 +46,8 @@ def project_deployments(name: str) -> str:
 
 
 def deployment(dep_id: str) -> str:
-    """HASH id, project, repo_url, branch, status, reason, created_at, updated_at, t_<status>."""
+    """HASH id, project, repo_url, branch, status, reason, created_at, updated_at, t_<status>,
+    commit, log_seq, task_arn (runner=ecs)."""
     return f"{PREFIX}deployment:{dep_id}"
 
 
@@ -63,3 +64,28 @@ def lease(dep_id: str) -> str:
 def channel(project_name: str) -> str:
     """PUB/SUB channel carrying a project's status and log frames (JSON text)."""
     return f"{PREFIX}ch:{project_name}"
+
+
+# -- the shared build queue (deployhub/queue.py) --------------------------------------------
+# ZSET deployment id scored by created_at: deployments waiting for a build slot, oldest first.
+QUEUE = PREFIX + "queue"
+# ZSET deployment id scored by the unix ms its slot lease ends: the builds running now, on
+# every replica (at most DEPLOYHUB_MAX_BUILDS); an entry whose lease ran out is free again.
+SLOTS = PREFIX + "slots"
+# PUB/SUB channel, message "1": a deployment was queued or a slot was freed; dispatchers wake.
+QUEUE_WAKE = PREFIX + "ch-queue"
+# HASH deployment id -> replica name: the replica a waiting deployment should build on (the
+# local runner's builds run where they were posted, while that replica lives).
+QUEUE_HOMES = PREFIX + "queue-homes"
+
+
+def replica(name: str) -> str:
+    """STRING with a TTL, refreshed while the replica `name` dispatches builds."""
+    return f"{PREFIX}replica:{name}"
+
+
+# -- the ECS runner (deployhub/runners/ecs.py) ----------------------------------------------
+# HASH deployment id -> ECS task ARN: the tasks to watch, until they have STOPPED.
+ECS_TASKS = PREFIX + "ecs:tasks"
+# STRING with a PX TTL, holder name: one replica polls DescribeTasks per round.
+ECS_RECONCILE_LOCK = PREFIX + "ecs:reconcile"

@@ -81,8 +81,12 @@ class Settings:
         "", "S3-compatible endpoint URL; empty for AWS. Credentials come from the AWS chain."
     )
     s3_region: str = setting("us-east-1", "S3 region.")
-    runner: str = setting("local", "Where builds run: `local` (sandboxed child processes).")
-    max_builds: int = setting(2, "Builds that may run at once on this server; the rest queue.")
+    runner: str = setting(
+        "local", "Where builds run: `local` (sandboxed child processes) or `ecs` (one ECS task each)."
+    )
+    max_builds: int = setting(
+        2, "Builds that may run at once, across every server sharing the Redis; the rest queue."
+    )
     build_timeout: float = setting(900.0, "Seconds a build may take before it is failed.")
     clone_timeout: float = setting(120.0, "Seconds the git clone may take.")
     allow_hosts: tuple[str, ...] = setting(
@@ -154,6 +158,45 @@ class Settings:
         "When a memory or process limit cannot be enforced here: `run` (with a warning in "
         "every build log) or `refuse` (builds fail, saying which limit).",
     )
+    ecs_cluster: str = setting("", "ECS cluster that runs the build tasks (runner=ecs).")
+    ecs_task_definition: str = setting(
+        "", "Task definition (family, family:revision or ARN) of the build task (runner=ecs)."
+    )
+    ecs_container: str = setting(
+        "worker", "Name of the container in the task definition that runs `python -m worker`."
+    )
+    ecs_subnets: tuple[str, ...] = setting(
+        (), "Comma-separated subnet ids the build tasks run in (awsvpc network mode)."
+    )
+    ecs_security_groups: tuple[str, ...] = setting(
+        (), "Comma-separated security group ids of the build tasks."
+    )
+    ecs_assign_public_ip: str = setting(
+        "DISABLED",
+        "`ENABLED` to give each build task a public IP (public subnets without a NAT), "
+        "else `DISABLED`.",
+    )
+    ecs_launch_type: str = setting(
+        "FARGATE", "Launch type of the build tasks; ignored when a capacity provider strategy is set."
+    )
+    ecs_capacity_providers: tuple[str, ...] = setting(
+        (),
+        "Capacity provider strategy instead of a launch type: comma-separated "
+        "`provider[:weight[:base]]`, e.g. `FARGATE_SPOT:3,FARGATE:1`.",
+    )
+    ecs_region: str = setting("us-east-1", "AWS region of the ECS cluster.")
+    ecs_endpoint_url: str = setting(
+        "", "ECS API endpoint URL; empty for AWS. Credentials come from the AWS chain."
+    )
+    ecs_task_redis_url: Secret | None = setting(
+        None,
+        "Redis URL the build task uses, when it differs from the server's. Sent in the task's "
+        "overrides, which DescribeTasks shows: keep passwords in the task definition instead.",
+        shown="(none)",
+    )
+    ecs_task_s3_endpoint_url: str = setting(
+        "", "S3 endpoint URL the build task uses, when it differs from the server's."
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -165,7 +208,7 @@ class Settings:
             if raw is not None and raw != "":
                 values[field.name] = parse_value(field, raw, env_name(field.name))
         values.update({k: v for k, v in overrides.items() if v is not None})
-        for name in ("redis_url", "secrets_key"):
+        for name in ("redis_url", "secrets_key", "ecs_task_redis_url"):
             if isinstance(values.get(name), str):
                 values[name] = Secret(values[name])
         if isinstance(values.get("data_dir"), str):
@@ -187,10 +230,12 @@ class Settings:
             raise SettingsError(
                 f"build_without_limits must be 'run' or 'refuse', not {self.build_without_limits!r}"
             )
-        if self.runner not in ("local",):
-            raise SettingsError(f"runner must be 'local', not {self.runner!r}")
         if not 1 <= self.workers <= 256:
             raise SettingsError(f"workers must be 1-256, not {self.workers}")
+        if self.runner not in ("local", "ecs"):
+            raise SettingsError(f"runner must be 'local' or 'ecs', not {self.runner!r}")
+        if self.runner == "ecs":
+            self._check_ecs()
         if self.max_builds < 1:
             raise SettingsError("max_builds must be at least 1")
         if self.max_active_per_token < 1:
@@ -205,6 +250,26 @@ class Settings:
                 "(make one with `python -c 'from cryptography.fernet import Fernet; "
                 "print(Fernet.generate_key().decode())'`)"
             )
+
+    def _check_ecs(self) -> None:
+        needed = [env_name(name) for name in ("ecs_cluster", "ecs_task_definition", "ecs_subnets")
+                  if not getattr(self, name)]
+        if needed:
+            raise SettingsError("runner=ecs needs " + ", ".join(needed))
+        if self.storage != "s3":
+            raise SettingsError("runner=ecs needs storage=s3: a build task cannot write to this "
+                                "server's disk")
+        if self.redis_url is None:
+            raise SettingsError("runner=ecs needs DEPLOYHUB_REDIS_URL: build tasks cannot reach "
+                                "the embedded Redis on 127.0.0.1")
+        if self.ecs_assign_public_ip not in ("ENABLED", "DISABLED"):
+            raise SettingsError("ecs_assign_public_ip must be 'ENABLED' or 'DISABLED', "
+                                f"not {self.ecs_assign_public_ip!r}")
+        for entry in self.ecs_capacity_providers:
+            name, *numbers = entry.split(":")
+            if not name or len(numbers) > 2 or not all(n.isdigit() for n in numbers):
+                raise SettingsError("DEPLOYHUB_ECS_CAPACITY_PROVIDERS entries are "
+                                    f"provider[:weight[:base]], not {entry!r}")
 
     def site_url_for(self, name: str) -> str:
         template = self.site_url or "http://{name}.{domain}:" + str(self.port)

@@ -50,6 +50,11 @@ local project_key = KEYS[4]
 if FINAL[status] then
   redis.call('SREM', active, id)
   redis.call('DEL', KEYS[5])
+  -- An ended deployment leaves the shared queue and frees its build slot at once, so the
+  -- next one starts without waiting for a slot lease to run out.
+  redis.call('ZREM', KEYS[7], id)
+  redis.call('HDEL', KEYS[10], id)
+  if redis.call('ZREM', KEYS[8], id) == 1 then redis.call('PUBLISH', KEYS[9], '1') end
 end
 if status == '""" + Status.READY + """' then
   local production = redis.call('HGET', project_key, 'production')
@@ -165,10 +170,15 @@ class Deployment:
             },
             commit=data.get("commit", ""),
             log_seq=int(data.get("log_seq") or 0),
+            task_arn=data.get("task_arn", ""),
         )
 
     commit: str = ""  # "<short sha> <subject>", once cloned
     log_seq: int = 0  # the last log seq, once the build has ended
+    task_arn: str = ""  # the ECS task building it (runner=ecs), once started
+    # While queued: 1 = the next to start in the shared queue, 0 = it has a build slot and is
+    # starting; None once it has left `queued` (or when read from a status frame).
+    queue_position: int | None = None
 
     @property
     def final(self) -> bool:
@@ -235,17 +245,27 @@ class Store:
         return Deployment.from_hash(record)
 
     async def get_deployment(self, dep_id: str) -> Deployment:
-        data = cast(dict[str, str], await self.redis.hgetall(keys.deployment(dep_id)))
-        if not data:
+        found = await self.get_deployments([dep_id])
+        if not found:
             raise NotFound(f"no deployment {dep_id!r}")
-        return Deployment.from_hash(data)
+        return found[0]
 
     async def get_deployments(self, ids: Iterable[str]) -> list[Deployment]:
+        """The deployments that exist of `ids`, in order, with their queue positions."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for dep_id in ids:
                 pipe.hgetall(keys.deployment(dep_id))
-            rows = await pipe.execute()
-        return [Deployment.from_hash(row) for row in rows if row]
+                pipe.zrank(keys.QUEUE, dep_id)
+            replies = await pipe.execute()
+        found = []
+        for row, rank in zip(replies[0::2], replies[1::2]):
+            if not row:
+                continue
+            dep = Deployment.from_hash(row)
+            if dep.status == Status.QUEUED:
+                dep = dataclasses.replace(dep, queue_position=0 if rank is None else int(rank) + 1)
+            found.append(dep)
+        return found
 
     async def get_project(self, name: str) -> Project:
         data = cast(dict[str, str], await self.redis.hgetall(keys.project(name)))
@@ -345,6 +365,10 @@ class Store:
                 keys.project(dep.project),
                 keys.lease(dep.id),
                 keys.METRICS,
+                keys.QUEUE,
+                keys.SLOTS,
+                keys.QUEUE_WAKE,
+                keys.QUEUE_HOMES,
             ],
             args=[status.value, reason, repr(time.time()), dep.id, keys.deployment("")],
         )
@@ -367,6 +391,22 @@ class Store:
             for dep_id in dep_ids:
                 pipe.set(keys.lease(dep_id), holder, ex=LEASE_SECONDS)
             await pipe.execute()
+
+    async def record_task(self, dep_id: str, task_arn: str) -> None:
+        """The ECS task that builds a deployment; the ECS runner watches it from now on."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.deployment(dep_id), "task_arn", task_arn)
+            pipe.hset(keys.ECS_TASKS, dep_id, task_arn)
+            await pipe.execute()
+
+    async def watched_tasks(self) -> dict[str, str]:
+        """deployment id -> ECS task ARN, for every task not yet seen STOPPED."""
+        return cast(dict[str, str], await self.redis.hgetall(keys.ECS_TASKS))
+
+    async def forget_tasks(self, dep_ids: Iterable[str]) -> None:
+        ids = list(dep_ids)
+        if ids:
+            await self.redis.hdel(keys.ECS_TASKS, *ids)
 
     async def active_ids(self) -> list[str]:
         return sorted(cast(set[str], await self.redis.smembers(keys.ACTIVE)))

@@ -26,6 +26,8 @@ def deployment_json(settings: Settings, dep: Deployment, production: str) -> dic
         "url": settings.site_url_for(dep.project),
         "deployment_url": deployment_url(settings, dep),
         "is_production": dep.id == production,
+        # Place in the shared build queue while queued (1 = next; 0 = starting), else null.
+        "queue_position": dep.queue_position,
     }
 
 

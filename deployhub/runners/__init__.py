@@ -51,7 +51,13 @@ async def open_runner(
         async with local_runner(settings, redis_url, store, instance) as runner:
             yield runner
         return
-    raise SettingsError(f"runner must be 'local', not {settings.runner!r}")
+    if settings.runner == "ecs":
+        from .ecs import ecs_runner
+
+        async with ecs_runner(settings, store) as ecs:
+            yield ecs
+        return
+    raise SettingsError(f"runner must be 'local' or 'ecs', not {settings.runner!r}")
 
 
 async def runner_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -12,6 +12,7 @@ import sys
 from collections import deque
 from collections.abc import AsyncIterator
 
+from ..queue import BuildQueue, Dispatcher, dispatching
 from ..settings import Secret, Settings
 from ..status import Status
 from ..store import Deployment, NotFound, Store
@@ -30,9 +31,10 @@ WORKER_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "SSL_CERT_FILE", "NODE_EXT
 
 
 class LocalRunner:
-    """Runs at most `max_builds` workers at once; the rest wait in `queued`.
+    """Runs the builds its dispatcher claims from the shared queue: at most `max_builds` at
+    once across every replica; the rest wait in `queued`.
 
-    It holds the lease of every deployment it owns, so the reaper leaves them alone, and
+    It holds the lease of every deployment it runs, so the reaper leaves them alone, and
     fails a deployment whose worker dies without saying how the build ended.
     """
 
@@ -40,7 +42,6 @@ class LocalRunner:
         self.settings = settings
         self.redis_url = redis_url
         self.store = store
-        self.slots = asyncio.Semaphore(settings.max_builds)
         self.owned: dict[str, asyncio.Task[None]] = {}
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         # Names this runner's builds' leases: the same after a restart on this machine and
@@ -48,6 +49,10 @@ class LocalRunner:
         self.holder = f"local:{socket.gethostname()}:{settings.data_dir.resolve()}"
         if instance:
             self.holder += f"#{instance}"
+        # A build runs on the replica it was posted to while that one lives (its data
+        # directory, its npm cache); the slots are shared all the same.
+        self.queue = BuildQueue(store.redis, settings.max_builds, home=self.holder)
+        self.dispatcher = Dispatcher(self.queue, self._start, lambda: list(self.owned))
         self.refused: str | None = None
 
     async def check_sandbox(self) -> None:
@@ -97,30 +102,37 @@ class LocalRunner:
                 log.error("builds are refused: %s", self.refused)
 
     async def submit(self, dep: Deployment) -> None:
-        await self.store.refresh_leases([dep.id], self.holder)
-        self.owned[dep.id] = asyncio.create_task(self._run(dep), name=f"build-{dep.id}")
+        await self.queue.enqueue(dep)
 
-    async def _run(self, dep: Deployment) -> None:
+    async def _start(self, dep_id: str) -> None:
+        """The dispatcher claimed `dep_id` (it holds a slot): run its worker."""
+        await self.store.refresh_leases([dep_id], self.holder)
+        self.owned[dep_id] = asyncio.create_task(self._run(dep_id), name=f"build-{dep_id}")
+
+    async def _run(self, dep_id: str) -> None:
         try:
-            async with self.slots:
-                current = await self.store.get_deployment(dep.id)
-                if current.final:  # canceled while it waited
-                    return
-                await self._run_worker(dep)
+            dep = await self.store.get_deployment(dep_id)
+            if dep.final:  # canceled as it was claimed
+                return
+            await self._run_worker(dep)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("could not run the build of %s", dep.id)
+            log.exception("could not run the build of %s", dep_id)
             try:
-                await self.store.transition(dep, Status.FAILED, f"DeployHub could not start the build: {exc}")
+                await self.store.transition(dep_id, Status.FAILED, f"DeployHub could not start the build: {exc}")
             except Exception as again:  # Redis is away: the reaper fails it once the lease ends
-                log.warning("could not record that %s failed: %s", dep.id, again)
+                log.warning("could not record that %s failed: %s", dep_id, again)
         finally:
-            self.owned.pop(dep.id, None)
+            self.owned.pop(dep_id, None)
+            # Ending the deployment freed the slot already; this covers a worker that could
+            # not record its end (the slot would otherwise wait out its lease).
+            with contextlib.suppress(Exception):
+                await self.queue.release(dep_id)
 
     async def cancel(self, dep: Deployment, reason: str) -> bool:
-        # The worker sees the status within its watch interval and kills the build; a build
-        # still waiting for a slot sees it when it gets one and never starts.
+        # The worker sees the status within its watch interval and kills the build; a
+        # deployment still waiting leaves the queue in the same step.
         return await self.store.transition(dep, Status.CANCELED, reason)
 
     def _worker_env(self) -> dict[str, str]:
@@ -211,7 +223,11 @@ async def local_runner(
         log.warning("deployment %s was left unfinished by a previous run: marked failed", dep_id)
     leases = asyncio.create_task(runner.keep_leases(), name="deployhub-leases")
     try:
-        yield runner
+        if runner.refused:  # take no work from the shared queue that would fail here
+            yield runner
+        else:
+            async with dispatching(runner.dispatcher):
+                yield runner
     finally:
         leases.cancel()
         with contextlib.suppress(asyncio.CancelledError):
