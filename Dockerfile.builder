@@ -3,11 +3,14 @@
 # Node 22 LTS: Debian bookworm's nodejs is 18, which cannot run Vite 7 or Next 15.
 FROM node:22-bookworm-slim
 
+# No user namespaces on Fargate, so no bubblewrap: the task is the sandbox, and the untrusted
+# commands run as the unprivileged `node` account (DEPLOYHUB_SANDBOX=user), on the task's
+# network (its security group decides what that reaches).
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    DEPLOYHUB_DATA_DIR=/work PATH=/opt/deployhub/bin:$PATH
+    DEPLOYHUB_DATA_DIR=/work PATH=/opt/deployhub/bin:$PATH \
+    DEPLOYHUB_SANDBOX=user DEPLOYHUB_BUILD_USER=node DEPLOYHUB_BUILD_NETWORK=host
 
-# git clones, python3 runs the worker; the image's `node` user (uid 1000) is the one the
-# untrusted install and build commands run as.
+# git clones, python3 runs the worker (as root, to hand each command to `node`).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends git python3 python3-venv ca-certificates \

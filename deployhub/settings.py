@@ -96,8 +96,15 @@ class Settings:
     )
     sandbox: str = setting(
         "bwrap",
-        "How builds are isolated: `bwrap` (bubblewrap; builds are refused when it cannot run) "
-        "or `none` (UNSAFE: build code runs with the worker's rights).",
+        "How builds are isolated: `bwrap` (bubblewrap; builds are refused when it cannot run), "
+        "`user` (as `DEPLOYHUB_BUILD_USER`, for containers without user namespaces such as "
+        "Fargate: the worker runs as root) or `none` (UNSAFE: build code runs with the "
+        "worker's rights).",
+    )
+    build_user: str = setting(
+        "node",
+        "With `DEPLOYHUB_SANDBOX=user`: the dedicated unprivileged account (name or uid) that "
+        "build commands run as.",
     )
     bwrap: str = setting(
         "",
@@ -222,8 +229,14 @@ class Settings:
             raise SettingsError(f"storage must be 'file' or 's3', not {self.storage!r}")
         if self.storage == "s3" and not self.s3_bucket:
             raise SettingsError("storage=s3 needs DEPLOYHUB_S3_BUCKET")
-        if self.sandbox not in ("bwrap", "none"):
-            raise SettingsError(f"sandbox must be 'bwrap' or 'none', not {self.sandbox!r}")
+        if self.sandbox not in ("bwrap", "user", "none"):
+            raise SettingsError(f"sandbox must be 'bwrap', 'user' or 'none', not {self.sandbox!r}")
+        if self.sandbox == "user" and self.build_network != "host":
+            raise SettingsError(
+                "DEPLOYHUB_SANDBOX=user cannot give builds a network of their own (that needs "
+                "bubblewrap): set DEPLOYHUB_BUILD_NETWORK=host, and limit what the build can "
+                "reach with the task's security group"
+            )
         if self.build_network not in ("isolated", "host"):
             raise SettingsError(f"build_network must be 'isolated' or 'host', not {self.build_network!r}")
         if self.build_without_limits not in ("run", "refuse"):
@@ -262,6 +275,12 @@ class Settings:
         if self.redis_url is None:
             raise SettingsError("runner=ecs needs DEPLOYHUB_REDIS_URL: build tasks cannot reach "
                                 "the embedded Redis on 127.0.0.1")
+        if self.secrets_key is None:
+            raise SettingsError(
+                "runner=ecs needs DEPLOYHUB_SECRETS_KEY: build tasks decrypt secret build "
+                "variables with it and cannot read this server's key file (give the tasks the "
+                "same key as a secret of the task definition, never in the overrides)"
+            )
         if self.ecs_assign_public_ip not in ("ENABLED", "DISABLED"):
             raise SettingsError("ecs_assign_public_ip must be 'ENABLED' or 'DISABLED', "
                                 f"not {self.ecs_assign_public_ip!r}")

@@ -17,7 +17,7 @@ from deployhub.runners.ecs import EcsRunner
 from deployhub.settings import Settings, SettingsError
 from deployhub.store import Deployment, Store
 from tests.support.infra import RedisServer
-from tests.support.moto_ecs import Cluster, FaultProxy
+from tests.support.moto_ecs import SECRETS_KEY, Cluster, FaultProxy
 from tests.support.service import Service, StartService, make_settings
 
 
@@ -188,8 +188,11 @@ def test_ecs_settings_say_what_is_missing() -> None:
     with pytest.raises(SettingsError, match="storage=s3"):
         Settings.from_env({"DEPLOYHUB_RUNNER": "ecs", "DEPLOYHUB_ECS_CLUSTER": "c",
                            "DEPLOYHUB_ECS_TASK_DEFINITION": "t", "DEPLOYHUB_ECS_SUBNETS": "s"})
+    cloud = {"DEPLOYHUB_RUNNER": "ecs", "DEPLOYHUB_ECS_CLUSTER": "c",
+             "DEPLOYHUB_ECS_TASK_DEFINITION": "t", "DEPLOYHUB_ECS_SUBNETS": "s",
+             "DEPLOYHUB_STORAGE": "s3", "DEPLOYHUB_S3_BUCKET": "b", "DEPLOYHUB_REDIS_URL": "redis://r"}
+    with pytest.raises(SettingsError, match="DEPLOYHUB_SECRETS_KEY"):  # the tasks decrypt too
+        Settings.from_env(cloud)
     with pytest.raises(SettingsError, match="provider"):
-        Settings.from_env({"DEPLOYHUB_RUNNER": "ecs", "DEPLOYHUB_ECS_CLUSTER": "c",
-                           "DEPLOYHUB_ECS_TASK_DEFINITION": "t", "DEPLOYHUB_ECS_SUBNETS": "s",
-                           "DEPLOYHUB_STORAGE": "s3", "DEPLOYHUB_S3_BUCKET": "b",
-                           "DEPLOYHUB_REDIS_URL": "redis://r", "DEPLOYHUB_ECS_CAPACITY_PROVIDERS": "X:y"})
+        Settings.from_env({**cloud, "DEPLOYHUB_SECRETS_KEY": SECRETS_KEY,
+                           "DEPLOYHUB_ECS_CAPACITY_PROVIDERS": "X:y"})

@@ -22,6 +22,7 @@ from deployhub.store import NotFound, Store
 from deployhub.validation import InvalidInput, check_deployment_id
 
 from . import bwrap
+from .account import account_problem
 from .build import Build, holder, retry
 
 log = logging.getLogger("worker")
@@ -90,10 +91,13 @@ async def main(dep_id: str, watch_stdin: bool, lease_holder: str) -> int:
 
 
 def check_sandbox() -> int:
-    """Whether bubblewrap works here, with the bwrap the settings choose (whatever
-    DEPLOYHUB_SANDBOX says: this answers for bwrap)."""
+    """Whether builds can be isolated here as the settings ask: bubblewrap (what
+    DEPLOYHUB_SANDBOX=none would use too) or, with DEPLOYHUB_SANDBOX=user, the build account."""
     settings = Settings.from_env()
-    problem = bwrap.problem(settings.bwrap, share_net=settings.build_network == "host")
+    if settings.sandbox == "user":
+        problem = account_problem(settings.build_user)
+    else:
+        problem = bwrap.problem(settings.bwrap, share_net=settings.build_network == "host")
     if problem:
         print(problem)
         return 1

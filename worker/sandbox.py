@@ -26,6 +26,7 @@ from deployhub.settings import Settings
 from deployhub.validation import Resolver, system_resolver
 
 from . import bwrap
+from .account import Account, find_account, unreachable_parent
 from .bwrap import INSIDE_CACHE, INSIDE_HOME, INSIDE_PATH, INSIDE_SRC
 from .cgroups import Cgroups
 from .detect import BuildError
@@ -66,11 +67,16 @@ class Sandbox:
         self.home = work / "home"
         self.cache = settings.data_dir / "cache" / "npm"
         self._announced = False
+        self._owned = False
         self._count = 0
 
     @property
     def isolated(self) -> bool:
         return self.settings.sandbox == "bwrap"
+
+    @property
+    def as_user(self) -> bool:
+        return self.settings.sandbox == "user"
 
     @property
     def own_network(self) -> bool:
@@ -82,6 +88,9 @@ class Sandbox:
 
     def env(self, host_env: Mapping[str, str]) -> dict[str, str]:
         """The command's environment: `host_env` (already clean) with sandbox paths."""
+        if self.as_user:  # its own npm cache and temp files, in the home it owns
+            return {**host_env, "npm_config_cache": str(self.home / ".npm"),
+                    "TMPDIR": str(self.home / ".tmp")}
         if not self.isolated:
             return dict(host_env)
         env = {k: v for k, v in host_env.items() if k not in ("PWD", "OLDPWD")}
@@ -98,6 +107,9 @@ class Sandbox:
     @contextlib.asynccontextmanager
     async def prepare(self, argv: Sequence[str], host_env: Mapping[str, str]) -> AsyncIterator[Prepared]:
         binary = ""
+        account: Account | None = None
+        if self.as_user:
+            account = await asyncio.to_thread(self._account)
         if self.isolated:
             if problem := await asyncio.to_thread(
                 bwrap.problem, self.settings.bwrap, self.settings.build_network == "host"
@@ -142,9 +154,12 @@ class Sandbox:
                 yield Prepared(groups.wrap(command, self.disk_bytes), {"PATH": INSIDE_PATH},
                                Path("/"), (args_fd,), groups, disk)
             else:
-                yield Prepared(groups.wrap(list(argv), self.disk_bytes), env, self.src, (),
+                command = list(argv) if account is None else account.wrap(list(argv))
+                yield Prepared(groups.wrap(command, self.disk_bytes), env, self.src, (),
                                groups, disk)
         finally:
+            if account is not None:
+                await asyncio.to_thread(account.kill_leftovers)
             if args_fd >= 0:
                 os.close(args_fd)
             try:
@@ -155,6 +170,21 @@ class Sandbox:
                     await asyncio.shield(proxy.close())
                 if egress is not None:
                     shutil.rmtree(egress, ignore_errors=True)
+
+    def _account(self) -> Account:
+        """The build account, owning the build's directory (the clone ran as the worker)."""
+        account = find_account(self.settings.build_user)
+        (self.home / ".tmp").mkdir(parents=True, exist_ok=True)
+        if blocked := unreachable_parent(self.work, account.uid):
+            raise BuildError(
+                f"The build account {account.name} cannot reach {self.work}: {blocked} is not "
+                "traversable by others. Make DEPLOYHUB_DATA_DIR and its parents mode o+x "
+                "(e.g. 0711); the build's own directory stays private to it."
+            )
+        if not self._owned:  # once: later commands run as the account and make its own files
+            account.own(self.work)
+            self._owned = True
+        return account
 
     async def _create_cgroups(self, name: str) -> Cgroups:
         job = asyncio.ensure_future(asyncio.to_thread(
@@ -190,7 +220,11 @@ class Sandbox:
         if self._announced:
             return
         self._announced = True
-        if self.isolated:
+        if self.as_user:
+            self.emit("system", f"Sandbox: build commands run as the unprivileged account "
+                                f"{self.settings.build_user}, without the worker's environment, "
+                                "files or capabilities; the network is the machine's (the task's)")
+        elif self.isolated:
             self.emit("system", f"Sandbox: bubblewrap; the repository is at {INSIDE_SRC}, "
                                 "the rest of this machine is not visible")
             if self.own_network:

@@ -58,7 +58,7 @@ class LocalRunner:
     async def check_sandbox(self) -> None:
         """Ask the worker program itself whether it can sandbox builds on this machine; the
         answer (None, or why not) is what the API tells a deploy while it stands."""
-        if self.settings.sandbox != "bwrap":
+        if self.settings.sandbox == "none":
             log.warning("DEPLOYHUB_SANDBOX=none: build code runs unsandboxed, with the worker's rights")
             return
         proc = await asyncio.create_subprocess_exec(

@@ -24,6 +24,8 @@ from deployhub.embedded_redis import free_port
 from tests.support.procs import HOST, Managed
 
 REGION = "us-east-1"
+# A fixed Fernet key: the servers and the worker of one test share it, as the task would.
+SECRETS_KEY = "p2mLxv0y8c3gT3K6oTQJvQHcYJpZQ1yC3c3m6xW2k9E="
 RUN_TASK_TARGET = "AmazonEC2ContainerServiceV20141113.RunTask"
 
 
@@ -87,7 +89,7 @@ class Cluster:
             "s3_endpoint_url": self.server.url, "ecs_cluster": self.name,
             "ecs_task_definition": self.task_definition, "ecs_subnets": (self.subnet,),
             "ecs_security_groups": (self.security_group,), "ecs_region": REGION,
-            "ecs_endpoint_url": endpoint or self.server.url,
+            "ecs_endpoint_url": endpoint or self.server.url, "secrets_key": SECRETS_KEY,
         }
 
 
