@@ -8,6 +8,7 @@ What a build sees:
   /build/src        the cloned repository                             read-write
   /build/home       $HOME                                             read-write
   /build/npm-cache  the npm cache shared by builds                    read-write
+  /build/node       the Node release the repository asked for, if fetched  read-only
   /tmp              a private tmpfs (charged to the build's memory)   read-write
   /dev, /proc       a minimal /dev and the build's own pid namespace
   the network       shared with the host (npm needs the registry)
@@ -34,6 +35,7 @@ from pathlib import Path
 INSIDE_SRC = "/build/src"
 INSIDE_HOME = "/build/home"
 INSIDE_CACHE = "/build/npm-cache"
+INSIDE_NODE = "/build/node"
 SANDBOX_UID = 1000
 INSIDE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Top-level links or directories that programs expect (merged-/usr systems make them links).
@@ -140,9 +142,11 @@ def _help_text(binary: str) -> str:
 
 
 def options(
-    binary: str, *, src: Path, home: Path, cache: Path, etc: Path, env: Mapping[str, str]
+    binary: str, *, src: Path, home: Path, cache: Path, etc: Path, env: Mapping[str, str],
+    node: Path | None = None,
 ) -> list[str]:
-    """Options for `binary` (everything before `--` and the command)."""
+    """Options for `binary` (everything before `--` and the command); `node` is a fetched
+    Node release, shown read-only at /build/node."""
     opts = [
         "--unshare-all", "--share-net", "--unshare-user", "--unshare-pid",
         "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
@@ -168,6 +172,8 @@ def options(
              "--ro-bind", str(etc / "group"), "/etc/group"]
     for path in _outside_tools(env):
         opts += ["--ro-bind", path, path]
+    if node is not None:
+        opts += ["--ro-bind", str(node), INSIDE_NODE]
     opts += [
         "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
         "--bind", str(src), INSIDE_SRC,

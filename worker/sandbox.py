@@ -20,7 +20,7 @@ from pathlib import Path
 from deployhub.settings import Settings
 
 from . import bwrap
-from .bwrap import INSIDE_CACHE, INSIDE_HOME, INSIDE_PATH, INSIDE_SRC
+from .bwrap import INSIDE_CACHE, INSIDE_HOME, INSIDE_NODE, INSIDE_PATH, INSIDE_SRC
 from .cgroups import Cgroups
 from .detect import BuildError
 from .proc import Emit
@@ -48,6 +48,7 @@ class Sandbox:
         self.emit = emit
         self.home = work / "home"
         self.cache = settings.data_dir / "cache" / "npm"
+        self.node: Path | None = None  # a fetched Node release (worker/node.py), read-only inside
         self._announced = False
         self._count = 0
 
@@ -61,7 +62,7 @@ class Sandbox:
             return dict(host_env)
         env = {k: v for k, v in host_env.items() if k not in ("PWD", "OLDPWD")}
         env.update({
-            "PATH": bwrap.inside_path(),
+            "PATH": f"{INSIDE_NODE}/bin:{bwrap.inside_path()}" if self.node else bwrap.inside_path(),
             "HOME": INSIDE_HOME,
             "npm_config_cache": INSIDE_CACHE,
             "TMPDIR": "/tmp",
@@ -90,7 +91,7 @@ class Sandbox:
                 bwrap.write_identity(etc)
                 options = await asyncio.to_thread(  # the first call asks bwrap --help
                     bwrap.options, binary, src=self.src, home=self.home, cache=self.cache,
-                    etc=etc, env=env,
+                    etc=etc, env=env, node=self.node,
                 )
                 # Options go through a memfd, not argv: the sandbox's pid 1 is bwrap, and its
                 # command line would otherwise show the host's paths to the build.
@@ -146,9 +147,13 @@ class Sandbox:
     def limit_reason(self, groups: Cgroups) -> str | None:
         """Why a command that failed was stopped by a limit, if it was."""
         if groups.out_of_memory():
+            used = peak_memory_mb(groups)
             return (
-                f"The build ran out of memory: it needed more than "
-                f"{self.settings.build_memory_mb} MiB (DEPLOYHUB_BUILD_MEMORY_MB) and was stopped."
+                f"The build ran out of memory"
+                + (f" (it used {used} MiB at its peak)" if used else "")
+                + f": the limit is {self.settings.build_memory_mb} MiB and the build was "
+                "stopped. Raise it with DEPLOYHUB_BUILD_MEMORY_MB (--build-memory-mb), or make "
+                "the build use less (e.g. NODE_OPTIONS=--max-old-space-size=<MiB> below the limit)."
             )
         if groups.hit_pids_limit():
             return (
@@ -156,6 +161,17 @@ class Sandbox:
                 "and threads at once (DEPLOYHUB_BUILD_MAX_PROCESSES) and failed."
             )
         return None
+
+
+def peak_memory_mb(groups: Cgroups) -> int:
+    """The most memory the command's group used (v1 max_usage_in_bytes, swap included)."""
+    if groups.memory is None:
+        return 0
+    peaks = []
+    for name in ("memory.max_usage_in_bytes", "memory.memsw.max_usage_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):
+            peaks.append(int((groups.memory / name).read_text().strip()))
+    return max(peaks, default=0) // (1024 * 1024)
 
 
 def _close_abandoned(job: asyncio.Future[Cgroups]) -> None:
