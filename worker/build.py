@@ -296,9 +296,10 @@ class Build:
         return env
 
     def _node_fetch_env(self) -> dict[str, str]:
-        """For npm asking the registry for Node releases: none of the project's variables (a
-        registry of theirs would poison a cache every build shares)."""
-        cache = self.settings.data_dir / "cache" / "npm"
+        """For npm fetching Node releases: none of the project's variables, and an npm cache
+        of its own that builds never see (they can write to the shared one), so no build can
+        plant the Node binary that other builds run."""
+        cache = self.settings.data_dir / "cache" / "node-fetch"
         cache.mkdir(parents=True, exist_ok=True)
         return {**self._base_env(), "npm_config_cache": str(cache),
                 "npm_config_update_notifier": "false", "NO_COLOR": "1"}

@@ -379,7 +379,7 @@ def _root_path_fixes(
 
 def _sub_path(url: str) -> bool:
     """Whether a homepage / base URL puts the app under a path other than /."""
-    path = re.sub(r"^[a-z][a-z0-9+.-]*://[^/]*", "", url.strip(), flags=re.I)
+    path = re.sub(r"^[a-z][a-z0-9+.-]*://[^/]*", "", url.strip(), flags=re.IGNORECASE)
     return path.strip("/.") != ""
 
 

@@ -16,7 +16,14 @@ import shutil
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from .detect import BuildError, Install, Plan, build_command, stale_advice, stale_lockfile
+from .detect import (
+    BuildError,
+    Install,
+    Plan,
+    build_command,
+    stale_advice,
+    stale_lockfile,
+)
 from .proc import Emit
 
 Command = Callable[[list[str]], Awaitable[None]]

@@ -3,7 +3,7 @@ for, else the newest matching release, fetched once from the npm registry (the
 `node-linux-<arch>` packages ship the official binaries) and cached under the data directory.
 
 Cache layout: <data>/cache/node/<version>/bin/node. The directory is made by the worker (never
-by build code) and shown read-only inside the sandbox at INSIDE_NODE; it holds no tenant data,
+by build code) and shown read-only inside the sandbox at bwrap.INSIDE_NODE; it holds no tenant data,
 so builds share it.
 """
 
@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import proc
-from .bwrap import INSIDE_NODE
 from .detect import BuildError, NodeRequest
 
 QUERY_TIMEOUT = 120.0
@@ -35,6 +34,7 @@ LTS_NAMES = {
     "argon": 4, "boron": 6, "carbon": 8, "dubnium": 10, "erbium": 12, "fermium": 14,
     "gallium": 16, "hydrogen": 18, "iron": 20, "jod": 22, "krypton": 24,
 }
+LATEST = frozenset({"node", "latest", "current", "stable"})  # nvm's names for the newest
 # An even major becomes LTS about six months after its first release (April -> October).
 LTS_AFTER = datetime.timedelta(days=183)
 
@@ -61,16 +61,24 @@ async def choose(request: NodeRequest | None, cache: Path, env: Mapping[str, str
         return Node(local, None, f"Node {local} (this machine's; the repository asks for no "
                                  "version: set engines.node or add an .nvmrc to choose)")
     spec = await _normalize(request.spec, env)
-    versions = await _matching(spec, env)
+    exact = re.fullmatch(r"\d+\.\d+\.\d+", spec) is not None
+    if exact and (spec == local or (cache / spec / "bin" / "node").is_file()):
+        versions = [spec]  # nothing to ask the registry
+    else:
+        versions = await _matching(spec, env)
     if not versions:
         raise BuildError(
             f"No Node.js release matches {request.spec!r} ({request.source}). Ask for a "
             "version that exists, e.g. 22 or >=20."
         )
-    if local in versions:
+    # This machine's Node when it will do (no download), except for "latest" and its kin.
+    if local in versions and request.spec.strip().lower() not in LATEST:
         return Node(local, None, f"Node {local} (this machine's), which satisfies "
                                  f"{request.spec!r} from {request.source}")
     newest = max(versions, key=_key)
+    if newest == local:
+        return Node(local, None, f"Node {local} (this machine's), the newest release matching "
+                                 f"{request.spec!r} from {request.source}")
     home = await ensure(newest, cache, env)
     return Node(newest, home, f"Node {newest}, the newest release matching {request.spec!r} "
                               f"from {request.source} (this machine has {local})")
@@ -133,7 +141,7 @@ async def _normalize(spec: str, env: Mapping[str, str]) -> str:
         if name in LTS_NAMES:
             return str(LTS_NAMES[name])
         raise BuildError(f"Unknown Node LTS line {text!r}; use lts/* or a version like 22.")
-    if lowered in ("node", "latest", "current", "stable", "*"):
+    if lowered in LATEST or lowered == "*":
         return "*"
     text = re.sub(r"(?<![\w.])v(?=\d)", "", text)  # v20.11.0 -> 20.11.0
     if not SPEC.fullmatch(text):
@@ -173,7 +181,7 @@ async def _newest_lts(env: Mapping[str, str]) -> int:
     for version, when in times.items():
         match = re.fullmatch(r"(\d+)\.0\.0", version)
         if match and int(match.group(1)) % 2 == 0 and isinstance(when, str):
-            released = datetime.datetime.fromisoformat(when.replace("Z", "+00:00"))
+            released = datetime.datetime.fromisoformat(when)
             if now - released >= LTS_AFTER:
                 majors.append(int(match.group(1)))
     if not majors:

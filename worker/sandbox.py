@@ -149,7 +149,7 @@ class Sandbox:
         if groups.out_of_memory():
             used = peak_memory_mb(groups)
             return (
-                f"The build ran out of memory"
+                "The build ran out of memory"
                 + (f" (it used {used} MiB at its peak)" if used else "")
                 + f": the limit is {self.settings.build_memory_mb} MiB and the build was "
                 "stopped. Raise it with DEPLOYHUB_BUILD_MEMORY_MB (--build-memory-mb), or make "
