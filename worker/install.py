@@ -41,6 +41,8 @@ async def install(
         await command(plan.install)
         return plan.build
     attempts: list[Install] = [plan.installer, *plan.fallbacks]
+    # A build command from a project setting stays as it is whichever manager installed.
+    detected_build = build_command(plan.installer, plan.build_args)
     stale: list[str] = []
     for number, attempt in enumerate(attempts):
         argv = plan.install if number == 0 else attempt.argv
@@ -61,7 +63,9 @@ async def install(
         if number > 0:
             emit("system", f"Warning: installed from {attempt.lockfile} with {attempt.label} "
                            f"because {attempts[0].lockfile} is out of date.")
-        return plan.build if number == 0 else build_command(attempt, plan.build_args)
+        if number == 0 or plan.build != detected_build:
+            return plan.build
+        return build_command(attempt, plan.build_args)
     raise AssertionError("unreachable")
 
 
