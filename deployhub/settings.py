@@ -44,6 +44,16 @@ def _default_data_dir() -> Path:
     return Path(base) / "deployhub"
 
 
+def default_build_memory_mb() -> int:
+    """Half of this machine's memory, at most 8 GiB: enough for the builds of real apps,
+    and one runaway build cannot take the whole machine (DEPLOYHUB_MAX_BUILDS run at once)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+    except (ValueError, OSError):
+        return 2048
+    return max(512, min(8192, total // 2))
+
+
 def setting(default: Any, help: str, *, factory: Any = None, shown: str = "") -> Any:
     """A settings field whose help text feeds the CLI and the README table; `shown` is how
     the README shows a default that is not a plain value (a computed path, a fallback)."""
@@ -112,7 +122,11 @@ class Settings:
         "wheel ships.",
     )
     build_memory_mb: int = setting(
-        2048, "Memory limit of a build in MiB (cgroup; skipped with a warning where none is writable)."
+        None,
+        "Memory limit of a build in MiB (cgroup; skipped with a warning where none is "
+        "writable). Real apps' builds (webpack, Next.js, tsc) often need 2-4 GiB.",
+        factory=default_build_memory_mb,
+        shown="half of RAM, at most 8192",
     )
     build_max_processes: int = setting(512, "Processes and threads a build may run at once (cgroup).")
     build_max_output_files: int = setting(20_000, "Files a build may publish.")

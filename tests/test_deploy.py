@@ -16,3 +16,20 @@ async def test_tiny_app_deploys_and_serves(service: Service, git_server: GitServ
     assert status == 200
     assert b"Hello from tiny" in body
     assert headers["Content-Type"].startswith("text/html")
+
+
+async def test_ready_is_recorded_before_the_log_copy_and_cleanup(service: Service, git_server: GitServer) -> None:
+    import asyncio
+
+    url = git_server.add_repo(unique_name("tiny"), files_dir=TINY_APP)
+    dep = await service.deploy(url)
+    final = await service.wait_final(dep["id"])
+    assert final["status"] == "ready", final["reason"]
+    data = service.settings.data_dir
+    for _ in range(100):  # the log copy and the cleanup come after ready
+        stored = list(data.rglob(f"logs/{dep['id']}.ndjson"))
+        if stored and not (data / "builds" / dep["id"]).exists():
+            break
+        await asyncio.sleep(0.1)
+    assert stored and not (data / "builds" / dep["id"]).exists()
+    assert final["timestamps"]["ready"] <= stored[0].stat().st_mtime

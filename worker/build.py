@@ -25,8 +25,9 @@ from deployhub.status import Status
 from deployhub.store import Deployment, Store
 from deployhub.validation import InvalidInput, check_repo_url
 
-from . import proc
-from .detect import BuildError, find_output, plan
+from . import node, proc
+from .detect import BuildError, locate_output, plan
+from .install import install
 from .output import upload
 from .sandbox import Sandbox
 
@@ -76,6 +77,8 @@ class Build:
         self.sandbox = Sandbox(settings, dep.id, self.work, self.src, self.logs.emit)
         self._task: asyncio.Task[tuple[Status, str]] | None = None
         self.variables: dict[str, str] = {}
+        self.detected_env: dict[str, str] = {}  # what the plan sets (PUBLIC_URL=/ for CRA)
+        self.node_home: Path | None = None  # a fetched Node release, first on PATH
         self._stopped: tuple[Status, str] | None = None
 
     # -- the steps -------------------------------------------------------------------------
@@ -93,9 +96,10 @@ class Build:
         self._task = asyncio.create_task(self._attempt(), name=f"build-{self.dep.id}")
         try:
             status, reason = await self._task
+            await self._finish(status, reason)
         finally:
-            shutil.rmtree(self.work, ignore_errors=True)
-        await self._finish(status, reason)
+            # After the result is recorded: deleting node_modules can take a while.
+            await asyncio.shield(asyncio.to_thread(shutil.rmtree, self.work, True))
         return status
 
     async def _attempt(self) -> tuple[Status, str]:
@@ -132,13 +136,25 @@ class Build:
         await self._clone()
         await self._step(Status.INSTALLING)
         build_plan = plan(self.src)
-        self.logs.emit("system", f"Detected {build_plan.manager} project")
-        await self._command(build_plan.install)
+        for note in build_plan.notes:
+            self.logs.emit("system", note)
+        self.detected_env = dict(build_plan.env)
+        chosen = await node.choose(
+            build_plan.node, self.settings.data_dir / "cache" / "node", self._node_fetch_env()
+        )
+        self.logs.emit("system", f"Using {chosen.reason}")
+        self.node_home = self.sandbox.node = chosen.home
+        build = await install(build_plan, self._command, self.logs.emit, self.logs.events, self.src)
         await self._step(Status.BUILDING)
-        await self._command(build_plan.build)
-        output = find_output(self.src)
+        built_after = time.time()
+        await self._command(build)
+        output = locate_output(self.src, build_plan, built_after=built_after)
+        self.logs.emit("system", f"Output: {output.path.relative_to(self.src)} ({output.why})")
         await self._step(Status.UPLOADING)
-        await self._upload(output)
+        await self._upload(output.path)
+        # Ready the moment the manifest is stored; the log copy and cleanup come after.
+        if not await retry(lambda: self.store.transition(self.dep, Status.READY)):
+            raise Canceled("Canceled while running.")
 
     async def _step(self, status: Status) -> None:
         if not await retry(lambda: self.store.transition(self.dep, status)):
@@ -281,13 +297,28 @@ class Build:
         env.update({"HOME": str(home), "LANG": env.get("LANG", "C.UTF-8"), "TERM": "dumb"})
         return env
 
+    def _node_fetch_env(self) -> dict[str, str]:
+        """For npm fetching Node releases: none of the project's variables, and an npm cache
+        of its own that builds never see (they can write to the shared one), so no build can
+        plant the Node binary that other builds run."""
+        cache = self.settings.data_dir / "cache" / "node-fetch"
+        cache.mkdir(parents=True, exist_ok=True)
+        return {**self._base_env(), "npm_config_cache": str(cache),
+                "npm_config_update_notifier": "false", "NO_COLOR": "1"}
+
     def _build_env(self) -> dict[str, str]:
         cache = self.settings.data_dir / "cache" / "npm"
         cache.mkdir(parents=True, exist_ok=True)
+        base = self._base_env()
+        if self.node_home is not None:
+            base["PATH"] = f"{self.node_home / 'bin'}:{base['PATH']}"
         return {
+            **self.detected_env,  # the project's variables below may still say otherwise
             **self.variables,  # the project's own; ours below win (the API refuses those names)
-            **self._base_env(),
-            "CI": "1",
+            **base,
+            # As Vercel and Netlify set it; a project may say CI=false (CRA then lets
+            # warnings pass).
+            "CI": self.variables.get("CI", "1"),
             "NO_COLOR": "1",
             "npm_config_cache": str(cache),
             "npm_config_update_notifier": "false",
@@ -295,6 +326,8 @@ class Build:
             "npm_config_audit": "false",
             "COREPACK_ENABLE_DOWNLOAD_PROMPT": "0",
             "COREPACK_INTEGRITY_KEYS": "0",
+            # Yarn Berry from the npm registry, not repo.yarnpkg.com (which may be unreachable).
+            "COREPACK_NPM_REGISTRY": "https://registry.npmjs.org",
         }
 
 

@@ -9,6 +9,7 @@ What a build sees:
   /build/home       $HOME                                             read-write
   /build/npm-cache  the npm cache shared by builds                    read-write
   /build/egress     the socket of the worker's egress proxy           read-only
+  /build/node       the Node release the repository asked for, if fetched  read-only
   /tmp              a private tmpfs (charged to the build's memory,
                     at most DEPLOYHUB_BUILD_MAX_DISK_MB)              read-write
   /dev, /proc       a minimal /dev and the build's own pid namespace
@@ -39,6 +40,7 @@ INSIDE_SRC = "/build/src"
 INSIDE_HOME = "/build/home"
 INSIDE_CACHE = "/build/npm-cache"
 INSIDE_EGRESS = "/build/egress"
+INSIDE_NODE = "/build/node"
 SANDBOX_UID = 1000
 INSIDE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Top-level links or directories that programs expect (merged-/usr systems make them links).
@@ -157,11 +159,12 @@ def _help_text(binary: str) -> str:
 
 def options(
     binary: str, *, src: Path, home: Path, cache: Path, etc: Path, env: Mapping[str, str],
-    egress: Path | None = None, tmp_bytes: int = 0,
+    egress: Path | None = None, tmp_bytes: int = 0, node: Path | None = None,
 ) -> list[str]:
     """Options for `binary` (everything before `--` and the command). With `egress` (the
     directory of the egress proxy's socket) the command gets its own network namespace and
-    that socket; without, the host's network."""
+    that socket; without, the host's network. `node` is a fetched Node release, shown
+    read-only at /build/node."""
     opts = [
         "--unshare-all", *(() if egress else ("--share-net",)), "--unshare-user", "--unshare-pid",
         "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
@@ -190,6 +193,8 @@ def options(
     opts += ["--proc", "/proc", "--dev", "/dev"]
     if tmp_bytes > 0 and "--size" in _help_text(binary):
         opts += ["--size", str(tmp_bytes)]  # RAM, so the memory limit holds it too where set
+    if node is not None:
+        opts += ["--ro-bind", str(node), INSIDE_NODE]
     opts += [
         "--tmpfs", "/tmp",
         "--bind", str(src), INSIDE_SRC,

@@ -1,4 +1,11 @@
-"""What the repository asks for: its package manager, its commands, where its output lands."""
+"""What the repository asks for: its package manager, its commands, its framework, its Node
+version and where its output lands.
+
+`plan(root, overrides)` decides everything before anything runs; every field of `Overrides`
+(the project's own settings, later) replaces what detection would have found. `find_output`
+looks for the output once the build ran. Each decision comes with a note for the build log
+that says what was chosen and why.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +13,15 @@ import json
 import os
 import re
 import stat
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 OUTPUT_DIRS = ("dist", "build", "out", ".output/public", "_site")
 PACKAGE_JSON_MAX = 1024 * 1024
+# Where to look for an index.html the build wrote when no known directory has output.
+SEARCH_DEPTH = 2
+SKIP_DIRS = frozenset({"node_modules", ".git", "src"})
 
 
 class BuildError(Exception):
@@ -18,10 +29,60 @@ class BuildError(Exception):
 
 
 @dataclass(frozen=True)
+class Overrides:
+    """Project settings that replace a detected value; None keeps what detection finds."""
+
+    root_directory: str | None = None  # relative to the repository
+    install_command: tuple[str, ...] | None = None
+    build_command: tuple[str, ...] | None = None
+    output_directory: str | None = None  # relative to the root directory
+    node_version: str | None = None  # a version or range, as in .nvmrc
+
+
+@dataclass(frozen=True)
+class Install:
+    """One way to install: a manager, the lockfile it trusts and its commands."""
+
+    manager: str  # "npm", "yarn", "pnpm" or "bun"
+    version: str  # what runs, e.g. "9" for pnpm@9; "" for the machine's npm
+    lockfile: str  # "" without one
+    argv: list[str]
+    launcher: list[str]  # prefix of `<launcher> run build`
+
+    @property
+    def label(self) -> str:
+        return f"{self.manager}@{self.version}" if self.version else self.manager
+
+
+@dataclass(frozen=True)
+class Framework:
+    name: str
+    output: str  # its default output directory
+    hint: str = ""  # what to do when that directory is missing
+
+
+@dataclass(frozen=True)
+class NodeRequest:
+    spec: str  # as written: "22", ">=18 <21", "lts/*"
+    source: str  # where it was written: ".nvmrc", "package.json engines.node", ...
+
+
+@dataclass(frozen=True)
 class Plan:
-    manager: str  # "npm", "yarn" or "pnpm", with the version used in `install`
+    manager: str
     install: list[str]
     build: list[str]
+    lockfile: str = ""
+    installer: Install | None = None  # what `install` comes from; None: a project setting
+    # Further lockfiles' installs, in precedence order: tried when the first lockfile is stale.
+    fallbacks: tuple[Install, ...] = ()
+    build_args: tuple[str, ...] = ()  # appended to `<manager> run build` (e.g. --base=/)
+    framework: Framework | None = None
+    output: str | None = None  # the directory to take first (a setting, else the framework's)
+    env: Mapping[str, str] = field(default_factory=dict)  # e.g. PUBLIC_URL for CRA
+    node: NodeRequest | None = None
+    root: str = ""  # the root directory, relative to the repository ("" for its top)
+    notes: tuple[str, ...] = ()  # what was chosen and why, for the build log
 
 
 def read_package_json(root: Path) -> dict[str, object]:
@@ -42,31 +103,164 @@ def read_package_json(root: Path) -> dict[str, object]:
     return data
 
 
-def plan(root: Path) -> Plan:
+def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
+    """Everything the build will run, decided from the files at `repo` (and `overrides`)."""
+    overrides = overrides or Overrides()
+    rel = _relative(overrides.root_directory or "", "the root directory")
+    root = repo / rel if rel else repo
+    if rel and not _real_dirs(repo, rel):
+        raise BuildError(f"The root directory {rel} is not a directory in the repository.")
     package = read_package_json(root)
     scripts = package.get("scripts")
-    if not isinstance(scripts, dict) or not isinstance(scripts.get("build"), str):
+    build_script = scripts.get("build") if isinstance(scripts, dict) else None
+    if not isinstance(build_script, str) and overrides.build_command is None:
         raise BuildError(
             'package.json has no "build" script. Add one, e.g. "scripts": {"build": "vite build"}.'
         )
+    notes: list[str] = []
+    installs = _installs(root, package, notes)
+    chosen = installs[0]
+    install = list(overrides.install_command or chosen.argv)
+    framework = detect_framework(package)
+    env: dict[str, str] = {}
+    args: list[str] = []
+    if framework is not None:
+        notes.append(f"Framework: {framework.name} (from package.json dependencies); "
+                     f"its output directory is {framework.output}")
+        args = _root_path_fixes(root, package, framework, env, notes)
+    build = build_command(chosen, args)
+    if overrides.install_command is not None:
+        notes.append("Install command: " + " ".join(install) + " (project setting)")
+    if overrides.build_command is not None:
+        build = list(overrides.build_command)
+        notes.append("Build command: " + " ".join(build) + " (project setting)")
+    output = framework.output if framework else None
+    if overrides.output_directory is not None:
+        output = _relative(overrides.output_directory, "the output directory")
+    return Plan(
+        manager=chosen.manager, install=install, build=build, lockfile=chosen.lockfile,
+        installer=chosen if overrides.install_command is None else None,
+        fallbacks=tuple(installs[1:]) if overrides.install_command is None else (),
+        build_args=tuple(args),
+        framework=framework, output=output, env=env,
+        node=node_request(root, package, overrides), root=rel, notes=tuple(notes),
+    )
+
+
+def _relative(path: str, what: str) -> str:
+    parts = [p for p in path.strip().strip("/").split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts) or "\\" in path or "\0" in path:
+        raise BuildError(f"{what} must be a path inside the repository, not {path!r}")
+    return "/".join(parts)
+
+
+# -- package managers ----------------------------------------------------------------------
+
+# Which lockfile wins when a repository has several: Vercel's order (@vercel/build-utils
+# scanParentDirs): bun when bun's lockfile sits next to a yarn.lock (bun can write both),
+# then yarn, pnpm, npm, bun.
+PRECEDENCE = ("yarn", "pnpm", "npm", "bun")
+LOCKFILES = {
+    "yarn": ("yarn.lock",),
+    "pnpm": ("pnpm-lock.yaml",),
+    "npm": ("package-lock.json", "npm-shrinkwrap.json"),
+    "bun": ("bun.lock", "bun.lockb"),
+}
+# What each manager prints when its frozen install refuses a lockfile that is out of date.
+STALE_LOCKFILE = re.compile(
+    r"can only install packages when your package\.json and package-lock\.json"  # npm ci
+    r"|Your lockfile needs to be updated"  # yarn 1
+    r"|lockfile would have been modified by this install"  # yarn berry (YN0028)
+    r"|ERR_PNPM_OUTDATED_LOCKFILE|is not up to date with"  # pnpm
+    r"|lockfile had changes, but lockfile is frozen",  # bun
+)
+UPDATE_COMMAND = {"npm": "npm install", "yarn": "yarn install", "pnpm": "pnpm install",
+                  "bun": "bun install"}
+
+
+def _installs(root: Path, package: Mapping[str, object], notes: list[str]) -> list[Install]:
     declared = package.get("packageManager")
     declared = declared if isinstance(declared, str) else ""
-    if _regular(root / "pnpm-lock.yaml"):
-        launcher = ["npx", "--yes", f"pnpm@{_pnpm_version(root, declared)}"]
-        return Plan("pnpm", [*launcher, "install", "--frozen-lockfile"], [*launcher, "run", "build"])
-    if _regular(root / "yarn.lock"):
-        head = _head(root / "yarn.lock", 500)
-        if "# yarn lockfile v1" in head:
-            launcher = ["npx", "--yes", "yarn@1"]
-            install = [*launcher, "install", "--frozen-lockfile", "--non-interactive"]
-        else:
-            version = _declared_version(declared, "yarn") or "stable"
-            launcher = ["corepack", f"yarn@{version}"]
-            install = [*launcher, "install", "--immutable"]
-        return Plan("yarn", install, [*launcher, "run", "build"])
-    if _regular(root / "package-lock.json") or _regular(root / "npm-shrinkwrap.json"):
-        return Plan("npm", ["npm", "ci"], ["npm", "run", "build"])
-    return Plan("npm", ["npm", "install"], ["npm", "run", "build"])
+    declared_name = declared.split("@", 1)[0] if "@" in declared else ""
+    found = {m: next((f for f in files if _regular(root / f)), "") for m, files in LOCKFILES.items()}
+    present = [m for m in PRECEDENCE if found[m]]
+    order = list(present)
+    why = ""
+    if found["bun"] and found["yarn"]:
+        order.remove("bun")
+        order.insert(0, "bun")
+        why = f"{found['bun']} next to yarn.lock: bun wrote both"
+    if declared_name in present and order[0] != declared_name:
+        order.remove(declared_name)
+        order.insert(0, declared_name)
+        why = f'package.json "packageManager" names {declared}'
+    elif declared_name and declared_name not in present and present:
+        notes.append(f'package.json "packageManager" names {declared}, but there is no '
+                     f"{LOCKFILES.get(declared_name, ('its lockfile',))[0]}: following the "
+                     "lockfile instead")
+    installs = [_install(root, m, found[m], declared if m == declared_name else "") for m in order]
+    if not installs:
+        name = declared_name if declared_name in LOCKFILES else "npm"
+        installs = [_install(root, name, "", declared if name == declared_name else "")]
+        notes.append(f"Package manager: {installs[0].label} (no lockfile"
+                     + (f'; package.json "packageManager" names {declared})' if declared else ")"))
+        return installs
+    if len(installs) > 1:
+        why = why or "the hosted platforms' order: yarn, pnpm, npm, bun"
+        notes.append(
+            f"Package manager: {installs[0].label}, from {installs[0].lockfile}. Several "
+            f"lockfiles ({', '.join(i.lockfile for i in installs)}): {installs[0].lockfile} "
+            f"won ({why}). Delete the ones you do not use."
+        )
+    else:
+        notes.append(f"Package manager: {installs[0].label}, from {installs[0].lockfile}"
+                     + (f' and package.json "packageManager" ({declared})' if declared_name ==
+                        installs[0].manager else ""))
+    return installs
+
+
+def _install(root: Path, manager: str, lockfile: str, declared: str) -> Install:
+    frozen = bool(lockfile)
+    if manager == "pnpm":
+        version = _declared_version(declared, "pnpm") or _pnpm_version(root)
+        launcher = ["npx", "--yes", f"pnpm@{version}"]
+        flags = ["--frozen-lockfile"] if frozen else []
+        return Install("pnpm", version, lockfile, [*launcher, "install", *flags], launcher)
+    if manager == "yarn":
+        version = _declared_version(declared, "yarn") or _yarn_version(root, lockfile)
+        if version.split(".")[0] == "1":
+            launcher = ["npx", "--yes", f"yarn@{version}"]
+            flags = ["--frozen-lockfile"] if frozen else []
+            return Install("yarn", version, lockfile,
+                           [*launcher, "install", *flags, "--non-interactive"], launcher)
+        launcher = ["corepack", f"yarn@{version}"]
+        flags = ["--immutable"] if frozen else []
+        return Install("yarn", version, lockfile, [*launcher, "install", *flags], launcher)
+    if manager == "bun":
+        version = _declared_version(declared, "bun") or "1"
+        launcher = ["npx", "--yes", f"bun@{version}"]
+        flags = ["--frozen-lockfile"] if frozen else []
+        return Install("bun", version, lockfile, [*launcher, "install", *flags], launcher)
+    # npm: the machine's own (a packageManager npm version is not fetched: npm reads every
+    # lockfile version since npm 7).
+    return Install("npm", "", lockfile, ["npm", "ci"] if frozen else ["npm", "install"], ["npm"])
+
+
+def build_command(install: Install, args: Sequence[str] = ()) -> list[str]:
+    """`<manager> run build` with `args` passed on to the script."""
+    extra = ["--", *args] if args and install.manager == "npm" else list(args)
+    return [*install.launcher, "run", "build", *extra]
+
+
+def stale_lockfile(lines: Sequence[str]) -> bool:
+    """Whether a failed install's output says its lockfile is out of date."""
+    return any(STALE_LOCKFILE.search(line) for line in lines)
+
+
+def stale_advice(install: Install) -> str:
+    update = UPDATE_COMMAND[install.manager]
+    return (f"{install.lockfile} is out of date with package.json: {install.label} refused to "
+            f"install from it. Run `{update}` and commit the updated {install.lockfile}.")
 
 
 def _regular(path: Path) -> bool:
@@ -94,10 +288,18 @@ def _declared_version(declared: str, name: str) -> str:
     return match.group(1) if match else ""
 
 
-def _pnpm_version(root: Path, declared: str) -> str:
+def _yarn_version(root: Path, lockfile: str) -> str:
+    """Yarn's major from the lockfile's format: v1 has no __metadata; Berry's version says."""
+    head = _head(root / lockfile, 2000) if lockfile else ""
+    if not lockfile or "# yarn lockfile v1" in head or "__metadata:" not in head:
+        return "1"
+    match = re.search(r"__metadata:\s*\n\s+version:\s*(\d+)", head)
+    version = int(match.group(1)) if match else 8
+    return "2" if version <= 5 else "3" if version <= 7 else "4"
+
+
+def _pnpm_version(root: Path) -> str:
     """The pnpm major that reads this lockfile (a newer one would rewrite it and fail)."""
-    if version := _declared_version(declared, "pnpm"):
-        return version
     head = _head(root / "pnpm-lock.yaml", 300)
     match = re.search(r"lockfileVersion:\s*'?(\d+)(?:\.(\d+))?", head)
     if not match:
@@ -112,20 +314,171 @@ def _pnpm_version(root: Path, declared: str) -> str:
     return "6"
 
 
+# -- frameworks ----------------------------------------------------------------------------
+
+# By the dependency that names them; the first match wins, so the frameworks built on Vite
+# (Astro, SvelteKit) come before Vite itself.
+FRAMEWORKS = (
+    ("next", Framework("Next.js", "out", "set `output: 'export'` in next.config.js so "
+                       "`next build` writes a static site to out/")),
+    ("gatsby", Framework("Gatsby", "public")),
+    ("@docusaurus/core", Framework("Docusaurus", "build")),
+    ("astro", Framework("Astro", "dist")),
+    ("@sveltejs/kit", Framework("SvelteKit", "build", "use @sveltejs/adapter-static, which "
+                                "writes the site to build/")),
+    ("react-scripts", Framework("Create React App", "build")),
+    ("vite", Framework("Vite", "dist")),
+)
+VITE_CONFIGS = ("vite.config.js", "vite.config.mjs", "vite.config.ts", "vite.config.mts",
+                "vite.config.cjs", "vite.config.cts")
+VITE_BASE = re.compile(r"""\bbase\s*:\s*(['"`])(?P<base>[^'"`]*)\1""")
+
+
+def detect_framework(package: Mapping[str, object]) -> Framework | None:
+    deps: set[str] = set()
+    for key in ("dependencies", "devDependencies"):
+        value = package.get(key)
+        if isinstance(value, dict):
+            deps.update(str(k) for k in value)
+    return next((fw for dep, fw in FRAMEWORKS if dep in deps), None)
+
+
+def _root_path_fixes(
+    root: Path, package: Mapping[str, object], framework: Framework, env: dict[str, str],
+    notes: list[str],
+) -> list[str]:
+    """Sites are served at the root of their host name: undo a sub-path the app builds for.
+    Returns arguments for the build script; sets variables in `env`."""
+    if framework.name == "Create React App":
+        homepage = package.get("homepage")
+        if isinstance(homepage, str) and _sub_path(homepage):
+            env["PUBLIC_URL"] = "/"
+            notes.append(f'package.json "homepage" is {homepage}, a sub-path; the site is served '
+                         "at the root of its host name, so the build gets PUBLIC_URL=/")
+        return []
+    if framework.name != "Vite":
+        return []
+    for name in VITE_CONFIGS:
+        match = VITE_BASE.search(_head(root / name, 64 * 1024))
+        if match and _sub_path(match.group("base")):
+            scripts = package.get("scripts")
+            script = scripts.get("build") if isinstance(scripts, dict) else None
+            if isinstance(script, str) and re.search(r"(^|&&|;)\s*vite build[^&;|]*$", script):
+                # Vite reads no variable for its base; the CLI flag beats the config file.
+                notes.append(f"{name} sets base {match.group('base')!r}, a sub-path; the site "
+                             "is served at the root of its host name, so the build runs with "
+                             "--base=/")
+                return ["--base=/"]
+            notes.append(f"Warning: {name} sets base {match.group('base')!r}, a sub-path, and "
+                         "the build script is not a plain `vite build`: assets will be "
+                         "linked under that sub-path. Set base to '/'.")
+        if match:
+            break
+    return []
+
+
+def _sub_path(url: str) -> bool:
+    """Whether a homepage / base URL puts the app under a path other than /."""
+    path = re.sub(r"^[a-z][a-z0-9+.-]*://[^/]*", "", url.strip(), flags=re.IGNORECASE)
+    return path.strip("/.") != ""
+
+
+# -- Node ----------------------------------------------------------------------------------
+
+
+def node_request(root: Path, package: Mapping[str, object], overrides: Overrides) -> NodeRequest | None:
+    """The Node version the repository asks for: a setting, else .node-version / .nvmrc (a
+    version manager's pin), else engines.node (the range the package says it works with)."""
+    if overrides.node_version:
+        return NodeRequest(overrides.node_version.strip(), "the project's Node version setting")
+    for name in (".node-version", ".nvmrc"):
+        if _regular(root / name):
+            lines = [ln.split("#", 1)[0].strip() for ln in _head(root / name, 200).splitlines()]
+            if spec := next((ln for ln in lines if ln), ""):
+                return NodeRequest(spec, name)
+    engines = package.get("engines")
+    if isinstance(engines, dict) and isinstance(engines.get("node"), str) and engines["node"].strip():
+        return NodeRequest(engines["node"].strip(), "package.json engines.node")
+    return None
+
+
+# -- output --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Output:
+    path: Path
+    why: str
+
+
 def find_output(root: Path) -> Path:
+    return locate_output(root).path
+
+
+def locate_output(root: Path, plan: Plan | None = None, *, built_after: float | None = None) -> Output:
+    """The directory to publish: the setting's or the framework's, else the first non-empty
+    known one, else the shallowest directory holding an index.html written by the build."""
+    expected = plan.output if plan else None
+    if expected is not None:
+        if _real_dirs(root, expected) and any((root / expected).iterdir()):
+            source = (f"{plan.framework.name}'s output directory" if plan and plan.framework
+                      and plan.framework.output == expected else "the output directory setting")
+            return Output(root / expected, source)
+        if plan and plan.framework and plan.framework.output == expected:
+            if plan.framework.hint and not any(_real_dirs(root, n) for n in OUTPUT_DIRS):
+                raise BuildError(
+                    f"The build finished but {plan.framework.name} wrote no {expected}/: "
+                    f"{plan.framework.hint}."
+                )
+        else:
+            raise BuildError(
+                f"The build finished but the output directory {expected} (project setting) "
+                "is missing or empty."
+            )
     for name in OUTPUT_DIRS:
         # A symlinked output dir, or a symlinked parent of it (.output -> /etc), could point
         # anywhere on the machine: never follow one.
-        if not _real_dirs(root, name):
-            continue
-        candidate = root / name
-        if any(candidate.iterdir()):
-            return candidate
+        if _real_dirs(root, name) and any((root / name).iterdir()):
+            return Output(root / name, "a usual output directory")
+    if built_after is not None and (found := _written_index(root, built_after)):
+        return Output(found, "holds the index.html the build wrote")
     raise BuildError(
         "The build finished but produced no output directory. Looked for "
-        + ", ".join(OUTPUT_DIRS)
-        + " at the repository root; make the build write its files to one of them."
+        + ", ".join(([expected] if expected else []) + list(OUTPUT_DIRS))
+        + " at the repository root, and for a directory with an index.html written by the "
+        "build; make the build write its files to one of them."
     )
+
+
+def _written_index(root: Path, since: float) -> Path | None:
+    """The shallowest directory (never a symlink, not node_modules) with a fresh index.html."""
+    level = [root]
+    for _ in range(SEARCH_DEPTH):
+        found: list[Path] = []
+        below: list[Path] = []
+        for parent in level:
+            try:
+                entries = sorted(os.scandir(parent), key=lambda e: e.name)
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.name in SKIP_DIRS or entry.name.startswith(".") or not entry.is_dir(
+                    follow_symlinks=False
+                ):
+                    continue
+                index = Path(entry.path) / "index.html"
+                try:
+                    info = index.lstat()
+                except OSError:
+                    below.append(Path(entry.path))
+                    continue
+                if stat.S_ISREG(info.st_mode) and info.st_mtime >= since:
+                    found.append(Path(entry.path))
+                below.append(Path(entry.path))
+        if found:
+            return found[0]
+        level = below
+    return None
 
 
 def _real_dirs(root: Path, rel: str) -> bool:

@@ -27,7 +27,7 @@ from deployhub.validation import Resolver, system_resolver
 
 from . import bwrap
 from .account import Account, find_account, unreachable_parent
-from .bwrap import INSIDE_CACHE, INSIDE_HOME, INSIDE_PATH, INSIDE_SRC
+from .bwrap import INSIDE_CACHE, INSIDE_HOME, INSIDE_NODE, INSIDE_PATH, INSIDE_SRC
 from .cgroups import Cgroups
 from .detect import BuildError
 from .disk import DiskWatch
@@ -66,6 +66,7 @@ class Sandbox:
         self.emit = emit
         self.home = work / "home"
         self.cache = settings.data_dir / "cache" / "npm"
+        self.node: Path | None = None  # a fetched Node release (worker/node.py), read-only inside
         self._announced = False
         self._owned = False
         self._count = 0
@@ -95,7 +96,7 @@ class Sandbox:
             return dict(host_env)
         env = {k: v for k, v in host_env.items() if k not in ("PWD", "OLDPWD")}
         env.update({
-            "PATH": bwrap.inside_path(),
+            "PATH": f"{INSIDE_NODE}/bin:{bwrap.inside_path()}" if self.node else bwrap.inside_path(),
             "HOME": INSIDE_HOME,
             "npm_config_cache": INSIDE_CACHE,
             "TMPDIR": "/tmp",
@@ -141,7 +142,7 @@ class Sandbox:
                 bwrap.write_identity(etc)
                 options = await asyncio.to_thread(  # the first call asks bwrap --help
                     bwrap.options, binary, src=self.src, home=self.home, cache=self.cache,
-                    etc=etc, env=env, egress=egress, tmp_bytes=self.disk_bytes,
+                    etc=etc, env=env, egress=egress, tmp_bytes=self.disk_bytes, node=self.node,
                 )
                 # Options go through a memfd, not argv: the sandbox's pid 1 is bwrap, and its
                 # command line would otherwise show the host's paths to the build.
@@ -259,9 +260,13 @@ class Sandbox:
                 "(DEPLOYHUB_BUILD_MAX_DISK_MB) and was stopped."
             )
         if groups.out_of_memory():
+            used = peak_memory_mb(groups)
             return (
-                f"The build ran out of memory: it needed more than "
-                f"{self.settings.build_memory_mb} MiB (DEPLOYHUB_BUILD_MEMORY_MB) and was stopped."
+                "The build ran out of memory"
+                + (f" (it used {used} MiB at its peak)" if used else "")
+                + f": the limit is {self.settings.build_memory_mb} MiB and the build was "
+                "stopped. Raise it with DEPLOYHUB_BUILD_MEMORY_MB (--build-memory-mb), or make "
+                "the build use less (e.g. NODE_OPTIONS=--max-old-space-size=<MiB> below the limit)."
             )
         if groups.hit_pids_limit():
             return (
@@ -277,6 +282,21 @@ def _remove_dead_egress_dirs() -> None:
         pid = path.name[len(EGRESS_PREFIX):].split("-", 1)[0]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             shutil.rmtree(path, ignore_errors=True)
+
+
+def peak_memory_mb(groups: Cgroups) -> int:
+    """The most memory the command's group used: v1 max_usage_in_bytes (swap included), or
+    v2 memory.peak (kernels 5.19 and later; 0 where it is missing)."""
+    files = []
+    if groups.memory is not None:
+        files += [groups.memory / "memory.max_usage_in_bytes", groups.memory / "memory.memsw.max_usage_in_bytes"]
+    if groups.v2 is not None:
+        files.append(groups.v2 / "memory.peak")
+    peaks = []
+    for path in files:
+        with contextlib.suppress(OSError, ValueError):
+            peaks.append(int(path.read_text().strip()))
+    return max(peaks, default=0) // (1024 * 1024)
 
 
 def _close_abandoned(job: asyncio.Future[Cgroups]) -> None:

@@ -1,0 +1,91 @@
+"""Frameworks and their output, end to end: a Next-style static export, a custom output
+directory, a Vite app with a sub-path base and a VITE_ variable, a CRA app with a sub-path
+homepage and a REACT_APP_ variable."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.caches import session_caches, shared_caches  # noqa: F401  (fixtures)
+from tests.support.infra import FIXTURES_DIR, TINY_APP, GitServer, unique_name
+from tests.support.service import Service
+
+pytestmark = [pytest.mark.usefixtures("shared_caches"), pytest.mark.timeout(240)]
+
+
+async def deploy(service: Service, git_server: GitServer, variables: dict[str, str] | None = None,
+                 timeout: float = 200, **repo: Any) -> tuple[dict[str, Any], list[str]]:
+    name = unique_name("fw")
+    if variables:
+        body = {"variables": {k: {"value": v} for k, v in variables.items()}}
+        async with service.http.patch(f"{service.url}/api/projects/{name}/variables", json=body) as r:
+            assert r.status == 200
+    dep = await service.deploy(git_server.add_repo(name, **repo), project=name)
+    final = await service.wait_final(dep["id"], timeout=timeout)
+    texts = [e["text"] for e in await service.logs(dep["id"])]
+    assert final["status"] == "ready", (final["reason"], texts[-15:])
+    return final, texts
+
+
+async def test_next_static_export_publishes_out(service: Service, git_server: GitServer) -> None:
+    final, texts = await deploy(service, git_server, files_dir=FIXTURES_DIR / "next-export")
+    assert "Framework: Next.js (from package.json dependencies); its output directory is out" in texts
+    assert "Output: out (Next.js's output directory)" in texts
+    status, _, body = await service.site(final["project"])
+    assert status == 200 and b"Hello from next export" in body
+
+
+async def test_any_directory_with_a_built_index_html_is_the_output(service: Service, git_server: GitServer) -> None:
+    package = json.loads((TINY_APP / "package.json").read_text())
+    package["scripts"]["build"] = "node build.js && mv dist public_html"
+    files = {"package.json": json.dumps(package), "public/index.html": "committed, not built"}
+    final, texts = await deploy(service, git_server, files_dir=TINY_APP, files=files)
+    assert "Output: public_html (holds the index.html the build wrote)" in texts
+    status, _, body = await service.site(final["project"])
+    assert status == 200 and b"Hello from tiny" in body
+
+
+async def test_vite_base_sub_path_served_at_root_with_vite_variable(service: Service, git_server: GitServer) -> None:
+    final, texts = await deploy(service, git_server, {"VITE_GREETING": "hello-from-a-variable"},
+                                files_dir=FIXTURES_DIR / "vite-env")
+    assert any("sets base '/vite-env/'" in t and "--base=/" in t for t in texts)
+    assert "$ npm run build -- --base=/" in texts
+    status, _, html = await service.site(final["project"])
+    script = re.search(rb'src="(/assets/[^"]+\.js)"', html)
+    assert status == 200 and script, html
+    status, _, bundle = await service.site(final["project"], script.group(1).decode())
+    assert status == 200 and b"hello-from-a-variable" in bundle
+
+
+async def test_cra_homepage_sub_path_gets_public_url_root_and_react_app_variable(
+    service: Service, git_server: GitServer
+) -> None:
+    final, texts = await deploy(service, git_server, {"REACT_APP_API": "https://api.example"},
+                                files_dir=FIXTURES_DIR / "cra-homepage")
+    assert any("a sub-path" in t and "PUBLIC_URL=/" in t for t in texts)
+    assert "Creating an optimized production build... (CI=1; warnings are errors)" in texts
+    status, _, html = await service.site(final["project"])
+    assert status == 200 and b'src="/static/js/main.5e6f7a8b.js"' in html
+    status, _, bundle = await service.site(final["project"], "/static/js/main.5e6f7a8b.js")
+    assert status == 200 and b"https://api.example" in bundle
+
+
+def test_ci_is_set_as_hosted_platforms_set_it_unless_the_project_says_otherwise(tmp_path: Path) -> None:
+    from redis.asyncio import Redis
+
+    from deployhub.status import Status
+    from deployhub.store import Deployment
+    from tests.support.service import make_settings
+    from worker.build import Build
+
+    dep = Deployment(id="d1", project="p", repo_url="http://127.0.0.1/x", branch="", status=Status.QUEUED,
+                     reason="", created_at=0, updated_at=0, timestamps={})
+    build = Build(make_settings(tmp_path, None), Redis(), None, dep)  # type: ignore[arg-type]
+    assert build._build_env()["CI"] == "1"
+    build.variables = {"CI": "false", "VITE_X": "1"}
+    assert build._build_env()["CI"] == "false" and build._build_env()["VITE_X"] == "1"

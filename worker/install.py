@@ -1,0 +1,88 @@
+"""The install step: a frozen install from the winning lockfile, and what happens when that
+lockfile is out of date.
+
+A frozen install (`npm ci`, `--frozen-lockfile`, `--immutable`) installs exactly what the
+developer tested, or refuses. When it refuses because the lockfile no longer matches
+package.json, and the repository has another lockfile, that one's manager gets a frozen try
+too, with a loud warning in the log (a forgotten second lockfile is usually the fresh one).
+Without another lockfile the build fails and says which file to update and how. It never
+falls back to a non-frozen install: that would publish dependency versions nobody tested.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from .detect import (
+    BuildError,
+    Install,
+    Plan,
+    build_command,
+    stale_advice,
+    stale_lockfile,
+)
+from .proc import Emit
+
+Command = Callable[[list[str]], Awaitable[None]]
+
+
+async def install(
+    plan: Plan, command: Command, emit: Emit, events: Sequence[str], project: Path
+) -> list[str]:
+    """Install the dependencies; returns the build command of the manager that succeeded.
+
+    `events` is the build log so far (JSON events, as LogPublisher keeps them): a failed
+    install's own lines say whether its lockfile was stale.
+    """
+    if plan.installer is None:  # a project setting: run it as it is
+        await command(plan.install)
+        return plan.build
+    attempts: list[Install] = [plan.installer, *plan.fallbacks]
+    # A build command from a project setting stays as it is whichever manager installed.
+    detected_build = build_command(plan.installer, plan.build_args)
+    stale: list[str] = []
+    for number, attempt in enumerate(attempts):
+        argv = plan.install if number == 0 else attempt.argv
+        mark = len(events)
+        try:
+            await command(argv)
+        except BuildError:
+            if not attempt.lockfile or not stale_lockfile(_texts(events[mark:])):
+                raise
+            stale.append(stale_advice(attempt))
+            if number + 1 == len(attempts):
+                raise BuildError(" ".join(stale)) from None
+            following = attempts[number + 1]
+            emit("system", f"Warning: {stale[-1]} Trying {following.lockfile} with "
+                           f"{following.label} instead; delete the lockfile you do not use.")
+            _remove_node_modules(project)
+            continue
+        if number > 0:
+            emit("system", f"Warning: installed from {attempt.lockfile} with {attempt.label} "
+                           f"because {attempts[0].lockfile} is out of date.")
+        if number == 0 or plan.build != detected_build:
+            return plan.build
+        return build_command(attempt, plan.build_args)
+    raise AssertionError("unreachable")
+
+
+def _texts(events: Sequence[str]) -> list[str]:
+    texts = []
+    for event in events:
+        try:
+            texts.append(str(json.loads(event).get("text", "")))
+        except (ValueError, AttributeError):
+            continue
+    return texts
+
+
+def _remove_node_modules(project: Path) -> None:
+    """What the failed manager left: the next one starts clean (rmtree never follows links)."""
+    target = project / "node_modules"
+    if target.is_symlink():
+        target.unlink()
+    else:
+        shutil.rmtree(target, ignore_errors=True)
