@@ -282,7 +282,10 @@ def check_fields(body: object, *, required: set[str], optional: set[str]) -> dic
 
 
 VARIABLE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-RESERVED_VARIABLES = {"PATH", "HOME", "PWD", "SHELL", "USER", "TMPDIR", "CI"}
+# Set by DeployHub for every build. CI is not among them: it is "1" as the hosted platforms
+# set it, and a project may set CI=false (a Create React App whose lint warnings would
+# otherwise fail the build).
+RESERVED_VARIABLES = {"PATH", "HOME", "PWD", "SHELL", "USER", "TMPDIR"}
 MAX_VARIABLES = 100
 MAX_VARIABLE_BYTES = 32 * 1024
 

@@ -118,3 +118,11 @@ async def test_worker_decrypts_with_a_configured_key_and_builds_never_see_it(
     assert "key=****" in texts and "dh=" in texts  # decrypted (so masked); no DEPLOYHUB_* at all
     assert not any(key in t for t in texts)
     assert not (service.settings.data_dir / "secrets.key").exists()  # the setting, not a file
+
+
+async def test_a_project_may_set_ci_false(service: Service) -> None:
+    """Create React App fails on lint warnings when CI is set; hosted platforms let it go."""
+    body = {"variables": {"CI": {"value": "false"}}}
+    async with service.http.patch(service.url + "/api/projects/crafalse/variables", json=body) as r:
+        assert r.status == 200, await r.text()
+        assert (await r.json())["variables"]["CI"] == {"value": "false", "secret": False}
