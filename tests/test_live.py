@@ -9,6 +9,19 @@ from tests.support.infra import TINY_APP, GitServer, unique_name
 from tests.support.service import Service, Watch
 
 
+async def log_complete(service: Service, dep_id: str) -> None:
+    """`ready` is recorded once the site is live; the worker then stores the log copy and
+    gives the stream its expiry: wait for that."""
+    from deployhub import get_store, keys
+
+    redis = get_store(service.app).redis
+    for _ in range(200):
+        if await redis.ttl(keys.log_stream(dep_id)) > 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the log of {dep_id} was never completed")
+
+
 def slow_tiny(git_server: GitServer, lines: int = 300, delay_ms: int = 10) -> str:
     config = f'{{"lines": {lines}, "delayMs": {delay_ms}}}'
     return git_server.add_repo(unique_name("slow"), files_dir=TINY_APP, files={"tiny.json": config})
@@ -96,9 +109,11 @@ async def test_log_comes_from_storage_once_redis_forgot_it(service: Service, git
     url = git_server.add_repo(unique_name("tiny"), files_dir=TINY_APP)
     dep = await service.deploy(url)
     await service.wait_final(dep["id"])
-    from_redis = await service.logs(dep["id"])
     redis = get_store(service.app).redis
-    assert await redis.ttl(keys.log_stream(dep["id"])) > 0  # the stream expires; storage keeps it
+    # `ready` is recorded when the site is live; the worker stores the log copy just after,
+    # then gives the stream its expiry (the stream expires; storage keeps it).
+    await log_complete(service, dep["id"])
+    from_redis = await service.logs(dep["id"])
     await redis.delete(keys.log_stream(dep["id"]))
     assert await service.logs(dep["id"]) == from_redis
     assert await service.logs(dep["id"], after=3) == from_redis[3:]
@@ -112,6 +127,7 @@ async def test_a_watcher_gets_the_log_from_storage_once_redis_forgot_it(
     url = git_server.add_repo(unique_name("tiny"), files_dir=TINY_APP)
     dep = await service.deploy(url)
     await service.wait_final(dep["id"])
+    await log_complete(service, dep["id"])
     stored = await service.logs(dep["id"])
     await get_store(service.app).redis.delete(keys.log_stream(dep["id"]))
     watch = await Watch(service).open(dep["project"])  # the newest deployment: its history first

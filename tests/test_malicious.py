@@ -175,7 +175,7 @@ async def test_filling_the_disk_hits_the_disk_limit(
     assert final["reason"] == (
         "The build filled more than 40 MiB of disk (DEPLOYHUB_BUILD_MAX_DISK_MB) and was stopped."
     )
-    assert "Limits: memory 2048 MiB, 512 processes, disk 40 MiB" in texts
+    assert f"Limits: memory {service.settings.build_memory_mb} MiB, 512 processes, disk 40 MiB" in texts
     assert time.monotonic() - started < 60
     written = max(int(t.split()[1]) for t in texts if t.startswith("wrote "))
     print(f"diskfill overshoot: wrote at least {written} MiB against a 40 MiB limit")

@@ -191,10 +191,11 @@ def options(
     for path in _outside_tools(env):
         opts += ["--ro-bind", path, path]
     opts += ["--proc", "/proc", "--dev", "/dev"]
-    if tmp_bytes > 0 and "--size" in _help_text(binary):
-        opts += ["--size", str(tmp_bytes)]  # RAM, so the memory limit holds it too where set
     if node is not None:
         opts += ["--ro-bind", str(node), INSIDE_NODE]
+    if tmp_bytes > 0 and "--size" in _help_text(binary):
+        # RAM, so the memory limit holds it too where set; --size applies to the next --tmpfs.
+        opts += ["--size", str(tmp_bytes)]
     opts += [
         "--tmpfs", "/tmp",
         "--bind", str(src), INSIDE_SRC,
