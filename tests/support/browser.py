@@ -1,0 +1,77 @@
+"""Headless Debian Chromium through Playwright for the page's tests, and their screenshots."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+CHROMIUM = shutil.which("chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 360, "height": 740}
+WEB_DIR = Path(__file__).resolve().parents[2] / "web"
+# CI keeps bench/results/; DEPLOYHUB_SCREENSHOTS puts them elsewhere.
+SCREENSHOTS = Path(os.environ.get(
+    "DEPLOYHUB_SCREENSHOTS", Path(__file__).resolve().parents[2] / "bench" / "results" / "screenshots"
+))
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """A Chromium browser; the test fails if any page it opened threw an uncaught error."""
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "needs Debian's chromium (apt-get install chromium)"
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        errors: list[str] = []
+        chromium.page_errors = errors
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+        assert errors == []
+
+
+def new_page(browser: Any, viewport: dict[str, int] = DESKTOP, scheme: str = "light") -> Any:
+    page = browser.new_page(viewport=viewport, color_scheme=scheme)
+    page.on("pageerror", lambda exc: browser.page_errors.append(str(exc)))
+    return page
+
+
+def shoot(page: Any, name: str) -> None:
+    """Screenshots of the page as it is, at desktop and phone width, light and dark."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    before = page.viewport_size
+    for label, size in (("desktop", DESKTOP), ("phone", PHONE)):
+        page.set_viewport_size(size)
+        for scheme in ("light", "dark"):
+            if scheme == "dark" and label == "phone":
+                continue  # one dark shot per screen is enough to judge the scheme
+            page.emulate_media(color_scheme=scheme)
+            page.wait_for_timeout(150)  # two frames for the virtual log to re-render
+            page.screenshot(path=str(SCREENSHOTS / f"{name}-{label}-{scheme}.png"), full_page=True)
+    page.emulate_media(color_scheme="light")
+    page.set_viewport_size(before)
+
+
+@pytest.fixture
+def static_web() -> Iterator[str]:
+    """web/ over plain HTTP, for testing the page's modules without a DeployHub server."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(WEB_DIR))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
