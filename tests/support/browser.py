@@ -43,9 +43,18 @@ def browser() -> Iterator[Any]:
 
 
 def new_page(browser: Any, viewport: dict[str, int] = DESKTOP, scheme: str = "light") -> Any:
-    page = browser.new_page(viewport=viewport, color_scheme=scheme)
+    page = browser.new_context(viewport=viewport, color_scheme=scheme).new_page()
     page.on("pageerror", lambda exc: browser.page_errors.append(str(exc)))
     return page
+
+
+def another_tab(page: Any, viewport: dict[str, int] = DESKTOP) -> Any:
+    """A new tab next to `page`: same browser profile, so the same stored token."""
+    tab = page.context.new_page()
+    tab.set_viewport_size(viewport)
+    errors = page.context.browser.page_errors
+    tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    return tab
 
 
 def shoot(page: Any, name: str) -> None:
@@ -59,7 +68,10 @@ def shoot(page: Any, name: str) -> None:
                 continue  # one dark shot per screen is enough to judge the scheme
             page.emulate_media(color_scheme=scheme)
             page.wait_for_timeout(150)  # two frames for the virtual log to re-render
+            scrolled = page.evaluate("window.scrollY")
+            page.evaluate("window.scrollTo(0, 0)")  # else the sticky top bar lands mid-picture
             page.screenshot(path=str(SCREENSHOTS / f"{name}-{label}-{scheme}.png"), full_page=True)
+            page.evaluate(f"window.scrollTo(0, {scrolled})")
     page.emulate_media(color_scheme="light")
     page.set_viewport_size(before)
 
