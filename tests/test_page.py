@@ -64,6 +64,7 @@ def test_deploy_watch_visit_redeploy_and_roll_back(served: Served, git_server: G
     page.wait_for_selector(".log-line[data-seq] >> text=line 20", timeout=60_000)
     assert page.text_content("#detail-status") not in ("Ready", "Failed")
     page.wait_for_selector(".result-ready", timeout=90_000)
+    assert page.text_content("#status-announcer") == f"Deployment {first} is now ready."  # aria-live
     total = len(server_log(served, first))
     page.wait_for_function(f"document.getElementById('log-count').textContent.startsWith('{total} ')")
     assert page.locator(".log-line .ansi-fg-6").first.text_content() == "vite"  # colours rendered
@@ -93,6 +94,18 @@ def test_deploy_watch_visit_redeploy_and_roll_back(served: Served, git_server: G
     page.wait_for_selector(".project-entry .badge-ready")
     assert page.locator(".project-entry .project-url").first.text_content() == f"from-page.localhost:{served.port}"
     shoot(page, "projects")
+    assert page.evaluate(UNLABELLED) == []
+    page.reload()
+    page.keyboard.press("Tab")  # the first stop skips to the content
+    assert page.evaluate("document.activeElement.className") == "skip-link"
+
+
+# Form fields without a label and buttons or links without a name, as a screen reader would meet them.
+UNLABELLED = """() => [...document.querySelectorAll("input, button, a[href]")]
+  .filter((e) => e.offsetParent !== null)
+  .filter((e) => e.tagName === "INPUT" ? !e.labels.length && !e.getAttribute("aria-label")
+                                       : !(e.getAttribute("aria-label") || e.textContent.trim()))
+  .map((e) => e.outerHTML)"""
 
 
 @pytest.mark.timeout(180)
@@ -146,6 +159,7 @@ def test_log_resumes_after_a_server_restart_mid_build(served: Served, git_server
     served.stop()  # mid-build: a local build does not outlive its server (the restart fails it)
     page.wait_for_selector('#connection[data-state="reconnecting"]', timeout=30_000)
     assert page.text_content("#connection") == "Reconnecting…"
+    assert page.is_visible("#log-conn")
     shoot(page, "reconnecting")
     served.start(expect_login=False)
     page.wait_for_selector('#connection[data-state="open"]', timeout=30_000)

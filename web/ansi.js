@@ -63,7 +63,9 @@ export function parseAnsi(raw) {
 
 /** The text a line shows, without any styling (for search and download). */
 export function plainText(raw) {
-  return parseAnsi(raw)
+  const text = String(raw ?? "");
+  if (PLAIN_RE.test(text)) return text; // most lines: no copy kept twice
+  return parseAnsi(text)
     .map((segment) => segment.text)
     .join("");
 }

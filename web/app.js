@@ -809,6 +809,7 @@ function renderConnection(connState) {
   indicator.hidden = connState === "idle" || connState === "unauthorized";
   indicator.textContent =
     { connecting: "Connecting…", open: "Live", reconnecting: "Reconnecting…" }[connState] ?? "";
+  $("log-conn").hidden = connState !== "reconnecting"; // not announced twice: the top bar's is live
 }
 
 function renderSignOut() {
