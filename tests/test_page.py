@@ -134,6 +134,26 @@ def test_search_deep_link_and_download(served: Served, git_server: GitServer, br
     assert text.splitlines()[-1].startswith("Deployed 4 files.") and len(text.splitlines()) == len(log)
     assert "\x1b" not in text
 
+    page.fill("#var-name", "API_URL")
+    page.fill("#var-value", "https://api.example")
+    page.click("#var-form button[type=submit]")
+    page.fill("#var-name", "API_TOKEN")
+    page.fill("#var-value", "s3cret")
+    page.check("#var-secret")
+    page.press("#var-value", "Enter")
+    page.wait_for_selector(".var-row >> text=API_TOKEN")
+    assert served.get_json("/api/projects/search-me/variables")["variables"] == {
+        "API_TOKEN": {"value": None, "secret": True}, "API_URL": {"value": "https://api.example", "secret": False}}
+    assert "s3cret" not in page.text_content("#var-list")
+    assert page.input_value("#var-value") == "" and not page.is_checked("#var-secret")  # ready for the next
+    page.fill("#var-name", "1BAD")
+    page.click("#var-form button[type=submit]")
+    page.wait_for_selector("#var-error:visible")
+    assert "1BAD" in page.text_content("#var-error")  # the server's message
+    page.click("button[aria-label='Remove API_URL']")
+    page.wait_for_function("!document.getElementById('var-list').textContent.includes('API_URL')")
+    shoot(page, "variables")
+
     linked = another_tab(page, PHONE)  # a fresh tab, on a phone, opening a link to line 250
     linked.goto(f"{served.url}/#/deployments/{dep_id}?line=250")
     target = linked.locator(".log-line.target[data-seq='250']")

@@ -33,6 +33,7 @@ const state = {
   followNewest: true, // #/projects/<name>: keep showing the newest deployment
   logs: new Map(), // deployment id -> LogLines
   productionDeps: new Map(), // deployment id -> deployment, for the projects list
+  variables: {}, // NAME -> {value, secret} of the project in view
   announced: new Map(), // deployment id -> last status announced to screen readers
   routeSeq: 0, // increases per navigation; stale async results are dropped
   seed: null, // deployment just created, so its view needn't wait for the network
@@ -162,6 +163,7 @@ async function openProject(name, dep, seq, line = null) {
     state.project = name;
     live.subscribe(name);
     if (!currentProjectInfo()) loadProjects(); // deep link before the list arrived
+    loadVariables(name);
   }
   if (dep) {
     upsertDeployment(dep);
@@ -195,6 +197,102 @@ function leaveProject() {
   state.followNewest = true;
   state.logShownFor = null;
   logView.show(new LogLines());
+}
+
+// -------------------------------------------------------- build variables --
+
+async function loadVariables(name) {
+  state.variables = {};
+  renderVariables();
+  showVarError(null);
+  try {
+    const body = await apiJson(`projects/${encodeURIComponent(name)}/variables`);
+    if (state.project !== name) return;
+    state.variables = body?.variables ?? {};
+    renderVariables();
+  } catch (err) {
+    if (state.project === name) showVarError(err.message);
+  }
+}
+
+/** PATCH one variable (null removes it); the answer is the whole set after the change. */
+async function changeVariable(name, change) {
+  const project = state.project;
+  const body = await apiJson(`projects/${encodeURIComponent(project)}/variables`, {
+    method: "PATCH",
+    json: { variables: { [name]: change } },
+  });
+  if (state.project !== project) return;
+  state.variables = body?.variables ?? {};
+  renderVariables();
+}
+
+async function submitVariable(event) {
+  event.preventDefault();
+  const form = event.currentTarget; // null once the handler has awaited
+  const name = $("var-name").value.trim();
+  if (!name) {
+    showVarError("Enter a variable name, such as API_URL.");
+    $("var-name").focus();
+    return;
+  }
+  const submit = form.querySelector("button[type=submit]");
+  submit.disabled = true;
+  showVarError(null);
+  try {
+    await changeVariable(name, { value: $("var-value").value, secret: $("var-secret").checked });
+    form.reset();
+    $("var-name").focus();
+  } catch (err) {
+    showVarError(err.message);
+    $("var-name").focus();
+  } finally {
+    submit.disabled = false;
+  }
+}
+
+async function removeVariable(button) {
+  button.disabled = true;
+  showVarError(null);
+  try {
+    await changeVariable(button.dataset.variable, null);
+    $("var-name").focus(); // the button is gone; keep focus in the card
+  } catch (err) {
+    showVarError(err.message);
+    button.disabled = false;
+  }
+}
+
+function renderVariables() {
+  const names = Object.keys(state.variables).sort();
+  $("vars-empty").hidden = names.length > 0;
+  fill(
+    $("var-list"),
+    ...names.map((name) => {
+      const { value, secret } = state.variables[name] ?? {};
+      return el(
+        "li",
+        { className: "var-row" },
+        el("code", { className: "var-name", text: name }),
+        secret
+          ? el("span", { className: "var-value", text: "secret (hidden)" })
+          : el("code", { className: "var-value", text: value ?? "" }),
+        el("button", {
+          type: "button",
+          className: "button button-small button-danger",
+          dataset: { variable: name },
+          "aria-label": `Remove ${name}`,
+          text: "Remove",
+        }),
+      );
+    }),
+  );
+}
+
+function showVarError(message) {
+  $("var-error").hidden = !message;
+  $("var-error").textContent = message ?? "";
+  $("var-name").setAttribute("aria-invalid", message ? "true" : "false");
 }
 
 // ------------------------------------------------------------ deployments --
@@ -862,6 +960,11 @@ function tick() {
 
 function bindEvents() {
   $("deploy-form").addEventListener("submit", submitDeploy);
+  $("var-form").addEventListener("submit", submitVariable);
+  $("var-list").addEventListener("click", (event) => {
+    const button = event.target.closest("button[data-variable]");
+    if (button) removeVariable(button);
+  });
   $("auth-form").addEventListener("submit", submitAuth);
   $("sign-out").addEventListener("click", signOut);
   $("refresh-projects").addEventListener("click", loadProjects);
