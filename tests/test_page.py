@@ -176,7 +176,7 @@ def test_log_resumes_after_a_server_restart_mid_build(served: Served, git_server
     page.mouse.wheel(0, -600)  # reading: auto-scroll pauses, the jump button appears
     page.wait_for_selector("#log-jump:visible")
 
-    served.stop()  # mid-build: a local build does not outlive its server (the restart fails it)
+    served.crash()  # SIGKILL mid-build: a local build dies with its server (the restart fails it)
     page.wait_for_selector('#connection[data-state="reconnecting"]', timeout=30_000)
     assert page.text_content("#connection") == "Reconnecting…"
     assert page.is_visible("#log-conn")
@@ -189,6 +189,7 @@ def test_log_resumes_after_a_server_restart_mid_build(served: Served, git_server
     assert shown_lines(page) == len(log)  # every line once: no gap, no duplicate
     page.click("#log-jump")
     page.locator(f".log-line[data-seq='{log[-1]['seq']}']").wait_for()
+    shoot(page, "failed")
 
 
 @pytest.mark.timeout(300)
