@@ -192,6 +192,31 @@ def test_log_resumes_after_a_server_restart_mid_build(served: Served, git_server
     shoot(page, "failed")
 
 
+@pytest.mark.timeout(180)
+def test_log_resumes_after_network_blips_mid_build(served: Served, git_server: GitServer, browser: Any) -> None:  # noqa: F811
+    page = new_page(browser)
+    sockets: list[Any] = []
+
+    def relay(ws: Any) -> None:  # the page's socket goes through here, so the test can cut it
+        server = ws.connect_to_server()
+        sockets.append((ws, server))
+
+    page.route_web_socket("**/api/ws", relay)
+    dep_id = sign_in_and_deploy(page, served, tiny_repo(git_server, 1500, 10), "blips")
+    for floor in (100, 400):  # two blips while lines stream in
+        page.wait_for_function(f"parseInt(document.getElementById('log-count').textContent) > {floor}",
+                               timeout=90_000)
+        ws, server = sockets[-1]
+        ws.close(code=4000, reason="blip")
+        server.close()
+        page.wait_for_selector('#connection[data-state="reconnecting"]', timeout=10_000)
+        page.wait_for_selector('#connection[data-state="open"]', timeout=30_000)
+    page.wait_for_selector(".result-ready", timeout=90_000)
+    log = server_log(served, dep_id)
+    page.wait_for_timeout(1000)  # any repeated line would have arrived by now
+    assert len(sockets) >= 3 and shown_lines(page) == len(log)  # every line once: no gap, no duplicate
+
+
 @pytest.mark.timeout(300)
 def test_a_50000_line_log_stays_responsive(served: Served, git_server: GitServer, browser: Any) -> None:  # noqa: F811
     page = new_page(browser)
