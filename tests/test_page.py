@@ -242,6 +242,10 @@ def test_a_50000_line_log_stays_responsive(served: Served, git_server: GitServer
     fresh.keyboard.press("End")
     fresh.locator(f".log-line[data-seq='{total}']").wait_for(timeout=2000)
     print(f"50k log: End key to the last line in {time.monotonic() - start:.3f}s")
+    start = time.monotonic()
+    fresh.fill("#log-search", "line 1234")  # line 1234 and line 12340 to 12349
+    fresh.wait_for_function("document.getElementById('log-search-count').textContent === '1 of 11'")
+    print(f"50k log: search to the first of 11 hits in {time.monotonic() - start:.3f}s (150 ms of it typing pause)")
     shoot(fresh, "big-log")
 
 

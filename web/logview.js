@@ -91,6 +91,7 @@ export class LogView {
     this.matches = []; // line indices that contain the query
     this.current = -1; // index into matches
     this.targetSeq = null; // deep-linked line, highlighted
+    this.pendingReveal = false; // scroll to targetSeq once it arrives
     this.scroller.addEventListener("scroll", () => this.handleScroll(), { passive: true });
     // The viewport's height changes with the window (phones rotate).
     new ResizeObserver(() => this.schedule()).observe(this.scroller);
