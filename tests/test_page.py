@@ -12,7 +12,15 @@ from typing import Any
 
 import pytest
 
-from tests.support.browser import CHROMIUM, PHONE, another_tab, browser, new_page, shoot  # noqa: F401 (fixture)
+from tests.support.browser import (  # noqa: F401 (browser is a fixture)
+    CHROMIUM,
+    PHONE,
+    Chromium,
+    another_tab,
+    browser,
+    new_page,
+    shoot,
+)
 from tests.support.infra import TINY_APP, GitServer, unique_name
 from tests.support.served import Served
 
@@ -43,7 +51,7 @@ def sign_in_and_deploy(page: Any, served: Served, repo_url: str, project: str) -
     page.fill("#project-name-input", project)
     page.click("#deploy-button")
     page.wait_for_url("**/#/deployments/*")
-    return page.url.rsplit("/", 1)[1]
+    return str(page.url).rsplit("/", 1)[1]
 
 
 def shown_lines(page: Any) -> int:
@@ -57,7 +65,7 @@ def server_log(served: Served, dep_id: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.timeout(240)
-def test_deploy_watch_visit_redeploy_and_roll_back(served: Served, git_server: GitServer, browser: Any) -> None:  # noqa: F811
+def test_deploy_watch_visit_redeploy_and_roll_back(served: Served, git_server: GitServer, browser: Chromium) -> None:  # noqa: F811
     page = new_page(browser)
     first = sign_in_and_deploy(page, served, tiny_repo(git_server, 300, 15), "from-page")
     # Real lines arrive while the build runs.
@@ -109,7 +117,7 @@ UNLABELLED = """() => [...document.querySelectorAll("input, button, a[href]")]
 
 
 @pytest.mark.timeout(180)
-def test_search_deep_link_and_download(served: Served, git_server: GitServer, browser: Any) -> None:  # noqa: F811
+def test_search_deep_link_and_download(served: Served, git_server: GitServer, browser: Chromium) -> None:  # noqa: F811
     page = new_page(browser)
     dep_id = sign_in_and_deploy(page, served, tiny_repo(git_server, 400, 0), "search-me")
     page.wait_for_selector(".result-ready", timeout=90_000)
@@ -137,6 +145,7 @@ def test_search_deep_link_and_download(served: Served, git_server: GitServer, br
     page.fill("#var-name", "API_URL")
     page.fill("#var-value", "https://api.example")
     page.click("#var-form button[type=submit]")
+    page.wait_for_selector(".var-row >> text=API_URL")
     page.fill("#var-name", "API_TOKEN")
     page.fill("#var-value", "s3cret")
     page.check("#var-secret")
@@ -154,7 +163,7 @@ def test_search_deep_link_and_download(served: Served, git_server: GitServer, br
     page.wait_for_function("!document.getElementById('var-list').textContent.includes('API_URL')")
     shoot(page, "variables")
 
-    linked = another_tab(page, PHONE)  # a fresh tab, on a phone, opening a link to line 250
+    linked = another_tab(browser, page, PHONE)  # a fresh tab, on a phone, opening a link to line 250
     linked.goto(f"{served.url}/#/deployments/{dep_id}?line=250")
     target = linked.locator(".log-line.target[data-seq='250']")
     target.wait_for()
@@ -168,7 +177,7 @@ def test_search_deep_link_and_download(served: Served, git_server: GitServer, br
 
 
 @pytest.mark.timeout(240)
-def test_log_resumes_after_a_server_restart_mid_build(served: Served, git_server: GitServer, browser: Any) -> None:  # noqa: F811
+def test_log_resumes_after_a_server_restart_mid_build(served: Served, git_server: GitServer, browser: Chromium) -> None:  # noqa: F811
     page = new_page(browser)
     dep_id = sign_in_and_deploy(page, served, tiny_repo(git_server, 2000, 20), "restart")
     page.wait_for_function("parseInt(document.getElementById('log-count').textContent) > 100", timeout=90_000)
@@ -193,7 +202,7 @@ def test_log_resumes_after_a_server_restart_mid_build(served: Served, git_server
 
 
 @pytest.mark.timeout(180)
-def test_log_resumes_after_network_blips_mid_build(served: Served, git_server: GitServer, browser: Any) -> None:  # noqa: F811
+def test_log_resumes_after_network_blips_mid_build(served: Served, git_server: GitServer, browser: Chromium) -> None:  # noqa: F811
     page = new_page(browser)
     sockets: list[Any] = []
 
@@ -218,14 +227,14 @@ def test_log_resumes_after_network_blips_mid_build(served: Served, git_server: G
 
 
 @pytest.mark.timeout(300)
-def test_a_50000_line_log_stays_responsive(served: Served, git_server: GitServer, browser: Any) -> None:  # noqa: F811
+def test_a_50000_line_log_stays_responsive(served: Served, git_server: GitServer, browser: Chromium) -> None:  # noqa: F811
     page = new_page(browser)
     dep_id = sign_in_and_deploy(page, served, tiny_repo(git_server, 49_900, 0), "big")
     page.wait_for_selector(".result-ready, .result-failed", timeout=180_000)
     total = len(server_log(served, dep_id))
     assert total > 49_900
 
-    fresh = another_tab(page)  # a new tab: the whole log replays over the socket
+    fresh = another_tab(browser, page)  # a new tab: the whole log replays over the socket
     start = time.monotonic()
     fresh.goto(f"{served.url}/#/deployments/{dep_id}")
     fresh.wait_for_function(f"document.getElementById('log-count').textContent === '{total:,} lines'",

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.browser import CHROMIUM, browser, new_page, static_web  # noqa: F401 (fixtures)
+from tests.support.browser import CHROMIUM, Chromium, browser, new_page, static_web  # noqa: F401 (fixtures)
 
 pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]' brings playwright")
 pytestmark = [pytest.mark.skipif(not CHROMIUM, reason="needs Debian's chromium"), pytest.mark.timeout(60)]
@@ -23,7 +23,7 @@ RENDER = """async ([raw, marks]) => {
 
 
 @pytest.fixture
-def render(browser: Any, static_web: str) -> Any:  # noqa: F811
+def render(browser: Chromium, static_web: str) -> Any:  # noqa: F811
     page = new_page(browser)
     # An empty HTML page of that origin, for the module import.
     page.route(f"{static_web}/blank", lambda route: route.fulfill(body="<!doctype html>", content_type="text/html"))

@@ -239,9 +239,11 @@ async function submitVariable(event) {
   const submit = form.querySelector("button[type=submit]");
   submit.disabled = true;
   showVarError(null);
+  const value = $("var-value").value;
   try {
-    await changeVariable(name, { value: $("var-value").value, secret: $("var-secret").checked });
-    form.reset();
+    await changeVariable(name, { value, secret: $("var-secret").checked });
+    // Clear the form for the next one, unless the user already started typing it.
+    if ($("var-name").value.trim() === name && $("var-value").value === value) form.reset();
     $("var-name").focus();
   } catch (err) {
     showVarError(err.message);

@@ -8,6 +8,7 @@ import os
 import shutil
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,35 +26,40 @@ SCREENSHOTS = Path(os.environ.get(
 ))
 
 
+@dataclass
+class Chromium:
+    browser: Any  # playwright.sync_api.Browser
+    errors: list[str] = field(default_factory=list)  # uncaught errors of every page
+
+    def watch(self, page: Any) -> Any:
+        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        return page
+
+
 @pytest.fixture
-def browser() -> Iterator[Any]:
+def browser() -> Iterator[Chromium]:
     """A Chromium browser; the test fails if any page it opened threw an uncaught error."""
     from playwright.sync_api import sync_playwright
 
     assert CHROMIUM, "needs Debian's chromium (apt-get install chromium)"
     with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        errors: list[str] = []
-        chromium.page_errors = errors
+        chromium = Chromium(p.chromium.launch(executable_path=CHROMIUM, args=ARGS))
         try:
             yield chromium
         finally:
-            chromium.close()
-        assert errors == []
+            chromium.browser.close()
+        assert chromium.errors == []
 
 
-def new_page(browser: Any, viewport: dict[str, int] = DESKTOP, scheme: str = "light") -> Any:
-    page = browser.new_context(viewport=viewport, color_scheme=scheme).new_page()
-    page.on("pageerror", lambda exc: browser.page_errors.append(str(exc)))
-    return page
+def new_page(browser: Chromium, viewport: dict[str, int] = DESKTOP, scheme: str = "light") -> Any:
+    """A page in a fresh browser profile (its own storage)."""
+    return browser.watch(browser.browser.new_context(viewport=viewport, color_scheme=scheme).new_page())
 
 
-def another_tab(page: Any, viewport: dict[str, int] = DESKTOP) -> Any:
+def another_tab(browser: Chromium, page: Any, viewport: dict[str, int] = DESKTOP) -> Any:
     """A new tab next to `page`: same browser profile, so the same stored token."""
-    tab = page.context.new_page()
+    tab = browser.watch(page.context.new_page())
     tab.set_viewport_size(viewport)
-    errors = page.context.browser.page_errors
-    tab.on("pageerror", lambda exc: errors.append(str(exc)))
     return tab
 
 
