@@ -4,10 +4,11 @@
 //   #/                     nothing selected
 //   #/projects/<name>      a project, newest deployment shown (and followed)
 //   #/deployments/<id>     a project with that deployment shown
+//   #/deployments/<id>?line=<n>   ... with log line n (its seq) highlighted
 
-import { apiJson, getToken, setToken, AUTH_REQUIRED_EVENT } from "./api.js";
+import { apiFetch, apiJson, getToken, setToken, ApiError, AUTH_REQUIRED_EVENT } from "./api.js";
 import { LiveClient } from "./live.js";
-import { LogView, cleanLogText } from "./logview.js";
+import { LogLines, LogView } from "./logview.js";
 import { el, externalLink, displayUrl, fill, safeHref } from "./dom.js";
 import {
   clock,
@@ -30,19 +31,25 @@ const state = {
   selectedId: null,
   logShownFor: null, // deployment whose lines the log panel holds
   followNewest: true, // #/projects/<name>: keep showing the newest deployment
-  logs: new Map(), // deployment id -> [{seq, stream, clean}]
+  logs: new Map(), // deployment id -> LogLines
+  productionDeps: new Map(), // deployment id -> deployment, for the projects list
+  variables: {}, // NAME -> {value, secret} of the project in view
   announced: new Map(), // deployment id -> last status announced to screen readers
   routeSeq: 0, // increases per navigation; stale async results are dropped
   seed: null, // deployment just created, so its view needn't wait for the network
 };
 
 const live = new LiveClient({ onMessage: handleLiveMessage, onState: renderConnection });
-const logView = new LogView($("log-scroller"), { onFollowChange: renderLogFollow });
+const logView = new LogView($("log-scroller"), {
+  onFollowChange: renderLogFollow,
+  onSearchChange: renderSearchCount,
+  lineHref: (seq) => (state.selectedId ? lineHash(state.selectedId, seq) : null),
+});
 
 // ---------------------------------------------------------------- routing --
 
 function parseRoute(hash) {
-  const match = /^#\/(projects|deployments)\/(.+)$/.exec(hash);
+  const match = /^#\/(projects|deployments)\/([^?]+)(?:\?line=(\d{1,9}))?$/.exec(hash);
   if (!match) return { view: "home" };
   let value;
   try {
@@ -50,7 +57,8 @@ function parseRoute(hash) {
   } catch {
     return { view: "home" };
   }
-  return match[1] === "projects" ? { view: "project", name: value } : { view: "deployment", id: value };
+  if (match[1] === "projects") return { view: "project", name: value };
+  return { view: "deployment", id: value, line: match[3] ? Number(match[3]) : null };
 }
 
 function projectHash(name) {
@@ -59,6 +67,10 @@ function projectHash(name) {
 
 function deploymentHash(id) {
   return `#/deployments/${encodeURIComponent(id)}`;
+}
+
+function lineHash(id, seq) {
+  return `${deploymentHash(id)}?line=${seq}`;
 }
 
 async function route() {
@@ -74,7 +86,7 @@ async function route() {
     } else {
       const dep = await findDeployment(target.id);
       if (seq !== state.routeSeq) return; // the user navigated meanwhile
-      await openProject(dep.project, dep, seq);
+      await openProject(dep.project, dep, seq, target.line);
     }
   } catch (err) {
     if (seq !== state.routeSeq) return;
@@ -102,10 +114,28 @@ async function fetchProjects() {
     state.projects = Array.isArray(body?.projects) ? body.projects : [];
     renderProjects();
     renderProjectHeader();
+    loadProductionDeployments();
   } catch (err) {
     $("projects-status").textContent = err.message;
     $("projects-status").hidden = false;
   }
+}
+
+/**
+ * The list shows each production deployment's status and age; a project
+ * names only its id, so each one not yet known is fetched (once: a ready
+ * deployment does not change).
+ */
+async function loadProductionDeployments() {
+  const missing = state.projects
+    .map(productionId)
+    .filter((id) => id != null && !state.productionDeps.has(String(id)));
+  if (!missing.length) return;
+  const found = await Promise.all(
+    missing.map((id) => apiJson(`deployments/${encodeURIComponent(id)}`).catch(() => null)),
+  );
+  for (const dep of found) if (dep && dep.id != null) state.productionDeps.set(String(dep.id), dep);
+  renderProjects();
 }
 
 // Several deployments finishing together should cause one reload, not many.
@@ -127,12 +157,13 @@ function productionId(project) {
 }
 
 /** Show project `name`, subscribing to its live feed; select `dep` if given. */
-async function openProject(name, dep, seq) {
+async function openProject(name, dep, seq, line = null) {
   if (state.project !== name) {
     leaveProject();
     state.project = name;
     live.subscribe(name);
     if (!currentProjectInfo()) loadProjects(); // deep link before the list arrived
+    loadVariables(name);
   }
   if (dep) {
     upsertDeployment(dep);
@@ -144,6 +175,10 @@ async function openProject(name, dep, seq) {
   }
   state.seed = null;
   renderView();
+  if (line != null) {
+    logView.revealSeq(line); // now or once that line arrives
+    $("log-card").scrollIntoView({ block: "start" }); // on a phone it is below the fold
+  }
 
   // The socket's snapshot brings the same list; fetching it as well makes the
   // page usable even while the socket is (re)connecting.
@@ -161,7 +196,105 @@ function leaveProject() {
   state.selectedId = null;
   state.followNewest = true;
   state.logShownFor = null;
-  logView.reset();
+  logView.show(new LogLines());
+}
+
+// -------------------------------------------------------- build variables --
+
+async function loadVariables(name) {
+  state.variables = {};
+  renderVariables();
+  showVarError(null);
+  try {
+    const body = await apiJson(`projects/${encodeURIComponent(name)}/variables`);
+    if (state.project !== name) return;
+    state.variables = body?.variables ?? {};
+    renderVariables();
+  } catch (err) {
+    if (state.project === name) showVarError(err.message);
+  }
+}
+
+/** PATCH one variable (null removes it); the answer is the whole set after the change. */
+async function changeVariable(name, change) {
+  const project = state.project;
+  const body = await apiJson(`projects/${encodeURIComponent(project)}/variables`, {
+    method: "PATCH",
+    json: { variables: { [name]: change } },
+  });
+  if (state.project !== project) return;
+  state.variables = body?.variables ?? {};
+  renderVariables();
+}
+
+async function submitVariable(event) {
+  event.preventDefault();
+  const form = event.currentTarget; // null once the handler has awaited
+  const name = $("var-name").value.trim();
+  if (!name) {
+    showVarError("Enter a variable name, such as API_URL.");
+    $("var-name").focus();
+    return;
+  }
+  const submit = form.querySelector("button[type=submit]");
+  submit.disabled = true;
+  showVarError(null);
+  const value = $("var-value").value;
+  try {
+    await changeVariable(name, { value, secret: $("var-secret").checked });
+    // Clear the form for the next one, unless the user already started typing it.
+    if ($("var-name").value.trim() === name && $("var-value").value === value) form.reset();
+    $("var-name").focus();
+  } catch (err) {
+    showVarError(err.message);
+    $("var-name").focus();
+  } finally {
+    submit.disabled = false;
+  }
+}
+
+async function removeVariable(button) {
+  button.disabled = true;
+  showVarError(null);
+  try {
+    await changeVariable(button.dataset.variable, null);
+    $("var-name").focus(); // the button is gone; keep focus in the card
+  } catch (err) {
+    showVarError(err.message);
+    button.disabled = false;
+  }
+}
+
+function renderVariables() {
+  const names = Object.keys(state.variables).sort();
+  $("vars-empty").hidden = names.length > 0;
+  fill(
+    $("var-list"),
+    ...names.map((name) => {
+      const { value, secret } = state.variables[name] ?? {};
+      return el(
+        "li",
+        { className: "var-row" },
+        el("code", { className: "var-name", text: name }),
+        secret
+          ? el("span", { className: "var-value", text: "secret (hidden)" })
+          : el("code", { className: "var-value", text: value ?? "" }),
+        el("button", {
+          type: "button",
+          className: "button button-small button-danger",
+          dataset: { variable: name },
+          "aria-label": `Remove ${name}`,
+          text: "Remove",
+        }),
+      );
+    }),
+  );
+}
+
+function showVarError(message) {
+  $("var-error").hidden = !message;
+  $("var-error").textContent = message ?? "";
+  $("var-name").setAttribute("aria-invalid", message ? "true" : "false");
 }
 
 // ------------------------------------------------------------ deployments --
@@ -224,6 +357,13 @@ function handleLiveMessage(msg) {
     case "logs":
       handleLogs(msg);
       break;
+    case "production":
+      if (msg.project === state.project && msg.production != null) {
+        setProductionFlag(String(msg.production));
+        renderView();
+      }
+      reloadProjectsSoon();
+      break;
     case "error":
       showBanner(typeof msg.message === "string" ? msg.message : "Live updates error");
       break;
@@ -248,22 +388,20 @@ function handleStatus(dep) {
 function handleLogs(msg) {
   if (msg.project !== state.project) return;
   const id = String(msg.deployment);
-  let stored = state.logs.get(id);
-  if (!stored) state.logs.set(id, (stored = []));
-  // Clean once on arrival; re-rendering after switching deployments then
-  // costs nothing extra.
-  const events = msg.events.map((ev) => ({
-    seq: ev.seq,
-    stream: ev.stream,
-    clean: cleanLogText(ev.text),
-  }));
-  for (const ev of events) stored.push(ev);
+  const stored = logLinesOf(id);
+  stored.push(msg.events);
   const last = msg.events[msg.events.length - 1];
   if (last) clock.observe(last.ts);
   if (id === state.selectedId && state.logShownFor === id) {
-    logView.append(events);
+    logView.appended(msg.events.length);
     renderLogCount();
   }
+}
+
+function logLinesOf(id) {
+  let lines = state.logs.get(id);
+  if (!lines) state.logs.set(id, (lines = new LogLines()));
+  return lines;
 }
 
 // ---------------------------------------------------------------- actions --
@@ -312,6 +450,14 @@ async function runAction(button) {
     if (action === "cancel") {
       const updated = await apiJson(`deployments/${encodeURIComponent(id)}/cancel`, { method: "POST" });
       if (updated && String(updated.id) === id) upsertDeployment(updated);
+    } else if (action === "redeploy") {
+      const body = { repo_url: dep.repo_url, project: dep.project };
+      if (dep.branch) body.branch = dep.branch;
+      const created = await apiJson("deployments", { method: "POST", json: body });
+      if (created && created.id != null) {
+        state.seed = created;
+        location.hash = deploymentHash(created.id);
+      }
     } else if (action === "promote") {
       const project = await apiJson(`projects/${encodeURIComponent(dep.project)}/rollback`, {
         method: "POST",
@@ -325,6 +471,40 @@ async function runAction(button) {
   } finally {
     button.disabled = false;
   }
+}
+
+/**
+ * The full log, from storage if Redis has forgotten it, as a text file:
+ * GET .../logs answers NDJSON events; each line's text loses its escapes.
+ */
+async function downloadLog(dep) {
+  let response;
+  try {
+    response = await apiFetch(`deployments/${encodeURIComponent(dep.id)}/logs`);
+  } catch {
+    throw new ApiError(0, "Cannot reach the DeployHub server to download the log.");
+  }
+  if (!response.ok) throw new ApiError(response.status, `Could not download the log (HTTP ${response.status})`);
+  const lines = new LogLines();
+  const events = [];
+  for (const row of (await response.text()).split("\n")) {
+    if (!row) continue;
+    try {
+      const ev = JSON.parse(row);
+      if (ev && typeof ev.seq === "number") events.push(ev);
+    } catch {
+      /* a cut-off last row: keep what came before it */
+    }
+  }
+  lines.push(events);
+  const url = URL.createObjectURL(new Blob([lines.toText()], { type: "text/plain;charset=utf-8" }));
+  const link = document.createElement("a");
+  link.href = url; // a blob: URL we made, not one from the server
+  link.download = `${dep.project}-${dep.id}.log`;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10_000);
 }
 
 /** After a rollback the server may not re-send every deployment, so move the
@@ -395,7 +575,7 @@ function renderProjects() {
       const current = project.name === state.project;
       return el(
         "li",
-        {},
+        { className: `project-entry${current ? " current" : ""}` },
         el(
           "a",
           {
@@ -406,11 +586,36 @@ function renderProjects() {
           el("span", { className: "project-item-name", text: project.name }),
           el("span", { className: "project-item-repo", text: displayUrl(project.repo_url ?? "") }),
         ),
+        projectProduction(project),
       );
     }),
   );
   $("projects-status").hidden = state.projects.length > 0;
   if (!state.projects.length) $("projects-status").textContent = "No projects yet. Deploy one above.";
+}
+
+/** Production status, age and site link of a project in the list. */
+function projectProduction(project) {
+  const prodId = productionId(project);
+  if (prodId == null) {
+    return el("p", { className: "project-prod muted", text: "No production deployment yet" });
+  }
+  const dep = state.productionDeps.get(String(prodId));
+  const since = dep ? (dep.timestamps?.ready ?? dep.created_at) : null;
+  return el(
+    "p",
+    { className: "project-prod" },
+    dep ? statusBadge(dep.status) : null,
+    since != null
+      ? el("time", {
+          className: "project-age",
+          datetime: isoTime(since),
+          title: formatAbsolute(since),
+          text: formatRelative(since),
+        })
+      : null,
+    externalLink(project.url, null, "project-url"),
+  );
 }
 
 function renderProjectHeader() {
@@ -473,6 +678,17 @@ function renderDeploymentRow(dep) {
  */
 function deploymentActions(dep, withVisit) {
   const actions = [];
+  if (!withVisit) {
+    actions.push(
+      el("button", {
+        type: "button",
+        className: "button button-small",
+        dataset: { action: "redeploy", id: String(dep.id) },
+        title: "Deploy the same repository and branch again",
+        text: "Redeploy",
+      }),
+    );
+  }
   if (dep.status === "ready") {
     const link = withVisit ? externalLink(dep.deployment_url, "Visit", "button button-small") : null;
     if (link) {
@@ -624,14 +840,17 @@ function resultLink(label, url) {
 /** Re-render the log panel only when the selected deployment changed. */
 function renderLogsFor(dep) {
   const id = String(dep.id);
+  const lines = logLinesOf(id);
   if (state.logShownFor !== id) {
     state.logShownFor = id;
-    logView.reset(state.logs.get(id) ?? []);
+    logView.show(lines);
+    runSearch(); // the query box applies to whatever log is shown
   }
   // The server replays the newest deployment's log by itself and streams a
-  // running one's; an older finished one must be asked for. Checked on every
-  // render because "newest" is only known once the list has arrived.
-  if (!state.logs.has(id) && isFinal(dep.status) && id !== newestId()) {
+  // running one's; an older finished one must be asked for (requestHistory
+  // asks once). Checked on every render because "newest" is only known once
+  // the list has arrived.
+  if (!lines.length && isFinal(dep.status) && id !== newestId()) {
     live.requestHistory(state.project, dep.id);
   }
   renderLogCount();
@@ -640,6 +859,7 @@ function renderLogsFor(dep) {
 function renderLogCount() {
   const dep = state.deployments.get(state.selectedId);
   const count = state.logs.get(state.selectedId)?.length ?? 0;
+  $("log-download").disabled = !dep;
   $("log-count").textContent = count ? `${count.toLocaleString()} line${count === 1 ? "" : "s"}` : "";
   const empty = $("log-empty");
   empty.hidden = count > 0;
@@ -660,6 +880,18 @@ function renderLogFollow(following, unseen) {
     unseen > 0 ? `↓ ${unseen.toLocaleString()} new line${unseen === 1 ? "" : "s"}` : "↓ Jump to latest";
 }
 
+function runSearch() {
+  const query = $("log-search").value;
+  logView.search(query);
+}
+
+function renderSearchCount(current, total) {
+  const query = $("log-search").value;
+  const box = $("log-search-count");
+  box.textContent = !query ? "" : total ? `${current + 1} of ${total.toLocaleString()}` : "No matches";
+  $("log-prev").disabled = $("log-next").disabled = total === 0;
+}
+
 /** Tell screen readers about status changes, once per change. */
 function announceStatus(dep) {
   const id = String(dep.id);
@@ -677,6 +909,7 @@ function renderConnection(connState) {
   indicator.hidden = connState === "idle" || connState === "unauthorized";
   indicator.textContent =
     { connecting: "Connecting…", open: "Live", reconnecting: "Reconnecting…" }[connState] ?? "";
+  $("log-conn").hidden = connState !== "reconnecting"; // not announced twice: the top bar's is live
 }
 
 function renderSignOut() {
@@ -729,11 +962,57 @@ function tick() {
 
 function bindEvents() {
   $("deploy-form").addEventListener("submit", submitDeploy);
+  $("var-form").addEventListener("submit", submitVariable);
+  $("var-list").addEventListener("click", (event) => {
+    const button = event.target.closest("button[data-variable]");
+    if (button) removeVariable(button);
+  });
   $("auth-form").addEventListener("submit", submitAuth);
   $("sign-out").addEventListener("click", signOut);
   $("refresh-projects").addEventListener("click", loadProjects);
   $("banner-close").addEventListener("click", hideBanner);
   $("log-jump").addEventListener("click", () => logView.scrollToBottom());
+  let searchTimer = 0;
+  $("log-search").addEventListener("input", () => {
+    clearTimeout(searchTimer); // one pass over a long log per pause in typing
+    searchTimer = setTimeout(runSearch, 150);
+  });
+  $("log-search").addEventListener("keydown", (event) => {
+    if (event.key === "Enter") {
+      event.preventDefault();
+      clearTimeout(searchTimer);
+      if (logView.query !== event.currentTarget.value) runSearch();
+      else logView.nextMatch(event.shiftKey ? -1 : 1);
+    } else if (event.key === "Escape" && event.currentTarget.value) {
+      event.currentTarget.value = "";
+      runSearch();
+    }
+  });
+  $("log-search-form").addEventListener("submit", (event) => event.preventDefault());
+  $("log-next").addEventListener("click", () => logView.nextMatch(1));
+  $("log-prev").addEventListener("click", () => logView.nextMatch(-1));
+  $("log-download").addEventListener("click", async (event) => {
+    const button = event.currentTarget;
+    const dep = state.deployments.get(state.selectedId);
+    if (!dep) return;
+    button.disabled = true;
+    try {
+      await downloadLog(dep);
+    } catch (err) {
+      showBanner(err.message);
+    } finally {
+      button.disabled = false;
+    }
+  });
+  // A line number is the link to that line: put it in the address bar to
+  // copy, and highlight the line, without scrolling the log under the pointer.
+  $("log-scroller").addEventListener("click", (event) => {
+    const link = event.target.closest("a.log-num");
+    if (!link || event.button !== 0 || event.ctrlKey || event.metaKey || event.shiftKey) return;
+    event.preventDefault();
+    history.replaceState(null, "", link.getAttribute("href"));
+    logView.highlightSeq(Number(link.textContent));
+  });
   window.addEventListener("hashchange", route);
   window.addEventListener(AUTH_REQUIRED_EVENT, showAuth);
 

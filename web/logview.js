@@ -1,44 +1,62 @@
-// Log panel renderer built for very long build logs (100k+ lines).
+// Log panel: a virtual list for build logs of 50,000 lines and more.
 //
-// - Lines are queued and flushed once per animation frame under a time
-//   budget, so a burst of lines never blocks input or painting.
-// - New chunks are built detached (via a DocumentFragment) and attached in
-//   one go per frame; only the visible tail chunk grows while in the DOM.
-// - Lines are grouped into chunks; full chunks get content-visibility:auto
-//   (see style.css) so the browser skips layout/paint of off-screen ones.
-// - While the user follows a burst (e.g. a 100k-line replay), full chunks are
-//   "parked" with content-visibility:hidden: only the tail is visible, and
-//   Chrome was measured laying out hundreds of "auto" lines per frame near the
-//   bottom (~1/3 of all lines). Once caught up, just enough chunks to fill
-//   the viewport are unparked; the rest go back to "auto" after a quiet
-//   moment (so find-in-page and screen readers see them) or as soon as the
-//   user scrolls up.
-// - Text is always set with textContent: log output is untrusted.
+// The lines live in plain arrays (LogLines); the DOM holds only the rows on
+// screen plus a small margin, each ROW_PX high (no wrapping: long lines
+// scroll sideways), inside a sizer as tall as the whole log. Scrolling,
+// appending and searching re-render at most once per animation frame and
+// touch only those few rows, so a long log costs memory, not frames.
+// Text reaches the DOM through ansi.js as text nodes: log output is untrusted.
 
-const CHUNK_LINES = 100;
-const FRAME_BUDGET_MS = 10; // leave the rest of a 16ms frame to style, layout, paint
-const MIN_LINES_PER_FRAME = 200; // guarantee progress on slow machines
-const BOTTOM_TOLERANCE_PX = 24; // "at the bottom" despite sub-pixel rounding
-const APPROX_LINE_PX = 18; // initial size guess for skipped chunks; refined by the browser
-const UNPARK_AFTER_MS = 400; // quiet time before parked chunks become renderable
+import { findAll, parseAnsi, plainText, renderSegments } from "./ansi.js";
 
-// CSI sequences (colors, cursor moves), OSC sequences (titles, hyperlinks),
-// and the remaining two-byte escapes.
-// eslint-disable-next-line no-control-regex
-const ANSI_RE = /\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]/g;
-// Other C0 controls except tab and newline would render as junk boxes.
-// eslint-disable-next-line no-control-regex
-const CONTROL_RE = /[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]/g;
+export const ROW_PX = 18; // keep in sync with --log-line in style.css
+const OVERSCAN = 20; // rows rendered above and below the viewport
+const PAD_PX = 10; // space above the first and below the last row
+const BOTTOM_TOLERANCE_PX = 4;
+const STREAMS = ["stdout", "stderr", "system"];
 
-/** Make one raw output line displayable: no ANSI codes, no progress-bar rewrites. */
-export function cleanLogText(raw) {
-  let text = String(raw ?? "").replace(ANSI_RE, "");
-  // Progress bars redraw with "\r"; only the final state is worth showing.
-  if (text.includes("\r")) {
-    const parts = text.split("\r").filter((part) => part !== "" && part !== "\n");
-    text = parts.length ? parts[parts.length - 1] : "";
+/** One deployment's log as parallel arrays (no objects per line kept). */
+export class LogLines {
+  constructor() {
+    this.seqs = [];
+    this.times = [];
+    this.streams = []; // index into STREAMS
+    this.raws = []; // as the server sent it, escapes included
+    this.plains = []; // what is shown, for search and download
   }
-  return text.replace(CONTROL_RE, "").replace(/\n$/, "");
+
+  get length() {
+    return this.seqs.length;
+  }
+
+  push(events) {
+    for (const ev of events) {
+      this.seqs.push(ev.seq);
+      this.times.push(typeof ev.ts === "number" ? ev.ts : null);
+      this.streams.push(Math.max(0, STREAMS.indexOf(ev.stream)));
+      const raw = String(ev.text ?? "").replace(/\r?\n$/, "");
+      this.raws.push(raw);
+      this.plains.push(plainText(raw));
+    }
+  }
+
+  /** Index of the line with that seq, or -1 (seqs only grow). */
+  indexOfSeq(seq) {
+    let lo = 0;
+    let hi = this.seqs.length - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1;
+      if (this.seqs[mid] === seq) return mid;
+      if (this.seqs[mid] < seq) lo = mid + 1;
+      else hi = mid - 1;
+    }
+    return -1;
+  }
+
+  /** The log as a text file: one line per event, escapes removed. */
+  toText() {
+    return this.plains.length ? this.plains.join("\n") + "\n" : "";
+  }
 }
 
 export class LogView {
@@ -46,59 +64,150 @@ export class LogView {
    * @param {HTMLElement} scroller  the scrollable panel
    * @param {object} [opts]
    * @param {(following: boolean, unseen: number) => void} [opts.onFollowChange]
+   * @param {(current: number, total: number) => void} [opts.onSearchChange]
+   * @param {(seq: number) => string} [opts.lineHref]  deep link of a line
    */
-  constructor(scroller, { onFollowChange = () => {} } = {}) {
+  constructor(scroller, { onFollowChange = () => {}, onSearchChange = () => {}, lineHref = () => null } = {}) {
     this.scroller = scroller;
     this.onFollowChange = onFollowChange;
-    this.body = document.createElement("div");
-    this.body.className = "log-body";
-    this.scroller.replaceChildren(this.body);
-    this.queue = [];
-    this.queueIndex = 0;
+    this.onSearchChange = onSearchChange;
+    this.lineHref = lineHref;
+    this.sizer = document.createElement("div");
+    this.sizer.className = "log-sizer";
+    this.rows = document.createElement("div");
+    this.rows.className = "log-rows";
+    this.sizer.append(this.rows);
+    this.scroller.replaceChildren(this.sizer);
+    this.lines = new LogLines();
     this.frame = 0;
-    this.chunk = null;
-    this.chunkLines = 0;
-    this.parked = [];
-    this.unparkTimer = 0;
-    // Following = keep the newest line in view. It is the user's intent, not
-    // geometry: off-screen chunks are laid out lazily and may grow when they
-    // come into view, so "not at the bottom" alone doesn't mean "scrolled up".
+    this.rendered = { first: -1, last: -1, version: -1 };
+    this.version = 0; // bumps whenever rendered rows may be stale
+    // Following = keep the newest line in view. Scrolling up stops it;
+    // reaching the bottom again (or the button) restarts it.
     this.following = true;
-    this.unseen = 0; // lines added while the user was scrolled up
-    this.lastScrollTop = 0;
-
-    this.scroller.addEventListener("scroll", () => this.handleScroll(), { passive: true });
-  }
-
-  /** Queue events ({seq, stream, text}) for display. */
-  append(events) {
-    for (const ev of events) this.queue.push(ev);
-    if (!this.frame) this.frame = requestAnimationFrame(() => this.flush());
-  }
-
-  /** Replace everything with the given events (e.g. another deployment selected). */
-  reset(events = []) {
-    cancelAnimationFrame(this.frame);
-    clearTimeout(this.unparkTimer);
-    this.frame = 0;
-    this.queue = [];
-    this.queueIndex = 0;
-    this.chunk = null;
-    this.chunkLines = 0;
-    this.parked = [];
     this.unseen = 0;
-    this.body.replaceChildren();
     this.lastScrollTop = 0;
+    this.query = "";
+    this.matches = []; // line indices that contain the query
+    this.current = -1; // index into matches
+    this.targetSeq = null; // deep-linked line, highlighted
+    this.pendingReveal = false; // scroll to targetSeq once it arrives
+    this.scroller.addEventListener("scroll", () => this.handleScroll(), { passive: true });
+    // The viewport's height changes with the window (phones rotate).
+    new ResizeObserver(() => this.schedule()).observe(this.scroller);
+  }
+
+  /** Show another deployment's lines (a LogLines, shared with the caller). */
+  show(lines) {
+    this.lines = lines;
+    this.unseen = 0;
+    this.targetSeq = null;
+    this.rebuildMatches();
+    this.version += 1;
     this.setFollowing(true);
-    if (events.length) this.append(events);
+    this.schedule();
+  }
+
+  /** The caller pushed `count` lines to the LogLines shown. */
+  appended(count) {
+    if (this.query) {
+      const lower = this.query.toLowerCase();
+      for (let i = this.lines.length - count; i < this.lines.length; i += 1) {
+        if (this.lines.plains[i].toLowerCase().includes(lower)) this.matches.push(i);
+      }
+      if (this.current < 0 && this.matches.length) this.current = 0;
+      this.reportSearch();
+    }
+    if (!this.following) {
+      this.unseen += count;
+      this.onFollowChange(false, this.unseen);
+    }
+    if (this.targetSeq != null && this.pendingReveal) this.revealSeq(this.targetSeq);
+    this.version += 1; // the last rows rendered may have been the old end
+    this.schedule();
   }
 
   scrollToBottom() {
-    this.scroller.scrollTop = this.scroller.scrollHeight;
     this.setFollowing(true);
+    this.schedule();
+  }
+
+  /** Highlight the line with that seq and scroll it into view, now or once it arrives. */
+  revealSeq(seq) {
+    this.targetSeq = seq;
+    const index = this.lines.indexOfSeq(seq);
+    this.pendingReveal = index < 0;
+    this.version += 1;
+    if (index >= 0) this.scrollToIndex(index);
+    else this.schedule();
+    return index >= 0;
+  }
+
+  /** Highlight the line with that seq where it is, without scrolling. */
+  highlightSeq(seq) {
+    this.targetSeq = seq;
+    this.pendingReveal = false;
+    this.version += 1;
+    this.schedule();
+  }
+
+  /** Search the log; returns the number of matching lines. */
+  search(query) {
+    this.query = query;
+    this.rebuildMatches();
+    // From the first hit, not from the view: a follower sits at the end, and
+    // "1 of N" should mean the first line that has it.
+    if (this.matches.length) this.goToMatch(0);
+    this.version += 1;
+    this.schedule();
+    return this.matches.length;
+  }
+
+  nextMatch(step = 1) {
+    if (!this.matches.length) return;
+    const n = this.matches.length;
+    this.goToMatch((((this.current + step) % n) + n) % n);
+  }
+
+  /** Rows currently in the DOM (for tests and for the curious). */
+  get domRows() {
+    return this.rows.childElementCount;
   }
 
   // -- internals ------------------------------------------------------------
+
+  rebuildMatches() {
+    this.matches = [];
+    this.current = -1;
+    if (this.query) {
+      const lower = this.query.toLowerCase();
+      const { plains } = this.lines;
+      for (let i = 0; i < plains.length; i += 1) {
+        if (plains[i].toLowerCase().includes(lower)) this.matches.push(i);
+      }
+    }
+    this.reportSearch();
+  }
+
+  goToMatch(at) {
+    this.current = at;
+    this.reportSearch();
+    this.version += 1;
+    this.scrollToIndex(this.matches[at]);
+  }
+
+  reportSearch() {
+    this.onSearchChange(this.current, this.matches.length);
+  }
+
+  scrollToIndex(index) {
+    this.setFollowing(false);
+    const el = this.scroller;
+    this.sizeSizer();
+    el.scrollTop = Math.max(0, PAD_PX + index * ROW_PX - (el.clientHeight - ROW_PX) / 2);
+    this.lastScrollTop = el.scrollTop;
+    this.schedule();
+  }
 
   isAtBottom() {
     const el = this.scroller;
@@ -108,11 +217,9 @@ export class LogView {
   handleScroll() {
     const top = this.scroller.scrollTop;
     if (this.isAtBottom()) this.setFollowing(true);
-    else if (top < this.lastScrollTop - 1) {
-      this.setFollowing(false); // moved up: reading
-      this.unpark(); // what they scroll to must be renderable
-    }
+    else if (top < this.lastScrollTop - 1) this.setFollowing(false); // moved up: reading
     this.lastScrollTop = top;
+    this.schedule();
   }
 
   setFollowing(following) {
@@ -122,105 +229,81 @@ export class LogView {
     if (changed) this.onFollowChange(following, this.unseen);
   }
 
-  flush() {
+  schedule() {
+    if (!this.frame) this.frame = requestAnimationFrame(() => this.render());
+  }
+
+  sizeSizer() {
+    const height = `${this.lines.length * ROW_PX + 2 * PAD_PX}px`;
+    if (this.sizer.style.height !== height) this.sizer.style.height = height;
+  }
+
+  render() {
     this.frame = 0;
-    clearTimeout(this.unparkTimer);
-    const viewportHeight = this.scroller.clientHeight; // read before mutating: no forced layout
-    const start = performance.now();
-    const fragment = document.createDocumentFragment();
-    let added = 0;
-
-    while (this.queueIndex < this.queue.length) {
-      if (added >= MIN_LINES_PER_FRAME && performance.now() - start > FRAME_BUDGET_MS) break;
-      if (!this.chunk) this.startChunk();
-      this.chunk.appendChild(renderLine(this.queue[this.queueIndex++]));
-      this.chunkLines += 1;
-      added += 1;
-      if (this.chunkLines >= CHUNK_LINES) this.sealChunk(fragment);
-    }
-
-    const drained = this.queueIndex >= this.queue.length;
-    // A partly filled chunk is shown only once we have caught up. During a
-    // burst it would otherwise be laid out in this frame and again in the
-    // next; a full (sealed) chunk off-screen is never laid out at all.
-    if (drained && this.chunk && !this.chunk.isConnected) fragment.appendChild(this.chunk);
-    this.body.appendChild(fragment);
-
-    if (drained) {
-      this.queue = []; // release the backlog instead of letting it grow forever
-      this.queueIndex = 0;
-      // Revealed chunks get their real (maybe wrapped) height in the next
-      // rendering; one more pass then scrolls a follower to the very end.
-      if (this.revealTail(viewportHeight) && this.following) {
-        this.frame = requestAnimationFrame(() => this.flush());
-      }
-      if (this.parked.length) this.unparkTimer = setTimeout(() => this.unpark(), UNPARK_AFTER_MS);
-    } else {
-      this.frame = requestAnimationFrame(() => this.flush());
-    }
-
-    // Only a user who is following gets scrolled along; someone reading older
-    // output stays put and is offered a "new lines" button instead.
+    const el = this.scroller;
+    this.sizeSizer();
     if (this.following) {
-      this.scroller.scrollTop = this.scroller.scrollHeight;
-      this.lastScrollTop = this.scroller.scrollTop;
-    } else {
-      this.unseen += added;
-      this.onFollowChange(false, this.unseen);
+      el.scrollTop = el.scrollHeight;
+      this.lastScrollTop = el.scrollTop;
     }
-  }
+    const count = this.lines.length;
+    const top = el.scrollTop - PAD_PX;
+    const first = Math.max(0, Math.floor(top / ROW_PX) - OVERSCAN);
+    const last = Math.min(count, Math.ceil((top + el.clientHeight) / ROW_PX) + OVERSCAN);
+    const r = this.rendered;
+    if (r.first === first && r.last === last && r.version === this.version) return;
+    this.rendered = { first, last, version: this.version };
 
-  startChunk() {
-    this.chunk = document.createElement("div");
-    this.chunk.className = "log-chunk";
-    this.chunkLines = 0;
-  }
-
-  /** A full chunk never changes again, so the browser may skip it off-screen. */
-  sealChunk(fragment) {
-    const chunk = this.chunk;
-    chunk.style.containIntrinsicSize = `auto ${this.chunkLines * APPROX_LINE_PX}px`;
-    chunk.classList.add("sealed");
-    if (!chunk.isConnected) {
-      if (this.following) {
-        chunk.classList.add("parked");
-        this.parked.push(chunk);
-      }
-      fragment.appendChild(chunk);
+    const marked = new Set();
+    if (this.query) for (const i of this.matches) if (i >= first && i < last) marked.add(i);
+    const currentLine = this.current >= 0 ? this.matches[this.current] : -1;
+    const fragment = document.createDocumentFragment();
+    for (let i = first; i < last; i += 1) {
+      fragment.append(this.renderRow(i, marked.has(i), i === currentLine));
     }
-    this.chunk = null;
-    this.chunkLines = 0;
+    this.rows.style.transform = `translateY(${PAD_PX + first * ROW_PX}px)`;
+    this.rows.replaceChildren(fragment);
   }
 
-  /** Unpark the last chunks, enough to fill the viewport above the tail. */
-  revealTail(viewportHeight) {
-    const tailLines = this.chunk && this.chunk.isConnected ? this.chunkLines : 0;
-    let uncovered = viewportHeight - tailLines * APPROX_LINE_PX;
-    let revealed = false;
-    while (uncovered > 0 && this.parked.length) {
-      this.parked.pop().classList.remove("parked"); // last parked = nearest the bottom
-      uncovered -= CHUNK_LINES * APPROX_LINE_PX;
-      revealed = true;
-    }
-    return revealed;
-  }
+  renderRow(i, marked, isCurrent) {
+    const { lines } = this;
+    const seq = lines.seqs[i];
+    const row = document.createElement("div");
+    row.className = `log-line ${STREAMS[lines.streams[i]]}`;
+    if (seq === this.targetSeq) row.classList.add("target");
+    if (isCurrent) row.classList.add("current-match");
+    row.setAttribute("data-seq", String(seq));
 
-  /** Let every parked chunk render again (as content-visibility:auto). */
-  unpark() {
-    clearTimeout(this.unparkTimer);
-    for (const chunk of this.parked) chunk.classList.remove("parked");
-    this.parked = [];
+    // Number and time are links/labels outside the selectable text, so
+    // copying a selection copies the log alone.
+    const num = document.createElement("a");
+    num.className = "log-num";
+    num.textContent = String(seq);
+    num.tabIndex = -1; // the scroller is the tab stop, not each of 50,000 links
+    const href = this.lineHref(seq);
+    if (href) num.setAttribute("href", href);
+    const time = document.createElement("span");
+    time.className = "log-time";
+    time.textContent = formatClock(lines.times[i]);
+    const text = document.createElement("span");
+    text.className = "log-text";
+    const marks = marked ? findAll(lines.plains[i], this.query) : [];
+    renderSegments(text, parseAnsi(lines.raws[i]), marks, isCurrent ? 0 : -1);
+    // Colour alone does not tell stderr apart (screen readers, colour
+    // blindness): a marker column says it too.
+    const tag = document.createElement("span");
+    tag.className = "log-stream";
+    tag.textContent = lines.streams[i] === 1 ? "err" : "";
+    row.append(num, time, tag, text);
+    return row;
   }
 }
 
-function renderLine(ev) {
-  const line = document.createElement("div");
-  const stream = ev.stream === "stderr" || ev.stream === "system" ? ev.stream : "stdout";
-  line.className = `log-line ${stream}`;
-  // The number is drawn by CSS (::before) so copying log text doesn't copy it.
-  // setAttribute rather than dataset: no DOMStringMap wrapper per line for
-  // the garbage collector to trace.
-  line.setAttribute("data-seq", String(ev.seq));
-  line.textContent = ev.clean ?? cleanLogText(ev.text);
-  return line;
+const pad = (n, width = 2) => String(n).padStart(width, "0");
+
+/** Local wall-clock time of a log line, HH:MM:SS.mmm. */
+export function formatClock(ts) {
+  if (typeof ts !== "number") return "";
+  const d = new Date(ts * 1000);
+  return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
 }
