@@ -52,3 +52,22 @@ def lease(dep_id: str) -> str:
 def channel(project_name: str) -> str:
     """PUB/SUB channel carrying a project's status and log frames (JSON text)."""
     return f"{PREFIX}ch:{project_name}"
+
+
+# PUB/SUB channel every replica's site server listens on: JSON {type: "production", project,
+# production} when a project's production pointer moves (or "" when the project is gone),
+# {type: "deleted", project, deployments: [id...]} when deployments are removed.
+SITES_CHANNEL = PREFIX + "ch-sites"
+# ZSET blob hash -> unix time until which an upload may still reference it (in-flight refs):
+# the collector never deletes a blob while its lease runs.
+BLOB_LEASES = PREFIX + "blob-leases"
+
+
+def blob_deleting(digest: str) -> str:
+    """STRING with a TTL: the collector is deleting this blob; an upload waits, then rewrites."""
+    return f"{PREFIX}blob-deleting:{digest}"
+
+
+def collect_lock(project_name: str) -> str:
+    """STRING with a TTL: one replica at a time enforces a project's retention."""
+    return f"{PREFIX}collect:{project_name}"
