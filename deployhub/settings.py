@@ -114,6 +114,19 @@ class Settings:
     log_line_max_bytes: int = setting(
         4096, "Longer log lines are cut to this many bytes with a marker."
     )
+    keep_deployments: int = setting(
+        10,
+        "Deployments each project keeps, the newest (and always production); older ones are "
+        "deleted with the files no other deployment uses. 0: keep all.",
+    )
+    site_cache_mb: int = setting(
+        64, "MiB of site files (each up to 1 MiB) a server process keeps in memory."
+    )
+    blob_grace_seconds: float = setting(
+        3600.0,
+        "Seconds a stored file stays protected from deletion after an upload last referred to "
+        "it; longer than any upload takes.",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -144,6 +157,10 @@ class Settings:
             raise SettingsError(f"runner must be 'local', not {self.runner!r}")
         if self.max_builds < 1:
             raise SettingsError("max_builds must be at least 1")
+        if self.keep_deployments < 0 or self.site_cache_mb < 0 or self.blob_grace_seconds <= 0:
+            raise SettingsError(
+                "keep_deployments and site_cache_mb must be 0 or more, blob_grace_seconds above 0"
+            )
         if not 1 <= self.port <= 65535:
             raise SettingsError(f"port must be 1-65535, not {self.port}")
 
