@@ -64,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--token", help="API token [env DEPLOYHUB_TOKEN]")
     deploy.set_defaults(run=deploy_command)
 
+    rm = commands.add_parser(
+        "rm", help="delete a project, or some of its deployments, with the files they alone use"
+    )
+    rm.add_argument("project")
+    rm.add_argument("deployments", nargs="*", help="deployment ids (default: the whole project)")
+    rm.add_argument(
+        "--server", default="http://127.0.0.1:8000", help="DeployHub server URL [env DEPLOYHUB_SERVER]"
+    )
+    rm.add_argument("--token", help="API token [env DEPLOYHUB_TOKEN]")
+    rm.set_defaults(run=rm_command)
+
     token = commands.add_parser("token", help="create, list or revoke API tokens")
     token.add_argument("action", choices=["create", "list", "revoke"])
     token.add_argument("name_or_id", nargs="?", help="a name for create, the token id for revoke")
@@ -201,6 +212,39 @@ async def deploy(server: str, body: dict[str, str], follow: bool, token: str = "
         return 1
     print(f"Deployment {final['status']}: {final.get('reason', '')}", file=sys.stderr, flush=True)
     return 1
+
+
+def rm_command(args: argparse.Namespace) -> int:
+    server = os.environ.get("DEPLOYHUB_SERVER", args.server) if args.server == "http://127.0.0.1:8000" else args.server
+    token = args.token or os.environ.get("DEPLOYHUB_TOKEN", "")
+    paths = [f"/api/deployments/{d}" for d in args.deployments] or [f"/api/projects/{args.project}"]
+    return asyncio.run(remove(server.rstrip("/"), args.project, paths, token))
+
+
+async def remove(server: str, project: str, paths: list[str], token: str = "") -> int:
+    """DELETE each path in turn; stops at the first refusal, with the server's reason."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        for path in paths:
+            try:
+                if path.startswith("/api/deployments/"):
+                    async with session.get(server + path) as response:
+                        data = await response.json(content_type=None)
+                    if response.status == 200 and data["project"] != project:
+                        print(f"deployhub: deployment {data['id']} belongs to {data['project']}, "
+                              f"not {project}", file=sys.stderr)
+                        return 1
+                async with session.delete(server + path) as response:
+                    data = await response.json(content_type=None)
+            except aiohttp.ClientError as exc:
+                print(f"deployhub: cannot reach {server}: {exc}", file=sys.stderr)
+                return 1
+            if response.status != 200:
+                print(f"deployhub: {data.get('error', response.reason)}", file=sys.stderr)
+                return 1
+            print(f"Deleted {', '.join(data['deleted']) or 'no deployments'} "
+                  f"({data['blobs_deleted']} stored files no longer used)")
+    return 0
 
 
 class Follower:
