@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.support.infra", "tests.support.service", "tests.support.served"]
+pytest_plugins = ["tests.support.infra", "tests.support.service", "tests.support.served", "tests.support.sites"]
