@@ -3,21 +3,22 @@
 Blobs are shared between deployments (and projects), so a blob may go only when no manifest
 references it and no upload is about to. The scheme:
 
-1. An upload *leases* every blob it will reference before it checks whether the blob exists
-   (ZSET `dh:blob-leases`, hash -> lease end), and leases them all again right before it
-   writes its manifest; a lease lasts `blob_grace_seconds`.
+1. An upload *leases* every blob it will reference (HASH `dh:blob-lease:<hash>`, upload ->
+   lease end) before it checks whether the blob exists, and releases its leases only after
+   its manifest is written. A lease of an upload that dies ends after `blob_grace_seconds`.
 2. The collector forgets the deployments' records (atomically with the checks: never the
-   production one, never one still building), deletes their manifests, then reads every
-   other manifest: a blob any of them uses stays.
-3. For each remaining blob it *claims* the deletion in one Lua step that refuses a blob under
-   lease and otherwise sets `dh:blob-deleting:<hash>`; it deletes the blob and its variants,
-   then clears the flag. An upload whose lease finds that flag waits until it is cleared and
-   then finds the blob gone, so it uploads it again.
+   production one, never one still building) and deletes their manifests.
+3. It *claims* each of their blobs in one Lua step that refuses a blob under lease and
+   otherwise sets `dh:blob-deleting:<hash>`; an upload whose lease meets that flag waits
+   until it is cleared, then finds the blob gone and uploads it again.
+4. Only then it reads every remaining manifest, and deletes the claimed blobs none of them
+   uses; then it clears the flags.
 
-So an upload either leased first (the claim is refused) or sees the flag (it re-uploads).
-A manifest written after step 2 read the others is still covered by its leases, as long as
-the collector's run is shorter than the grace period: a run that takes longer starts over.
-Blobs of a build that failed mid-upload are referenced by no manifest and are left behind.
+An upload either leased the blob before the claim (refused), or released its lease before
+the claim, after writing its manifest, which step 4 then reads (kept), or leased after the
+claim (it waits, and re-uploads). A collector that takes longer than its flags live gives up
+before deleting. Blobs of a build that failed mid-upload are referenced by no manifest and
+stay behind.
 """
 
 from __future__ import annotations
@@ -39,29 +40,41 @@ from .store import Conflict, NotFound, Store
 
 log = logging.getLogger(__name__)
 
-DELETING_TTL = 120  # seconds a claim flag outlives a collector that died mid-delete
+DELETING_TTL = 300  # seconds a claim flag outlives a collector that died mid-delete
 DELETING_POLL = 0.1
-CLAIM_BATCH = 500
+BATCH = 500
 
-# KEYS: the leases ZSET, the deleting-flag prefix. ARGV: lease end, then hashes. Returns the hashes being deleted.
+# KEYS: the lease and deleting-flag prefixes. ARGV: upload id, lease end, grace, hashes...
+# Returns the hashes being deleted right now.
 _HOLD = """
 local busy = {}
-for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], 'GT', ARGV[1], ARGV[i])
+for i = 4, #ARGV do
+  local lease = KEYS[1] .. ARGV[i]
+  redis.call('HSET', lease, ARGV[1], ARGV[2])
+  redis.call('EXPIRE', lease, ARGV[3])
   if redis.call('EXISTS', KEYS[2] .. ARGV[i]) == 1 then busy[#busy + 1] = ARGV[i] end
 end
 return busy
 """
 
-# KEYS: the leases ZSET, the deleting-flag prefix. ARGV: now, flag TTL, then hashes.
-# Returns the hashes this caller may delete (no lease runs on them); flags them as deleting.
+# KEYS: the lease prefix. ARGV: upload id, hashes...
+_RELEASE = """
+for i = 2, #ARGV do redis.call('HDEL', KEYS[1] .. ARGV[i], ARGV[1]) end
+return 1
+"""
+
+# KEYS: the lease and deleting-flag prefixes. ARGV: now, flag TTL, hashes...
+# Flags and returns the hashes no lease runs on.
 _CLAIM = """
 local now = tonumber(ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local claimed = {}
 for i = 3, #ARGV do
-  local until_ = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[i]) or '0')
-  if until_ <= now and redis.call('SET', KEYS[2] .. ARGV[i], '1', 'NX', 'EX', ARGV[2]) then
+  local leased = false
+  local ends = redis.call('HVALS', KEYS[1] .. ARGV[i])
+  for _, value in ipairs(ends) do
+    if tonumber(value) > now then leased = true end
+  end
+  if not leased and redis.call('SET', KEYS[2] .. ARGV[i], '1', 'NX', 'EX', ARGV[2]) then
     claimed[#claimed + 1] = ARGV[i]
   end
 end
@@ -70,29 +83,40 @@ return claimed
 
 
 class BlobLeases:
-    """What an upload holds on the blobs it references until its manifest protects them."""
+    """What one upload holds on the blobs it references until its manifest protects them."""
 
-    def __init__(self, redis: Redis, grace_seconds: float) -> None:
+    def __init__(self, redis: Redis, grace_seconds: float, upload: str) -> None:
         self.redis = redis
         self.grace = grace_seconds
+        self.upload = upload
         self._hold = redis.register_script(_HOLD)
+        self._release = redis.register_script(_RELEASE)
+        self.held: set[str] = set()
 
     async def hold(self, digests: Iterable[str]) -> None:
         """Lease the blobs; returns once none of them is being deleted (a deleted one is then
         gone for good, and the caller finds it missing and uploads it)."""
         wanted = list(dict.fromkeys(digests))
-        for start in range(0, len(wanted), CLAIM_BATCH):
-            batch = wanted[start:start + CLAIM_BATCH]
+        for start in range(0, len(wanted), BATCH):
+            batch = wanted[start:start + BATCH]
             busy = cast(list[str], await self._hold(
-                keys=[keys.BLOB_LEASES, keys.blob_deleting("")],
-                args=[repr(time.time() + self.grace), *batch],
+                keys=[keys.blob_lease(""), keys.blob_deleting("")],
+                args=[self.upload, repr(time.time() + self.grace), int(self.grace) + 1, *batch],
             ))
+            self.held.update(batch)
             deadline = time.monotonic() + DELETING_TTL
             for digest in busy:
                 while await self.redis.exists(keys.blob_deleting(digest)):
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"blob {digest} stayed flagged as deleting")
                     await asyncio.sleep(DELETING_POLL)
+
+    async def release(self) -> None:
+        """Once the manifest is written: from now on it is what keeps the blobs."""
+        held = sorted(self.held)
+        for start in range(0, len(held), BATCH):
+            await self._release(keys=[keys.blob_lease("")], args=[self.upload, *held[start:start + BATCH]])
+        self.held.clear()
 
 
 @dataclasses.dataclass
@@ -102,11 +126,10 @@ class Removed:
 
 
 class Collector:
-    def __init__(self, store: Store, storage: Storage, grace_seconds: float) -> None:
+    def __init__(self, store: Store, storage: Storage) -> None:
         self.store = store
         self.storage = storage
         self.redis: Redis = store.redis
-        self.grace = grace_seconds
         self._claim = self.redis.register_script(_CLAIM)
         # Deployments are immutable: what a manifest references never changes once written.
         self._referenced: dict[str, frozenset[str]] = {}
@@ -156,30 +179,31 @@ class Collector:
             self._referenced.pop(dep_id, None)
             if dep_id in legacy:
                 await self.storage.delete([k async for k in self.storage.list_keys(site_key(dep_id, ""))])
-        digests = {key[len(BLOBS):].split(".", 1)[0] for key in candidates}
-        while True:
-            started = time.monotonic()
-            in_use = await self._in_use()
-            unused = sorted(digests - in_use)
-            if time.monotonic() - started < self.grace / 2:
-                break
-            log.warning("listing the manifests took longer than half the grace period; again")
-        deleted = 0
-        for start in range(0, len(unused), CLAIM_BATCH):
-            batch = unused[start:start + CLAIM_BATCH]
-            claimed = cast(list[str], await self._claim(
-                keys=[keys.BLOB_LEASES, keys.blob_deleting("")],
-                args=[repr(time.time()), DELETING_TTL, *batch],
+        digests = sorted({key[len(BLOBS):].split(".", 1)[0] for key in candidates})
+        claimed: list[str] = []
+        claimed_at = time.monotonic()
+        for start in range(0, len(digests), BATCH):
+            claimed += cast(list[str], await self._claim(
+                keys=[keys.blob_lease(""), keys.blob_deleting("")],
+                args=[repr(time.time()), DELETING_TTL, *digests[start:start + BATCH]],
             ))
-            if not claimed:
-                continue
-            try:
-                mine = set(claimed)
-                doomed = sorted(k for k in candidates if k[len(BLOBS):].split(".", 1)[0] in mine)
-                await self.storage.delete(doomed)
-                deleted += len(claimed)
-            finally:
-                await self.redis.delete(*(keys.blob_deleting(d) for d in claimed))
+        deleted = 0
+        try:
+            # After the claims: a manifest written before an upload released its leases is
+            # among these.
+            in_use = await self._in_use()
+            doomed = set(claimed) - in_use
+            if time.monotonic() - claimed_at > DELETING_TTL / 2:
+                log.warning("the collector was too slow to trust its claims; nothing deleted")
+                doomed = set()
+            if doomed:
+                await self.storage.delete(sorted(
+                    k for k in candidates if k[len(BLOBS):].split(".", 1)[0] in doomed
+                ))
+            deleted = len(doomed)
+        finally:
+            for start in range(0, len(claimed), BATCH):
+                await self.redis.delete(*(keys.blob_deleting(d) for d in claimed[start:start + BATCH]))
         log.info("removed %d deployments and %d blobs", len(dep_ids), deleted)
         return Removed(list(dep_ids), deleted)
 

@@ -58,9 +58,12 @@ def channel(project_name: str) -> str:
 # production} when a project's production pointer moves (or "" when the project is gone),
 # {type: "deleted", project, deployments: [id...]} when deployments are removed.
 SITES_CHANNEL = PREFIX + "ch-sites"
-# ZSET blob hash -> unix time until which an upload may still reference it (in-flight refs):
-# the collector never deletes a blob while its lease runs.
-BLOB_LEASES = PREFIX + "blob-leases"
+
+
+def blob_lease(digest: str) -> str:
+    """HASH upload (deployment id) -> unix time its lease on this blob ends; expires itself.
+    An upload holds it from before it checks the blob exists until its manifest is written."""
+    return f"{PREFIX}blob-lease:{digest}"
 
 
 def blob_deleting(digest: str) -> str:

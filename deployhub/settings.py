@@ -124,8 +124,8 @@ class Settings:
     )
     blob_grace_seconds: float = setting(
         3600.0,
-        "Seconds a stored file stays protected from deletion after an upload last referred to "
-        "it; longer than any upload takes.",
+        "Seconds an upload's hold on the stored files it refers to outlives the upload, when it "
+        "dies before writing its manifest; longer than any upload takes.",
     )
 
     @classmethod

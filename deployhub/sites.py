@@ -134,7 +134,7 @@ class Sites:
         self.storage = storage
         self.store = store
         self.redis: Redis = store.redis
-        self.collector = collector or Collector(store, storage, settings.blob_grace_seconds)
+        self.collector = collector or Collector(store, storage)
         self.suffix = "." + settings.domain.lower().strip(".")
         # label -> deployment id, or None: no site. Written only while events can keep it
         # right (`_live`), and only by a look-up no event overtook (`_generation`).

@@ -66,7 +66,7 @@ async def upload(
     With `redis`, every blob is leased while it is uploaded (see deployhub/collector.py)."""
     return (await upload_site(
         storage, dep_id, src, output, emit, max_files=max_files, max_bytes=max_bytes,
-        leases=BlobLeases(redis, grace_seconds) if redis is not None else None,
+        leases=BlobLeases(redis, grace_seconds, dep_id) if redis is not None else None,
     )).files
 
 
@@ -87,7 +87,6 @@ async def upload_site(
         served = [rel for rel, _ in files if rel not in RULE_FILES]
         emit("system", f"Uploading {len(served)} files from {rel_dir}/")
         manifest: dict[str, dict[str, object]] = {}
-        digests: list[str] = []
         new_blobs = 0
         gate = asyncio.Semaphore(UPLOAD_CONCURRENCY)
 
@@ -107,7 +106,6 @@ async def upload_site(
                 finally:
                     os.close(fd)
             new_blobs += stored
-            digests.append(blob.digest)
             manifest[rel] = {
                 "hash": blob.digest, "size": blob.size, "type": content_type,
                 "cache_control": manifests.cache_control(rel), "encodings": encodings,
@@ -116,13 +114,12 @@ async def upload_site(
         await asyncio.gather(*(upload_one(rel) for rel in served))
     finally:
         os.close(out_fd)
-    if leases is not None:
-        # Again, now: the leases then outlast the manifest's write by the whole grace period.
-        await leases.hold(digests)
     # The manifest goes last: a site is served only from a complete upload.
     await storage.put_bytes(
         manifest_key(dep_id), manifests.dumps(manifest, redirects, headers), "application/json"
     )
+    if leases is not None:
+        await leases.release()  # the manifest keeps the blobs from now on
     emit("system", f"Stored {new_blobs} new files; {len(served) - new_blobs} were stored already")
     return Uploaded(len(served), new_blobs)
 

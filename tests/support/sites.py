@@ -37,8 +37,10 @@ class Publisher:
         return get_storage(self.service.app)
 
     async def publish(
-        self, project: str, files: Mapping[str, str | bytes], *, ready: bool = True
+        self, project: str, files: Mapping[str, str | bytes], *, ready: bool = True,
+        status: Status = Status.READY,
     ) -> tuple[str, list[str], Uploaded]:
+        """With `ready=False` the deployment stays `queued`, as if still building."""
         store = get_store(self.service.app)
         dep = await store.create_deployment(project, "http://127.0.0.1/x.git", "", self.service.token_id)
         out = self.root / dep.id / "dist"
@@ -47,13 +49,13 @@ class Publisher:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(content.encode() if isinstance(content, str) else content)
         lines: list[str] = []
-        leases = BlobLeases(store.redis, self.service.settings.blob_grace_seconds)
+        leases = BlobLeases(store.redis, self.service.settings.blob_grace_seconds, dep.id)
         uploaded = await upload_site(
             self.storage, dep.id, out.parent, out, lambda stream, text: lines.append(text),
             leases=leases,
         )
         if ready:
-            await store.transition(dep, Status.READY)
+            await store.transition(dep, status)
         return dep.id, lines, uploaded
 
     async def get(
