@@ -29,6 +29,7 @@ def setup(app: web.Application, settings: Settings, *, resolver: Resolver | None
     app.router.add_routes(api.routes)
     app.router.add_get("/api/ws", protocol.websocket_handler)
     page.add_routes(app.router)
+    sites.add_routes(app)
 
 
 def create_app(settings: Settings | None = None, *, resolver: Resolver | None = None) -> web.Application:
