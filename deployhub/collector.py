@@ -27,15 +27,17 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable
-from typing import cast
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar, cast
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import keys
 from .manifest import Manifest, parse
 from .status import Status
-from .storage import BLOBS, Storage, manifest_key, site_key
+from .storage import BLOBS, Storage, log_key, manifest_key, site_key
 from .store import Conflict, NotFound, Store
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,25 @@ return claimed
 """
 
 
+T = TypeVar("T")
+OUTAGE_DEADLINE = 120.0  # seconds an upload waits out a Redis restart before it fails
+
+
+async def _through_outage(call: Callable[[], Awaitable[T]]) -> T:
+    """An upload must not fail because Redis restarts under it: every lease call here may
+    simply be made again."""
+    delay = 0.1
+    give_up = time.monotonic() + OUTAGE_DEADLINE
+    while True:
+        try:
+            return await call()
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            if time.monotonic() > give_up:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
 class BlobLeases:
     """What one upload holds on the blobs it references until its manifest protects them."""
 
@@ -99,14 +120,14 @@ class BlobLeases:
         wanted = list(dict.fromkeys(digests))
         for start in range(0, len(wanted), BATCH):
             batch = wanted[start:start + BATCH]
-            busy = cast(list[str], await self._hold(
+            busy = cast(list[str], await _through_outage(lambda: self._hold(
                 keys=[keys.blob_lease(""), keys.blob_deleting("")],
                 args=[self.upload, repr(time.time() + self.grace), int(self.grace) + 1, *batch],
-            ))
+            )))
             self.held.update(batch)
             deadline = time.monotonic() + DELETING_TTL
             for digest in busy:
-                while await self.redis.exists(keys.blob_deleting(digest)):
+                while await _through_outage(lambda: self.redis.exists(keys.blob_deleting(digest))):
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"blob {digest} stayed flagged as deleting")
                     await asyncio.sleep(DELETING_POLL)
@@ -115,7 +136,10 @@ class BlobLeases:
         """Once the manifest is written: from now on it is what keeps the blobs."""
         held = sorted(self.held)
         for start in range(0, len(held), BATCH):
-            await self._release(keys=[keys.blob_lease("")], args=[self.upload, *held[start:start + BATCH]])
+            batch = held[start:start + BATCH]
+            await _through_outage(
+                lambda: self._release(keys=[keys.blob_lease("")], args=[self.upload, *batch])
+            )
         self.held.clear()
 
 
@@ -162,8 +186,8 @@ class Collector:
         return await self.collect(removed) if removed else Removed([])
 
     async def collect(self, dep_ids: list[str]) -> Removed:
-        """Delete the storage of deployments whose records are gone: their manifests, legacy
-        files, and every blob no other manifest (and no upload) still uses."""
+        """Delete the storage of deployments whose records are gone: their manifests, logs,
+        legacy files, and every blob no other manifest (and no upload) still uses."""
         candidates: set[str] = set()
         legacy: list[str] = []
         for dep_id in dep_ids:
@@ -174,7 +198,7 @@ class Collector:
                 legacy.append(dep_id)
             else:
                 candidates |= manifest.blob_keys()
-        await self.storage.delete([manifest_key(d) for d in dep_ids])
+        await self.storage.delete([manifest_key(d) for d in dep_ids] + [log_key(d) for d in dep_ids])
         for dep_id in dep_ids:
             self._referenced.pop(dep_id, None)
             if dep_id in legacy:

@@ -146,7 +146,7 @@ class Sites:
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()
         self._routes: dict[tuple[str, str], Route] = {}
         self.bodies = ByteCache(settings.site_cache_mb * 1024 * 1024)
-        self._loading: dict[str, asyncio.Future[bytes | None]] = {}
+        self._loading: dict[str, asyncio.Task[bytes | None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.live = asyncio.Event()  # set while subscribed: tests wait for it
         # What serving did ("host look-ups", "manifest reads", "file reads", "cache drops").
@@ -229,27 +229,30 @@ class Sites:
         return manifest
 
     async def _load(self, key: str, *, cache: bool = True) -> bytes | None:
-        """An object's bytes, read once however many requests want it at the same time."""
+        """An object's bytes, read once however many requests want it at the same time (in
+        a task of its own: a client that goes away does not cancel the others' read)."""
         if cache and (body := self.bodies.get(key)) is not None:
             return body
-        pending = self._loading.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
-        self._loading[key] = future
-        try:
-            self.stats["file reads"] += 1
-            body = await self.storage.get_bytes(key)
-            if cache and body is not None:
-                self.bodies.put(key, body)
-            future.set_result(body)
-            return body
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: a failure nobody else awaited is not "never seen"
-            raise
-        finally:
-            del self._loading[key]
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.create_task(self._fetch(key, cache))
+            self._loading[key] = task
+            task.add_done_callback(self._fetched)
+        return await asyncio.shield(task)
+
+    async def _fetch(self, key: str, cache: bool) -> bytes | None:
+        self.stats["file reads"] += 1
+        body = await self.storage.get_bytes(key)
+        if cache and body is not None:
+            self.bodies.put(key, body)
+        return body
+
+    def _fetched(self, task: asyncio.Task[bytes | None]) -> None:
+        for key, pending in list(self._loading.items()):
+            if pending is task:
+                del self._loading[key]
+        if not task.cancelled():
+            task.exception()  # retrieved, even when every request that wanted it went away
 
     async def _send(self, request: web.Request, route: Route) -> web.StreamResponse:
         if route.location is not None:
@@ -311,12 +314,15 @@ class Sites:
             if "NoSuchKey" in type(exc).__name__:
                 raise StorageMissing(key) from exc
             raise
-        await response.prepare(request)
-        if first:
-            await response.write(first)
-            async for chunk in chunks:
-                await response.write(chunk)
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            if first:
+                await response.write(first)
+                async for chunk in chunks:
+                    await response.write(chunk)
+            await response.write_eof()
+        finally:
+            await chunks.aclose()  # a client gone mid-file: the storage stream closes now
         return response
 
     # -- events ---------------------------------------------------------------------------

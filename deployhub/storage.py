@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import os
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -80,7 +80,9 @@ class Storage(Protocol):
     def local_path(self, key: str) -> Path | None:
         """A file on disk holding the object, when the backend has one (for sendfile)."""
 
-    def iter_bytes(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    def iter_bytes(
+        self, key: str, start: int = 0, end: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
         """The object's bytes from `start` up to `end` (exclusive; None: to its end), in
         chunks: a large object is never held in memory whole."""
 
@@ -141,7 +143,9 @@ class FileStorage:
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
 
-    async def iter_bytes(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    async def iter_bytes(
+        self, key: str, start: int = 0, end: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
         self.requests["get"] += 1
         async with aiofiles.open(self._path(key), "rb") as f:
             if start:
@@ -253,7 +257,9 @@ class S3Storage:
     def local_path(self, key: str) -> Path | None:
         return None
 
-    async def iter_bytes(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    async def iter_bytes(
+        self, key: str, start: int = 0, end: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
         self.requests["get"] += 1
         extra = {}
         if start or end is not None:
