@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 
 import pytest
@@ -139,3 +140,24 @@ async def _delete(site_service: Publisher, path: str) -> tuple[int, dict[str, ob
     service = site_service.service
     async with service.http.delete(service.url + path) as r:
         return r.status, dict(await r.json())
+
+
+async def test_deployhub_rm_deletes_deployments_then_the_project(site_service: Publisher) -> None:
+    old, _, _ = await site_service.publish("cli", V1)
+    await site_service.publish("cli", {**V1, "index.html": "new"})
+    service = site_service.service
+
+    async def rm(*args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "deployhub.cli", "rm", *args, "--server", service.url,
+            "--token", service.token, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode or 0, out.decode()
+
+    assert await rm("other-project", old) == (1, f"deployhub: deployment {old} belongs to cli, not other-project\n")
+    code, out = await rm("cli", old)
+    assert code == 0 and out == f"Deleted {old} (1 stored files no longer used)\n"
+    code, out = await rm("cli")
+    assert code == 0 and "stored files no longer used" in out
+    assert (await site_service.get("cli", "/"))[0] == 404

@@ -96,5 +96,7 @@ def test_a_build_process_loads_only_the_shared_core() -> None:
     loaded = set(json.loads(out))
     assert "aiohttp" not in loaded
     core = {"deployhub", "deployhub.settings", "deployhub.store", "deployhub.storage", "deployhub.logs",
-            "deployhub.validation", "deployhub.keys", "deployhub.status"}
+            "deployhub.validation", "deployhub.keys", "deployhub.status",
+            # what the upload shares with the site server: the manifest, its rules, the leases
+            "deployhub.manifest", "deployhub.rules", "deployhub.collector"}
     assert loaded <= core, sorted(loaded - core)
