@@ -12,7 +12,8 @@ then runs wrk against four servers, each pinned to the first CPU with wrk on the
   nginx            nginx serving the same files from disk (try_files, gzip_static)
 
 Workloads: a small asset, a 150 KB JS bundle without and with `Accept-Encoding: br`, and
-index.html through a client-side route. Targets: DeployHub's small asset at least 80% of the
+index.html through a client-side route. Each workload is measured on each server in turn, twice by default (the best counts: the
+machine may be shared). Targets: DeployHub's small asset at least 80% of the
 bare handler's requests/s and at least 20% of nginx's; and no S3 request after the first for
 each object (the S3 server's GETs are counted by DeployHub's storage and logged at exit).
 nginx has no brotli module here: its `br` run gets the uncompressed bundle.
@@ -253,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 s per run (under 2 minutes in all)")
     parser.add_argument("--duration", type=float, default=None, help="seconds per wrk run (default 10)")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="measure every workload on every server this many times; best counts")
     sub = parser.add_subparsers(dest="role")
     for role in ("bare", "deployhub"):
         child = sub.add_parser(role)
@@ -313,18 +316,20 @@ def main(argv: list[str] | None = None) -> int:
             server.start()
             check_responses(server.port)
             running[name] = server
-        for server in running.values():  # warm up: caches filled, code paths hot
-            for _, path, headers in WORKLOADS:
-                run_wrk(server.port, path, headers, 1, args.connections)
+        # check_responses read every object once: caches are warm.
         results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in running}
-        for label, path, headers in WORKLOADS:
-            for name, server in running.items():
-                result = results[name][label] = run_wrk(server.port, path, headers, seconds, args.connections)
-                print(f"  {label:22} {name:15} {result['rps']:>10.0f} req/s  p99 {result['p99_ms']:7.2f} ms",
-                      flush=True)
+        for round_ in range(args.rounds):
+            for label, path, headers in WORKLOADS:
+                for name, server in running.items():
+                    result = run_wrk(server.port, path, headers, seconds, args.connections)
+                    best = results[name].get(label)
+                    if best is None or result["rps"] > best["rps"]:
+                        results[name][label] = result  # best of the rounds: least disturbed
+                    print(f"  round {round_ + 1} {label:22} {name:15} {result['rps']:>10.0f} req/s  "
+                          f"p99 {result['p99_ms']:7.2f} ms", flush=True)
         running["deployhub-s3"].stop()  # it logs its storage requests as it stops
         s3_log = storage_requests(running["deployhub-s3"].log_path)
-        report(results, s3_log, seconds, args.connections, time.monotonic() - started)
+        report(results, s3_log, seconds, args.connections, args.rounds, time.monotonic() - started)
         return 0
     finally:
         for proc in reversed(servers):
@@ -333,10 +338,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(results: dict[str, dict[str, dict[str, float]]], s3_log: str, seconds: float,
-           connections: int, elapsed: float) -> None:
+           connections: int, rounds: int, elapsed: float) -> None:
     state = git_state(ROOT)
     print(f"\nSites benchmark at {state['head']}{' (modified: ' + ', '.join(state['modified']) + ')' if state['modified'] else ''}"
-          f"; wrk -t1 -c{connections}, {seconds:.0f} s per run, server on CPU {SERVER_CPU}, wrk on CPU {CLIENT_CPU}")
+          f"; wrk -t1 -c{connections}, {seconds:.0f} s per run, best of {rounds} rounds, "
+          f"servers on CPU {SERVER_CPU}, wrk on CPU {CLIENT_CPU}")
     names = list(results)
     print(f"{'workload':24}" + "".join(f"{n:>24}" for n in names))
     for label, _, _ in WORKLOADS:
@@ -351,7 +357,7 @@ def report(results: dict[str, dict[str, dict[str, float]]], s3_log: str, seconds
         vs_nginx = small[name] / small["nginx"]
         print(f"  {name}: {vs_bare:.0%} of aiohttp-bare (target 80%: {'PASS' if vs_bare >= 0.8 else 'FAIL'}), "
               f"{vs_nginx:.0%} of nginx (target 20%: {'PASS' if vs_nginx >= 0.2 else 'FAIL'})")
-    total = sum(r["rps"] * seconds for r in results["deployhub-s3"].values())
+    total = sum(r["rps"] * seconds for r in results["deployhub-s3"].values()) * rounds
     print(f"  deployhub-s3 storage requests over ~{total:,.0f} requests: {s3_log} "
           "(the manifest and each object read once: no S3 request after the first)")
     errors = {n: sum(r["errors"] for r in results[n].values()) for n in names}

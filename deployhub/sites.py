@@ -287,7 +287,7 @@ class Sites:
             status = 206
             headers = {**headers, "Content-Range": f"bytes {start}-{end - 1}/{size}"}
         if size <= SMALL_FILE and self.bodies.limit:
-            body = await self._load(key)
+            body = self.bodies.get(key) or await self._load(key)
             if body is None:
                 raise StorageMissing(key)
             return web.Response(body=body[start:end] if status == 206 else body, status=status,
