@@ -623,7 +623,9 @@ async def site_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     """A request whose Host is `<label>.<domain>` is a site's; the rest go to the app."""
-    sites = request.config_dict[SITES]
+    # The app whose middleware this is holds SITES (setup() or a mounted create_app()); the
+    # lookup through config_dict builds a ChainMap per request.
+    sites = request.app.get(SITES) or request.config_dict[SITES]
     label = sites.site_label(request.host)
     if label is None:
         return await handler(request)
