@@ -44,8 +44,8 @@ if status == '""" + Status.READY + """' then
   if newer and production ~= id then
     redis.call('HSET', project_key, 'production', id)
     -- Every replica's site server drops its cached host -> deployment entry on this.
-    redis.call('PUBLISH', KEYS[6], cjson.encode({type = 'production', project = ARGV[6],
-                                                 production = id}))
+    redis.call('PUBLISH', '""" + keys.SITES_CHANNEL + """', cjson.encode({
+      type = 'production', project = redis.call('HGET', dep, 'project'), production = id}))
   end
 end
 local fields = redis.call('HGETALL', dep)
@@ -66,7 +66,7 @@ if fields[2] ~= '""" + Status.READY + """' then return 0 end
 redis.call('HSET', project_key, 'production', ARGV[2])
 local event = cjson.encode({type = 'production', project = ARGV[1], production = ARGV[2]})
 redis.call('PUBLISH', channel, event)
-redis.call('PUBLISH', KEYS[4], event)
+redis.call('PUBLISH', '""" + keys.SITES_CHANNEL + """', event)
 return 1
 """
 
@@ -335,10 +335,8 @@ class Store:
                 keys.channel(dep.project),
                 keys.project(dep.project),
                 keys.lease(dep.id),
-                keys.SITES_CHANNEL,
             ],
-            args=[status.value, reason, repr(time.time()), dep.id, keys.deployment(""),
-                  dep.project],
+            args=[status.value, reason, repr(time.time()), dep.id, keys.deployment("")],
         )
         if result == -1:
             raise NotFound(f"no deployment {dep.id!r}")
@@ -347,8 +345,7 @@ class Store:
     async def promote(self, project: str, dep_id: str) -> bool:
         """Point production at a ready deployment; False if it is not ready."""
         result = await self._promote(
-            keys=[keys.project(project), keys.deployment(dep_id), keys.channel(project),
-                  keys.SITES_CHANNEL],
+            keys=[keys.project(project), keys.deployment(dep_id), keys.channel(project)],
             args=[project, dep_id],
         )
         if result == -1:
