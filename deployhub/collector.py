@@ -17,8 +17,8 @@ references it and no upload is about to. The scheme:
 An upload either leased the blob before the claim (refused), or released its lease before
 the claim, after writing its manifest, which step 4 then reads (kept), or leased after the
 claim (it waits, and re-uploads). A collector that takes longer than its flags live gives up
-before deleting. Blobs of a build that failed mid-upload are referenced by no manifest and
-stay behind.
+before deleting. Blobs of a build that failed mid-upload are referenced by no manifest: once
+their leases end, `sweep()` (at most hourly, after a retention pass) removes them the same way.
 """
 
 from __future__ import annotations
@@ -203,6 +203,26 @@ class Collector:
             self._referenced.pop(dep_id, None)
             if dep_id in legacy:
                 await self.storage.delete([k async for k in self.storage.list_keys(site_key(dep_id, ""))])
+        deleted = await self._delete_unused(candidates)
+        log.info("removed %d deployments and %d blobs", len(dep_ids), deleted)
+        return Removed(list(dep_ids), deleted)
+
+    async def sweep(self) -> int:
+        """Delete every blob no manifest uses and no upload holds: what builds that failed
+        mid-upload left behind. Lists the whole store: run it rarely."""
+        in_use = await self._in_use()
+        orphans = {
+            key async for key in self.storage.list_keys(BLOBS)
+            if key[len(BLOBS):].split(".", 1)[0] not in in_use
+        }
+        deleted = await self._delete_unused(orphans) if orphans else 0
+        if deleted:
+            log.info("swept %d blobs no deployment uses", deleted)
+        return deleted
+
+    async def _delete_unused(self, candidates: set[str]) -> int:
+        """Delete the blobs among `candidates` (storage keys, variants too) that no upload
+        holds and no manifest uses; returns how many blobs."""
         digests = sorted({key[len(BLOBS):].split(".", 1)[0] for key in candidates})
         claimed: list[str] = []
         claimed_at = time.monotonic()
@@ -228,8 +248,7 @@ class Collector:
         finally:
             for start in range(0, len(claimed), BATCH):
                 await self.redis.delete(*(keys.blob_deleting(d) for d in claimed[start:start + BATCH]))
-        log.info("removed %d deployments and %d blobs", len(dep_ids), deleted)
-        return Removed(list(dep_ids), deleted)
+        return deleted
 
     async def _manifest(self, dep_id: str) -> Manifest | None:
         raw = await self.storage.get_bytes(manifest_key(dep_id))

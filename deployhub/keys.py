@@ -74,3 +74,11 @@ def blob_deleting(digest: str) -> str:
 def collect_lock(project_name: str) -> str:
     """STRING with a TTL: one replica at a time enforces a project's retention."""
     return f"{PREFIX}collect:{project_name}"
+
+# STRING with a TTL: the last sweep for blobs no deployment uses was less than an hour ago.
+SWEEP_LOCK = PREFIX + "sweep"
+
+
+def collect_again(project_name: str) -> str:
+    """STRING with a TTL: the project changed while its retention pass ran; run it again."""
+    return f"{PREFIX}collect-again:{project_name}"

@@ -45,6 +45,7 @@ SMALL_FILE = 1024 * 1024  # files up to this size are cached in memory whole
 MAX_PATH = 1024
 RECONNECT_BACKOFF = (0.1, 5.0)  # first and longest wait between subscriber reconnects
 COLLECT_LOCK_SECONDS = 600
+SWEEP_SECONDS = 3600  # how often the store is listed for blobs nothing uses
 _LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _DEPLOYMENT_LABEL_RE = re.compile(r"^(?P<project>[a-z0-9-]+)--(?P<dep>[a-z0-9]{12})$")
 _RANGE_RE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$")  # one range; a list is served whole
@@ -392,18 +393,26 @@ class Sites:
         task.add_done_callback(self._tasks.discard)
 
     async def _retain(self, project: str) -> None:
-        """Every replica hears the event; the one that takes the lock trims the project."""
+        """Every replica hears the event; one at a time trims the project. An event that finds
+        a pass running asks it to go again, so no change is left untrimmed."""
+        lock, again = keys.collect_lock(project), keys.collect_again(project)
+        keep = self.settings.keep_deployments
         try:
-            if not await self.redis.set(keys.collect_lock(project), "1", nx=True, ex=COLLECT_LOCK_SECONDS):
-                return
-            try:
-                removed = await self.collector.enforce_retention(project, self.settings.keep_deployments)
-                if removed.deployments:
-                    log.info("%s keeps %d deployments: removed %s (%d blobs)", project,
-                             self.settings.keep_deployments, ", ".join(removed.deployments),
-                             removed.blobs)
-            finally:
-                await self.redis.delete(keys.collect_lock(project))
+            await self.redis.set(again, "1", ex=COLLECT_LOCK_SECONDS)
+            while await self.redis.set(lock, "1", nx=True, ex=COLLECT_LOCK_SECONDS):
+                try:
+                    while await self.redis.getdel(again):
+                        removed = await self.collector.enforce_retention(project, keep)
+                        if removed.deployments:
+                            log.info("%s keeps %d deployments: removed %s (%d blobs)", project,
+                                     keep, ", ".join(removed.deployments), removed.blobs)
+                finally:
+                    await self.redis.delete(lock)
+                if not await self.redis.exists(again):  # asked for between the last two steps
+                    break
+            # Leftovers of failed uploads: one replica, at most once per sweep period.
+            if await self.redis.set(keys.SWEEP_LOCK, "1", nx=True, ex=SWEEP_SECONDS):
+                await self.collector.sweep()
         except Exception:
             log.exception("could not enforce the retention of %s", project)
 

@@ -161,3 +161,19 @@ async def test_deployhub_rm_deletes_deployments_then_the_project(site_service: P
     code, out = await rm("cli")
     assert code == 0 and "stored files no longer used" in out
     assert (await site_service.get("cli", "/"))[0] == 404
+
+
+async def test_a_sweep_removes_blobs_of_failed_uploads_once_their_leases_end(
+    site_service: Publisher,
+) -> None:
+    await site_service.publish("sweep", V1)
+    await _listed(site_service, "sweep", 1)  # the retention pass (and its sweep) is over
+    kept = await site_service.blob_keys()
+    storage, redis = site_service.storage, get_store(site_service.service.app).redis
+    orphan, uploading = "1" * 64, "2" * 64
+    for digest in (orphan, uploading):  # as an upload that died after storing, and one live
+        await storage.put_bytes(blob_key(digest), b"left over", "text/plain")
+        await storage.put_bytes(blob_key(digest, "br"), b"left over", "text/plain")
+    await BlobLeases(redis, 3600, "live-upload").hold([uploading])
+    assert await get_sites(site_service.service.app).collector.sweep() == 1
+    assert await site_service.blob_keys() == kept | {blob_key(uploading), blob_key(uploading, "br")}
