@@ -17,8 +17,10 @@ from .redis_client import CONNECTION_ERRORS
 from .runners import RUNNER
 from .state import RESOLVER, SETTINGS
 from .storage import log_key
+from .collector import Removed
 from .secretbox import secret_box
-from .store import NotFound, ProjectTaken, TooManyActive
+from .sites import SITES
+from .store import Conflict, NotFound, ProjectTaken, TooManyActive
 from .validation import (
     MAX_BODY,
     InvalidInput,
@@ -247,3 +249,34 @@ async def set_variables(request: web.Request) -> web.Response:
         project.name, variables, secret_box(request.config_dict[SETTINGS])
     )
     return web.json_response(_variables_json(await store.list_variables(project.name)))
+
+
+def _removed_json(removed: Removed) -> dict[str, Any]:
+    return {"deleted": removed.deployments, "blobs_deleted": removed.blobs}
+
+
+@routes.delete("/api/deployments/{id}")
+async def delete_deployment(request: web.Request) -> web.Response:
+    """The deployment, its log and its files (those no other deployment uses); 409 while it
+    serves production or still builds."""
+    dep, _ = await request.config_dict[STORE].owned_deployment(
+        check_deployment_id(request.match_info["id"]), await caller(request)
+    )
+    try:
+        removed = await request.config_dict[SITES].collector.delete_deployment(dep.project, dep.id)
+    except Conflict as exc:
+        return error(409, str(exc))
+    return web.json_response(_removed_json(removed))
+
+
+@routes.delete("/api/projects/{name}")
+async def delete_project(request: web.Request) -> web.Response:
+    """The project, its site, every deployment and its files; 409 while one still builds."""
+    project = await request.config_dict[STORE].owned_project(
+        check_project(request.match_info["name"]), await caller(request)
+    )
+    try:
+        removed = await request.config_dict[SITES].collector.delete_project(project.name)
+    except Conflict as exc:
+        return error(409, str(exc))
+    return web.json_response(_removed_json(removed))

@@ -36,6 +36,7 @@ def setup(
     app.router.add_get("/api/ws", protocol.websocket_handler)
     ops.add_routes(app)
     page.add_routes(app.router)
+    sites.add_routes(app)
 
 
 def create_app(

@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="check a token and save it (0600) for later commands")
     login.set_defaults(run=login_command)
 
+    rm = commands.add_parser(
+        "rm", parents=[remote],
+        help="delete a project, or some of its deployments, with the files they alone use",
+    )
+    rm.add_argument("project")
+    rm.add_argument("deployments", nargs="*", help="deployment ids (default: the whole project)")
+    rm.set_defaults(run=remote_command(rm_cmd))
+
     token = commands.add_parser("token", help="create, list or revoke API tokens")
     token.add_argument("action", choices=["create", "list", "revoke"])
     token.add_argument("name_or_id", nargs="?", help="a name for create, the token id for revoke")
@@ -282,6 +290,24 @@ async def logs_cmd(client: Client, args: argparse.Namespace, out: Output) -> int
         return await follow(client, dep, out)
     for event in await client.logs(dep["id"]):
         out.event(event)
+    return 0
+
+
+async def rm_cmd(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """Delete a project (with its site and every deployment), or some of its deployments."""
+    if not args.deployments:
+        removed = await client.request("DELETE", f"/api/projects/{args.project}")
+    else:
+        removed = {"deleted": [], "blobs_deleted": 0}
+        for dep_id in args.deployments:
+            dep = await client.request("GET", f"/api/deployments/{dep_id}")
+            if dep["project"] != args.project:
+                raise ClientError(f"deployment {dep_id} belongs to {dep['project']}, not {args.project}")
+            result = await client.request("DELETE", f"/api/deployments/{dep_id}")
+            removed["deleted"] += result["deleted"]
+            removed["blobs_deleted"] += result["blobs_deleted"]
+    out.result(removed, f"Deleted {', '.join(removed['deleted']) or 'no deployments'} "
+                        f"({removed['blobs_deleted']} stored files no longer used)")
     return 0
 
 

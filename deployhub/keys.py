@@ -89,3 +89,33 @@ def replica(name: str) -> str:
 ECS_TASKS = PREFIX + "ecs:tasks"
 # STRING with a PX TTL, holder name: one replica polls DescribeTasks per round.
 ECS_RECONCILE_LOCK = PREFIX + "ecs:reconcile"
+
+
+# PUB/SUB channel every replica's site server listens on: JSON {type: "production", project,
+# production} when a project's production pointer moves (or "" when the project is gone),
+# {type: "deleted", project, deployments: [id...]} when deployments are removed.
+SITES_CHANNEL = PREFIX + "ch-sites"
+
+
+def blob_lease(digest: str) -> str:
+    """HASH upload (deployment id) -> unix time its lease on this blob ends; expires itself.
+    An upload holds it from before it checks the blob exists until its manifest is written."""
+    return f"{PREFIX}blob-lease:{digest}"
+
+
+def blob_deleting(digest: str) -> str:
+    """STRING with a TTL: the collector is deleting this blob; an upload waits, then rewrites."""
+    return f"{PREFIX}blob-deleting:{digest}"
+
+
+def collect_lock(project_name: str) -> str:
+    """STRING with a TTL: one replica at a time enforces a project's retention."""
+    return f"{PREFIX}collect:{project_name}"
+
+# STRING with a TTL: the last sweep for blobs no deployment uses was less than an hour ago.
+SWEEP_LOCK = PREFIX + "sweep"
+
+
+def collect_again(project_name: str) -> str:
+    """STRING with a TTL: the project changed while its retention pass ran; run it again."""
+    return f"{PREFIX}collect-again:{project_name}"

@@ -218,6 +218,19 @@ class Settings:
     ecs_task_s3_endpoint_url: str = setting(
         "", "S3 endpoint URL the build task uses, when it differs from the server's."
     )
+    keep_deployments: int = setting(
+        10,
+        "Deployments each project keeps, the newest (and always production); older ones are "
+        "deleted with the files no other deployment uses. 0: keep all.",
+    )
+    site_cache_mb: int = setting(
+        64, "MiB of site files (each up to 1 MiB) a server process keeps in memory."
+    )
+    blob_grace_seconds: float = setting(
+        3600.0,
+        "Seconds an upload's hold on the stored files it refers to outlives the upload, when it "
+        "dies before writing its manifest; longer than any upload takes.",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -269,6 +282,10 @@ class Settings:
             raise SettingsError("max_active_per_token must be at least 1")
         if self.token_failures_per_minute < 1:
             raise SettingsError("token_failures_per_minute must be at least 1")
+        if self.keep_deployments < 0 or self.site_cache_mb < 0 or self.blob_grace_seconds <= 0:
+            raise SettingsError(
+                "keep_deployments and site_cache_mb must be 0 or more, blob_grace_seconds above 0"
+            )
         if not 1 <= self.port <= 65535:
             raise SettingsError(f"port must be 1-65535, not {self.port}")
         if self.secrets_key is not None and not _fernet_key(self.secrets_key.reveal()):

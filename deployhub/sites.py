@@ -1,121 +1,537 @@
-"""Serving deployed sites by Host: `<project>.<domain>` and `<project>--<deployment>.<domain>`."""
+"""Serving deployed sites by Host: `<project>.<domain>` and `<project>--<deployment>.<domain>`.
+
+The hot path costs no network round trip. Which deployment a host serves is cached in the
+process and kept right by the production-change events every replica receives on one Redis
+channel (the store's scripts publish them); while that subscription is down nothing new is
+cached, and when it comes back the cache is dropped, since events may have been missed. So a
+site already seen keeps serving while Redis is away. Manifests are immutable and cached;
+small files (and their precompressed variants) are cached under a byte bound; larger ones
+stream from storage, never whole in memory.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
+import functools
 import json
+import logging
 import re
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from aiohttp import hdrs, web
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from yarl import URL
 
-from aiohttp import web
-
+from . import keys
+from .collector import Collector
 from .connections import STORAGE, STORE
+from .manifest import Entry, Manifest, parse
 from .settings import Settings
 from .state import SETTINGS, require
-from .storage import Storage, manifest_key, site_key
+from .storage import Storage, manifest_key
 from .store import Store
 
-MANIFEST_CACHE = 512
+log = logging.getLogger(__name__)
+
+MANIFEST_CACHE = 512  # manifests kept parsed in memory (deployments served from this process)
+HOST_CACHE = 10_000  # host labels remembered (with "no site here" too, for project hosts)
+ROUTE_CACHE = 20_000  # (deployment, request path) -> how it is answered
+SMALL_FILE = 1024 * 1024  # files up to this size are cached in memory whole
 MAX_PATH = 1024
+RECONNECT_BACKOFF = (0.1, 5.0)  # first and longest wait between subscriber reconnects
+COLLECT_LOCK_SECONDS = 600
+SWEEP_SECONDS = 3600  # how often the store is listed for blobs nothing uses
 _LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _DEPLOYMENT_LABEL_RE = re.compile(r"^(?P<project>[a-z0-9-]+)--(?P<dep>[a-z0-9]{12})$")
-# Bundlers put a content hash in asset names (app-3f9a1c2b.js, main.8c1f2e0a.css).
-_HASHED_RE = re.compile(r"[.-][A-Za-z0-9_]{8,}\.(?:js|mjs|css|woff2?|ttf|otf|png|jpe?g|gif|svg|webp|avif|ico|wasm|map)$")
+_RANGE_RE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$")  # one range; a list is served whole
+ENCODING_PREFERENCE = ("br", "gzip")  # at equal q, brotli: it is smaller
+
+# For every static site; each can be replaced from `_headers`. nosniff: a file is only ever
+# what its type says. Referrer-Policy: full URLs (with their paths and queries) stay on the
+# site; other origins get the origin only, as browsers default to. X-Frame-Options
+# SAMEORIGIN: no other site can frame this one to click-jack it, while the site may still
+# frame its own pages. Nothing that can break an app: no CSP for scripts, no COOP (OAuth
+# pop-ups), no CORP (assets used from other origins), no HSTS (sites may be on plain http).
+DEFAULT_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "strict-origin-when-cross-origin",
+    "X-Frame-Options": "SAMEORIGIN",
+}
+
+_MISSING = object()
+
+
+class StorageMissing(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class Route:
+    """How one request path of one deployment is answered, worked out once."""
+
+    status: int
+    entry: Entry | None = None
+    location: str | None = None
+    extra: dict[str, str] = dataclasses.field(default_factory=dict)  # from `_headers`
+    # Content-Encoding ("" for none) -> the response headers, built on first use.
+    headers: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+
+    def headers_for(self, encoding: str) -> dict[str, str]:
+        found = self.headers.get(encoding)
+        if found is None:
+            found = self.headers[encoding] = self._build(encoding)
+        return found
+
+    def _build(self, encoding: str) -> dict[str, str]:
+        entry = self.entry
+        assert entry is not None
+        headers = {"Content-Type": entry.type, "Cache-Control": entry.cache_control}
+        if self.status == 200:
+            headers["ETag"] = entry.etag if not encoding else f'{entry.etag[:-1]}-{encoding}"'
+            headers["Accept-Ranges"] = "bytes"
+        if encoding:
+            headers["Content-Encoding"] = encoding
+        if entry.encodings:
+            headers["Vary"] = "Accept-Encoding"
+        headers.update(DEFAULT_HEADERS)
+        headers.update(self.extra)
+        return headers
+
+
+class ByteCache:
+    """Small immutable bodies by storage key, least recently used out first, at most
+    `limit` bytes in all."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, key: str) -> bytes | None:
+        body = self._items.get(key)
+        if body is not None:
+            self._items.move_to_end(key)
+        return body
+
+    def put(self, key: str, body: bytes) -> None:
+        if len(body) > self.limit or key in self._items:
+            return
+        self._items[key] = body
+        self.size += len(body)
+        while self.size > self.limit:
+            _, dropped = self._items.popitem(last=False)
+            self.size -= len(dropped)
 
 
 class Sites:
-    def __init__(self, settings: Settings, storage: Storage, store: Store) -> None:
+    def __init__(
+        self, settings: Settings, storage: Storage, store: Store, collector: Collector | None = None
+    ) -> None:
         self.settings = settings
         self.storage = storage
         self.store = store
+        self.redis: Redis = store.redis
+        self.collector = collector or Collector(store, storage)
         self.suffix = "." + settings.domain.lower().strip(".")
-        # Deployments are immutable, so a manifest never goes stale once read.
-        self._manifests: OrderedDict[str, dict[str, dict[str, Any]]] = OrderedDict()
+        # label -> deployment id, or None: no site. Written only while events can keep it
+        # right (`_live`), and only by a look-up no event overtook (`_generation`).
+        self._hosts: OrderedDict[str, str | None] = OrderedDict()
+        self._labels: dict[str, object] = {}  # Host header -> label (or None), parsed once
+        self._live = False
+        self._generation = 0
+        self._manifests: OrderedDict[str, Manifest] = OrderedDict()
+        self._routes: dict[tuple[str, str], Route] = {}
+        self.bodies = ByteCache(settings.site_cache_mb * 1024 * 1024)
+        self._loading: dict[str, asyncio.Task[bytes | None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.live = asyncio.Event()  # set while subscribed: tests wait for it
+        # What serving did ("host look-ups", "manifest reads", "file reads", "cache drops").
+        self.stats: Counter[str] = Counter()
 
     def site_label(self, host: str | None) -> str | None:
         """The label in front of our domain, or None when the request is for the app itself."""
         if not host:
             return None
-        name = host.lower().rsplit(":", 1)[0] if not host.startswith("[") else host
-        name = name.rstrip(".")
-        if not name.endswith(self.suffix):
-            return None
-        return name[: -len(self.suffix)]
+        found = self._labels.get(host, _MISSING)
+        if found is _MISSING:
+            name = host.lower().rsplit(":", 1)[0] if not host.startswith("[") else host
+            name = name.rstrip(".")
+            found = name[: -len(self.suffix)] if name.endswith(self.suffix) else None
+            if len(self._labels) >= HOST_CACHE:
+                self._labels.clear()
+            self._labels[host] = found
+        return found  # type: ignore[return-value]
+
+    # -- the request ----------------------------------------------------------------------
 
     async def handle(self, request: web.Request, label: str) -> web.StreamResponse:
-        if "." in label or not _LABEL_RE.match(label):
-            return _not_found("No site here: the host name is not a DeployHub site.", 400)
-        dep_id = await self._deployment_for(label)
+        dep_id = self._hosts.get(label, _MISSING)
+        if dep_id is _MISSING:
+            if "." in label or not _LABEL_RE.match(label):
+                return _text("No site here: the host name is not a DeployHub site.", 400)
+            try:
+                dep_id = await self._deployment_for(label)
+            except (RedisError, OSError) as exc:
+                log.warning("cannot look up the site %s: %s", label, exc)
+                return _text("This site is unavailable for a moment; try again shortly.", 503)
         if dep_id is None:
-            return _not_found(f"No site is deployed at {label}{self.suffix}.")
-        manifest = await self._manifest(dep_id)
+            return _text(f"No site is deployed at {label}{self.suffix}.", 404)
+        assert isinstance(dep_id, str)
+        manifest = self._manifests.get(dep_id)
         if manifest is None:
-            return _not_found(f"No site is deployed at {label}{self.suffix}.")
-        rel = _clean_path(request.path)
-        if rel is None:
-            return _not_found("Not found.", 400)
-        found = _lookup(manifest, rel)
-        if found is None:
-            return _not_found("Not found.")
-        path, status = found
-        return await self._send(request, dep_id, path, manifest[path], status)
+            manifest = await self._manifest(dep_id)
+            if manifest is None:
+                return _text(f"No site is deployed at {label}{self.suffix}.", 404)
+        route = self._routes.get((dep_id, request.path))
+        if route is None:
+            rel = _clean_path(request.path)
+            if rel is None:
+                return _text("Not found.", 400)
+            route = resolve(manifest, request.path, rel)
+            if len(self._routes) >= ROUTE_CACHE:
+                self._routes.clear()
+            self._routes[(dep_id, request.path)] = route
+        try:
+            return await self._send(request, route)
+        except StorageMissing as exc:
+            log.error("deployment %s lists a file storage does not have: %s", dep_id, exc)
+            return _text("This file is missing from storage.", 503)
 
     async def _deployment_for(self, label: str) -> str | None:
+        generation = self._generation
+        self.stats["host look-ups"] += 1
         match = _DEPLOYMENT_LABEL_RE.match(label)
         if match:
             if await self.store.project_of(match["dep"]) != match["project"]:
-                return None
-            return match["dep"]
-        return await self.store.production_of(label)
+                return None  # not remembered: a deployment that does not exist yet may soon
+            found: str | None = match["dep"]
+        else:
+            found = await self.store.production_of(label)
+        if self._live and generation == self._generation:
+            self._hosts[label] = found
+            if len(self._hosts) > HOST_CACHE:
+                self._hosts.popitem(last=False)
+        return found
 
-    async def _manifest(self, dep_id: str) -> dict[str, dict[str, Any]] | None:
-        cached = self._manifests.get(dep_id)
-        if cached is not None:
-            self._manifests.move_to_end(dep_id)
-            return cached
-        raw = await self.storage.get_bytes(manifest_key(dep_id))
+    async def _manifest(self, dep_id: str) -> Manifest | None:
+        raw = await self._load(manifest_key(dep_id), cache=False)
         if raw is None:
             return None
-        files: dict[str, dict[str, Any]] = json.loads(raw)["files"]
-        self._manifests[dep_id] = files
+        self.stats["manifest reads"] += 1
+        manifest = parse(dep_id, raw)
+        self._manifests[dep_id] = manifest
         if len(self._manifests) > MANIFEST_CACHE:
             self._manifests.popitem(last=False)
-        return files
+        return manifest
 
-    async def _send(
-        self, request: web.Request, dep_id: str, path: str, info: dict[str, Any], status: int
+    async def _load(self, key: str, *, cache: bool = True) -> bytes | None:
+        """An object's bytes, read once however many requests want it at the same time (in
+        a task of its own: a client that goes away does not cancel the others' read)."""
+        if cache and (body := self.bodies.get(key)) is not None:
+            return body
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.create_task(self._fetch(key, cache))
+            self._loading[key] = task
+            task.add_done_callback(self._fetched)
+        return await asyncio.shield(task)
+
+    async def _fetch(self, key: str, cache: bool) -> bytes | None:
+        self.stats["file reads"] += 1
+        body = await self.storage.get_bytes(key)
+        if cache and body is not None:
+            self.bodies.put(key, body)
+        return body
+
+    def _fetched(self, task: asyncio.Task[bytes | None]) -> None:
+        for key, pending in list(self._loading.items()):
+            if pending is task:
+                del self._loading[key]
+        if not task.cancelled():
+            task.exception()  # retrieved, even when every request that wanted it went away
+
+    async def _send(self, request: web.Request, route: Route) -> web.StreamResponse:
+        if route.location is not None:
+            location = route.location
+            if request.query_string and "?" not in location:
+                location += "?" + request.query_string
+            return web.Response(status=route.status, headers={
+                "Location": location, "Cache-Control": "no-cache", **DEFAULT_HEADERS, **route.extra,
+            })
+        entry = route.entry
+        if entry is None:
+            return _text("Not found.", 404)
+        ranged = route.status == 200 and "Range" in request.headers and _if_range(request, entry)
+        encoding = "" if ranged else _choose(entry, request.headers.get("Accept-Encoding", ""))
+        headers = route.headers_for(encoding)
+        if route.status == 200 and (tags := request.headers.get("If-None-Match")):
+            if _etag_matches(tags, headers["ETag"]):
+                return web.Response(status=304, headers={
+                    k: v for k, v in headers.items() if k not in ("Content-Type", "Content-Encoding")
+                })
+        key, size = entry.encodings[encoding] if encoding else (entry.key, entry.size)
+        start, end = 0, size
+        status = route.status
+        spec = _RANGE_RE.match(request.headers["Range"].strip()) if ranged else None
+        if spec is not None and (spec[1] or spec[2]):  # else (several ranges, or none): all
+            parsed = _parse_range(spec[1], spec[2], size)
+            if parsed is None:
+                return web.Response(status=416, headers={
+                    "Content-Range": f"bytes */{size}", **DEFAULT_HEADERS,
+                })
+            start, end = parsed
+            status = 206
+            headers = {**headers, "Content-Range": f"bytes {start}-{end - 1}/{size}"}
+        if size <= SMALL_FILE and self.bodies.limit:
+            body = self.bodies.get(key) or await self._load(key)
+            if body is None:
+                raise StorageMissing(key)
+            return web.Response(body=body[start:end] if status == 206 else body, status=status,
+                                headers=headers)
+        return await self._stream(request, key, status, headers, start, end)
+
+    async def _stream(
+        self, request: web.Request, key: str, status: int, headers: dict[str, str], start: int,
+        end: int,
     ) -> web.StreamResponse:
-        headers = {
-            "Content-Type": str(info["type"]),
-            "Cache-Control": cache_control(path),
-            "X-Content-Type-Options": "nosniff",
-        }
-        key = site_key(dep_id, path)
-        local = self.storage.local_path(key)
-        if local is not None:
-            response = web.FileResponse(local, status=status, headers=headers)
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = end - start
+        if request.method == "HEAD":
+            await response.prepare(request)
+            await response.write_eof()
             return response
-        etag = f'"{dep_id}-{info["size"]}"'
-        if request.headers.get("If-None-Match") == etag and status == 200:
-            return web.Response(status=304, headers={"ETag": etag, "Cache-Control": headers["Cache-Control"]})
-        stream = web.StreamResponse(status=status, headers={**headers, "ETag": etag})
-        stream.content_length = int(info["size"])
-        await stream.prepare(request)
-        if request.method != "HEAD":
-            async for chunk in self.storage.iter_bytes(key):
-                await stream.write(chunk)
-        await stream.write_eof()
-        return stream
+        chunks = self.storage.iter_bytes(key, start, end)
+        self.stats["file reads"] += 1
+        try:
+            first = await anext(chunks, b"")
+        except (FileNotFoundError, LookupError) as exc:
+            raise StorageMissing(key) from exc
+        except Exception as exc:
+            if "NoSuchKey" in type(exc).__name__:
+                raise StorageMissing(key) from exc
+            raise
+        try:
+            await response.prepare(request)
+            if first:
+                await response.write(first)
+                async for chunk in chunks:
+                    await response.write(chunk)
+            await response.write_eof()
+        finally:
+            await chunks.aclose()  # a client gone mid-file: the storage stream closes now
+        return response
+
+    # -- events ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Follow production changes for as long as the app runs, reconnecting with backoff."""
+        backoff = RECONNECT_BACKOFF[0]
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(keys.SITES_CHANNEL)
+                    if pubsub.connection is not None:
+                        # redis-py may reconnect on its own: events may have been missed.
+                        pubsub.connection.register_connect_callback(self._reconnected)
+                    async for message in pubsub.listen():
+                        if message["type"] == "subscribe":
+                            self._drop_hosts()
+                            self._live = True
+                            self.live.set()
+                            backoff = RECONNECT_BACKOFF[0]
+                        elif message["type"] == "message":
+                            try:
+                                self.apply(json.loads(message["data"]))
+                            except (ValueError, KeyError, TypeError):
+                                log.exception("dropped a malformed site event")
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                log.warning("site events lost their Redis connection (%s); sites seen keep "
+                            "serving; retrying in %.1fs", exc, backoff)
+            finally:
+                self._live = False
+                self.live.clear()
+                self._generation += 1
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RECONNECT_BACKOFF[1])
+
+    async def _reconnected(self, connection: object) -> None:
+        self._drop_hosts()
+
+    def _drop_hosts(self) -> None:
+        self._generation += 1
+        if self._hosts:
+            self.stats["cache drops"] += 1
+        self._hosts.clear()
+
+    def apply(self, event: dict[str, Any]) -> None:
+        """One event from the sites channel."""
+        self._generation += 1
+        project = str(event["project"])
+        if event["type"] == "production":
+            production = str(event["production"]) or None
+            if project in self._hosts or production is None:
+                self._hosts[project] = production
+            if production is not None and self.settings.keep_deployments:
+                self._spawn(self._retain(project))
+        elif event["type"] == "deleted":
+            for dep_id in event["deployments"]:
+                self._hosts.pop(f"{project}--{dep_id}", None)
+                self._manifests.pop(str(dep_id), None)
+                for route_key in [k for k in self._routes if k[0] == dep_id]:
+                    del self._routes[route_key]
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _retain(self, project: str) -> None:
+        """Every replica hears the event; one at a time trims the project. An event that finds
+        a pass running asks it to go again, so no change is left untrimmed."""
+        lock, again = keys.collect_lock(project), keys.collect_again(project)
+        keep = self.settings.keep_deployments
+        try:
+            await self.redis.set(again, "1", ex=COLLECT_LOCK_SECONDS)
+            while await self.redis.set(lock, "1", nx=True, ex=COLLECT_LOCK_SECONDS):
+                try:
+                    while await self.redis.getdel(again):
+                        removed = await self.collector.enforce_retention(project, keep)
+                        if removed.deployments:
+                            log.info("%s keeps %d deployments: removed %s (%d blobs)", project,
+                                     keep, ", ".join(removed.deployments), removed.blobs)
+                finally:
+                    await self.redis.delete(lock)
+                if not await self.redis.exists(again):  # asked for between the last two steps
+                    break
+            # Leftovers of failed uploads: one replica, at most once per sweep period.
+            if await self.redis.set(keys.SWEEP_LOCK, "1", nx=True, ex=SWEEP_SECONDS):
+                await self.collector.sweep()
+        except Exception:
+            log.exception("could not enforce the retention of %s", project)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
-def cache_control(path: str) -> str:
-    if path.endswith(".html"):
-        return "no-cache"
-    if _HASHED_RE.search(path):
-        return "public, max-age=31536000, immutable"
-    return "public, max-age=0, must-revalidate"
+def resolve(manifest: Manifest, path: str, rel: str) -> Route:
+    """How a request path is answered: forced rules, then files (`path`, `path/index.html`,
+    `path.html`), then the other rules, then `404.html`, then the app shell for client-side
+    routes (only where the site's rules do not route them)."""
+    forced = [r for r in manifest.redirects if r.force]
+    for rule in forced:
+        route = _apply(manifest, rule.status, rule.match(path))
+        if route is not None:
+            break
+    else:
+        entry = _file(manifest, rel)
+        route = Route(200, entry) if entry is not None else None
+        if route is None:
+            for rule in manifest.redirects:
+                if not rule.force and (route := _apply(manifest, rule.status, rule.match(path))):
+                    break
+        if route is None and "404.html" in manifest.files:
+            route = Route(404, manifest.files["404.html"])
+        if (route is None and not manifest.has_client_routing and "index.html" in manifest.files
+                and "." not in rel.rsplit("/", 1)[-1]):
+            # Client-side routes (/dashboard/settings) get the app shell; missing files do not.
+            route = Route(200, manifest.files["index.html"])
+    if route is None:
+        return Route(404)
+    for header_rule in manifest.headers:
+        if header_rule.matches(path):
+            route.extra.update(header_rule.values)
+    return route
+
+
+def _apply(manifest: Manifest, status: int, target: str | None) -> Route | None:
+    if target is None:
+        return None
+    if status in (200, 404):
+        rel = _clean_path(target.split("?", 1)[0])
+        entry = _file(manifest, rel) if rel is not None else None
+        return Route(status, entry) if entry is not None else None
+    return Route(status, location=target)
+
+
+def _file(manifest: Manifest, rel: str) -> Entry | None:
+    files = manifest.files
+    for candidate in ([rel, f"{rel}/index.html", f"{rel}.html"] if rel else ["index.html"]):
+        entry = files.get(candidate)
+        if entry is not None:
+            return entry
+    return None
+
+
+@functools.lru_cache(maxsize=512)
+def _accepted(header: str) -> tuple[str, ...]:
+    """The encodings an Accept-Encoding header takes, best first (q=0 refuses one)."""
+    quality: dict[str, float] = {}
+    for part in header.split(","):
+        name, _, params = part.strip().partition(";")
+        name = name.strip().lower()
+        q = 1.0
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if name:
+            quality[name] = q
+    wildcard = quality.get("*", 0.0)
+    ranked = [
+        (quality.get(name, wildcard), -i, name) for i, name in enumerate(ENCODING_PREFERENCE)
+    ]
+    return tuple(name for q, _, name in sorted(ranked, reverse=True) if q > 0)
+
+
+def _choose(entry: Entry, header: str) -> str:
+    if not entry.encodings or not header:
+        return ""
+    for name in _accepted(header):
+        if name in entry.encodings:
+            return name
+    return ""
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    for tag in header.split(","):
+        tag = tag.strip()
+        if tag == "*" or tag.removeprefix("W/") == etag:
+            return True
+    return False
+
+
+def _if_range(request: web.Request, entry: Entry) -> bool:
+    """Whether to honour Range: always, unless If-Range names another version."""
+    value = request.headers.get("If-Range")
+    return value is None or value == entry.etag
+
+
+def _parse_range(first: str, last: str, size: int) -> tuple[int, int] | None:
+    """(start, end exclusive) of `bytes=first-last`; None when it cannot be satisfied."""
+    if first == "":
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            return None
+        return max(size - suffix, 0), size
+    start = int(first)
+    end = int(last) + 1 if last else size
+    if start >= size or end <= start:
+        return None
+    return start, min(end, size)
 
 
 def _clean_path(path: str) -> str | None:
@@ -128,21 +544,9 @@ def _clean_path(path: str) -> str | None:
     return "/".join(parts)
 
 
-def _lookup(manifest: dict[str, Any], rel: str) -> tuple[str, int] | None:
-    candidates = [rel, f"{rel}/index.html", f"{rel}.html"] if rel else ["index.html"]
-    for candidate in candidates:
-        if candidate in manifest:
-            return candidate, 200
-    if "404.html" in manifest:
-        return "404.html", 404
-    # Client-side routes (/dashboard/settings) get the app shell; missing files (/x.js) do not.
-    if "." not in rel.rsplit("/", 1)[-1] and "index.html" in manifest:
-        return "index.html", 200
-    return None
-
-
-def _not_found(message: str, status: int = 404) -> web.Response:
-    return web.Response(status=status, text=message + "\n", content_type="text/plain")
+def _text(message: str, status: int) -> web.Response:
+    return web.Response(status=status, text=message + "\n", content_type="text/plain",
+                        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
 
 
 SITES = web.AppKey("deployhub.sites", Sites)
@@ -153,8 +557,74 @@ def get_sites(app: web.Application) -> Sites:
 
 
 async def sites_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[SITES] = Sites(app[SETTINGS], app[STORAGE], app[STORE])
-    yield
+    sites = Sites(app[SETTINGS], app[STORAGE], app[STORE])
+    app[SITES] = sites
+    task = asyncio.create_task(sites.run(), name="deployhub-site-events")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await sites.close()
+        if sites.stats:
+            log.info("sites: %s; storage requests: %s",
+                     ", ".join(f"{n} {what}" for what, n in sites.stats.items()),
+                     dict(sites.storage.requests))
+
+
+class SiteResource(web.Resource):
+    """Every request for a site's host, whatever its path, routed to the site server.
+
+    Without it, aiohttp's router finds no route for a site's paths and builds an HTTPNotFound
+    (a whole response) for each such request before `site_middleware` answers it: a third of
+    the time a small file took. Indexed at "/", it is tried after the app's own routes, which
+    `site_middleware` still intercepts for site hosts."""
+
+    def __init__(self, app: web.Application) -> None:
+        super().__init__()
+        self._app = app
+        self._prefix = ""
+        self.add_route(hdrs.METH_ANY, _site_handler)
+
+    @property
+    def canonical(self) -> str:
+        return self._prefix or "/"
+
+    def add_prefix(self, prefix: str) -> None:
+        self._prefix = prefix + self._prefix
+
+    def _match(self, path: str) -> dict[str, str] | None:
+        return {} if path.startswith(self._prefix) else None
+
+    def raw_match(self, path: str) -> bool:
+        return False
+
+    def get_info(self) -> dict[str, Any]:  # type: ignore[override]
+        return {"prefix": self._prefix, "hosts": "<project>.<domain>"}
+
+    def url_for(self, **kwargs: str) -> URL:
+        raise RuntimeError("sites have no URL inside the app; see Settings.site_url_for")
+
+    async def resolve(self, request: web.Request) -> Any:
+        sites = self._app.get(SITES)
+        if sites is None or sites.site_label(request.host) is None:
+            return None, set()
+        return await super().resolve(request)
+
+
+async def _site_handler(request: web.Request) -> web.StreamResponse:
+    sites = request.config_dict[SITES]
+    label = sites.site_label(request.host)
+    assert label is not None  # SiteResource matched on it
+    if request.method not in ("GET", "HEAD"):
+        return web.Response(status=405, text="Sites answer GET and HEAD only.\n", headers={"Allow": "GET, HEAD"})
+    return await sites.handle(request, label)
+
+
+def add_routes(app: web.Application) -> None:
+    """Route site hosts (after the app's routes; `site_middleware` takes those)."""
+    app.router.register_resource(SiteResource(app))
 
 
 @web.middleware
@@ -162,7 +632,9 @@ async def site_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     """A request whose Host is `<label>.<domain>` is a site's; the rest go to the app."""
-    sites = request.config_dict[SITES]
+    # The app whose middleware this is holds SITES (setup() or a mounted create_app()); the
+    # lookup through config_dict builds a ChainMap per request.
+    sites = request.app.get(SITES) or request.config_dict[SITES]
     label = sites.site_label(request.host)
     if label is None:
         return await handler(request)

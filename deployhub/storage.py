@@ -1,17 +1,23 @@
 """Object storage for built sites and finished logs: a directory on disk, or S3.
 
 Layout (below the configured prefix):
-  sites/<deployment>/<path>      the built files, immutable once the deployment is ready
-  manifests/<deployment>.json    what the site holds; written last, so it marks completeness
+  blobs/<sha256>                 a built file's bytes, stored once whatever uses them
+  blobs/<sha256>.br, .gz         its brotli and gzip variants (text assets only)
+  manifests/<deployment>.json    path -> blob of one deployment; written last, so it marks
+                                 completeness (see deployhub/manifest.py)
   logs/<deployment>.ndjson       the full build log, outside any public path
+  sites/<deployment>/<path>      the files of deployments made before content addressing;
+                                 still served, and deleted with their manifest
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,7 +45,27 @@ def log_key(dep_id: str) -> str:
     return f"logs/{dep_id}.ndjson"
 
 
+BLOBS = "blobs/"
+# Suffix of a blob's precompressed variant, by Content-Encoding.
+VARIANT_SUFFIX = {"br": ".br", "gzip": ".gz"}
+
+
+def blob_key(digest: str, encoding: str = "") -> str:
+    return f"{BLOBS}{digest}{VARIANT_SUFFIX[encoding] if encoding else ''}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    modified: float  # unix time
+
+
 class Storage(Protocol):
+    """What DeployHub needs from object storage. Every call counts itself in `requests`
+    (by operation), so tests and the benchmark can tell what the hot path costs."""
+
+    requests: Counter[str]
+
     async def check(self) -> None:
         """Raise StorageError unless the backend can be read and written now."""
 
@@ -49,16 +75,30 @@ class Storage(Protocol):
 
     async def get_bytes(self, key: str) -> bytes | None: ...
 
+    async def stat(self, key: str) -> ObjectInfo | None:
+        """Size and age of an object, or None when there is none."""
+
+    async def delete(self, keys: Iterable[str]) -> None:
+        """Delete objects; missing ones are no error."""
+
+    def list_keys(self, prefix: str) -> AsyncIterator[str]:
+        """Every key that starts with `prefix`."""
+
     def local_path(self, key: str) -> Path | None:
         """A file on disk holding the object, when the backend has one (for sendfile)."""
 
-    def iter_bytes(self, key: str) -> AsyncIterator[bytes]: ...
+    def iter_bytes(
+        self, key: str, start: int = 0, end: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        """The object's bytes from `start` up to `end` (exclusive; None: to its end), in
+        chunks: a large object is never held in memory whole."""
 
 
 class FileStorage:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.requests: Counter[str] = Counter()
 
     async def check(self) -> None:
         if not os.access(self.root, os.R_OK | os.W_OK | os.X_OK):
@@ -71,10 +111,12 @@ class FileStorage:
         return path
 
     async def put_file(self, key: str, path: Path, content_type: str) -> None:
+        self.requests["put"] += 1
         target = self._path(key)
         await asyncio.to_thread(_copy_atomically, path, target)
 
     async def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        self.requests["put"] += 1
         target = self._path(key)
         await aiofiles.os.makedirs(target.parent, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -83,19 +125,82 @@ class FileStorage:
         await aiofiles.os.replace(tmp, target)
 
     async def get_bytes(self, key: str) -> bytes | None:
+        self.requests["get"] += 1
         try:
             async with aiofiles.open(self._path(key), "rb") as f:
                 return await f.read()
         except FileNotFoundError:
             return None
 
+    async def stat(self, key: str) -> ObjectInfo | None:
+        self.requests["stat"] += 1
+        try:
+            st = await aiofiles.os.stat(self._path(key))
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(st.st_size, st.st_mtime)
+
+    async def delete(self, keys: Iterable[str]) -> None:
+        paths = [self._path(key) for key in keys]
+        self.requests["delete"] += len(paths)
+        await asyncio.to_thread(_unlink_all, paths, self.root)
+
+    async def list_keys(self, prefix: str) -> AsyncIterator[str]:
+        self.requests["list"] += 1
+        found = await asyncio.to_thread(_walk, self.root, prefix)
+        for key in found:
+            yield key
+
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
 
-    async def iter_bytes(self, key: str) -> AsyncIterator[bytes]:
+    async def iter_bytes(
+        self, key: str, start: int = 0, end: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        self.requests["get"] += 1
         async with aiofiles.open(self._path(key), "rb") as f:
-            while chunk := await f.read(CHUNK):
+            if start:
+                await f.seek(start)
+            left = None if end is None else end - start
+            while left is None or left > 0:
+                chunk = await f.read(CHUNK if left is None else min(CHUNK, left))
+                if not chunk:
+                    break
+                if left is not None:
+                    left -= len(chunk)
                 yield chunk
+
+
+def _unlink_all(paths: list[Path], root: Path) -> None:
+    parents = set()
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        parents.add(path.parent)
+    # Empty directories left by a legacy sites/<deployment>/ tree go too (never the root).
+    for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+        while parent != root and parent.is_relative_to(root):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+
+def _walk(root: Path, prefix: str) -> list[str]:
+    # The directory part of the prefix is where to look; the rest filters names.
+    base = root / prefix.rsplit("/", 1)[0] if "/" in prefix else root
+    if not base.is_dir():
+        return []
+    found = []
+    for dirpath, _, filenames in os.walk(base):
+        for name in filenames:
+            if name.startswith(".") and name.endswith(".tmp"):
+                continue  # a write in progress
+            key = Path(dirpath, name).relative_to(root).as_posix()
+            if key.startswith(prefix):
+                found.append(key)
+    return sorted(found)
 
 
 def _copy_atomically(source: Path, target: Path) -> None:
@@ -112,6 +217,7 @@ class S3Storage:
         self.client = client
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.requests: Counter[str] = Counter()
 
     async def check(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -136,11 +242,13 @@ class S3Storage:
         await self.put_bytes(key, data, content_type)
 
     async def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        self.requests["put"] += 1
         await self.client.put_object(
             Bucket=self.bucket, Key=self.prefix + key, Body=data, ContentType=content_type
         )
 
     async def get_bytes(self, key: str) -> bytes | None:
+        self.requests["get"] += 1
         try:
             response = await self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
         except self.client.exceptions.NoSuchKey:
@@ -149,11 +257,43 @@ class S3Storage:
             data: bytes = await body.read()
             return data
 
+    async def stat(self, key: str) -> ObjectInfo | None:
+        self.requests["stat"] += 1
+        try:
+            head = await self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)
+        except self.client.exceptions.ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return ObjectInfo(int(head["ContentLength"]), head["LastModified"].timestamp())
+
+    async def delete(self, keys: Iterable[str]) -> None:
+        batch = [{"Key": self.prefix + key} for key in keys]
+        for start in range(0, len(batch), 1000):  # the most one DeleteObjects takes
+            self.requests["delete"] += 1
+            await self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": batch[start:start + 1000], "Quiet": True}
+            )
+
+    async def list_keys(self, prefix: str) -> AsyncIterator[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+            self.requests["list"] += 1
+            for item in page.get("Contents", []):
+                yield str(item["Key"])[len(self.prefix):]
+
     def local_path(self, key: str) -> Path | None:
         return None
 
-    async def iter_bytes(self, key: str) -> AsyncIterator[bytes]:
-        response = await self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
+    async def iter_bytes(
+        self, key: str, start: int = 0, end: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        self.requests["get"] += 1
+        extra = {}
+        if start or end is not None:
+            extra["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        response = await self.client.get_object(Bucket=self.bucket, Key=self.prefix + key, **extra)
+        # The body streams from S3 as it is written on: never the whole object in memory.
         async with response["Body"] as body:
             while chunk := await body.read(CHUNK):
                 yield chunk

@@ -63,7 +63,12 @@ if status == '""" + Status.READY + """' then
     local theirs = tonumber(redis.call('HGET', ARGV[5] .. production, 'created_at') or '0')
     newer = tonumber(redis.call('HGET', dep, 'created_at')) >= theirs
   end
-  if newer then redis.call('HSET', project_key, 'production', id) end
+  if newer and production ~= id then
+    redis.call('HSET', project_key, 'production', id)
+    -- Every replica's site server drops its cached host -> deployment entry on this.
+    redis.call('PUBLISH', '""" + keys.SITES_CHANNEL + """', cjson.encode({
+      type = 'production', project = redis.call('HGET', dep, 'project'), production = id}))
+  end
 end
 local fields = redis.call('HGETALL', dep)
 local record = {}
@@ -81,9 +86,51 @@ local fields = redis.call('HMGET', dep, 'project', 'status')
 if fields[1] ~= ARGV[1] then return -1 end
 if fields[2] ~= '""" + Status.READY + """' then return 0 end
 redis.call('HSET', project_key, 'production', ARGV[2])
-redis.call('PUBLISH', channel, cjson.encode({type = 'production', project = ARGV[1],
-                                             production = ARGV[2]}))
+local event = cjson.encode({type = 'production', project = ARGV[1], production = ARGV[2]})
+redis.call('PUBLISH', channel, event)
+redis.call('PUBLISH', '""" + keys.SITES_CHANNEL + """', event)
 return 1
+"""
+
+# Forgets one final, non-production deployment of a project, atomically with the check, so a
+# rollback can never point production at a deployment whose files are being deleted.
+_DELETE_DEPLOYMENT = """
+local FINAL = """ + lua_set(FINAL) + """
+local dep, project_key, project_deps, sites_channel = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local fields = redis.call('HMGET', dep, 'project', 'status')
+if fields[1] ~= ARGV[1] then return -1 end
+if not FINAL[fields[2]] then return -2 end
+if redis.call('HGET', project_key, 'production') == ARGV[2] then return -3 end
+redis.call('DEL', dep, KEYS[5])
+redis.call('ZREM', project_deps, ARGV[2])
+redis.call('PUBLISH', sites_channel, cjson.encode({type = 'deleted', project = ARGV[1],
+                                                   deployments = {ARGV[2]}}))
+return 1
+"""
+
+# Forgets a project and all its deployments unless one is still building; returns the ids.
+_DELETE_PROJECT = """
+local project_key, project_deps, env, projects, sites_channel = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local name, dep_prefix, logs_prefix = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('EXISTS', project_key) == 0 then return false end
+local ids = redis.call('ZRANGE', project_deps, 0, -1)
+local FINAL = """ + lua_set(FINAL) + """
+for _, id in ipairs(ids) do
+  local status = redis.call('HGET', dep_prefix .. id, 'status')
+  if status and not FINAL[status] then return {'busy', id} end
+end
+local owner = redis.call('HGET', project_key, 'owner')
+if owner then redis.call('SREM', ARGV[4] .. owner .. ARGV[5], name) end
+for _, id in ipairs(ids) do redis.call('DEL', dep_prefix .. id, logs_prefix .. id) end
+redis.call('DEL', project_key, project_deps, env)
+redis.call('SREM', projects, name)
+redis.call('PUBLISH', sites_channel, cjson.encode({type = 'production', project = name,
+                                                   production = ''}))
+if #ids > 0 then
+  redis.call('PUBLISH', sites_channel, cjson.encode({type = 'deleted', project = name,
+                                                     deployments = ids}))
+end
+return {'ok', unpack(ids)}
 """
 
 
@@ -140,6 +187,10 @@ class ProjectTaken(Exception):
 
 class TooManyActive(Exception):
     """The token already has as many deployments queued or running as it may."""
+
+
+class Conflict(Exception):
+    """The request cannot be done in the current state; the message says what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +262,8 @@ class Store:
         self._promote = redis.register_script(_PROMOTE)
         self._create = redis.register_script(_CREATE)
         self._claim = redis.register_script(_CLAIM)
+        self._delete_deployment = redis.register_script(_DELETE_DEPLOYMENT)
+        self._delete_project = redis.register_script(_DELETE_PROJECT)
 
     async def create_deployment(
         self, project: str, repo_url: str, branch: str, owner: str = "", max_active: int = 0
@@ -385,6 +438,37 @@ class Store:
         if result == -1:
             raise NotFound(f"project {project!r} has no deployment {dep_id!r}")
         return bool(result == 1)
+
+    async def forget_deployment(self, project: str, dep_id: str) -> None:
+        """Remove a final deployment's records; Conflict while it serves or still builds."""
+        result = await self._delete_deployment(
+            keys=[keys.deployment(dep_id), keys.project(project), keys.project_deployments(project),
+                  keys.SITES_CHANNEL, keys.log_stream(dep_id)],
+            args=[project, dep_id],
+        )
+        if result == -1:
+            raise NotFound(f"project {project!r} has no deployment {dep_id!r}")
+        if result == -2:
+            raise Conflict(f"deployment {dep_id} is still building; cancel it first")
+        if result == -3:
+            raise Conflict(
+                f"deployment {dep_id} serves {project}'s site; roll back to another deployment "
+                "first, or delete the whole project"
+            )
+
+    async def forget_project(self, name: str) -> list[str]:
+        """Remove a project and its deployments' records; returns the deployment ids.
+        Conflict while one of them still builds."""
+        result = await self._delete_project(
+            keys=[keys.project(name), keys.project_deployments(name), keys.project_env(name),
+                  keys.PROJECTS, keys.SITES_CHANNEL],
+            args=[name, keys.deployment(""), keys.log_stream(""), *keys.token_projects("\0").split("\0")],
+        )
+        if not result:
+            raise NotFound(f"no project {name!r}")
+        if result[0] == "busy":
+            raise Conflict(f"deployment {result[1]} of {name} is still building; cancel it first")
+        return [str(dep_id) for dep_id in result[1:]]
 
     async def refresh_leases(self, dep_ids: Iterable[str], holder: str) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:

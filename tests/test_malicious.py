@@ -158,8 +158,8 @@ async def test_symlinks_in_the_output_are_never_followed(service: Service, git_s
         assert status == 404
     _, _, body = await service.site(final["project"], "/etc/passwd")
     assert b"root:" not in body
-    site = service.settings.data_dir / "storage" / "sites" / final["id"]
-    assert sorted(p.name for p in site.rglob("*")) == ["index.html"]
+    manifest = service.settings.data_dir / "storage" / "manifests" / f"{final['id']}.json"
+    assert sorted(json.loads(manifest.read_text())["files"]) == ["index.html"]
     # The output directory itself a symlink (dist -> /etc, .output/public -> /etc): refused.
     other = await service.wait_final(linked["id"])
     assert other["status"] == "failed" and "no output directory" in other["reason"]

@@ -34,6 +34,7 @@ async def test_deploy_to_s3_and_serve_from_it(
         keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]}
     finally:
         client.close()
-    assert f"dh/sites/{dep['id']}/index.html" in keys
+    assert f"dh/manifests/{dep['id']}.json" in keys
+    assert len([k for k in keys if k.startswith("dh/blobs/")]) == 4  # one per file, by content
     assert f"dh/logs/{dep['id']}.ndjson" in keys
     assert not (tmp_path / "data" / "storage").exists()

@@ -98,5 +98,7 @@ def test_a_build_process_loads_only_the_shared_core() -> None:
     core = {"deployhub", "deployhub.settings", "deployhub.store", "deployhub.storage", "deployhub.logs",
             "deployhub.redis_client", "deployhub.addresses",
             "deployhub.validation", "deployhub.keys", "deployhub.status",
-            "deployhub.secretbox"}  # the worker decrypts secret build variables
+            "deployhub.secretbox",  # the worker decrypts secret build variables
+            # what the upload shares with the site server: the manifest, its rules, the leases
+            "deployhub.manifest", "deployhub.rules", "deployhub.collector"}
     assert loaded <= core, sorted(loaded - core)

@@ -266,6 +266,7 @@ class Build:
             self.storage, self.dep.id, self.src, output, self.logs.emit,
             max_files=self.settings.build_max_output_files,
             max_bytes=self.settings.build_max_output_mb * 1024 * 1024,
+            redis=self.store.redis, grace_seconds=self.settings.blob_grace_seconds,
         )
         url = self.settings.site_url_for(self.dep.project)
         self.logs.emit("system", f"Deployed {count} files. Live at {url}")
