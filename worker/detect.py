@@ -109,7 +109,11 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
     rel = _relative(overrides.root_directory or "", "the root directory")
     root = repo / rel if rel else repo
     if rel and not _real_dirs(repo, rel):
-        raise BuildError(f"The root directory {rel} is not a directory in the repository.")
+        raise BuildError(
+            f"The root directory {rel} (project setting) is not a directory in the repository "
+            "at this commit (or it, or a directory on the way, is a symlink): set the root "
+            "directory to the folder that holds the app's package.json."
+        )
     package = read_package_json(root)
     scripts = package.get("scripts")
     build_script = scripts.get("build") if isinstance(scripts, dict) else None
