@@ -155,3 +155,10 @@ def _commit_symlink(url: str, link: str, target: str) -> None:
         (work / link).symlink_to(target)
         for args in (["add", "-A"], ["commit", "-qm", "link"], ["push", "-q", "origin", "main"]):
             subprocess.run(["git", *args], cwd=work, check=True, env=env)
+
+
+async def test_a_root_directory_without_package_json_says_where_it_looked(service: Service, git_server: GitServer) -> None:
+    url = git_server.add_repo(unique_name("nopkg"), files={"frontend/README.md": "nothing\n"})
+    final = await service.wait_final((await service.deploy(url, settings={"root_directory": "frontend"}))["id"])
+    assert final["status"] == "failed"
+    assert "No package.json at the root directory frontend (project setting)" in final["reason"]
