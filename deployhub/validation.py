@@ -333,7 +333,8 @@ DIRECTORY_MAX = 255
 COMMAND_MAX = 4096
 NODE_VERSION_MAX = 64
 WEBHOOK_SECRET_MIN, WEBHOOK_SECRET_MAX = 16, 256
-_NODE_SPEC_RE = re.compile(r"lts/(\*|[a-z]{1,20})|node|latest|[0-9xX*.<>=~^| -]+")
+_NODE_ALIAS_RE = re.compile(r"lts/(\*|[a-z]{1,20})|node|latest")
+_NODE_RANGE_RE = re.compile(r"[0-9vxX*.<>=~^| -]+")
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 
 
@@ -367,14 +368,16 @@ def check_command(raw: object, what: str) -> str:
 
 def check_node_version(raw: object) -> str:
     """A version or range as .nvmrc or engines.node write it: 20, 20.x, >=18 <21, lts/*."""
-    if (not isinstance(raw, str) or len(raw) > NODE_VERSION_MAX
-            or not _NODE_SPEC_RE.fullmatch(raw.strip())
-            or not (raw.strip()[:1].isalpha() or any(ch.isdigit() for ch in raw))):
+    spec = raw.strip() if isinstance(raw, str) else ""
+    if len(spec) > NODE_VERSION_MAX or not (
+        _NODE_ALIAS_RE.fullmatch(spec)
+        or (_NODE_RANGE_RE.fullmatch(spec) and any(ch.isdigit() for ch in spec))
+    ):
         raise InvalidInput(
             "node_version must be a Node version or range such as \"20\", \"20.x\", "
             "\">=18 <21\" or \"lts/*\""
         )
-    return raw.strip()
+    return spec
 
 
 def check_commit(raw: object) -> str:

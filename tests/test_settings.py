@@ -40,8 +40,10 @@ async def test_settings_round_trip_before_the_first_deploy(service: Service) -> 
         "branch": "release/1", "root_directory": "frontend", "install_command": None,
         "build_command": "npm run build -- --mode prod", "output_directory": None,
         "node_version": ">=18 <21"}
-    status, answer = await patch(service, name, {"branch": None, "node_version": "lts/*"})
-    assert answer["settings"]["branch"] is None and answer["settings"]["node_version"] == "lts/*"
+    for spec in ("20", "20.x", "v20.1.0", ">=18 <21", "^18 || ^20", "lts/iron", "lts/*"):
+        status, answer = await patch(service, name, {"branch": None, "node_version": spec})
+        assert status == 200 and answer["settings"]["node_version"] == spec, answer
+    assert answer["settings"]["branch"] is None
     status, got = await service.get_json(f"/api/projects/{name}/settings")
     assert status == 200 and got == answer and got["webhook_secret_set"] is False
 
@@ -60,6 +62,8 @@ async def test_settings_round_trip_before_the_first_deploy(service: Service) -> 
     ({"build_command": "x" * 5000}, "under 4096 bytes"),
     ({"node_version": "20; rm -rf /"}, "node_version must be"),
     ({"node_version": "---"}, "node_version must be"),
+    ({"node_version": "vvv"}, "node_version must be"),
+    ({"node_version": "--registry=http://evil"}, "node_version must be"),
     ({"branch": "--force"}, "branch"),
     ({"webhook_secret": "short"}, "webhook_secret must be"),
     ({"colour": "red"}, "unknown setting 'colour'"),
