@@ -6,7 +6,6 @@ import hashlib
 import hmac
 import json
 import logging
-import re
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,6 +23,7 @@ from .storage import log_key
 from .secretbox import secret_box
 from .store import Deployment, NotFound, Project, ProjectTaken, Store, TooManyActive
 from .validation import (
+    COMMIT_RE,
     MAX_BODY,
     SETTING_NAMES,
     WEBHOOK_SECRET,
@@ -44,7 +44,6 @@ from .views import deployment_json, project_json
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
-COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 # A GitHub push payload lists up to 20 commits with their files; 1 MiB holds that with room
 # (GitHub caps deliveries at 25 MB; a larger one here is refused, not half read).
 WEBHOOK_MAX_BODY = 1024 * 1024
@@ -143,8 +142,9 @@ async def create_deployment(request: web.Request) -> web.Response:
             chosen.pop(name, None)
         else:
             chosen[name] = value
+    # The branch is the deployment's own field, not one of its build settings.
     branch = branch or chosen.pop("branch", "")
-    chosen.pop("branch", None)
+    chosen.pop("branch", None)  # when the body named one
     dep = await _queue(request, project, repo.url, branch, owner, commit=commit, chosen=chosen)
     return await _answer(request, dep, status=202)
 

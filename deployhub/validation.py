@@ -335,7 +335,7 @@ NODE_VERSION_MAX = 64
 WEBHOOK_SECRET_MIN, WEBHOOK_SECRET_MAX = 16, 256
 _NODE_ALIAS_RE = re.compile(r"lts/(\*|[a-z]{1,20})|node|latest")
 _NODE_RANGE_RE = re.compile(r"[0-9vxX*.<>=~^| -]+")
-_COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 
 
 def check_directory(raw: object, what: str) -> str:
@@ -382,7 +382,7 @@ def check_node_version(raw: object) -> str:
 
 def check_commit(raw: object) -> str:
     """A full commit SHA-1 (40 hex digits), lowercased."""
-    if not isinstance(raw, str) or not _COMMIT_RE.fullmatch(raw.lower()):
+    if not isinstance(raw, str) or not COMMIT_RE.fullmatch(raw.lower()):
         raise InvalidInput("commit must be a full 40-hex-digit commit SHA")
     return raw.lower()
 
