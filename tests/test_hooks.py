@@ -126,3 +126,18 @@ async def test_a_newer_push_supersedes_older_queued_ones(
     assert building["status"] == "building"  # only queued ones are superseded
     for dep in (first, third):
         await service.post_json(f"/api/deployments/{dep['id']}/cancel", None)
+
+
+async def test_a_project_never_deployed_takes_the_payloads_checked_url(service: Service) -> None:
+    name = unique_name("firsthook")
+    secret = await new_secret(service, name)
+    payload = push("http://127.0.0.1:9/first.git", "c" * 40)
+    status, dep = await hook(service, payload, secret, query=f"?project={name}")
+    assert status == 202 and dep["repo_url"] == "http://127.0.0.1:9/first.git"
+    await service.post_json(f"/api/deployments/{dep['id']}/cancel", None)
+    other = unique_name("inside")
+    payload["repository"]["clone_url"] = "http://10.0.0.8/inside.git"  # checked like any repo_url
+    status, answer = await hook(service, payload, await new_secret(service, other),
+                                query=f"?project={other}")
+    assert status == 400 and "non-public address" in answer["error"]
+    assert await deployments(service, other) == []
