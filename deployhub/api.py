@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,16 +23,21 @@ from .storage import log_key
 from .collector import Removed
 from .secretbox import secret_box
 from .sites import SITES
-from .store import Conflict, NotFound, ProjectTaken, TooManyActive
+from .store import Conflict, Deployment, NotFound, Project, ProjectTaken, Store, TooManyActive
 from .validation import (
+    COMMIT_RE,
     MAX_BODY,
+    SETTING_NAMES,
+    WEBHOOK_SECRET,
     InvalidInput,
     check_branch,
+    check_commit,
     check_deployment_id,
     check_fields,
     check_project,
     check_repo_url,
     check_query_int,
+    check_settings,
     check_variables,
     loads_json,
     project_from_url,
@@ -38,6 +46,9 @@ from .views import deployment_json, project_json
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
+# A GitHub push payload lists up to 20 commits with their files; 1 MiB holds that with room
+# (GitHub caps deliveries at 25 MB; a larger one here is refused, not half read).
+WEBHOOK_MAX_BODY = 1024 * 1024
 RETRY_AFTER_SECONDS = 5  # what a client is told to wait while Redis is unreachable
 LOG_CHUNK = 5000  # events read from Redis per round trip while streaming a log
 
@@ -46,13 +57,17 @@ def error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+async def read_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise InvalidInput(f"the request body is larger than {limit} bytes")
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise InvalidInput(f"the request body is larger than {limit} bytes")
+    return raw
+
+
 async def read_json(request: web.Request) -> Any:
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise InvalidInput(f"the request body is larger than {MAX_BODY} bytes")
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise InvalidInput(f"the request body is larger than {MAX_BODY} bytes")
-    return loads_json(raw)
+    return loads_json(await read_body(request))
 
 
 @web.middleware
@@ -105,27 +120,79 @@ async def caller(request: web.Request) -> str:
 
 @routes.post("/api/deployments")
 async def create_deployment(request: web.Request) -> web.Response:
-    settings, store, runner = request.config_dict[SETTINGS], request.config_dict[STORE], request.config_dict[RUNNER]
+    settings, store = request.config_dict[SETTINGS], request.config_dict[STORE]
     owner = await caller(request)
-    if runner.refused:
-        return error(503, runner.refused)
+    if refused := request.config_dict[RUNNER].refused:
+        return error(503, refused)
     body = check_fields(
-        await read_json(request), required={"repo_url"}, optional={"project", "branch"}
+        await read_json(request), required={"repo_url"},
+        optional={"project", "branch", "commit", "settings"},
     )
     # Cheap checks first: the URL check may wait on DNS.
     project = check_project(body["project"]) if body.get("project") is not None else None
     branch = check_branch(body["branch"]) if body.get("branch") not in (None, "") else ""
+    commit = check_commit(body["commit"]) if body.get("commit") is not None else ""
+    overrides = check_settings(body["settings"], patch=False) if body.get("settings") is not None else {}
     repo = await check_repo_url(
         body["repo_url"], allow_hosts=settings.allow_hosts, resolver=request.config_dict[RESOLVER]
     )
     project = project or project_from_url(repo.url)
-    dep = await store.create_deployment(
-        project, repo.url, branch, owner, max_active=settings.max_active_per_token
+    chosen, _ = await store.get_settings(project)
+    # The deployment's overrides win over the project's settings; null: detection decides.
+    for name, value in overrides.items():
+        if value is None:
+            chosen.pop(name, None)
+        else:
+            chosen[name] = value
+    # The branch is the deployment's own field, not one of its build settings.
+    branch = branch or chosen.pop("branch", "")
+    chosen.pop("branch", None)  # when the body named one
+    dep = await _queue(request, project, repo.url, branch, owner, commit=commit, chosen=chosen)
+    return await _answer(request, dep, status=202)
+
+
+async def _queue(
+    request: web.Request, project: str, repo_url: str, branch: str, owner: str, *,
+    commit: str, chosen: dict[str, str],
+) -> Deployment:
+    """Record a deployment (its settings fixed from now on) and hand it to the runner."""
+    dep = await request.config_dict[STORE].create_deployment(
+        project, repo_url, branch, owner,
+        max_active=request.config_dict[SETTINGS].max_active_per_token,
+        commit=commit, settings=chosen,
     )
-    await runner.submit(dep)
+    await request.config_dict[RUNNER].submit(dep)
+    return dep
+
+
+async def _answer(request: web.Request, dep: Deployment, status: int = 200) -> web.Response:
+    store = request.config_dict[STORE]
     dep = await store.get_deployment(dep.id)  # read back: now with its place in the queue
-    production = (await store.get_project(project)).production
-    return web.json_response(deployment_json(settings, dep, production), status=202)
+    production = (await store.get_project(dep.project)).production
+    return web.json_response(
+        deployment_json(request.config_dict[SETTINGS], dep, production), status=status
+    )
+
+
+@routes.post("/api/deployments/{id}/redeploy")
+async def redeploy(request: web.Request) -> web.Response:
+    """A new deployment of the same repository, branch, commit and settings."""
+    owner = await caller(request)
+    if refused := request.config_dict[RUNNER].refused:
+        return error(503, refused)
+    dep, _ = await request.config_dict[STORE].owned_deployment(
+        check_deployment_id(request.match_info["id"]), owner
+    )
+    repo = await check_repo_url(
+        dep.repo_url, allow_hosts=request.config_dict[SETTINGS].allow_hosts,
+        resolver=request.config_dict[RESOLVER],
+    )
+    # The commit it built (or was asked to build). One recorded before commits were kept in
+    # full ("<short sha> <subject>") cannot be fetched by SHA: the branch head is built then.
+    commit = dep.commit if COMMIT_RE.fullmatch(dep.commit) else ""
+    new = await _queue(request, dep.project, repo.url, dep.branch, owner, commit=commit,
+                       chosen=dict(dep.settings))
+    return await _answer(request, new, status=202)
 
 
 @routes.get("/api/deployments/{id}")
@@ -146,9 +213,7 @@ async def cancel_deployment(request: web.Request) -> web.Response:
     if dep.final or not await request.config_dict[RUNNER].cancel(dep, "Canceled by user."):
         dep = await store.get_deployment(dep.id)
         return error(409, f"deployment {dep.id} already ended ({dep.status})")
-    dep = await store.get_deployment(dep.id)
-    production = (await store.get_project(dep.project)).production
-    return web.json_response(deployment_json(request.config_dict[SETTINGS], dep, production))
+    return await _answer(request, dep)
 
 
 @routes.get("/api/deployments/{id}/logs")
@@ -280,3 +345,129 @@ async def delete_project(request: web.Request) -> web.Response:
     except Conflict as exc:
         return error(409, str(exc))
     return web.json_response(_removed_json(removed))
+
+
+# -- project settings -----------------------------------------------------------------------
+
+
+async def _settings_json(store: Store, project: str) -> dict[str, Any]:
+    chosen, has_secret = await store.get_settings(project)
+    return {
+        "settings": {name: chosen.get(name) for name in SETTING_NAMES},
+        # Write-only, like a secret variable: whether there is one, never its value.
+        "webhook_secret_set": has_secret,
+    }
+
+
+@routes.get("/api/projects/{name}/settings")
+async def get_project_settings(request: web.Request) -> web.Response:
+    store = request.config_dict[STORE]
+    project = await store.owned_project(check_project(request.match_info["name"]), await caller(request))
+    return web.json_response(await _settings_json(store, project.name))
+
+
+@routes.patch("/api/projects/{name}/settings")
+async def set_project_settings(request: web.Request) -> web.Response:
+    store = request.config_dict[STORE]
+    owner = await caller(request)
+    name = check_project(request.match_info["name"])
+    changes = check_settings(await read_json(request), patch=True)
+    generated = None
+    if changes.get(WEBHOOK_SECRET) == "generate":
+        generated = changes[WEBHOOK_SECRET] = secrets.token_hex(32)
+    project = await store.claim_project(name, owner)
+    await store.set_settings(project.name, changes, secret_box(request.config_dict[SETTINGS]))
+    answer = await _settings_json(store, project.name)
+    if generated is not None:
+        answer[WEBHOOK_SECRET] = generated  # shown this once; set it in GitHub's webhook form
+    return web.json_response(answer)
+
+
+# -- GitHub push webhook --------------------------------------------------------------------
+
+
+def _signed(secret: str, raw: bytes, header: str | None) -> bool:
+    expected = "sha256=" + hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()
+    given = (header or "").encode("utf-8", "backslashreplace")
+    return hmac.compare_digest(expected.encode(), given)
+
+
+def _same_repo(a: str, b: str) -> bool:
+    def norm(url: str) -> str:
+        return url.rstrip("/").removesuffix(".git").lower()
+    return bool(a) and norm(a) == norm(b)
+
+
+def _ignored(reason: str) -> web.Response:
+    return web.json_response({"deployed": False, "reason": reason}, status=202)
+
+
+@routes.post("/api/hooks/github")
+async def github_push(request: web.Request) -> web.Response:
+    """A push to the project's branch deploys its `after` commit. The signature (HMAC-SHA256
+    of the body with the project's webhook secret) is the authentication: no token."""
+    store = request.config_dict[STORE]
+    box = secret_box(request.config_dict[SETTINGS])
+    raw = await read_body(request, WEBHOOK_MAX_BODY)
+    signature = request.headers.get("X-Hub-Signature-256")
+    unsigned = error(401, "X-Hub-Signature-256 is missing or does not match the webhook secret "
+                          "of a project (set one with PATCH /api/projects/{name}/settings)")
+    payload: Any = None
+    if "project" in request.query:
+        candidates = [check_project(request.query["project"])]
+    else:
+        payload = loads_json(raw, "the webhook payload")
+        repository = payload.get("repository") if isinstance(payload, dict) else None
+        clone_url = repository.get("clone_url") if isinstance(repository, dict) else None
+        if not isinstance(clone_url, str):
+            raise InvalidInput("the webhook payload has no repository.clone_url; add ?project=NAME")
+        candidates = [p.name for p in await store.list_projects() if _same_repo(p.repo_url, clone_url)]
+    project: Project | None = None
+    for name in candidates:
+        secret = await store.webhook_secret(name, box)
+        if secret is not None and _signed(secret, raw, signature):
+            project = await store.get_project(name)
+            break
+    if project is None:
+        return unsigned
+    if payload is None:
+        payload = loads_json(raw, "the webhook payload")
+    event = request.headers.get("X-GitHub-Event", "")
+    if event == "ping":
+        return web.json_response({"ok": True, "project": project.name})
+    if event != "push":
+        return _ignored(f"a {event[:40]!r} event does not deploy; only push does")
+    return await _push(request, project, payload)
+
+
+async def _push(request: web.Request, project: Project, payload: Any) -> web.Response:
+    store = request.config_dict[STORE]
+    if not isinstance(payload, dict) or not isinstance(payload.get("ref"), str):
+        raise InvalidInput("the push payload has no ref")
+    chosen, _ = await store.get_settings(project.name)
+    repository = payload.get("repository")
+    default = repository.get("default_branch") if isinstance(repository, dict) else None
+    branch = chosen.pop("branch", None) or (check_branch(default) if default else "")
+    if not branch or payload["ref"] != f"refs/heads/{branch}":
+        return _ignored(f"a push to {payload['ref'][:200]!r}, not to the project's branch {branch!r}")
+    if payload.get("deleted") is True:
+        return _ignored(f"the branch {branch} was deleted")
+    commit = check_commit(payload.get("after"))
+    repo_url = project.repo_url
+    if not repo_url:  # claimed (settings first) but never deployed: the payload's URL, checked
+        clone_url = repository.get("clone_url") if isinstance(repository, dict) else None
+        repo_url = (await check_repo_url(
+            clone_url, allow_hosts=request.config_dict[SETTINGS].allow_hosts,
+            resolver=request.config_dict[RESOLVER],
+        )).url
+    if refused := request.config_dict[RUNNER].refused:
+        return error(503, refused)
+    dep = await _queue(request, project.name, repo_url, branch, project.owner, commit=commit,
+                       chosen=chosen)
+    # A newer push supersedes the older ones still waiting for a build slot.
+    for older in await store.queued_of(project.name, branch):
+        if older.id != dep.id and older.created_at <= dep.created_at:
+            await request.config_dict[RUNNER].cancel(
+                older, f"Superseded by a newer push to {branch} ({commit[:12]})."
+            )
+    return await _answer(request, dep, status=202)

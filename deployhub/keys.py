@@ -40,6 +40,12 @@ def project_env(name: str) -> str:
     return f"{PREFIX}project:{name}:env"
 
 
+def project_settings(name: str) -> str:
+    """HASH setting name (branch, root_directory, install_command, build_command,
+    output_directory, node_version) -> value, and webhook_secret -> a Fernet token."""
+    return f"{PREFIX}project:{name}:settings"
+
+
 def project_deployments(name: str) -> str:
     """ZSET deployment id scored by created_at."""
     return f"{PREFIX}project:{name}:deployments"
@@ -47,7 +53,9 @@ def project_deployments(name: str) -> str:
 
 def deployment(dep_id: str) -> str:
     """HASH id, project, repo_url, branch, status, reason, created_at, updated_at, t_<status>,
-    commit, log_seq, task_arn (runner=ecs)."""
+    commit (the full SHA asked for, then the one built), commit_message (its first line),
+    settings (JSON: the project's settings merged with the deployment's overrides, fixed at
+    creation), log_seq, task_arn (runner=ecs)."""
     return f"{PREFIX}deployment:{dep_id}"
 
 

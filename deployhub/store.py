@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from . import keys
 from .secretbox import SecretBox
 from .status import FINAL, Status, lua_set
+from .validation import WEBHOOK_SECRET
 
 LEASE_SECONDS = 30
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -111,6 +112,7 @@ return 1
 # Forgets a project and all its deployments unless one is still building; returns the ids.
 _DELETE_PROJECT = """
 local project_key, project_deps, env, projects, sites_channel = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local project_settings = KEYS[6]
 local name, dep_prefix, logs_prefix = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('EXISTS', project_key) == 0 then return false end
 local ids = redis.call('ZRANGE', project_deps, 0, -1)
@@ -122,7 +124,7 @@ end
 local owner = redis.call('HGET', project_key, 'owner')
 if owner then redis.call('SREM', ARGV[4] .. owner .. ARGV[5], name) end
 for _, id in ipairs(ids) do redis.call('DEL', dep_prefix .. id, logs_prefix .. id) end
-redis.call('DEL', project_key, project_deps, env)
+redis.call('DEL', project_key, project_deps, env, project_settings)
 redis.call('SREM', projects, name)
 redis.call('PUBLISH', sites_channel, cjson.encode({type = 'production', project = name,
                                                    production = ''}))
@@ -220,11 +222,17 @@ class Deployment:
                 name[2:]: float(value) for name, value in data.items() if name.startswith("t_")
             },
             commit=data.get("commit", ""),
+            commit_message=data.get("commit_message", ""),
+            settings=_settings(data.get("settings", "")),
             log_seq=int(data.get("log_seq") or 0),
             task_arn=data.get("task_arn", ""),
         )
 
-    commit: str = ""  # "<short sha> <subject>", once cloned
+    commit: str = ""  # the full SHA asked for (or ""), then the one cloned
+    commit_message: str = ""  # its first line, once cloned
+    # The project's settings merged with the deployment's overrides, as they were when it
+    # was created: a later edit changes no queued build, and a redeploy reuses them.
+    settings: dict[str, str] = dataclasses.field(default_factory=dict)
     log_seq: int = 0  # the last log seq, once the build has ended
     task_arn: str = ""  # the ECS task building it (runner=ecs), once started
     # While queued: 1 = the next to start in the shared queue, 0 = it has a build slot and is
@@ -266,16 +274,22 @@ class Store:
         self._delete_project = redis.register_script(_DELETE_PROJECT)
 
     async def create_deployment(
-        self, project: str, repo_url: str, branch: str, owner: str = "", max_active: int = 0
+        self, project: str, repo_url: str, branch: str, owner: str = "", max_active: int = 0,
+        *, commit: str = "", settings: dict[str, str] | None = None,
     ) -> Deployment:
-        """A new queued deployment; ProjectTaken if another token owns `project`,
-        TooManyActive if `owner` already has `max_active` (0: no limit) queued or running."""
+        """A new queued deployment (of `commit`, or the branch head; built with `settings`);
+        ProjectTaken if another token owns `project`, TooManyActive if `owner` already has
+        `max_active` (0: no limit) queued or running."""
         dep_id = new_deployment_id()
         now = repr(time.time())
         record = {
             "id": dep_id, "project": project, "repo_url": repo_url, "branch": branch,
             "status": Status.QUEUED.value, "created_at": now, "updated_at": now, "t_queued": now,
         }
+        if commit:
+            record["commit"] = commit
+        if settings:
+            record["settings"] = dumps(settings)
         fields = [item for pair in record.items() for item in pair]
         created = await self._create(
             keys=[
@@ -394,6 +408,38 @@ class Store:
                 pipe.hset(keys.project_env(project), name, json.dumps(record))
             await pipe.execute()
 
+    async def get_settings(self, project: str) -> tuple[dict[str, str], bool]:
+        """The project's settings, and whether it has a webhook secret (never its value)."""
+        rows = cast(dict[str, str], await self.redis.hgetall(keys.project_settings(project)))
+        secret = rows.pop(WEBHOOK_SECRET, None)
+        return rows, secret is not None
+
+    async def set_settings(
+        self, project: str, changes: dict[str, str | None], box: SecretBox
+    ) -> None:
+        """Set (or, for None, remove) settings in one step; the webhook secret is stored
+        encrypted with `box`."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for name, value in changes.items():
+                if value is None:
+                    pipe.hdel(keys.project_settings(project), name)
+                else:
+                    sealed = box.seal(value) if name == WEBHOOK_SECRET else value
+                    pipe.hset(keys.project_settings(project), name, sealed)
+            await pipe.execute()
+
+    async def webhook_secret(self, project: str, box: SecretBox) -> str | None:
+        """The project's webhook secret, decrypted: only the webhook handler asks."""
+        sealed = cast(str | None, await self.redis.hget(keys.project_settings(project), WEBHOOK_SECRET))
+        if sealed is None:
+            return None
+        return box.open(sealed, f"the webhook secret of {project}")
+
+    async def queued_of(self, project: str, branch: str) -> list[Deployment]:
+        """The project's deployments of `branch` still waiting in the queue."""
+        return [d for d in await self.list_deployments(project)
+                if d.status == Status.QUEUED and d.branch == branch]
+
     async def owned_deployment(self, dep_id: str, owner: str) -> tuple[Deployment, Project]:
         dep = await self.get_deployment(dep_id)
         try:
@@ -461,7 +507,7 @@ class Store:
         Conflict while one of them still builds."""
         result = await self._delete_project(
             keys=[keys.project(name), keys.project_deployments(name), keys.project_env(name),
-                  keys.PROJECTS, keys.SITES_CHANNEL],
+                  keys.PROJECTS, keys.SITES_CHANNEL, keys.project_settings(name)],
             args=[name, keys.deployment(""), keys.log_stream(""), *keys.token_projects("\0").split("\0")],
         )
         if not result:
@@ -521,9 +567,11 @@ class Store:
 
     # -- what the worker records, and what the site server looks up --------------------
 
-    async def record_commit(self, dep_id: str, commit: str) -> None:
-        """The commit a build cloned ("<short sha> <subject>")."""
-        await self.redis.hset(keys.deployment(dep_id), "commit", commit)
+    async def record_commit(self, dep_id: str, sha: str, message: str) -> None:
+        """The commit a build cloned: its full SHA and the first line of its message."""
+        await self.redis.hset(
+            keys.deployment(dep_id), mapping={"commit": sha, "commit_message": message}
+        )
 
     async def record_log_end(self, dep_id: str, last_seq: int, keep_seconds: int) -> None:
         """The build's log is complete at `last_seq`; its stream expires after `keep_seconds`
@@ -564,6 +612,13 @@ def _project(data: dict[str, str]) -> Project:
         production=data.get("production", ""),
         owner=data.get("owner", ""),
     )
+
+
+def _settings(raw: str) -> dict[str, str]:
+    if not raw:
+        return {}
+    data = json.loads(raw)
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
 
 def decode_status_message(payload: dict[str, Any]) -> Deployment:

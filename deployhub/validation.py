@@ -318,3 +318,110 @@ def check_variables(raw: object) -> dict[str, tuple[str, bool] | None]:
             raise InvalidInput(f"{name}: value must be under 32 KiB and contain no NUL")
         checked[name] = (value, secret)
     return checked
+
+
+# -- project settings (README "REST API") ----------------------------------------------------
+
+# What a project may set, and a deployment override once; the webhook secret is apart: it is
+# write-only and never part of a deployment.
+SETTING_NAMES = (
+    "branch", "root_directory", "install_command", "build_command", "output_directory",
+    "node_version",
+)
+WEBHOOK_SECRET = "webhook_secret"
+DIRECTORY_MAX = 255
+COMMAND_MAX = 4096
+NODE_VERSION_MAX = 64
+WEBHOOK_SECRET_MIN, WEBHOOK_SECRET_MAX = 16, 256
+_NODE_ALIAS_RE = re.compile(r"lts/(\*|[a-z]{1,20})|node|latest")
+_NODE_RANGE_RE = re.compile(r"[0-9vxX*.<>=~^| -]+")
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+
+
+def check_directory(raw: object, what: str) -> str:
+    """A path relative to the repository that cannot leave it, normalized ("" is its top):
+    no '..', not absolute, no backslash, NUL or control characters, bounded."""
+    if not isinstance(raw, str):
+        raise InvalidInput(f"{what} must be a string such as \"frontend\" or \"dist\"")
+    check_text(raw, what)
+    if len(raw) > DIRECTORY_MAX:
+        raise InvalidInput(f"{what} is longer than {DIRECTORY_MAX} characters")
+    if any(unicodedata.category(ch)[0] == "C" for ch in raw) or "\\" in raw:
+        raise InvalidInput(f"{what} must not contain control characters or backslashes")
+    if raw.startswith("/"):
+        raise InvalidInput(f"{what} must be relative to the repository, not an absolute path")
+    parts = [p for p in raw.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise InvalidInput(f"{what} must stay inside the repository (no '..')")
+    return "/".join(parts)
+
+
+def check_command(raw: object, what: str) -> str:
+    """A shell command line, run with `sh -c` inside the build sandbox (never on the host)."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise InvalidInput(f"{what} must be a non-empty string such as \"npm run build\"")
+    check_text(raw, what)
+    if "\x00" in raw or len(raw.encode()) > COMMAND_MAX:
+        raise InvalidInput(f"{what} must be under {COMMAND_MAX} bytes and contain no NUL")
+    return raw
+
+
+def check_node_version(raw: object) -> str:
+    """A version or range as .nvmrc or engines.node write it: 20, 20.x, >=18 <21, lts/*."""
+    spec = raw.strip() if isinstance(raw, str) else ""
+    if len(spec) > NODE_VERSION_MAX or not (
+        _NODE_ALIAS_RE.fullmatch(spec)
+        or (_NODE_RANGE_RE.fullmatch(spec) and any(ch.isdigit() for ch in spec))
+    ):
+        raise InvalidInput(
+            "node_version must be a Node version or range such as \"20\", \"20.x\", "
+            "\">=18 <21\" or \"lts/*\""
+        )
+    return spec
+
+
+def check_commit(raw: object) -> str:
+    """A full commit SHA-1 (40 hex digits), lowercased."""
+    if not isinstance(raw, str) or not COMMIT_RE.fullmatch(raw.lower()):
+        raise InvalidInput("commit must be a full 40-hex-digit commit SHA")
+    return raw.lower()
+
+
+def check_settings(raw: object, *, patch: bool) -> dict[str, str | None]:
+    """Project settings (`patch`: a PATCH body's, which may also set webhook_secret) or a
+    deployment's overrides; a null value unsets one (detection decides)."""
+    allowed = SETTING_NAMES + ((WEBHOOK_SECRET,) if patch else ())
+    if not isinstance(raw, dict) or (patch and not raw):
+        raise InvalidInput('settings must be a non-empty object such as {"root_directory": "frontend"}')
+    checked: dict[str, str | None] = {}
+    for name, value in raw.items():
+        if name not in allowed:
+            raise InvalidInput(
+                f"unknown setting {name[:40]!r}; allowed: {', '.join(sorted(allowed))}"
+            )
+        if value is None:
+            checked[name] = None
+        elif name == "branch":
+            checked[name] = check_branch(value)
+        elif name in ("root_directory", "output_directory"):
+            checked[name] = check_directory(value, name)
+        elif name in ("install_command", "build_command"):
+            checked[name] = check_command(value, name)
+        elif name == "node_version":
+            checked[name] = check_node_version(value)
+        else:
+            checked[name] = check_webhook_secret(value)
+    return checked
+
+
+def check_webhook_secret(raw: object) -> str:
+    """"generate" (the server makes one and returns it once) or a secret of printable ASCII."""
+    if raw == "generate":
+        return raw
+    if (not isinstance(raw, str) or not WEBHOOK_SECRET_MIN <= len(raw) <= WEBHOOK_SECRET_MAX
+            or not all(" " < ch < "\x7f" for ch in raw)):
+        raise InvalidInput(
+            f"webhook_secret must be \"generate\" or {WEBHOOK_SECRET_MIN}-{WEBHOOK_SECRET_MAX} "
+            "printable ASCII characters without spaces"
+        )
+    return raw

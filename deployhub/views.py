@@ -18,6 +18,11 @@ def deployment_json(settings: Settings, dep: Deployment, production: str) -> dic
         "project": dep.project,
         "repo_url": dep.repo_url,
         "branch": dep.branch,
+        # The full SHA asked for (null: the branch head), then the one built; its message's
+        # first line once cloned.
+        "commit": dep.commit or None,
+        "commit_message": dep.commit_message or None,
+        "settings": dep.settings,
         "status": dep.status,
         "reason": dep.reason,
         "created_at": dep.created_at,

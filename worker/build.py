@@ -9,7 +9,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -26,7 +26,7 @@ from deployhub.store import Deployment, Store
 from deployhub.validation import InvalidInput, check_repo_url
 
 from . import node, proc
-from .detect import BuildError, locate_output, plan
+from .detect import BuildError, Overrides, locate_output, plan
 from .install import install
 from .output import upload
 from .sandbox import Sandbox
@@ -37,6 +37,7 @@ T = TypeVar("T")
 LOG_TTL_SECONDS = 7 * 24 * 3600
 # What untrusted build commands may see of our environment: nothing secret.
 PASSTHROUGH_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS")
+COMMIT_MESSAGE_MAX = 200  # characters of a commit message's first line kept on the record
 
 
 class Canceled(Exception):
@@ -80,6 +81,7 @@ class Build:
         self.detected_env: dict[str, str] = {}  # what the plan sets (PUBLIC_URL=/ for CRA)
         self.node_home: Path | None = None  # a fetched Node release, first on PATH
         self._stopped: tuple[Status, str] | None = None
+        self._git_config: list[str] = []  # -c options every git command against the remote gets
 
     # -- the steps -------------------------------------------------------------------------
 
@@ -135,7 +137,13 @@ class Build:
         await self._step(Status.CLONING)
         await self._clone()
         await self._step(Status.INSTALLING)
-        build_plan = plan(self.src)
+        build_plan = plan(self.src, overrides(self.dep.settings))
+        # Install, build, detection and the output all happen in the root directory (plan
+        # checked it is a real directory, no symlink on the way).
+        root = self.src / build_plan.root if build_plan.root else self.src
+        if build_plan.root:
+            self.logs.emit("system", f"Root directory: {build_plan.root} (project setting)")
+        self.sandbox.root = build_plan.root
         for note in build_plan.notes:
             self.logs.emit("system", note)
         self.detected_env = dict(build_plan.env)
@@ -144,11 +152,11 @@ class Build:
         )
         self.logs.emit("system", f"Using {chosen.reason}")
         self.node_home = self.sandbox.node = chosen.home
-        build = await install(build_plan, self._command, self.logs.emit, self.logs.events, self.src)
+        build = await install(build_plan, self._command, self.logs.emit, self.logs.events, root)
         await self._step(Status.BUILDING)
         built_after = time.time()
         await self._command(build)
-        output = locate_output(self.src, build_plan, built_after=built_after)
+        output = locate_output(root, build_plan, built_after=built_after)
         self.logs.emit("system", f"Output: {output.path.relative_to(self.src)} ({output.why})")
         await self._step(Status.UPLOADING)
         await self._upload(output.path)
@@ -170,8 +178,7 @@ class Build:
         pinned = ",".join(
             f"[{a}]" if ":" in a else a for a in repo.addresses
         )
-        argv = [
-            "git",
+        self._git_config = [
             # The host was checked when the URL came in; pin the addresses that were checked so
             # a DNS answer that changes in between cannot point the clone inside our network.
             "-c", f"http.curloptResolve={repo.host}:{repo.port}:{pinned}",
@@ -183,12 +190,78 @@ class Build:
             "-c", "core.hooksPath=/dev/null",
             "-c", "http.lowSpeedLimit=1000",
             "-c", "http.lowSpeedTime=30",
-            "clone", "--depth", "1", "--single-branch", "--no-tags",
         ]
+        argv = ["git", *self._git_config, "clone", "--depth", "1", "--single-branch", "--no-tags"]
         if self.dep.branch:
             argv += ["--branch", self.dep.branch]
         argv += ["--", repo.url, str(self.src)]
-        env = {
+        shown = " ".join(["git", "clone", "--depth", "1", *argv[argv.index("--single-branch"):]])
+        self.logs.emit("system", f"$ {shown}")
+        code, detail = await self._git(argv, cwd=self.work)
+        if code != 0:
+            raise BuildError(
+                f"could not clone {repo.url}: {detail} (is the URL right, the "
+                "repository public and the branch there?)"
+            )
+        wanted = self.dep.commit
+        if wanted and await self._git_output(["rev-parse", "HEAD"]) != wanted:
+            await self._fetch_commit(repo.url, wanted)
+        sha = await self._git_output(["rev-parse", "HEAD"])
+        message = (await self._git_output(["log", "-1", "--format=%B"]))[:COMMIT_MESSAGE_MAX]
+        if sha:
+            self.logs.emit("system", f"Cloned commit {sha[:12]} {message}")
+            await retry(lambda: self.store.record_commit(self.dep.id, sha, message))
+
+    async def _fetch_commit(self, url: str, sha: str) -> None:
+        """Check out `sha`, which the shallow clone of the branch head does not hold.
+
+        A shallow fetch of the SHA alone works where the server lets a client want any
+        commit it can reach: protocol v2 (what git speaks by default since 2.26, and what
+        git http-backend answers) always does, v0 only with uploadpack.allowReachableSHA1InWant
+        (GitHub allows it). Where it is refused, the whole history of every branch is
+        fetched instead (slower, but any server serves it) and the commit looked for in it.
+        """
+        remote = ["git", *self._git_config, "-C", str(self.src), "fetch", "--no-tags", "--quiet"]
+        self.logs.emit("system", f"$ git fetch --depth 1 origin {sha}")
+        code, _ = await self._git([*remote, "--depth", "1", "origin", sha], cwd=self.work)
+        if code != 0:
+            self.logs.emit("system", "The server does not serve a commit by its SHA alone; "
+                                     "fetching the full history instead")
+            code, detail = await self._git(
+                [*remote, "--unshallow", "origin", "+refs/heads/*:refs/remotes/origin/*"],
+                cwd=self.work,
+            )
+            if code != 0:
+                raise BuildError(f"could not fetch the history of {url}: {detail}")
+        code, _ = await self._git(
+            ["git", "-c", "core.hooksPath=/dev/null", "-C", str(self.src), "checkout", "--quiet",
+             "--detach", sha], cwd=self.work,
+        )
+        if code != 0:
+            raise BuildError(
+                f"the commit {sha} is not in {url}: push it, or deploy a commit of the "
+                "repository (a full 40-hex SHA)"
+            )
+
+    async def _git(self, argv: list[str], *, cwd: Path) -> tuple[int, str]:
+        """Run git (on the host: our own command, never the repository's); its exit code and
+        the last line it printed."""
+        try:
+            result = await proc.run(
+                argv, cwd=cwd, env=self._git_env(), emit=self.logs.emit,
+                timeout=self.settings.clone_timeout,
+                max_line_bytes=self.settings.log_line_max_bytes,
+            )
+        except proc.CommandTimeout:
+            raise BuildError(
+                f"could not clone {self.dep.repo_url}: no answer within "
+                f"{self.settings.clone_timeout:.0f} s"
+            ) from None
+        detail = next((t for t in reversed(result.tail) if t.strip()), "git failed")
+        return result.code, detail.strip()
+
+    def _git_env(self) -> dict[str, str]:
+        return {
             **self._base_env(),
             "GIT_TERMINAL_PROMPT": "0",
             "GIT_ALLOW_PROTOCOL": "http:https",
@@ -198,28 +271,6 @@ class Build:
             "GIT_CONFIG_NOSYSTEM": "1",
             "GIT_LFS_SKIP_SMUDGE": "1",
         }
-        shown = " ".join(["git", "clone", "--depth", "1", *argv[argv.index("--single-branch"):]])
-        self.logs.emit("system", f"$ {shown}")
-        try:
-            result = await proc.run(
-                argv, cwd=self.work, env=env, emit=self.logs.emit,
-                timeout=self.settings.clone_timeout,
-                max_line_bytes=self.settings.log_line_max_bytes,
-            )
-        except proc.CommandTimeout:
-            raise BuildError(
-                f"could not clone {repo.url}: no answer within {self.settings.clone_timeout:.0f} s"
-            ) from None
-        if result.code != 0:
-            detail = next((t for t in reversed(result.tail) if t.strip()), "git failed")
-            raise BuildError(
-                f"could not clone {repo.url}: {detail.strip()} (is the URL right, the "
-                "repository public and the branch there?)"
-            )
-        commit = await self._git_output(["log", "-1", "--format=%h %s"])
-        if commit:
-            self.logs.emit("system", f"Cloned commit {commit}")
-            await retry(lambda: self.store.record_commit(self.dep.id, commit))
 
     async def _git_output(self, args: list[str]) -> str:
         lines: list[str] = []
@@ -330,6 +381,21 @@ class Build:
             # Yarn Berry from the npm registry, not repo.yarnpkg.com (which may be unreachable).
             "COREPACK_NPM_REGISTRY": "https://registry.npmjs.org",
         }
+
+
+def overrides(settings: Mapping[str, str]) -> Overrides:
+    """The deployment's settings as detection takes them: a command is one string the
+    sandbox's shell runs (`sh -c`, inside the sandbox, never on the host)."""
+    def shell(name: str) -> tuple[str, ...] | None:
+        return ("sh", "-c", settings[name]) if settings.get(name) else None
+
+    return Overrides(
+        root_directory=settings.get("root_directory") or None,
+        install_command=shell("install_command"),
+        build_command=shell("build_command"),
+        output_directory=settings.get("output_directory") or None,
+        node_version=settings.get("node_version") or None,
+    )
 
 
 def holder() -> str:

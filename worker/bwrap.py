@@ -160,11 +160,13 @@ def _help_text(binary: str) -> str:
 def options(
     binary: str, *, src: Path, home: Path, cache: Path, etc: Path, env: Mapping[str, str],
     egress: Path | None = None, tmp_bytes: int = 0, node: Path | None = None,
+    chdir: str = INSIDE_SRC,
 ) -> list[str]:
     """Options for `binary` (everything before `--` and the command). With `egress` (the
     directory of the egress proxy's socket) the command gets its own network namespace and
     that socket; without, the host's network. `node` is a fetched Node release, shown
-    read-only at /build/node."""
+    read-only at /build/node. `chdir` is where the command starts (the root directory
+    setting: under /build/src)."""
     opts = [
         "--unshare-all", *(() if egress else ("--share-net",)), "--unshare-user", "--unshare-pid",
         "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
@@ -206,7 +208,7 @@ def options(
         opts += ["--ro-bind", str(egress), INSIDE_EGRESS]
     opts += [
         "--remount-ro", "/",
-        "--chdir", INSIDE_SRC,
+        "--chdir", chdir,
         "--clearenv",
     ]
     for key, value in sorted(env.items()):

@@ -85,11 +85,11 @@ class Plan:
     notes: tuple[str, ...] = ()  # what was chosen and why, for the build log
 
 
-def read_package_json(root: Path) -> dict[str, object]:
+def read_package_json(root: Path, where: str = "the repository root") -> dict[str, object]:
     path = root / "package.json"
     if path.is_symlink() or not path.is_file():
         raise BuildError(
-            "No package.json at the repository root. DeployHub builds Node projects: add a "
+            f"No package.json at {where}. DeployHub builds Node projects: add a "
             "package.json with a \"build\" script."
         )
     if path.stat().st_size > PACKAGE_JSON_MAX:
@@ -109,8 +109,13 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
     rel = _relative(overrides.root_directory or "", "the root directory")
     root = repo / rel if rel else repo
     if rel and not _real_dirs(repo, rel):
-        raise BuildError(f"The root directory {rel} is not a directory in the repository.")
-    package = read_package_json(root)
+        raise BuildError(
+            f"The root directory {rel} (project setting) is not a directory in the repository "
+            "at this commit (or it, or a directory on the way, is a symlink): set the root "
+            "directory to the folder that holds the app's package.json."
+        )
+    package = read_package_json(root, f"the root directory {rel} (project setting)" if rel else
+                                "the repository root")
     scripts = package.get("scripts")
     build_script = scripts.get("build") if isinstance(scripts, dict) else None
     if not isinstance(build_script, str) and overrides.build_command is None:

@@ -67,6 +67,8 @@ class Sandbox:
         self.home = work / "home"
         self.cache = settings.data_dir / "cache" / "npm"
         self.node: Path | None = None  # a fetched Node release (worker/node.py), read-only inside
+        # The root directory setting, relative to the repository: where commands start.
+        self.root = ""
         self._announced = False
         self._owned = False
         self._count = 0
@@ -143,6 +145,7 @@ class Sandbox:
                 options = await asyncio.to_thread(  # the first call asks bwrap --help
                     bwrap.options, binary, src=self.src, home=self.home, cache=self.cache,
                     etc=etc, env=env, egress=egress, tmp_bytes=self.disk_bytes, node=self.node,
+                    chdir=f"{bwrap.INSIDE_SRC}/{self.root}" if self.root else bwrap.INSIDE_SRC,
                 )
                 # Options go through a memfd, not argv: the sandbox's pid 1 is bwrap, and its
                 # command line would otherwise show the host's paths to the build.
@@ -156,8 +159,8 @@ class Sandbox:
                                Path("/"), (args_fd,), groups, disk)
             else:
                 command = list(argv) if account is None else account.wrap(list(argv))
-                yield Prepared(groups.wrap(command, self.disk_bytes), env, self.src, (),
-                               groups, disk)
+                cwd = self.src / self.root if self.root else self.src
+                yield Prepared(groups.wrap(command, self.disk_bytes), env, cwd, (), groups, disk)
         finally:
             if account is not None:
                 await asyncio.to_thread(account.kill_leftovers)

@@ -348,7 +348,7 @@ class _GitHandler(BaseHTTPRequestHandler):
             env["REMOTE_USER"] = user
         if self.headers.get("Content-Encoding"):
             env["HTTP_CONTENT_ENCODING"] = self.headers["Content-Encoding"]
-        if self.headers.get("Git-Protocol"):
+        if owner.protocol_v2 and self.headers.get("Git-Protocol"):
             # Without this, git silently falls back from protocol v2 to v0.
             env["GIT_PROTOCOL"] = self.headers["Git-Protocol"]
         status, headers, payload = owner._run_backend(env, body)
@@ -405,6 +405,9 @@ class GitServer:
 
     stall_seconds = 60.0
     backend_timeout = 60.0
+    # False: answer in protocol v0 only, which refuses a fetch of an unadvertised commit
+    # (like a server without uploadpack.allowReachableSHA1InWant).
+    protocol_v2 = True
 
     def __init__(
         self,

@@ -59,7 +59,7 @@ class Service:
         async with self.http.get(self.url + path) as r:
             return r.status, await r.json()
 
-    async def deploy(self, repo_url: str, **extra: str) -> dict[str, Any]:
+    async def deploy(self, repo_url: str, **extra: Any) -> dict[str, Any]:
         status, body = await self.post_json("/api/deployments", {"repo_url": repo_url, **extra})
         assert status == 202, body
         return dict(body)
