@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from deployhub.status import FINAL
 from tests.support.infra import TINY_APP, GitServer, free_port, unique_name
 
 ROOT = Path(__file__).parent.parent
@@ -132,7 +133,7 @@ def test_fresh_install_sandboxes_with_the_wheels_bwrap(
     assert status == 202, raw
     dep = json.loads(raw)
     deadline = time.monotonic() + 90
-    while dep["status"] not in ("ready", "failed", "canceled") and time.monotonic() < deadline:
+    while dep["status"] not in FINAL and time.monotonic() < deadline:
         time.sleep(0.2)
         dep = json.loads(request(port, "GET", f"/api/deployments/{dep['id']}", token=token)[1])
     assert dep["status"] == "ready", dep["reason"]

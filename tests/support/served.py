@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from deployhub.embedded_redis import free_port
+from deployhub.status import FINAL
 from tests.support.procs import clean_env
 
 
@@ -113,7 +114,7 @@ class Served:
         while time.monotonic() < deadline:
             _, _, raw = self.get(f"/api/deployments/{dep_id}")
             body = json.loads(raw)
-            if body.get("status") in ("ready", "failed", "canceled"):
+            if body.get("status") in FINAL:
                 return dict(body)
             time.sleep(0.1)
         raise AssertionError(f"{dep_id} did not finish")
