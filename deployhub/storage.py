@@ -299,6 +299,15 @@ class S3Storage:
                 yield chunk
 
 
+def s3_config() -> Any:
+    """A stalled S3 must not hold a request (or a shutdown) for botocore's default 60 s;
+    transient errors and throttling are retried with backoff ("standard" mode)."""
+    from aiobotocore.config import AioConfig
+
+    return AioConfig(connect_timeout=5, read_timeout=20, max_pool_connections=64,
+                     retries={"max_attempts": 5, "mode": "standard"})
+
+
 @contextlib.asynccontextmanager
 async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
     """The configured backend, with its client closed on exit."""
@@ -312,5 +321,6 @@ async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
         "s3",
         region_name=settings.s3_region,
         endpoint_url=settings.s3_endpoint_url or None,
+        config=s3_config(),
     ) as client:
         yield S3Storage(client, settings.s3_bucket, settings.s3_prefix)
