@@ -29,7 +29,6 @@ def setup(
     app.cleanup_ctx.append(runners.runner_ctx)
     app.cleanup_ctx.append(reaper.reaper_ctx)
     app.on_shutdown.append(hub.close_sockets)
-    app.middlewares.append(ops.count_site_requests)
     app.middlewares.append(sites.site_middleware)
     app.middlewares.append(api.api_errors)
     app.router.add_routes(api.routes)

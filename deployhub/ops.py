@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
@@ -23,7 +23,6 @@ from .connections import REDIS, STORAGE, STORE
 from .live.hub import HUB
 from .redis_client import CONNECTION_ERRORS
 from .sites import SITES
-from .state import require
 from .status import STEPS, Status
 from .storage import StorageError
 from .store import PHASE_BUCKETS
@@ -32,18 +31,10 @@ log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 3.0  # seconds each backend may take to answer /readyz
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-SITE_REQUESTS = web.AppKey("deployhub.site_requests", Counter[int])
-
-
 def add_routes(app: web.Application) -> None:
-    app[SITE_REQUESTS] = Counter()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-
-
-def get_site_requests(app: web.Application) -> Counter[int]:
-    return require(app, SITE_REQUESTS)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -70,28 +61,6 @@ async def _probe(call: Awaitable[object]) -> str:
     return "ok"
 
 
-@web.middleware
-async def count_site_requests(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Site requests by status; sites whose Redis lookup fails answer 503, not 500."""
-    if request.config_dict[SITES].site_label(request.host) is None:
-        return await handler(request)
-    counts = request.config_dict[SITE_REQUESTS]
-    try:
-        response = await handler(request)
-    except (RedisError, *CONNECTION_ERRORS) as exc:
-        log.warning("site %s: Redis unavailable: %s", request.host, exc)
-        counts[503] += 1
-        return web.Response(status=503, text="This site is temporarily unavailable; try again shortly.\n",
-                            headers={"Retry-After": "5"})
-    except web.HTTPException as exc:
-        counts[exc.status] += 1
-        raise
-    counts[response.status] += 1
-    return response
-
-
 async def metrics(request: web.Request) -> web.Response:
     families: list[Metric] = []
     try:
@@ -100,7 +69,7 @@ async def metrics(request: web.Request) -> web.Response:
     except (RedisError, *CONNECTION_ERRORS) as exc:
         log.warning("/metrics without the cluster figures: Redis unavailable: %s", exc)
     hub = request.config_dict[HUB]
-    families += _process_families(len(hub.sockets), hub.stats, request.config_dict[SITE_REQUESTS])
+    families += _process_families(len(hub.sockets), hub.stats, request.config_dict[SITES].requests)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Fixed(families))
     ProcessCollector(registry=registry)

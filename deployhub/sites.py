@@ -31,6 +31,7 @@ from . import keys
 from .collector import Collector
 from .connections import STORAGE, STORE
 from .manifest import Entry, Manifest, parse
+from .redis_client import CONNECTION_ERRORS
 from .settings import Settings
 from .state import SETTINGS, require
 from .storage import Storage, manifest_key
@@ -152,6 +153,7 @@ class Sites:
         self.live = asyncio.Event()  # set while subscribed: tests wait for it
         # What serving did ("host look-ups", "manifest reads", "file reads", "cache drops").
         self.stats: Counter[str] = Counter()
+        self.requests: Counter[int] = Counter()  # site responses by status, for /metrics
 
     def site_label(self, host: str | None) -> str | None:
         """The label in front of our domain, or None when the request is for the app itself."""
@@ -638,6 +640,16 @@ async def site_middleware(
     label = sites.site_label(request.host)
     if label is None:
         return await handler(request)
+    response: web.StreamResponse
     if request.method not in ("GET", "HEAD"):
-        return web.Response(status=405, text="Sites answer GET and HEAD only.\n", headers={"Allow": "GET, HEAD"})
-    return await sites.handle(request, label)
+        response = web.Response(status=405, text="Sites answer GET and HEAD only.\n",
+                                headers={"Allow": "GET, HEAD"})
+    else:
+        try:
+            response = await sites.handle(request, label)
+        except (RedisError, *CONNECTION_ERRORS) as exc:  # a site not seen before, Redis away
+            log.warning("site %s: Redis unavailable: %s", request.host, exc)
+            response = web.Response(status=503, headers={"Retry-After": "5"},
+                                    text="This site is temporarily unavailable; try again shortly.\n")
+    sites.requests[response.status] += 1  # for /metrics
+    return response
