@@ -27,15 +27,14 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import TypeVar, cast
+from collections.abc import Iterable
+from typing import cast
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import keys
 from .manifest import Manifest, parse
+from .redis_client import through_outage
 from .status import Status
 from .storage import BLOBS, Storage, log_key, manifest_key, site_key
 from .store import Conflict, NotFound, Store
@@ -84,25 +83,6 @@ return claimed
 """
 
 
-T = TypeVar("T")
-OUTAGE_DEADLINE = 120.0  # seconds an upload waits out a Redis restart before it fails
-
-
-async def _through_outage(call: Callable[[], Awaitable[T]]) -> T:
-    """An upload must not fail because Redis restarts under it: every lease call here may
-    simply be made again."""
-    delay = 0.1
-    give_up = time.monotonic() + OUTAGE_DEADLINE
-    while True:
-        try:
-            return await call()
-        except (RedisConnectionError, RedisTimeoutError, OSError):
-            if time.monotonic() > give_up:
-                raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-
-
 class BlobLeases:
     """What one upload holds on the blobs it references until its manifest protects them."""
 
@@ -120,14 +100,14 @@ class BlobLeases:
         wanted = list(dict.fromkeys(digests))
         for start in range(0, len(wanted), BATCH):
             batch = wanted[start:start + BATCH]
-            busy = cast(list[str], await _through_outage(lambda: self._hold(
+            busy = cast(list[str], await through_outage(lambda: self._hold(
                 keys=[keys.blob_lease(""), keys.blob_deleting("")],
                 args=[self.upload, repr(time.time() + self.grace), int(self.grace) + 1, *batch],
             )))
             self.held.update(batch)
             deadline = time.monotonic() + DELETING_TTL
             for digest in busy:
-                while await _through_outage(lambda: self.redis.exists(keys.blob_deleting(digest))):
+                while await through_outage(lambda: self.redis.exists(keys.blob_deleting(digest))):
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"blob {digest} stayed flagged as deleting")
                     await asyncio.sleep(DELETING_POLL)
@@ -137,7 +117,7 @@ class BlobLeases:
         held = sorted(self.held)
         for start in range(0, len(held), BATCH):
             batch = held[start:start + BATCH]
-            await _through_outage(
+            await through_outage(
                 lambda: self._release(keys=[keys.blob_lease("")], args=[self.upload, *batch])
             )
         self.held.clear()

@@ -8,6 +8,11 @@ every command on it) retries connection errors with backoff on a fresh connectio
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -25,6 +30,25 @@ HEALTH_CHECK_SECONDS = 30  # an idle connection is PINGed before reuse after thi
 
 # The errors that mean "the connection, not the command, failed".
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionResetError, OSError)
+OUTAGE_DEADLINE = 120.0  # seconds a build's Redis call waits out a restart before it fails
+
+T = TypeVar("T")
+
+
+async def through_outage(call: Callable[[], Awaitable[T]], *, deadline: float = OUTAGE_DEADLINE) -> T:
+    """`call()`, made again through a Redis outage (a restart, a failover) for up to
+    `deadline` seconds: for the worker's records and an upload's leases, which must not fail
+    a build that is otherwise fine. The pool's own retries cover a blip; this, a restart."""
+    delay = 0.1
+    give_up = time.monotonic() + deadline
+    while True:
+        try:
+            return await call()
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            if time.monotonic() > give_up:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def open_redis(url: str, *, max_connections: int = 64) -> Redis:

@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 
-from deployhub.redis_client import open_redis
+from deployhub.redis_client import open_redis, through_outage
 from deployhub.settings import Settings, SettingsError
 from deployhub.status import Status
 from deployhub.storage import open_storage
@@ -23,7 +23,7 @@ from deployhub.validation import InvalidInput, check_deployment_id
 
 from . import bwrap
 from .account import account_problem
-from .build import Build, holder, retry
+from .build import Build, holder
 
 log = logging.getLogger("worker")
 
@@ -61,7 +61,7 @@ async def main(dep_id: str, watch_stdin: bool, lease_holder: str) -> int:
     try:
         store = Store(redis)
         try:
-            dep = await retry(lambda: store.get_deployment(dep_id), deadline=30)
+            dep = await through_outage(lambda: store.get_deployment(dep_id), deadline=30)
         except NotFound:
             log.error("deployment %s does not exist", dep_id)
             return 2

@@ -9,15 +9,15 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from deployhub.logs import LogPublisher
+from deployhub.redis_client import through_outage as retry
 from deployhub.secretbox import secret_box
 from deployhub.settings import Settings
 from deployhub.storage import Storage, log_key
@@ -33,7 +33,6 @@ from .sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 LOG_TTL_SECONDS = 7 * 24 * 3600
 # What untrusted build commands may see of our environment: nothing secret.
 PASSTHROUGH_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS")
@@ -42,20 +41,6 @@ COMMIT_MESSAGE_MAX = 200  # characters of a commit message's first line kept on 
 
 class Canceled(Exception):
     pass
-
-
-async def retry(what: Callable[[], Awaitable[T]], *, deadline: float = 120.0) -> T:
-    """Retry a Redis call through an outage (a restart) instead of losing the build's result."""
-    delay = 0.1
-    give_up = time.monotonic() + deadline
-    while True:
-        try:
-            return await what()
-        except (RedisConnectionError, RedisTimeoutError, OSError):
-            if time.monotonic() > give_up:
-                raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
 
 
 class Build:
