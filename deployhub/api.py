@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib.metadata
 import json
 import logging
 import secrets
@@ -126,8 +127,9 @@ async def create_deployment(request: web.Request) -> web.Response:
         return error(503, refused)
     body = check_fields(
         await read_json(request), required={"repo_url"},
-        optional={"project", "branch", "commit", "settings"},
+        optional={"project", "branch", "commit", "settings", "trigger"},
     )
+    trigger = _check_trigger(body.get("trigger"))
     # Cheap checks first: the URL check may wait on DNS.
     project = check_project(body["project"]) if body.get("project") is not None else None
     branch = check_branch(body["branch"]) if body.get("branch") not in (None, "") else ""
@@ -147,19 +149,20 @@ async def create_deployment(request: web.Request) -> web.Response:
     # The branch is the deployment's own field, not one of its build settings.
     branch = branch or chosen.pop("branch", "")
     chosen.pop("branch", None)  # when the body named one
-    dep = await _queue(request, project, repo.url, branch, owner, commit=commit, chosen=chosen)
+    dep = await _queue(request, project, repo.url, branch, owner, commit=commit, chosen=chosen,
+                       trigger=trigger)
     return await _answer(request, dep, status=202)
 
 
 async def _queue(
     request: web.Request, project: str, repo_url: str, branch: str, owner: str, *,
-    commit: str, chosen: dict[str, str],
+    commit: str, chosen: dict[str, str], trigger: str = "",
 ) -> Deployment:
     """Record a deployment (its settings fixed from now on) and hand it to the runner."""
     dep = await request.config_dict[STORE].create_deployment(
         project, repo_url, branch, owner,
         max_active=request.config_dict[SETTINGS].max_active_per_token,
-        commit=commit, settings=chosen,
+        commit=commit, settings=chosen, trigger=trigger,
     )
     await request.config_dict[RUNNER].submit(dep)
     return dep
@@ -245,7 +248,14 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
 async def list_projects(request: web.Request) -> web.Response:
     settings, store = request.config_dict[SETTINGS], request.config_dict[STORE]
     projects = await store.list_projects(owner=await caller(request))
-    return web.json_response({"projects": [project_json(settings, p) for p in projects]})
+    # Each production deployment's summary (status, commit, age), all read in one pipeline.
+    serving = {d.id: d for d in await store.get_deployments(p.production for p in projects if p.production)}
+    return web.json_response({"projects": [
+        {**project_json(settings, p), "production_deployment": (
+            deployment_json(settings, serving[p.production], p.production)
+            if p.production in serving else None)}
+        for p in projects
+    ]})
 
 
 @routes.get("/api/projects/{name}")
@@ -463,7 +473,7 @@ async def _push(request: web.Request, project: Project, payload: Any) -> web.Res
     if refused := request.config_dict[RUNNER].refused:
         return error(503, refused)
     dep = await _queue(request, project.name, repo_url, branch, project.owner, commit=commit,
-                       chosen=chosen)
+                       chosen=chosen, trigger="webhook")
     # A newer push supersedes the older ones still waiting for a build slot.
     for older in await store.queued_of(project.name, branch):
         if older.id != dep.id and older.created_at <= dep.created_at:
@@ -471,3 +481,36 @@ async def _push(request: web.Request, project: Project, payload: Any) -> web.Res
                 older, f"Superseded by a newer push to {branch} ({commit[:12]})."
             )
     return await _answer(request, dep, status=202)
+
+
+# -- what the page shows about this server ----------------------------------------------------
+
+TRIGGERS = ("page", "cli")  # what a client may say it is; "webhook" is the server's own
+
+
+def _check_trigger(raw: object) -> str:
+    if raw is None:
+        return ""
+    if raw not in TRIGGERS:
+        raise InvalidInput(f"trigger must be one of {', '.join(map(repr, TRIGGERS))} (or absent)")
+    return str(raw)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("deployhub")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing
+        return "unknown"
+
+
+@routes.get("/api/server")
+async def server_info(request: web.Request) -> web.Response:
+    """The version, the runner, and which build limits it could not enforce at start."""
+    await caller(request)
+    limits = request.config_dict[RUNNER].limits
+    return web.json_response({
+        "version": _version(),
+        "runner": request.config_dict[SETTINGS].runner,
+        "limits": {"enforced": not limits.missing, "missing": list(limits.missing),
+                   "policy": limits.policy, "message": limits.message},
+    })

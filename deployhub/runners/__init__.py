@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -18,10 +19,23 @@ from ..state import INSTANCE, SETTINGS, require
 from ..store import Deployment, Store
 
 
+@dataclasses.dataclass(frozen=True)
+class BuildLimits:
+    """What a runner found at start about the build limits (GET /api/server shows it)."""
+
+    policy: str  # DEPLOYHUB_BUILD_WITHOUT_LIMITS: "run" or "refuse"
+    missing: tuple[str, ...] = ()  # "<why> (<setting>)" for each limit that does not hold
+    message: str = ""  # what to tell a person; "" while every limit holds
+
+
 class Runner(Protocol):
     @property
     def refused(self) -> str | None:
         """Why builds cannot run here (the API answers 503 with it), or None."""
+
+    @property
+    def limits(self) -> BuildLimits:
+        """The build limits as checked at start."""
 
     async def submit(self, dep: Deployment) -> None:
         """Start (or queue) the build of a new deployment; returns at once."""
