@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -17,15 +16,7 @@ from ..connections import REDIS_URL, STORE
 from ..settings import Secret, Settings, SettingsError
 from ..state import INSTANCE, SETTINGS, require
 from ..store import Deployment, Store
-
-
-@dataclasses.dataclass(frozen=True)
-class BuildLimits:
-    """What a runner found at start about the build limits (GET /api/server shows it)."""
-
-    policy: str  # DEPLOYHUB_BUILD_WITHOUT_LIMITS: "run" or "refuse"
-    missing: tuple[str, ...] = ()  # "<why> (<setting>)" for each limit that does not hold
-    message: str = ""  # what to tell a person; "" while every limit holds
+from .limits import BuildLimits
 
 
 class Runner(Protocol):

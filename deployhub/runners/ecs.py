@@ -23,7 +23,7 @@ from ..queue import BuildQueue, Dispatcher, dispatching
 from ..settings import Settings, env_name
 from ..status import Status
 from ..store import Deployment, Store
-from . import BuildLimits
+from .limits import BuildLimits
 
 log = logging.getLogger(__name__)
 

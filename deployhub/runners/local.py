@@ -16,7 +16,7 @@ from ..queue import BuildQueue, Dispatcher, dispatching
 from ..settings import Secret, Settings
 from ..status import Status
 from ..store import Deployment, NotFound, Store
-from . import BuildLimits
+from .limits import BuildLimits
 
 log = logging.getLogger(__name__)
 
