@@ -25,7 +25,7 @@ from tests.support.browser import (  # noqa: F401 (browser is a fixture)
 from tests.support.infra import GitServer
 from tests.support.procs import RedisServer
 from tests.support.served import Served
-from tests.test_page import sign_in_and_deploy, tiny_repo
+from tests.test_page import UNLABELLED, sign_in_and_deploy, tiny_repo
 
 pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]' brings playwright")
 pytestmark = pytest.mark.skipif(not CHROMIUM, reason="needs Debian's chromium (apt-get install chromium)")
@@ -92,6 +92,7 @@ def test_settings_screen_change_takes_effect_on_redeploy(served: Served, git_ser
     else:
         assert page.is_visible("#cred-form")
     shoot(page, "project-settings")
+    assert page.evaluate(UNLABELLED) == []  # every field labelled, every button named
 
     page.click("#tab-deployments")
     page.click("#detail-actions button[data-action=redeploy]")
@@ -118,6 +119,7 @@ def test_settings_screen_change_takes_effect_on_redeploy(served: Served, git_ser
     assert hooked.text_content() == "via Webhook"
     page.wait_for_function("document.querySelectorAll('#phase-strip .phase-bar').length === 3")
     shoot(page, "project")
+    assert page.evaluate(UNLABELLED) == []  # the phase bars too: each says its build's phases
 
     listed = served.get_json("/api/projects")["projects"][0]
     assert listed["production_deployment"]["id"] == listed["production"] == pushed["id"]
