@@ -1035,11 +1035,20 @@ async function loadServerInfo() {
     const limits = info?.limits;
     const warn = Boolean(limits) && limits.enforced === false;
     $("limits-banner").hidden = !warn;
-    if (warn) {
-      const missing = Array.isArray(limits.missing) ? limits.missing : [];
-      $("limits-text").textContent =
-        limits.message || `Missing: ${missing.join("; ")}. Builds ${limits.policy === "refuse" ? "are refused" : "run without them"}.`;
-    }
+    if (!warn) return;
+    const missing = Array.isArray(limits.missing) ? limits.missing.map(String) : [];
+    // The server's message says it all in one sentence; the notice has a heading, so a list.
+    fill(
+      $("limits-text"),
+      missing.length ? el("ul", { className: "limits-list" }, ...missing.map((why) => el("li", { text: why }))) : null,
+      el("span", {
+        text:
+          limits.policy === "refuse"
+            ? "Builds are refused until they hold (DEPLOYHUB_BUILD_WITHOUT_LIMITS=refuse)."
+            : "Builds run without them (DEPLOYHUB_BUILD_WITHOUT_LIMITS=run). Make the cgroup writable " +
+              "for DeployHub to enforce them.",
+      }),
+    );
   } catch {
     /* an older server without api/server, or signed out: no warning to give */
   }
