@@ -59,6 +59,8 @@ def test_settings_screen_change_takes_effect_on_redeploy(served: Served, git_ser
     page.click("#tab-settings")
     page.wait_for_url("**/#/projects/settings-app/settings")
     page.wait_for_selector("#settings-form[aria-busy=false]")
+    page.keyboard.press("Tab")  # from the tab just followed, straight into the first field
+    assert page.evaluate("document.activeElement.id") == "set-branch"
     assert page.is_hidden("#log-card") and page.is_visible("#settings-form")
     page.fill("#set-node_version", "twenty")
     page.click("#settings-save")
