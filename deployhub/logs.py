@@ -8,6 +8,7 @@ append idempotent: a batch retried after a lost reply cannot add a line twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -180,10 +181,11 @@ class LogPublisher:
                 # `interval`: the clock runs from the oldest waiting line, not from now.
                 wait = self._pending[0][2] + self.interval - time.monotonic()
                 if wait > 0:
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), wait)
-                    except TimeoutError:
-                        pass
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                    # cancel that lands as the wait ends, and close() would then hang.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await self._wake.wait()
                     self._wake.clear()
                     continue
             batch = [self._pending[i] for i in range(min(self.batch_size, len(self._pending)))]
