@@ -176,7 +176,8 @@ async def check_repo_url(
         )
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
         raise InvalidInput(
-            "repo_url must not contain credentials; DeployHub clones public repositories"
+            "repo_url must not contain credentials (a URL is shown and logged); for a private "
+            "repository give the project a token with PUT /api/projects/{name}/credential"
         )
     try:
         host = parts.hostname or ""

@@ -209,3 +209,16 @@ async def test_the_log_masks_the_token_and_its_basic_auth_form(redis_server: Red
     assert [json.loads(e)["text"] for e in publisher.events] == [
         "****", "Authorization: Basic ****", "https://x:****@h/"]
     await redis.aclose()
+
+
+async def test_an_older_commit_of_a_private_repository_is_fetched_with_the_credential(
+    service: Service, private_git: GitServer
+) -> None:
+    name = unique_name("privcommit")
+    url = private_repo(private_git, name)
+    first = private_git.head_sha(name, private=True)
+    private_git.commit_files(name, {"later.txt": "later\n"}, private=True)
+    await put_credential(service, name, {"token": token_of(private_git)})
+    final = await service.wait_final((await service.deploy(url, project=name, commit=first))["id"])
+    assert final["status"] == "ready", final["reason"]
+    assert final["commit"] == first
