@@ -222,3 +222,15 @@ async def test_an_older_commit_of_a_private_repository_is_fetched_with_the_crede
     final = await service.wait_final((await service.deploy(url, project=name, commit=first))["id"])
     assert final["status"] == "ready", final["reason"]
     assert final["commit"] == first
+
+
+async def test_a_missing_repository_with_a_credential_may_be_a_refusal(
+    service: Service, private_git: GitServer
+) -> None:
+    """GitHub answers 404, not 403, to a token that may not read a private repository."""
+    name = unique_name("privmissing")
+    await put_credential(service, name, {"token": token_of(private_git)})
+    dep = await service.deploy(private_git.url_for(name, private=True), project=name)
+    final = await service.wait_final(dep["id"])
+    assert "the repository refused the credential, or does not exist" in final["reason"]
+    assert token_of(private_git) not in final["reason"]

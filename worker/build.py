@@ -190,6 +190,11 @@ class Build:
         shown = " ".join(["git", "clone", "--depth", "1", *argv[argv.index("--single-branch"):]])
         self.logs.emit("system", f"$ {shown}")
         code, detail = await self._git(argv, cwd=self.work, remote=True)
+        if code != 0 and credential and "repository" in detail and "not found" in detail:
+            raise BuildError(
+                f"could not clone {repo.url}: the repository refused the credential, or does not "
+                "exist (GitHub answers 'not found' when a token may not read a repository)"
+            )
         if code != 0 and _refused_auth(detail):
             if credential:
                 raise BuildError(
