@@ -115,7 +115,7 @@ class LogPublisher:
         if self.truncated:
             self.dropped += 1
             return
-        text = self._mask(cut_line(text, self.line_max_bytes))
+        text = self.mask(cut_line(text, self.line_max_bytes))
         if self.seq == self.max_lines - 1:
             stream, text = "system", (
                 f"Log truncated after {self.seq} lines (DEPLOYHUB_LOG_MAX_LINES); "
@@ -137,10 +137,14 @@ class LogPublisher:
             self._wake.set()
 
     def hide(self, secrets: list[str]) -> None:
-        """Never publish these values: every occurrence in a line becomes ****."""
-        self._secrets = sorted({s for s in secrets if len(s) >= 3}, key=len, reverse=True)
+        """Never publish these values (added to those hidden already): every occurrence in a
+        line becomes ****."""
+        wanted = set(self._secrets) | {s for s in secrets if len(s) >= 3}
+        # Longest first: a secret that holds another is hidden whole, not in part.
+        self._secrets = sorted(wanted, key=len, reverse=True)
 
-    def _mask(self, text: str) -> str:
+    def mask(self, text: str) -> str:
+        """`text` with every hidden value replaced by ****."""
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, "****")
