@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import importlib.metadata
@@ -22,9 +23,9 @@ from .runners import RUNNER
 from .state import RESOLVER, SETTINGS
 from .storage import log_key
 from .collector import Removed
-from .secretbox import secret_box
+from .secretbox import SecretUnreadable, secret_box
 from .sites import SITES
-from .store import Conflict, Deployment, NotFound, Project, ProjectTaken, Store, TooManyActive
+from .store import Conflict, Credential, Deployment, NotFound, Project, ProjectTaken, Store, TooManyActive
 from .validation import (
     COMMIT_RE,
     MAX_BODY,
@@ -33,6 +34,7 @@ from .validation import (
     InvalidInput,
     check_branch,
     check_commit,
+    check_credential,
     check_deployment_id,
     check_fields,
     check_project,
@@ -85,6 +87,10 @@ async def api_errors(
         return error(409, str(exc))
     except TooManyActive as exc:
         return error(429, str(exc))
+    except SecretUnreadable as exc:
+        # The key changed under a stored secret: not a bug, and only setting it again helps.
+        log.error("%s %s: %s", request.method, request.path, exc)
+        return error(409, str(exc))
     except TooManyAttempts as exc:
         response = error(429, str(exc))
         response.headers["Retry-After"] = str(exc.retry_after)
@@ -326,6 +332,43 @@ async def set_variables(request: web.Request) -> web.Response:
     return web.json_response(_variables_json(await store.list_variables(project.name)))
 
 
+# -- the repository credential (write-only, like a secret variable) --------------------------
+
+
+def _credential_json(credential: Credential | None) -> dict[str, Any]:
+    return {"credential": None if credential is None else dataclasses.asdict(credential)}
+
+
+@routes.get("/api/projects/{name}/credential")
+async def get_credential(request: web.Request) -> web.Response:
+    store = request.config_dict[STORE]
+    project = await store.owned_project(check_project(request.match_info["name"]), await caller(request))
+    return web.json_response(_credential_json(await store.get_credential(project.name)))
+
+
+@routes.put("/api/projects/{name}/credential")
+async def set_credential(request: web.Request) -> web.Response:
+    """The token the clone of a private repository sends (HTTPS basic auth); only its last
+    four characters are ever shown again."""
+    store = request.config_dict[STORE]
+    owner = await caller(request)
+    name = check_project(request.match_info["name"])
+    username, token = check_credential(await read_json(request))
+    project = await store.claim_project(name, owner)
+    credential = await store.set_credential(
+        project.name, username, token, secret_box(request.config_dict[SETTINGS])
+    )
+    return web.json_response(_credential_json(credential))
+
+
+@routes.delete("/api/projects/{name}/credential")
+async def delete_credential(request: web.Request) -> web.Response:
+    store = request.config_dict[STORE]
+    project = await store.owned_project(check_project(request.match_info["name"]), await caller(request))
+    await store.delete_credential(project.name)
+    return web.json_response(_credential_json(None))
+
+
 def _removed_json(removed: Removed) -> dict[str, Any]:
     return {"deleted": removed.deployments, "blobs_deleted": removed.blobs}
 
@@ -433,11 +476,23 @@ async def github_push(request: web.Request) -> web.Response:
             raise InvalidInput("the webhook payload has no repository.clone_url; add ?project=NAME")
         candidates = [p.name for p in await store.list_projects() if _same_repo(p.repo_url, clone_url)]
     project: Project | None = None
+    unreadable: list[str] = []
     for name in candidates:
-        secret = await store.webhook_secret(name, box)
+        try:
+            secret = await store.webhook_secret(name, box)
+        except SecretUnreadable as exc:
+            log.error("webhook for %s: %s", name, exc)
+            unreadable.append(name)
+            continue
         if secret is not None and _signed(secret, raw, signature):
             project = await store.get_project(name)
             break
+    if project is None and unreadable:
+        # Not 401: no signature can match until the owner sets the secret again.
+        return error(409, "the webhook secret stored for this repository cannot be decrypted "
+                          "with this server's key (DEPLOYHUB_SECRETS_KEY or secrets.key changed); "
+                          "the project's owner must set it again with PATCH "
+                          "/api/projects/{name}/settings and update it in GitHub's webhook form")
     if project is None:
         return unsigned
     if payload is None:
