@@ -91,8 +91,19 @@ def test_settings_screen_change_takes_effect_on_redeploy(served: Served, git_ser
     if credential == 404:  # the credential API is not on this server (yet)
         assert page.text_content("#cred-state") == "Private repositories are not available on this server."
         assert page.is_hidden("#cred-form")
-    else:
-        assert page.is_visible("#cred-form")
+    else:  # a token is written once, shown by its last four characters only, and removed
+        assert page.text_content("#cred-state") == "No token: only public repositories can be cloned."
+        page.fill("#cred-token", "ghp_pagetest0000abcd")
+        page.fill("#cred-username", "deploy-bot")
+        page.click("#cred-form button[type=submit]")
+        page.wait_for_selector("#cred-state >> text=A token (…abcd) is set for user deploy-bot")
+        assert page.input_value("#cred-token") == "" and "pagetest" not in page.content()
+        assert served.get_json("/api/projects/settings-app/credential")["credential"]["hint"] == "…abcd"
+        shoot(page, "project-credential")
+        page.once("dialog", lambda dialog: dialog.accept())  # "Remove the token?"
+        page.click("#cred-remove")
+        page.wait_for_selector("#cred-state >> text=No token")
+        assert served.get_json("/api/projects/settings-app/credential") == {"credential": None}
     shoot(page, "project-settings")
     assert page.evaluate(UNLABELLED) == []  # every field labelled, every button named
 
