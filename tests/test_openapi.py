@@ -4,9 +4,12 @@ schemathesis finds the running server's answers as the document says."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from schemathesis.specs.openapi.checks import (
 
 from deployhub import Settings, create_app
 from deployhub.openapi import document
+from deployhub.validation import InvalidInput, check_deployment_id, check_project
 from tests.support.infra import GitServer, RedisServer, unique_name
 from tests.support.service import Service, Watch, make_settings
 
@@ -160,10 +164,38 @@ class ThreadedService:
         self.thread.join(30)
 
 
+def call(server: ThreadedService, method: str, path: str, body: Any = None) -> Any:
+    request = urllib.request.Request(
+        server.url + path, method=method, data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {server.token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
 @pytest.fixture
 def running(redis_server: RedisServer, git_server: GitServer, tmp_path: Path) -> Iterator[ThreadedService]:
     with ThreadedService(make_settings(tmp_path / "data", redis_server.url)) as server:
         yield server
+
+
+def failed_deployment(server: ThreadedService, git_server: GitServer) -> dict[str, str]:
+    dep = call(server, "POST", "/api/deployments", {
+        "repo_url": git_server.url_for("no-such-repo"), "project": unique_name("seed"),
+    })
+    deadline = time.monotonic() + 30
+    while call(server, "GET", f"/api/deployments/{dep['id']}")["status"] != "failed":
+        assert time.monotonic() < deadline, "the seeded deployment did not fail"
+        time.sleep(0.1)
+    return {"id": dep["id"], "name": dep["project"]}
+
+
+@pytest.fixture
+def seeded(running: ThreadedService, git_server: GitServer) -> dict[str, dict[str, str]]:
+    """Projects with a (failed) deployment, so that valid ids reach real records: one for
+    the DELETE operations, one for the rest (which a DELETE would have taken away)."""
+    return {"DELETE": failed_deployment(running, git_server),
+            "other": failed_deployment(running, git_server)}
 
 
 @pytest.fixture
@@ -194,8 +226,15 @@ schema = schemathesis.pytest.from_fixture("api_schema").include(
 @pytest.mark.timeout(110)
 @schema.parametrize()
 def test_the_running_server_answers_as_documented(
-    case: schemathesis.Case, running: ThreadedService, git_server: GitServer
+    case: schemathesis.Case, git_server: GitServer, seeded: dict[str, dict[str, str]]
 ) -> None:
+    # A well-formed id or name (a positive case) names the seeded record, so that the
+    # answers of real records are checked too; malformed ones stay as generated.
+    for key, check in (("id", check_deployment_id), ("name", check_project)):
+        value = (case.path_parameters or {}).get(key)
+        with contextlib.suppress(InvalidInput, TypeError):
+            check(value)
+            case.path_parameters[key] = seeded.get(case.method.upper(), seeded["other"])[key]
     if case.operation.path == "/api/deployments" and isinstance(case.body, dict):
         # A fuzzed URL that passes the checks can only be http(s)://127.0.0.1[:port]/...; that
         # and the document's example go to a repository the loopback git server does not
