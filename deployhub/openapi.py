@@ -371,7 +371,7 @@ def _paths() -> dict[str, dict[str, Schema]]:
              "202": _json({"oneOf": [ref("Deployment"), ref("WebhookIgnored")]},
                           "A push to the project's branch: its deployment; else why not.")},
             errors=("400", "401", "409", "429", "503"), public=True, tag="hooks",
-            body={"description": "A GitHub webhook payload (at most 1 MiB)."},
+            body={"type": "object", "description": "A GitHub webhook payload (at most 1 MiB)."},
             params=[
                 {"name": "project", "in": "query", "required": False, "schema": PROJECT_NAME},
                 {"name": "X-Hub-Signature-256", "in": "header", "required": False,
