@@ -19,6 +19,10 @@ from aiohttp import web
 from .status import Status
 from .validation import (
     COMMAND_MAX,
+    CREDENTIAL_TOKEN_MAX,
+    CREDENTIAL_TOKEN_MIN,
+    CREDENTIAL_USERNAME,
+    CREDENTIAL_USERNAME_MAX,
     DIRECTORY_MAX,
     MAX_BODY,
     MAX_RESUME,
@@ -157,8 +161,14 @@ def _schemas() -> dict[str, Schema]:
             "hint": {"type": "string", "description": "The token's last characters."},
             "updated_at": TIME,
         }))}),
-        "CredentialPut": obj({"token": {"type": "string", "minLength": 1}, "username": STRING},
-                             required=["token"], closed=True),
+        "CredentialPut": obj({
+            "token": {"type": "string", "minLength": CREDENTIAL_TOKEN_MIN,
+                      "maxLength": CREDENTIAL_TOKEN_MAX, "pattern": "^[!-~]+$",
+                      "description": "Printable ASCII without spaces; stored encrypted."},
+            "username": nullable({"type": "string", "maxLength": CREDENTIAL_USERNAME_MAX,
+                                  "pattern": "^[!-9;-~]*$",
+                                  "description": f"No ':'; empty or null: {CREDENTIAL_USERNAME}."}),
+        }, required=["token"], closed=True),
         "Server": obj({
             "version": STRING,
             "runner": {"enum": ["local", "ecs"]},
