@@ -99,6 +99,15 @@ async def api_errors(
         response = error(401, str(exc))
         response.headers["WWW-Authenticate"] = 'Bearer realm="deployhub"'
         return response
+    except web.HTTPException as exc:
+        # The router's own 404 and 405 (and aiohttp's other refusals) are text/plain; an API
+        # client gets the one error shape every handler answers with.
+        if exc.status < 400 or not request.path.startswith("/api/"):
+            raise
+        response = error(exc.status, _refusal(request, exc))
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except (RedisError, *CONNECTION_ERRORS) as exc:
         # The pool has already retried with backoff: Redis is away (a restart, a failover).
         log.warning("%s %s: Redis unavailable: %s", request.method, request.path, exc)
@@ -106,6 +115,15 @@ async def api_errors(
                               f"try again in {RETRY_AFTER_SECONDS} s")
         response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return response
+
+
+def _refusal(request: web.Request, exc: web.HTTPException) -> str:
+    path = request.path[:200]
+    if exc.status == 404:
+        return f"no API endpoint {path!r}; see /api/openapi.json"
+    if exc.status == 405:
+        return f"{request.method} is not allowed on {path}; use {exc.headers.get('Allow', '')}"
+    return exc.text or exc.reason
 
 
 def client_of(request: web.Request) -> str:
