@@ -291,7 +291,7 @@ def remote_command(command: Command) -> Callable[[argparse.Namespace], int]:
 
 
 async def deploy_cmd(client: Client, args: argparse.Namespace, out: Output) -> int:
-    body: dict[str, str] = {}
+    body: dict[str, str] = {"trigger": "cli"}
     if args.repo_url:
         body["repo_url"] = args.repo_url
     elif args.project:  # a redeploy: the project's repository, as it was deployed last

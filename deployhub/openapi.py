@@ -100,10 +100,15 @@ def _schemas() -> dict[str, Schema]:
                        "description": "When it entered each status."},
         "url": STRING, "deployment_url": STRING, "is_production": BOOLEAN,
         "queue_position": nullable({"type": "integer", "minimum": 0}),
+        "trigger": nullable({"enum": ["page", "cli", "webhook"],
+                             "description": "What asked for it; null: a plain API call."}),
     }, description="`commit`: the SHA asked for (null: the branch head), then the one built. "
                    "`queue_position`: while queued, 1 for the next; 0 once starting; else null.")
     project = obj({"name": PROJECT_NAME, "repo_url": STRING, "production": nullable(DEPLOYMENT_ID),
-                   "created_at": TIME, "url": STRING})
+                   "created_at": TIME, "url": STRING,
+                   "production_deployment": nullable(ref("Deployment"))},
+                  required=["name", "repo_url", "production", "created_at", "url"],
+                  description="`production_deployment`: in the list answer only, what serves it.")
     settings_patch: Schema = {
         "type": "object", "minProperties": 1, "additionalProperties": False,
         "properties": {

@@ -42,6 +42,7 @@ async def test_deploy_ls_logs_rollback_cancel_through_pipes(service: Service, gi
     code, out, _ = await cli("deploy", "--project", project, "--json", *remote(service))  # redeploy
     second = json.loads(out)
     assert code == 0 and second["project"] == project and second["repo_url"] == url
+    assert second["trigger"] == "cli"  # the page's list says "via CLI"
     await service.wait_final(second["id"])
     code, out, _ = await cli("ls", *remote(service))
     assert code == 0 and out.splitlines()[0].split("\t") == ["PROJECT", "PRODUCTION", "CREATED", "URL"]
