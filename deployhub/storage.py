@@ -388,8 +388,9 @@ class S3Storage:
 def s3_config() -> Any:
     """A stalled S3 must not hold a request (or a shutdown) for botocore's default 60 s.
     botocore's "standard" retry mode retries every call (each part of a multipart upload on
-    its own) up to 5 attempts with jittered exponential backoff: throttling (SlowDown, 503),
-    500/502/503/504 answers, RequestTimeout, and connection errors and read timeouts."""
+    its own) up to 5 times (`max_attempts` counts the retries) with jittered exponential
+    backoff: throttling (SlowDown, 503), 500/502/503/504 answers, RequestTimeout, connection
+    errors and read timeouts."""
     from aiobotocore.config import AioConfig
 
     return AioConfig(connect_timeout=5, read_timeout=20, max_pool_connections=64,

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import random
 import tracemalloc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import ClientSession, web
 from botocore.exceptions import ClientError
+from multidict import MultiMapping
 
 from deployhub.storage import S3Storage, blob_key, manifest_key, s3_config
 from tests.support.infra import TINY_APP, GitServer, RedisServer, S3Server, unique_name
@@ -156,3 +159,85 @@ async def test_the_worker_uploads_a_big_file_streamed_with_its_headers(
     assert blob["CacheControl"] == "public, max-age=31536000, immutable"
     manifest = await s3_client.head_object(Bucket=s3_bucket, Key=manifest_key("dep-big"))
     assert manifest["ContentType"] == "application/json" and manifest["CacheControl"] == "no-cache"
+
+
+class FlakyS3:
+    """A reverse proxy on loopback in front of the S3 server that answers the first try of
+    chosen requests with a transient error (`fail`: a predicate on method and query, and
+    the status and S3 error code to answer), and forwards everything else as it came."""
+
+    def __init__(self, upstream: str, fail: list[tuple[Callable[[str, MultiMapping[str]], bool], int, str]]) -> None:
+        self.upstream = upstream
+        self.fail = list(fail)
+        self.failed: list[str] = []
+        self.seen: list[str] = []
+        self.runner: web.AppRunner | None = None
+        self.session: ClientSession | None = None
+        self.endpoint_url = ""
+
+    async def __aenter__(self) -> FlakyS3:
+        app = web.Application(client_max_size=64 * MiB)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.endpoint_url = f"http://127.0.0.1:{port}"
+        self.session = ClientSession(auto_decompress=False)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.session is not None and self.runner is not None
+        await self.session.close()
+        await self.runner.cleanup()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        assert self.session is not None
+        label = f"{request.method} {request.path_qs}"
+        self.seen.append(label)
+        for i, (matches, status, code) in enumerate(self.fail):
+            if matches(request.method, request.query):
+                del self.fail[i]  # once: the retry goes through
+                self.failed.append(label)
+                await request.read()
+                return web.Response(status=status, content_type="application/xml", text=(
+                    f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+                    "<Message>try again</Message></Error>"))
+        # The signature covers the Host header: forward it as the client sent it.
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() not in ("transfer-encoding", "expect", "connection")}
+        async with self.session.request(
+            request.method, self.upstream + request.path_qs, headers=headers,
+            data=io.BytesIO(await request.read()), skip_auto_headers=("Content-Type",),
+        ) as upstream:
+            body = await upstream.read()
+            out = {k: v for k, v in upstream.headers.items() if k.lower() not in (
+                "content-length", "transfer-encoding", "connection", "content-encoding")}
+            return web.Response(status=upstream.status, body=body, headers=out)
+
+
+async def test_transient_errors_are_retried_part_by_part(
+    tmp_path: Path, s3_server: S3Server, s3_bucket: str, s3_client: Any,
+) -> None:
+    from aiobotocore.session import get_session
+
+    digest = random_file(tmp_path / "big.bin", 12 * MiB)
+    fail = [
+        (lambda method, query: method == "PUT" and query.get("partNumber") == "2", 503, "SlowDown"),
+        (lambda method, query: method == "PUT" and not query, 500, "InternalError"),
+    ]
+    async with FlakyS3(s3_server.endpoint_url, fail) as proxy, get_session().create_client(
+        "s3", config=s3_config(), **{**s3_server.client_kwargs(), "endpoint_url": proxy.endpoint_url},
+    ) as client:
+        storage = S3Storage(client, s3_bucket, part_size=5 * MiB)
+        await storage.put_file("blobs/retried", tmp_path / "big.bin", "application/octet-stream")
+        await storage.put_bytes("manifests/retried.json", b"{}", "application/json")
+    assert len(proxy.failed) == 2 and not proxy.fail, proxy.failed
+    assert sum("partNumber=2" in label for label in proxy.seen) == 2  # failed, then sent again
+    read = hashlib.sha256()
+    async for chunk in S3Storage(s3_client, s3_bucket).iter_bytes("blobs/retried"):
+        read.update(chunk)
+    assert read.hexdigest() == digest
+    assert await S3Storage(s3_client, s3_bucket).get_bytes("manifests/retried.json") == b"{}"
+    assert await pending_uploads(s3_client, s3_bucket) == []
