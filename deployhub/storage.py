@@ -317,9 +317,12 @@ class S3Storage:
             etags[number] = str(reply["ETag"])
 
         try:
-            async with asyncio.TaskGroup() as group:  # one part failed: the others stop
-                for number in range(1, count + 1):
-                    group.create_task(put_part(number))
+            try:
+                async with asyncio.TaskGroup() as group:  # one part failed: the others stop
+                    for number in range(1, count + 1):
+                        group.create_task(put_part(number))
+            except ExceptionGroup as failed:  # the part's own error, not a group of one
+                raise failed.exceptions[0] from None
             await self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=self.prefix + key, UploadId=upload_id,
                 MultipartUpload={"Parts": [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]},

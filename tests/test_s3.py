@@ -241,3 +241,20 @@ async def test_transient_errors_are_retried_part_by_part(
     assert read.hexdigest() == digest
     assert await S3Storage(s3_client, s3_bucket).get_bytes("manifests/retried.json") == b"{}"
     assert await pending_uploads(s3_client, s3_bucket) == []
+
+
+async def test_a_part_s3_refuses_fails_the_upload_with_its_own_error_and_aborts_it(
+    tmp_path: Path, s3_server: S3Server, s3_bucket: str, s3_client: Any,
+) -> None:
+    from aiobotocore.session import get_session
+
+    random_file(tmp_path / "big.bin", 12 * MiB)
+    fail = [(lambda method, query: query.get("partNumber") == "2", 403, "AccessDenied")]
+    async with FlakyS3(s3_server.endpoint_url, fail) as proxy, get_session().create_client(
+        "s3", config=s3_config(), **{**s3_server.client_kwargs(), "endpoint_url": proxy.endpoint_url},
+    ) as client:
+        storage = S3Storage(client, s3_bucket, part_size=5 * MiB)
+        with pytest.raises(ClientError, match="AccessDenied"):  # not retried, not a group
+            await storage.put_file("blobs/refused", tmp_path / "big.bin", "application/octet-stream")
+    assert storage.requests["abort"] == 1
+    assert await pending_uploads(s3_client, s3_bucket) == []
