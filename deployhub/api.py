@@ -126,8 +126,10 @@ async def create_deployment(request: web.Request) -> web.Response:
         return error(503, refused)
     body = check_fields(
         await read_json(request), required={"repo_url"},
-        optional={"project", "branch", "commit", "settings"},
+        optional={"project", "branch", "commit", "settings", "cache"},
     )
+    if body.get("cache") not in (None, True, False):
+        raise InvalidInput('cache must be true or false (false: build without the build cache)')
     # Cheap checks first: the URL check may wait on DNS.
     project = check_project(body["project"]) if body.get("project") is not None else None
     branch = check_branch(body["branch"]) if body.get("branch") not in (None, "") else ""
@@ -147,19 +149,20 @@ async def create_deployment(request: web.Request) -> web.Response:
     # The branch is the deployment's own field, not one of its build settings.
     branch = branch or chosen.pop("branch", "")
     chosen.pop("branch", None)  # when the body named one
-    dep = await _queue(request, project, repo.url, branch, owner, commit=commit, chosen=chosen)
+    dep = await _queue(request, project, repo.url, branch, owner, commit=commit, chosen=chosen,
+                       cache=body.get("cache") is not False)
     return await _answer(request, dep, status=202)
 
 
 async def _queue(
     request: web.Request, project: str, repo_url: str, branch: str, owner: str, *,
-    commit: str, chosen: dict[str, str],
+    commit: str, chosen: dict[str, str], cache: bool = True,
 ) -> Deployment:
     """Record a deployment (its settings fixed from now on) and hand it to the runner."""
     dep = await request.config_dict[STORE].create_deployment(
         project, repo_url, branch, owner,
         max_active=request.config_dict[SETTINGS].max_active_per_token,
-        commit=commit, settings=chosen,
+        commit=commit, settings=chosen, cache=cache,
     )
     await request.config_dict[RUNNER].submit(dep)
     return dep

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--project", help="project name (default: from the repository name)")
     deploy.add_argument("--branch", help="branch to build (default: the repository's default)")
     deploy.add_argument("--follow", "-f", action="store_true", help="print the log live until the end")
+    deploy.add_argument("--no-cache", action="store_true",
+                        help="build without restoring the project's build cache (installed "
+                             "dependencies, package manager caches)")
     deploy.set_defaults(run=remote_command(deploy_cmd))
 
     logs = commands.add_parser("logs", parents=[remote], help="print a deployment's log")
@@ -249,7 +252,7 @@ def remote_command(command: Command) -> Callable[[argparse.Namespace], int]:
 
 
 async def deploy_cmd(client: Client, args: argparse.Namespace, out: Output) -> int:
-    body: dict[str, str] = {}
+    body: dict[str, str | bool] = {}
     if args.repo_url:
         body["repo_url"] = args.repo_url
     elif args.project:  # a redeploy: the project's repository, as it was deployed last
@@ -260,6 +263,8 @@ async def deploy_cmd(client: Client, args: argparse.Namespace, out: Output) -> i
         body["project"] = args.project
     if args.branch:
         body["branch"] = args.branch
+    if args.no_cache:
+        body["cache"] = False
     dep = await client.request("POST", "/api/deployments", body)
     if not args.follow:
         out.result(dep, f"Deployment {dep['id']} of {dep['project']} queued: {dep['deployment_url']}")

@@ -226,6 +226,7 @@ class Deployment:
             settings=_settings(data.get("settings", "")),
             log_seq=int(data.get("log_seq") or 0),
             task_arn=data.get("task_arn", ""),
+            cache=data.get("cache", "1") != "0",
         )
 
     commit: str = ""  # the full SHA asked for (or ""), then the one cloned
@@ -235,6 +236,7 @@ class Deployment:
     settings: dict[str, str] = dataclasses.field(default_factory=dict)
     log_seq: int = 0  # the last log seq, once the build has ended
     task_arn: str = ""  # the ECS task building it (runner=ecs), once started
+    cache: bool = True  # False: built without restoring the build cache (`"cache": false`)
     # While queued: 1 = the next to start in the shared queue, 0 = it has a build slot and is
     # starting; None once it has left `queued` (or when read from a status frame).
     queue_position: int | None = None
@@ -275,7 +277,7 @@ class Store:
 
     async def create_deployment(
         self, project: str, repo_url: str, branch: str, owner: str = "", max_active: int = 0,
-        *, commit: str = "", settings: dict[str, str] | None = None,
+        *, commit: str = "", settings: dict[str, str] | None = None, cache: bool = True,
     ) -> Deployment:
         """A new queued deployment (of `commit`, or the branch head; built with `settings`);
         ProjectTaken if another token owns `project`, TooManyActive if `owner` already has
@@ -290,6 +292,8 @@ class Store:
             record["commit"] = commit
         if settings:
             record["settings"] = dumps(settings)
+        if not cache:
+            record["cache"] = "0"
         fields = [item for pair in record.items() for item in pair]
         created = await self._create(
             keys=[

@@ -7,6 +7,13 @@ package.json, and the repository has another lockfile, that one's manager gets a
 too, with a loud warning in the log (a forgotten second lockfile is usually the fresh one).
 Without another lockfile the build fails and says which file to update and how. It never
 falls back to a non-frozen install: that would publish dependency versions nobody tested.
+
+On a restored build cache (worker/cache.py) yarn, pnpm and bun's frozen installs find
+node_modules up to date and finish in a second. `npm ci` would delete it, so npm runs
+`npm install --prefer-offline` on the restored tree instead, and keeps the frozen guarantee
+by checking that it left the lockfile byte for byte as it was: when it changed (package.json
+asks for something the lockfile does not hold), the lockfile is put back, node_modules
+removed, and `npm ci` runs as without a cache, with its usual error.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from .detect import (
@@ -27,25 +35,38 @@ from .detect import (
 from .proc import Emit
 
 Command = Callable[[list[str]], Awaitable[None]]
+NPM_WARM = ["npm", "install", "--prefer-offline", "--no-audit", "--no-fund"]
+
+
+@dataclass(frozen=True)
+class Installed:
+    build: list[str]  # the build command of the manager that installed
+    installer: Install | None  # which of the plan's installs it was; None: a project setting
+    warm: bool = False  # it installed on the restored node_modules
 
 
 async def install(
-    plan: Plan, command: Command, emit: Emit, events: Sequence[str], project: Path
-) -> list[str]:
-    """Install the dependencies; returns the build command of the manager that succeeded.
+    plan: Plan, command: Command, emit: Emit, events: Sequence[str], project: Path,
+    *, restored: bool = False,
+) -> Installed:
+    """Install the dependencies (on a restored node_modules when `restored`).
 
     `events` is the build log so far (JSON events, as LogPublisher keeps them): a failed
     install's own lines say whether its lockfile was stale.
     """
     if plan.installer is None:  # a project setting: run it as it is
         await command(plan.install)
-        return plan.build
+        return Installed(plan.build, None, restored)
     attempts: list[Install] = [plan.installer, *plan.fallbacks]
     # A build command from a project setting stays as it is whichever manager installed.
     detected_build = build_command(plan.installer, plan.build_args)
     stale: list[str] = []
     for number, attempt in enumerate(attempts):
         argv = plan.install if number == 0 else attempt.argv
+        if number == 0 and restored and argv == ["npm", "ci"]:
+            if await _npm_on_restored(command, emit, project, attempt.lockfile):
+                return Installed(plan.build, attempt, True)
+            restored = False
         mark = len(events)
         try:
             await command(argv)
@@ -64,9 +85,31 @@ async def install(
             emit("system", f"Warning: installed from {attempt.lockfile} with {attempt.label} "
                            f"because {attempts[0].lockfile} is out of date.")
         if number == 0 or plan.build != detected_build:
-            return plan.build
-        return build_command(attempt, plan.build_args)
+            return Installed(plan.build, attempt, restored and number == 0)
+        return Installed(build_command(attempt, plan.build_args), attempt)
     raise AssertionError("unreachable")
+
+
+async def _npm_on_restored(command: Command, emit: Emit, project: Path, lockfile: str) -> bool:
+    """`npm install --prefer-offline` on the restored tree; False (and the tree removed, the
+    lockfile as it was) when `npm ci` must run instead."""
+    path = project / lockfile
+    before = path.read_bytes()
+    try:
+        await command(NPM_WARM)
+    except BuildError:
+        emit("system", "The install on the restored node_modules failed: installing from "
+                       "scratch with npm ci")
+        ok = False
+    else:
+        ok = path.read_bytes() == before
+        if not ok:
+            emit("system", f"npm install changed {lockfile} (it does not match package.json): "
+                           "installing from scratch with npm ci, which checks it")
+    if not ok:
+        path.write_bytes(before)
+        _remove_node_modules(project)
+    return ok
 
 
 def _texts(events: Sequence[str]) -> list[str]:
