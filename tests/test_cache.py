@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from deployhub.settings import default_build_memory_mb
-from tests.support.infra import FIXTURES_DIR, GitServer, unique_name
-from tests.support.service import Service, StartService
+from tests.support.infra import FIXTURES_DIR, GitServer, RedisServer, S3Server, unique_name
+from tests.support.service import Service, StartService, make_settings
 from worker.cache import owner_digest
 from worker.sandbox import limits_in_force
 
@@ -142,3 +142,33 @@ async def test_build_needing_more_than_1_gib_deploys_under_the_default_limit(
         assert limit > 1280 and final["status"] == "ready", (final["reason"], texts[-10:])
         assert "held 1280 MiB" in texts
 
+
+
+async def test_with_s3_storage_the_cache_is_an_archive_in_the_bucket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_server: RedisServer,
+    s3_server: S3Server, s3_bucket: str, start_service: StartService, git_server: GitServer,
+) -> None:
+    for name, value in s3_server.aws_env().items():
+        monkeypatch.setenv(name, value)
+    service = await start_service(make_settings(
+        tmp_path / "data", redis_server.url, storage="s3", s3_bucket=s3_bucket, s3_prefix="dh",
+        s3_endpoint_url=s3_server.endpoint_url, s3_region=s3_server.region,
+    ))
+    url = git_server.add_repo(unique_name("cache"), files_dir=CACHED)
+    first, texts = await build(service, url)
+    assert any(t.startswith("Build cache: saved node_modules (a ") and "to storage" in t for t in texts), texts[-5:]
+    prefix = f"dh/cache/{first['project']}/{owner_digest(service.token_id)}/"
+    client = s3_server.client()
+    try:
+        keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix=prefix)["Contents"]}
+        assert keys == {prefix + "modules.tar.gz", prefix + "modules.json"}
+        final, texts = await build(service, url)
+        assert any(t.startswith("Build cache: restored node_modules (") and "unpacked from storage" in t
+                   for t in texts), texts
+        assert "$ npm install --prefer-offline --no-audit --no-fund" in texts
+        client.put_object(Bucket=s3_bucket, Key=prefix + "modules.tar.gz", Body=b"not a tarball")
+    finally:
+        client.close()
+    final, texts = await build(service, url)
+    assert final["status"] == "ready" and "$ npm ci" in texts
+    assert any("not restored: its archive does not match its manifest (corrupt)" in t for t in texts)
