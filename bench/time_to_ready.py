@@ -49,9 +49,13 @@ def one_round(served: Served, url: str, root: Path, name: str) -> dict[str, floa
     cache = root / f"plain-npm-{unique_name()}"
     times = {"plain cold": plain_build(url, cache)}
     project = unique_name(name)
-    times["DeployHub cold"] = deployhub_build(served, url, project)
+    cold: dict[str, float] = {}
+    warm: dict[str, float] = {}
+    times["DeployHub cold"] = deployhub_build(served, url, project, cold)
     saved = wait_cache_saved(served, project)
-    times["DeployHub warm"] = deployhub_build(served, url, project)
+    times["DeployHub warm"] = deployhub_build(served, url, project, warm)
+    for kind, phases in (("cold", cold), ("warm", warm)):
+        print(f"  {name} {kind} phases: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     print(f"  {name}: {saved}\n  {name}: {restored_line(served, project)}", flush=True)
     wait_cache_saved(served, project)
     times["plain warm"] = plain_build(url, cache)

@@ -113,6 +113,8 @@ class Sandbox:
     async def prepare(self, argv: Sequence[str], host_env: Mapping[str, str]) -> AsyncIterator[Prepared]:
         binary = ""
         account: Account | None = None
+        # Before the build account is given the build directory: its caches may be in it.
+        await asyncio.to_thread(cache.managers_dir, self.cache)
         if self.as_user:
             account = await asyncio.to_thread(self._account)
         if self.isolated:
@@ -131,7 +133,6 @@ class Sandbox:
             self._refuse_without_limits(groups)
             env = self.env(host_env)
             self.home.mkdir(parents=True, exist_ok=True)
-            await asyncio.to_thread(cache.managers_dir, self.cache)
             disk = await self._disk_watch()
             if self.own_network:
                 # A short path of its own: a Unix socket's path has at most 107 bytes, and
