@@ -6,6 +6,10 @@ build that needs more than 1 GiB deploys under the default memory limit."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -77,6 +81,19 @@ async def test_changed_lockfile_ignores_the_cache(service: Service, git_server: 
     assert "$ npm ci" in texts
 
 
+async def test_package_json_the_lockfile_lacks_still_fails_as_npm_ci_does(service: Service, git_server: GitServer) -> None:
+    name = unique_name("cache")
+    url = git_server.add_repo(name, files_dir=CACHED)
+    assert (await build(service, url))[0]["status"] == "ready"
+    package = (CACHED / "package.json").read_text().replace(V6[0], V6[1])  # the lockfile is not
+    git_server.commit_files(name, {"package.json": package})
+    final, texts = await build(service, url)
+    assert any(t.startswith("Build cache: restored node_modules") for t in texts)
+    assert "npm install changed package-lock.json (it does not match package.json): installing " \
+           "from scratch with npm ci, which checks it" in texts
+    assert final["status"] == "failed" and "package-lock.json is out of date" in final["reason"]
+
+
 @pytest.mark.parametrize("damage", ["file written through a link", "manifest cut short"])
 async def test_corrupt_cache_is_ignored_and_rebuilt(service: Service, git_server: GitServer, damage: str) -> None:
     url = git_server.add_repo(unique_name("cache"), files_dir=CACHED)
@@ -122,6 +139,22 @@ async def test_projects_never_share_package_manager_caches(service: Service, git
         marks = list((entry_dir(service, project) / "managers" / "npm").glob("seen-*"))
         assert len(marks) == (2 if project == first["project"] else 1)
     assert not (service.settings.data_dir / "cache" / "npm").exists()
+
+
+async def test_cli_deploy_no_cache(service: Service, git_server: GitServer) -> None:
+    url = git_server.add_repo(unique_name("cache"), files_dir=CACHED)
+    assert (await build(service, url))[0]["status"] == "ready"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "deployhub", "deploy", url, "--no-cache", "--json", "--server",
+        service.url, "--token", service.token, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL, env=dict(os.environ),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err
+    final = await service.wait_final(json.loads(out)["id"], timeout=200)
+    texts = [e["text"] for e in await service.logs(final["id"])]
+    assert final["status"] == "ready" and "$ npm ci" in texts
+    assert any(t.startswith('Build cache: skipped for this deployment ("cache": false)') for t in texts)
 
 
 @pytest.mark.parametrize("memory_mb", [0, 1024], ids=["default-limit", "1-GiB-limit"])

@@ -11,9 +11,10 @@ falls back to a non-frozen install: that would publish dependency versions nobod
 On a restored build cache (worker/cache.py) yarn, pnpm and bun's frozen installs find
 node_modules up to date and finish in a second. `npm ci` would delete it, so npm runs
 `npm install --prefer-offline` on the restored tree instead, and keeps the frozen guarantee
-by checking that it left the lockfile byte for byte as it was: when it changed (package.json
-asks for something the lockfile does not hold), the lockfile is put back, node_modules
-removed, and `npm ci` runs as without a cache, with its usual error.
+by checking that the lockfile it rewrites names the same packages (versions, sources,
+integrity) and root ranges: when it does not (package.json asks for something the lockfile
+does not hold), node_modules is removed and `npm ci` runs as without a cache, with its usual
+error. The committed lockfile is put back either way.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ from .proc import Emit
 
 Command = Callable[[list[str]], Awaitable[None]]
 NPM_WARM = ["npm", "install", "--prefer-offline", "--no-audit", "--no-fund"]
+# What decides an npm lockfile's tree, for its root entry and for each package.
+ROOT_FIELDS = ("dependencies", "devDependencies", "optionalDependencies", "peerDependencies",
+               "workspaces")
+PACKAGE_FIELDS = ("version", "resolved", "integrity", "link", "dev", "optional")
 
 
 @dataclass(frozen=True)
@@ -102,14 +107,33 @@ async def _npm_on_restored(command: Command, emit: Emit, project: Path, lockfile
                        "scratch with npm ci")
         ok = False
     else:
-        ok = path.read_bytes() == before
+        ok = _npm_tree(path.read_bytes()) == _npm_tree(before)
         if not ok:
             emit("system", f"npm install changed {lockfile} (it does not match package.json): "
                            "installing from scratch with npm ci, which checks it")
+    path.write_bytes(before)  # the build sees the lockfile as it was committed
     if not ok:
-        path.write_bytes(before)
         _remove_node_modules(project)
     return ok
+
+
+def _npm_tree(lockfile: bytes) -> object:
+    """What an npm lockfile installs: each package's version, source and integrity, and the
+    root's dependency ranges; not the metadata npm rewrites (licenses, engines, funding) nor
+    the packages it marks extraneous. The bytes themselves where it is not a v2/v3 lockfile."""
+    try:
+        packages = json.loads(lockfile).get("packages")
+    except (ValueError, AttributeError):
+        return lockfile
+    if not isinstance(packages, dict):
+        return lockfile
+    tree: set[tuple[str, str]] = set()
+    for path, entry in packages.items():
+        if not isinstance(entry, dict) or entry.get("extraneous"):
+            continue
+        fields = ROOT_FIELDS if path == "" else PACKAGE_FIELDS
+        tree.add((path, json.dumps({k: entry.get(k) for k in fields}, sort_keys=True)))
+    return tree
 
 
 def _texts(events: Sequence[str]) -> list[str]:
