@@ -93,11 +93,11 @@ class Sandbox:
 
     def env(self, host_env: Mapping[str, str]) -> dict[str, str]:
         """The command's environment: `host_env` (already clean) with sandbox paths."""
-        if self.as_user:  # its caches and temp files in the build directory it owns
-            return {**host_env, **cache.manager_env(str(self.cache)),
-                    "TMPDIR": str(self.home / ".tmp")}
+        # Outside bubblewrap the host paths of the caches (Build._build_env) stay as they are.
+        if self.as_user:  # its temporary files in the home it owns
+            return {**host_env, "TMPDIR": str(self.home / ".tmp")}
         if not self.isolated:
-            return {**host_env, **cache.manager_env(str(self.cache))}
+            return dict(host_env)
         env = {k: v for k, v in host_env.items() if k not in ("PWD", "OLDPWD")}
         env.update({
             "PATH": f"{INSIDE_NODE}/bin:{bwrap.inside_path()}" if self.node else bwrap.inside_path(),
