@@ -37,14 +37,23 @@ def plain_build(url: str, cache: Path) -> float:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def deployhub_build(served: Served, url: str) -> float:
-    started = time.monotonic()
-    status, dep = served.post_json("/api/deployments", {"repo_url": url, "project": "bench"})
+PHASES = ("queued", "cloning", "installing", "building", "uploading")
+
+
+def deployhub_build(served: Served, url: str, project: str = "bench",
+                    phases: dict[str, float] | None = None) -> float:
+    """Seconds from the POST to `ready` (the server's own timestamp of it); `phases` gets
+    how long each status lasted."""
+    started = time.time()
+    status, dep = served.post_json("/api/deployments", {"repo_url": url, "project": project})
     assert status == 202, dep
-    final = served.wait_final(dep["id"], timeout=300)
-    elapsed = time.monotonic() - started
+    final = served.wait_final(dep["id"], timeout=600)
     assert final["status"] == "ready", final["reason"]
-    return elapsed
+    stamps = {k: float(v) for k, v in final["timestamps"].items()}
+    if phases is not None:
+        order = [p for p in (*PHASES, "ready") if p in stamps]
+        phases.update({a: stamps[b] - stamps[a] for a, b in zip(order, order[1:])})
+    return stamps["ready"] - started
 
 
 def main() -> None:

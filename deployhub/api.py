@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import hmac
@@ -9,6 +10,7 @@ import importlib.metadata
 import json
 import logging
 import secrets
+import shutil
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,7 +23,7 @@ from .logs import read_events
 from .redis_client import CONNECTION_ERRORS
 from .runners import RUNNER
 from .state import RESOLVER, SETTINGS
-from .storage import log_key
+from .storage import build_cache_dir, build_cache_prefix, log_key
 from .collector import Removed
 from .secretbox import SecretUnreadable, secret_box
 from .sites import SITES
@@ -151,9 +153,11 @@ async def create_deployment(request: web.Request) -> web.Response:
         return error(503, refused)
     body = check_fields(
         await read_json(request), required={"repo_url"},
-        optional={"project", "branch", "commit", "settings", "trigger"},
+        optional={"project", "branch", "commit", "settings", "trigger", "cache"},
     )
     trigger = _check_trigger(body.get("trigger"))
+    if body.get("cache") not in (None, True, False):
+        raise InvalidInput('cache must be true or false (false: build without the build cache)')
     # Cheap checks first: the URL check may wait on DNS.
     project = check_project(body["project"]) if body.get("project") is not None else None
     branch = check_branch(body["branch"]) if body.get("branch") not in (None, "") else ""
@@ -174,19 +178,19 @@ async def create_deployment(request: web.Request) -> web.Response:
     branch = branch or chosen.pop("branch", "")
     chosen.pop("branch", None)  # when the body named one
     dep = await _queue(request, project, repo.url, branch, owner, commit=commit, chosen=chosen,
-                       trigger=trigger)
+                       trigger=trigger, cache=body.get("cache") is not False)
     return await _answer(request, dep, status=202)
 
 
 async def _queue(
     request: web.Request, project: str, repo_url: str, branch: str, owner: str, *,
-    commit: str, chosen: dict[str, str], trigger: str = "",
+    commit: str, chosen: dict[str, str], trigger: str = "", cache: bool = True,
 ) -> Deployment:
     """Record a deployment (its settings fixed from now on) and hand it to the runner."""
     dep = await request.config_dict[STORE].create_deployment(
         project, repo_url, branch, owner,
         max_active=request.config_dict[SETTINGS].max_active_per_token,
-        commit=commit, settings=chosen, trigger=trigger,
+        commit=commit, settings=chosen, trigger=trigger, cache=cache,
     )
     await request.config_dict[RUNNER].submit(dep)
     return dep
@@ -415,7 +419,16 @@ async def delete_project(request: web.Request) -> web.Response:
         removed = await request.config_dict[SITES].collector.delete_project(project.name)
     except Conflict as exc:
         return error(409, str(exc))
+    await _forget_build_cache(request, project.name)
     return web.json_response(_removed_json(removed))
+
+
+async def _forget_build_cache(request: web.Request, project: str) -> None:
+    """A deleted project's build cache goes too: a later project of that name starts empty."""
+    storage = request.config_dict[STORAGE]
+    await storage.delete([key async for key in storage.list_keys(build_cache_prefix(project))])
+    local = build_cache_dir(request.config_dict[SETTINGS].data_dir, project)
+    await asyncio.to_thread(shutil.rmtree, local, ignore_errors=True)
 
 
 # -- project settings -----------------------------------------------------------------------

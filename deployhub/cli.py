@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="build this commit: its full 40-hex SHA (`git rev-parse HEAD`); "
                              "default the branch head")
     deploy.add_argument("--follow", "-f", action="store_true", help="print the log live until the end")
+    deploy.add_argument("--no-cache", action="store_true",
+                        help="build without restoring the project's build cache (installed "
+                             "dependencies, package manager caches)")
     deploy.set_defaults(run=remote_command(deploy_cmd))
 
     logs = commands.add_parser("logs", parents=[remote], help="print a deployment's log")
@@ -291,7 +294,7 @@ def remote_command(command: Command) -> Callable[[argparse.Namespace], int]:
 
 
 async def deploy_cmd(client: Client, args: argparse.Namespace, out: Output) -> int:
-    body: dict[str, str] = {"trigger": "cli"}
+    body: dict[str, str | bool] = {"trigger": "cli"}
     if args.repo_url:
         body["repo_url"] = args.repo_url
     elif args.project:  # a redeploy: the project's repository, as it was deployed last
@@ -304,6 +307,8 @@ async def deploy_cmd(client: Client, args: argparse.Namespace, out: Output) -> i
         body["branch"] = args.branch
     if args.commit:
         body["commit"] = args.commit
+    if args.no_cache:
+        body["cache"] = False
     dep = await client.request("POST", "/api/deployments", body)
     what = f"Deployment {dep['id']} of {dep['project']}"
     if dep.get("commit"):

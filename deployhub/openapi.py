@@ -102,6 +102,7 @@ def _schemas() -> dict[str, Schema]:
         "queue_position": nullable({"type": "integer", "minimum": 0}),
         "trigger": nullable({"enum": ["page", "cli", "webhook"],
                              "description": "What asked for it; null: a plain API call."}),
+        "cache": {"type": "boolean", "description": "false: built without the build cache."},
     }, description="`commit`: the SHA asked for (null: the branch head), then the one built. "
                    "`queue_position`: while queued, 1 for the next; 0 once starting; else null.")
     project = obj({"name": PROJECT_NAME, "repo_url": STRING, "production": nullable(DEPLOYMENT_ID),

@@ -232,6 +232,19 @@ class Settings:
         "dies before writing its manifest; longer than any upload takes.",
     )
 
+    build_cache: str = setting(
+        "auto",
+        "The per-project build cache (installed `node_modules`, keyed by the lockfile, Node "
+        "and package manager): `local` (hardlinked copies under the data directory), "
+        "`storage` (a compressed archive in the bucket, for builds on ECS), `off`, or `auto` "
+        "(`storage` with storage=s3, else `local`).",
+    )
+    build_cache_max_mb: int = setting(
+        4096,
+        "MiB one project's build cache may hold: larger `node_modules` are not saved, and "
+        "package manager caches that outgrow it are emptied. One entry per project.",
+    )
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read every setting from DEPLOYHUB_<NAME>; explicit overrides win."""
@@ -270,6 +283,12 @@ class Settings:
             raise SettingsError(
                 f"build_without_limits must be 'run' or 'refuse', not {self.build_without_limits!r}"
             )
+        if self.build_cache not in ("auto", "local", "storage", "off"):
+            raise SettingsError(
+                f"build_cache must be 'auto', 'local', 'storage' or 'off', not {self.build_cache!r}"
+            )
+        if self.build_cache_max_mb < 0:
+            raise SettingsError("build_cache_max_mb must be 0 or more")
         if not 1 <= self.workers <= 256:
             raise SettingsError(f"workers must be 1-256, not {self.workers}")
         if self.runner not in ("local", "ecs"):

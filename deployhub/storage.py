@@ -46,6 +46,18 @@ def log_key(dep_id: str) -> str:
 
 
 BLOBS = "blobs/"
+# Where a project's build cache archives live (worker/cache.py adds the owner's digest).
+BUILD_CACHE = "cache/"
+
+
+def build_cache_prefix(project: str) -> str:
+    return f"{BUILD_CACHE}{project}/"
+
+
+def build_cache_dir(data_dir: Path, project: str) -> Path:
+    """A project's build cache on this machine (runner `local`), beside its builds."""
+    return data_dir / "cache" / "projects" / project
+
 # Suffix of a blob's precompressed variant, by Content-Encoding.
 VARIANT_SUFFIX = {"br": ".br", "gzip": ".gz"}
 

@@ -227,6 +227,7 @@ class Deployment:
             log_seq=int(data.get("log_seq") or 0),
             task_arn=data.get("task_arn", ""),
             trigger=data.get("trigger", ""),
+            cache=data.get("cache", "1") != "0",
         )
 
     commit: str = ""  # the full SHA asked for (or ""), then the one cloned
@@ -238,6 +239,7 @@ class Deployment:
     task_arn: str = ""  # the ECS task building it (runner=ecs), once started
     # What asked for it: "page" or "cli" (as the client says), "webhook"; "" for a bare API call.
     trigger: str = ""
+    cache: bool = True  # False: built without restoring the build cache (`"cache": false`)
     # While queued: 1 = the next to start in the shared queue, 0 = it has a build slot and is
     # starting; None once it has left `queued` (or when read from a status frame).
     queue_position: int | None = None
@@ -289,6 +291,7 @@ class Store:
     async def create_deployment(
         self, project: str, repo_url: str, branch: str, owner: str = "", max_active: int = 0,
         *, commit: str = "", settings: dict[str, str] | None = None, trigger: str = "",
+        cache: bool = True,
     ) -> Deployment:
         """A new queued deployment (of `commit`, or the branch head; built with `settings`);
         ProjectTaken if another token owns `project`, TooManyActive if `owner` already has
@@ -305,6 +308,8 @@ class Store:
             record["settings"] = dumps(settings)
         if trigger:
             record["trigger"] = trigger
+        if not cache:
+            record["cache"] = "0"
         fields = [item for pair in record.items() for item in pair]
         created = await self._create(
             keys=[

@@ -35,6 +35,7 @@ def deployment_json(settings: Settings, dep: Deployment, production: str) -> dic
         "queue_position": dep.queue_position,
         # "page", "cli", "webhook", or null: a plain API call (or one from before it was kept).
         "trigger": dep.trigger or None,
+        "cache": dep.cache,  # false: asked to build without the build cache
     }
 
 

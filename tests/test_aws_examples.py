@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from deployhub.settings import Settings, env_name
-from deployhub.storage import FileStorage, blob_key, log_key, manifest_key, site_key
+from deployhub.storage import FileStorage, blob_key, build_cache_prefix, log_key, manifest_key, site_key
 from worker.build import PASSTHROUGH_ENV
 from worker.output import upload_site
 
@@ -38,8 +38,10 @@ def top(key: str) -> str:
 
 
 # What the worker writes, from the key functions it uses (the digest and id are placeholders).
-WORKER_PREFIXES = {top(blob_key("0" * 64)), top(manifest_key("d")), top(log_key("d"))}
-SERVER_PREFIXES = WORKER_PREFIXES | {top(site_key("d", "index.html"))}
+OUTPUT_PREFIXES = {top(blob_key("0" * 64)), top(manifest_key("d")), top(log_key("d"))}
+CACHE_PREFIX = top(build_cache_prefix("p"))  # the build cache's archives (storage=s3)
+WORKER_PREFIXES = OUTPUT_PREFIXES | {CACHE_PREFIX}
+SERVER_PREFIXES = OUTPUT_PREFIXES | {top(site_key("d", "index.html"))}
 
 TASK = load("task-definition.json")
 CONTAINER = TASK["containerDefinitions"][0]
@@ -77,13 +79,14 @@ async def test_the_task_role_writes_exactly_where_the_worker_writes(tmp_path: Pa
     storage = FileStorage(tmp_path / "storage")
     await upload_site(storage, "dep1", tmp_path / "src", out, lambda stream, text: None)
     written = {p.name + "/" for p in storage.root.iterdir()}
-    assert written <= WORKER_PREFIXES, written  # the log (logs/) comes from worker/build.py
+    assert written <= OUTPUT_PREFIXES, written  # the log (logs/) comes from worker/build.py
 
     policy = load("task-role-policy.json")
     expected = {f"arn:aws:s3:::{BUCKET}/{prefix}*" for prefix in WORKER_PREFIXES}
     assert resources(policy, "s3:PutObject") == expected
     assert resources(policy, "s3:AbortMultipartUpload") == expected  # multipart uploads
-    assert resources(policy, "s3:GetObject") == {f"arn:aws:s3:::{BUCKET}/{top(blob_key('0'))}*"}
+    assert resources(policy, "s3:GetObject") == {
+        f"arn:aws:s3:::{BUCKET}/{prefix}*" for prefix in (top(blob_key("0")), CACHE_PREFIX)}
     assert resources(policy, "s3:ListBucket") == {f"arn:aws:s3:::{BUCKET}"}
     actions = {a for s in policy["Statement"] for a in _list(s["Action"])}
     assert actions == {"s3:PutObject", "s3:AbortMultipartUpload", "s3:GetObject", "s3:ListBucket"}
@@ -103,7 +106,8 @@ def test_the_server_role_runs_stops_and_passes_only_the_builder() -> None:
     assert tag["Condition"]["StringEquals"]["ecs:CreateAction"] == "RunTask"
     objects = {f"arn:aws:s3:::{BUCKET}/{prefix}*" for prefix in SERVER_PREFIXES}
     assert resources(policy, "s3:GetObject") == objects  # sites, manifests, logs
-    assert resources(policy, "s3:DeleteObject") == objects  # the collector
+    # The collector, and a deleted project's build cache.
+    assert resources(policy, "s3:DeleteObject") == objects | {f"arn:aws:s3:::{BUCKET}/{CACHE_PREFIX}*"}
     assert not statements(policy, "s3:PutObject")  # with runner=ecs only the tasks write
     assert all("*" != r for s in policy["Statement"] for r in _list(s["Resource"]))
 

@@ -26,9 +26,9 @@ from deployhub.status import Status
 from deployhub.store import Deployment, Store
 from deployhub.validation import InvalidInput, check_repo_url
 
-from . import node, proc
-from .detect import BuildError, Overrides, locate_output, plan
-from .install import install
+from . import cache, node, proc
+from .detect import BuildError, Overrides, Plan, locate_output, plan
+from .install import Installed, install
 from .output import upload
 from .sandbox import Sandbox
 
@@ -69,6 +69,12 @@ class Build:
         self._stopped: tuple[Status, str] | None = None
         self._git_config: list[str] = []  # -c options every git command against the remote gets
         self._remote_env: dict[str, str] = {}  # what only git against the remote gets (a credential)
+        # The build cache (worker/cache.py): where this project's lives, and the key of what
+        # this build installed, to save once it is ready.
+        self.cache_mode = cache_mode(settings)
+        self.cache_home: Path | None = None
+        self.cache_owner = ""
+        self._save: tuple[cache.Key, Path] | None = None
 
     # -- the steps -------------------------------------------------------------------------
 
@@ -85,6 +91,9 @@ class Build:
         self._task = asyncio.create_task(self._attempt(), name=f"build-{self.dep.id}")
         try:
             status, reason = await self._task
+            if status == Status.READY and self._save is not None:
+                # After `ready` is recorded: saving is on no one's wait.
+                await asyncio.shield(self._save_cache(*self._save))
             await self._finish(status, reason)
         finally:
             # After the result is recorded: deleting node_modules can take a while.
@@ -143,10 +152,14 @@ class Build:
         )
         self.logs.emit("system", f"Using {chosen.reason}")
         self.node_home = self.sandbox.node = chosen.home
-        build = await install(build_plan, self._command, self.logs.emit, self.logs.events, root)
+        key = await self._open_cache(build_plan, root, chosen.version)
+        restored = key is not None and await self._restore_cache(key, root)
+        installed = await install(build_plan, self._command, self.logs.emit, self.logs.events,
+                                  root, restored=restored)
+        self._keep_for_cache(installed, build_plan, root, chosen.version, key)
         await self._step(Status.BUILDING)
         built_after = time.time()
-        await self._command(build)
+        await self._command(installed.build)
         output = locate_output(root, build_plan, built_after=built_after)
         self.logs.emit("system", f"Output: {output.path.relative_to(self.src)} ({output.why})")
         await self._step(Status.UPLOADING)
@@ -348,6 +361,144 @@ class Build:
                     f"`{' '.join(argv)}` exited with code {result.code}. Last lines:\n{last}"
                 )
 
+    # -- the build cache -------------------------------------------------------------------
+
+    def _manager_label(self, manager: str, label: str) -> str:
+        return f"npm@{cache.npm_version(self.node_home)}" if manager == "npm" else label
+
+    async def _open_cache(self, build_plan: Plan, root: Path, node_version: str) -> cache.Key | None:
+        """Point the package managers at this project's caches; the key of the node_modules
+        to restore, None when none is to be."""
+        if self.cache_mode == "off":
+            self.logs.emit("system", "Build cache: off (DEPLOYHUB_BUILD_CACHE=off)")
+            return None
+        project = await retry(lambda: self.store.get_project(self.dep.project))
+        self.cache_owner = project.owner
+        self.cache_home = cache.project_dir(self.settings.data_dir, self.dep.project,
+                                            project.owner)
+        if self.dep.cache and not self.sandbox.as_user:
+            # Kept per project: the build can write them, so no other project sees them. As
+            # the build account (a task of its own) they last the task: its build directory.
+            self.sandbox.cache = self.cache_home / cache.MANAGERS
+        if not self.dep.cache:
+            self.logs.emit("system", "Build cache: skipped for this deployment (\"cache\": "
+                                     "false); what it installs becomes the new cache")
+            return None
+        installer = build_plan.installer
+        label = installer.label if installer else build_plan.manager
+        key = await asyncio.to_thread(
+            cache.key_for, root, build_plan.lockfile, node_version,
+            self._manager_label(build_plan.manager, label), build_plan.install,
+        )
+        if key is None:
+            self.logs.emit("system", "Build cache: node_modules not restored (no lockfile to "
+                                     "key it on); package manager caches are the project's")
+        return key
+
+    async def _restore_cache(self, key: cache.Key, root: Path) -> bool:
+        target = root / "node_modules"
+        if target.exists() or target.is_symlink():
+            self.logs.emit("system", "Build cache: not restored (the repository has its own "
+                                     "node_modules)")
+            return False
+        started = time.monotonic()
+        try:
+            if self.cache_mode == "storage":
+                detail = await self._restore_archive(key, target)
+            else:
+                assert self.cache_home is not None
+                local = cache.LocalCache(self.cache_home, self.settings.build_cache_max_mb * 2**20)
+                detail = await asyncio.to_thread(local.restore, key, target)
+        except cache.CacheError as exc:
+            self.logs.emit("system", f"Build cache: not restored: {exc} "
+                                     f"({time.monotonic() - started:.1f} s)")
+            return False
+        except Exception as exc:
+            log.exception("restoring the cache of %s", self.dep.id)
+            self.logs.emit("system", f"Build cache: not restored: could not read it ({exc})")
+            return False
+        how = "unpacked from storage" if self.cache_mode == "storage" else "hardlinked"
+        self.logs.emit("system", f"Build cache: restored node_modules ({detail}, {how}) in "
+                                 f"{time.monotonic() - started:.1f} s, from {key.lockfile} "
+                                 f"{key.lockfile_sha256[:12]}, Node {key.node}, {key.manager}")
+        return True
+
+    async def _restore_archive(self, key: cache.Key, target: Path) -> str:
+        prefix = cache.storage_prefix(self.dep.project, self.cache_owner)
+        manifest = cache.parse_manifest(await self.storage.get_bytes(prefix + cache.MANIFEST))
+        if why := key.mismatch(manifest["key"]):
+            raise cache.CacheError(why)
+        archive = self.work / cache.ARCHIVE
+        with open(archive, "wb") as f:
+            async for chunk in self.storage.iter_bytes(prefix + cache.ARCHIVE):
+                await asyncio.to_thread(f.write, chunk)
+        try:
+            if await asyncio.to_thread(cache.file_sha256, archive) != manifest.get("sha256"):
+                raise cache.CacheError("its archive does not match its manifest (corrupt)")
+            files = await asyncio.to_thread(cache.unpack, archive, target)
+        finally:
+            archive.unlink(missing_ok=True)
+        size = manifest.get("bytes")
+        return f"{files} files, a {size // 2**20 if isinstance(size, int) else '?'} MiB archive"
+
+    def _keep_for_cache(self, installed: Installed, build_plan: Plan, root: Path,
+                        node_version: str, key: cache.Key | None) -> None:
+        """What to save once ready: the key of the install that ran (a fallback lockfile's
+        when the first one was stale)."""
+        if self.cache_home is None:
+            return
+        used = installed.installer
+        if key is None or (used is not None and used is not build_plan.installer):
+            if used is None or not used.lockfile:
+                return
+            key = cache.key_for(root, used.lockfile, node_version,
+                                self._manager_label(used.manager, used.label), used.argv)
+        if key is not None:
+            self._save = (key, root / "node_modules")
+
+    async def _save_cache(self, key: cache.Key, modules: Path) -> None:
+        """Save node_modules as the project's entry, and bound its package manager caches;
+        nothing here can fail the deployment, which is ready."""
+        assert self.cache_home is not None
+        started = time.monotonic()
+        max_bytes = self.settings.build_cache_max_mb * 2**20
+        try:
+            if self.cache_mode == "storage":
+                detail = await self._save_archive(key, modules, max_bytes)
+                where = "to storage"
+            else:
+                local = cache.LocalCache(self.cache_home, max_bytes)
+                detail = await asyncio.to_thread(local.save, key, modules, self.dep.id)
+                where = "hardlinked, replacing the project's last one"
+            self.logs.emit("system", f"Build cache: saved node_modules ({detail}, {where}) in "
+                                     f"{time.monotonic() - started:.1f} s")
+        except cache.CacheError as exc:
+            self.logs.emit("system", f"Build cache: not saved: {exc}")
+        except Exception as exc:
+            log.exception("saving the cache of %s", self.dep.id)
+            self.logs.emit("system", f"Build cache: not saved: {exc}")
+        if self.sandbox.cache.is_relative_to(self.cache_home):
+            if note := await asyncio.to_thread(cache.bound_managers, self.sandbox.cache, max_bytes):
+                self.logs.emit("system", f"Build cache: {note}")
+
+    async def _save_archive(self, key: cache.Key, modules: Path, max_bytes: int) -> str:
+        if modules.is_symlink() or not modules.is_dir():
+            raise cache.CacheError("the build left no node_modules")
+        archive = self.work / cache.ARCHIVE
+        try:
+            sha256, size = await asyncio.to_thread(cache.pack, modules, archive)
+            if max_bytes and size > max_bytes:
+                raise cache.CacheError(f"its archive is {size // 2**20} MiB, more than "
+                                       f"DEPLOYHUB_BUILD_CACHE_MAX_MB ({max_bytes // 2**20} MiB)")
+            prefix = cache.storage_prefix(self.dep.project, self.cache_owner)
+            await self.storage.put_file(prefix + cache.ARCHIVE, archive, "application/gzip")
+            await self.storage.put_bytes(prefix + cache.MANIFEST,
+                                         cache.archive_manifest(key, sha256, size, self.dep.id),
+                                         "application/json")
+        finally:
+            archive.unlink(missing_ok=True)
+        return f"a {size / 2**20:.0f} MiB archive"
+
     # -- output ----------------------------------------------------------------------------
 
     async def _upload(self, output: Path) -> None:
@@ -398,8 +549,6 @@ class Build:
                 "npm_config_update_notifier": "false", "NO_COLOR": "1"}
 
     def _build_env(self) -> dict[str, str]:
-        cache = self.settings.data_dir / "cache" / "npm"
-        cache.mkdir(parents=True, exist_ok=True)
         base = self._base_env()
         if self.node_home is not None:
             base["PATH"] = f"{self.node_home / 'bin'}:{base['PATH']}"
@@ -411,7 +560,7 @@ class Build:
             # warnings pass).
             "CI": self.variables.get("CI", "1"),
             "NO_COLOR": "1",
-            "npm_config_cache": str(cache),
+            **cache.manager_env(str(self.sandbox.cache)),  # the sandbox's view replaces these
             "npm_config_update_notifier": "false",
             "npm_config_fund": "false",
             "npm_config_audit": "false",
@@ -445,6 +594,14 @@ def overrides(settings: Mapping[str, str]) -> Overrides:
         output_directory=settings.get("output_directory") or None,
         node_version=settings.get("node_version") or None,
     )
+
+
+def cache_mode(settings: Settings) -> str:
+    """DEPLOYHUB_BUILD_CACHE with `auto` decided: `storage` with storage=s3 (builds on ECS
+    run in a fresh task each, where the disk is gone the next time), else `local`."""
+    if settings.build_cache == "auto":
+        return "storage" if settings.storage == "s3" else "local"
+    return settings.build_cache
 
 
 def holder() -> str:

@@ -7,7 +7,8 @@ What a build sees:
         ssl/openssl.cnf, a generated passwd and group                 read-only
   /build/src        the cloned repository                             read-write
   /build/home       $HOME                                             read-write
-  /build/npm-cache  the npm cache shared by builds                    read-write
+  /build/cache      the project's package manager caches (npm, yarn,
+                    pnpm, bun, corepack; worker/cache.py)             read-write
   /build/egress     the socket of the worker's egress proxy           read-only
   /build/node       the Node release the repository asked for, if fetched  read-only
   /tmp              a private tmpfs (charged to the build's memory,
@@ -17,7 +18,8 @@ What a build sees:
                     the egress proxy (worker/egress.py); with DEPLOYHUB_BUILD_NETWORK=host
                     (unsafe), the host's network
 
-Nothing else of the host: not the data directory (storage, Redis, other builds), not /root,
+Nothing else of the host: not the data directory (storage, Redis, other builds, other
+projects' caches), not /root,
 not the server's files, not its processes or their environments. The command runs as uid
 1000 in its own user, pid, ipc, uts and cgroup namespaces with no capabilities, a fresh
 session (no terminal injection), and dies with the worker.
@@ -38,7 +40,7 @@ from pathlib import Path
 
 INSIDE_SRC = "/build/src"
 INSIDE_HOME = "/build/home"
-INSIDE_CACHE = "/build/npm-cache"
+INSIDE_CACHE = "/build/cache"
 INSIDE_EGRESS = "/build/egress"
 INSIDE_NODE = "/build/node"
 SANDBOX_UID = 1000

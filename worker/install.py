@@ -7,6 +7,14 @@ package.json, and the repository has another lockfile, that one's manager gets a
 too, with a loud warning in the log (a forgotten second lockfile is usually the fresh one).
 Without another lockfile the build fails and says which file to update and how. It never
 falls back to a non-frozen install: that would publish dependency versions nobody tested.
+
+On a restored build cache (worker/cache.py) yarn, pnpm and bun's frozen installs find
+node_modules up to date and finish in a second. `npm ci` would delete it, so npm runs
+`npm install --prefer-offline` on the restored tree instead, and keeps the frozen guarantee
+by checking that the lockfile it rewrites names the same packages (versions, sources,
+integrity) and root ranges: when it does not (package.json asks for something the lockfile
+does not hold), node_modules is removed and `npm ci` runs as without a cache, with its usual
+error. The committed lockfile is put back either way.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from .detect import (
@@ -27,25 +36,42 @@ from .detect import (
 from .proc import Emit
 
 Command = Callable[[list[str]], Awaitable[None]]
+NPM_WARM = ["npm", "install", "--prefer-offline", "--no-audit", "--no-fund"]
+# What decides an npm lockfile's tree, for its root entry and for each package.
+ROOT_FIELDS = ("dependencies", "devDependencies", "optionalDependencies", "peerDependencies",
+               "workspaces")
+PACKAGE_FIELDS = ("version", "resolved", "integrity", "link", "dev", "optional")
+
+
+@dataclass(frozen=True)
+class Installed:
+    build: list[str]  # the build command of the manager that installed
+    installer: Install | None  # which of the plan's installs it was; None: a project setting
+    warm: bool = False  # it installed on the restored node_modules
 
 
 async def install(
-    plan: Plan, command: Command, emit: Emit, events: Sequence[str], project: Path
-) -> list[str]:
-    """Install the dependencies; returns the build command of the manager that succeeded.
+    plan: Plan, command: Command, emit: Emit, events: Sequence[str], project: Path,
+    *, restored: bool = False,
+) -> Installed:
+    """Install the dependencies (on a restored node_modules when `restored`).
 
     `events` is the build log so far (JSON events, as LogPublisher keeps them): a failed
     install's own lines say whether its lockfile was stale.
     """
     if plan.installer is None:  # a project setting: run it as it is
         await command(plan.install)
-        return plan.build
+        return Installed(plan.build, None, restored)
     attempts: list[Install] = [plan.installer, *plan.fallbacks]
     # A build command from a project setting stays as it is whichever manager installed.
     detected_build = build_command(plan.installer, plan.build_args)
     stale: list[str] = []
     for number, attempt in enumerate(attempts):
         argv = plan.install if number == 0 else attempt.argv
+        if number == 0 and restored and argv == ["npm", "ci"]:
+            if await _npm_on_restored(command, emit, project, attempt.lockfile):
+                return Installed(plan.build, attempt, True)
+            restored = False
         mark = len(events)
         try:
             await command(argv)
@@ -64,9 +90,50 @@ async def install(
             emit("system", f"Warning: installed from {attempt.lockfile} with {attempt.label} "
                            f"because {attempts[0].lockfile} is out of date.")
         if number == 0 or plan.build != detected_build:
-            return plan.build
-        return build_command(attempt, plan.build_args)
+            return Installed(plan.build, attempt, restored and number == 0)
+        return Installed(build_command(attempt, plan.build_args), attempt)
     raise AssertionError("unreachable")
+
+
+async def _npm_on_restored(command: Command, emit: Emit, project: Path, lockfile: str) -> bool:
+    """`npm install --prefer-offline` on the restored tree; False (and the tree removed, the
+    lockfile as it was) when `npm ci` must run instead."""
+    path = project / lockfile
+    before = path.read_bytes()
+    try:
+        await command(NPM_WARM)
+    except BuildError:
+        emit("system", "The install on the restored node_modules failed: installing from "
+                       "scratch with npm ci")
+        ok = False
+    else:
+        ok = _npm_tree(path.read_bytes()) == _npm_tree(before)
+        if not ok:
+            emit("system", f"npm install changed {lockfile} (it does not match package.json): "
+                           "installing from scratch with npm ci, which checks it")
+    path.write_bytes(before)  # the build sees the lockfile as it was committed
+    if not ok:
+        _remove_node_modules(project)
+    return ok
+
+
+def _npm_tree(lockfile: bytes) -> object:
+    """What an npm lockfile installs: each package's version, source and integrity, and the
+    root's dependency ranges; not the metadata npm rewrites (licenses, engines, funding) nor
+    the packages it marks extraneous. The bytes themselves where it is not a v2/v3 lockfile."""
+    try:
+        packages = json.loads(lockfile).get("packages")
+    except (ValueError, AttributeError):
+        return lockfile
+    if not isinstance(packages, dict):
+        return lockfile
+    tree: set[tuple[str, str]] = set()
+    for path, entry in packages.items():
+        if not isinstance(entry, dict) or entry.get("extraneous"):
+            continue
+        fields = ROOT_FIELDS if path == "" else PACKAGE_FIELDS
+        tree.add((path, json.dumps({k: entry.get(k) for k in fields}, sort_keys=True)))
+    return tree
 
 
 def _texts(events: Sequence[str]) -> list[str]:

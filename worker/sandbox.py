@@ -25,7 +25,7 @@ from pathlib import Path
 from deployhub.settings import Settings
 from deployhub.validation import Resolver, system_resolver
 
-from . import bwrap
+from . import bwrap, cache
 from .account import Account, find_account, unreachable_parent
 from .bwrap import INSIDE_CACHE, INSIDE_HOME, INSIDE_NODE, INSIDE_PATH, INSIDE_SRC
 from .cgroups import Cgroups
@@ -65,7 +65,9 @@ class Sandbox:
         self.src = src
         self.emit = emit
         self.home = work / "home"
-        self.cache = settings.data_dir / "cache" / "npm"
+        # The package managers' caches (worker/cache.py): the project's, set by the build
+        # before its first command; this build's own until then.
+        self.cache = work / "managers"
         self.node: Path | None = None  # a fetched Node release (worker/node.py), read-only inside
         # The root directory setting, relative to the repository: where commands start.
         self.root = ""
@@ -91,16 +93,16 @@ class Sandbox:
 
     def env(self, host_env: Mapping[str, str]) -> dict[str, str]:
         """The command's environment: `host_env` (already clean) with sandbox paths."""
-        if self.as_user:  # its own npm cache and temp files, in the home it owns
-            return {**host_env, "npm_config_cache": str(self.home / ".npm"),
-                    "TMPDIR": str(self.home / ".tmp")}
+        # Outside bubblewrap the host paths of the caches (Build._build_env) stay as they are.
+        if self.as_user:  # its temporary files in the home it owns
+            return {**host_env, "TMPDIR": str(self.home / ".tmp")}
         if not self.isolated:
             return dict(host_env)
         env = {k: v for k, v in host_env.items() if k not in ("PWD", "OLDPWD")}
         env.update({
             "PATH": f"{INSIDE_NODE}/bin:{bwrap.inside_path()}" if self.node else bwrap.inside_path(),
             "HOME": INSIDE_HOME,
-            "npm_config_cache": INSIDE_CACHE,
+            **cache.manager_env(INSIDE_CACHE),
             "TMPDIR": "/tmp",
             "USER": "build",
             "LOGNAME": "build",
@@ -111,6 +113,8 @@ class Sandbox:
     async def prepare(self, argv: Sequence[str], host_env: Mapping[str, str]) -> AsyncIterator[Prepared]:
         binary = ""
         account: Account | None = None
+        # Before the build account is given the build directory: its caches may be in it.
+        await asyncio.to_thread(cache.managers_dir, self.cache)
         if self.as_user:
             account = await asyncio.to_thread(self._account)
         if self.isolated:
@@ -129,7 +133,6 @@ class Sandbox:
             self._refuse_without_limits(groups)
             env = self.env(host_env)
             self.home.mkdir(parents=True, exist_ok=True)
-            self.cache.mkdir(parents=True, exist_ok=True)
             disk = await self._disk_watch()
             if self.own_network:
                 # A short path of its own: a Unix socket's path has at most 107 bytes, and

@@ -44,7 +44,7 @@ WORKER_SETTINGS = (
     "storage", "s3_bucket", "s3_prefix", "s3_endpoint_url", "s3_region", "build_timeout",
     "clone_timeout", "allow_hosts", "build_memory_mb", "build_max_processes",
     "build_max_output_files", "build_max_output_mb", "log_max_bytes", "log_max_lines",
-    "log_line_max_bytes",
+    "log_line_max_bytes", "build_cache", "build_cache_max_mb",
 )
 # Error codes that mean "not now" rather than "not like this".
 TRANSIENT_CODES = frozenset({
