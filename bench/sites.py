@@ -42,7 +42,9 @@ SITE_HOST = "bench.localhost"
 SMALL = "/assets/favicon-3f9a1c2b.svg"
 BUNDLE = "/assets/index-B4x_k9Zq.js"
 ROUTE = "/dashboard/settings/profile"
-SERVERS = ("deployhub-file", "deployhub-s3", "aiohttp-bare", "nginx")
+SERVERS = ("deployhub-file", "deployhub-s3", "deployhub-file-asyncio", "aiohttp-bare",
+           "aiohttp-bare-uvloop", "nginx")
+BARE = {"asyncio": "aiohttp-bare", "uvloop": "aiohttp-bare-uvloop"}  # the baseline per loop
 WORKLOADS = [
     ("small asset", SMALL, {}),
     ("150 KB bundle", BUNDLE, {}),
@@ -175,7 +177,22 @@ http {{
     return conf
 
 
-def bare(port: int, root: str) -> None:
+def new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    loop: asyncio.AbstractEventLoop
+    if kind == "uvloop":
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    return loop
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+def bare(port: int, root: str, loop_kind: str) -> None:
     """The bare aiohttp handler: every file in a dict, unknown paths get index.html."""
     import mimetypes
 
@@ -194,11 +211,14 @@ def bare(port: int, root: str) -> None:
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", handler)
-    web.run_app(app, host=HOST, port=port, access_log=None, print=None)
+    loop = new_loop(loop_kind)
+    print(f"event loop: {loop_name(loop)}", flush=True)
+    web.run_app(app, host=HOST, port=port, access_log=None, print=None, loop=loop)
 
 
 def deployhub(port: int) -> None:
-    """DeployHub from DEPLOYHUB_* settings, without the per-request access log `serve` keeps."""
+    """DeployHub from DEPLOYHUB_* settings on the loop `serve` picks from them, without the
+    per-request access log `serve` keeps."""
     import logging
 
     from aiohttp import web
@@ -206,20 +226,38 @@ def deployhub(port: int) -> None:
     from deployhub import Settings, create_app
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    web.run_app(create_app(Settings.from_env(port=port)), host=HOST, port=port,
-                access_log=None, print=None)
+    settings = Settings.from_env(port=port)
+    try:
+        from deployhub.cli import new_event_loop
+    except ImportError:  # a version from before the setting: it ran on the stock loop
+        loop = asyncio.new_event_loop()
+    else:
+        loop = new_event_loop(settings)
+    print(f"event loop: {loop_name(loop)}", flush=True)
+    web.run_app(create_app(settings), host=HOST, port=port, access_log=None, print=None,
+                loop=loop)
 
 
 # -- measuring -----------------------------------------------------------------------------
 
 
-def run_wrk(port: int, path: str, headers: dict[str, str], seconds: float, connections: int) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk(port: int, path: str, headers: dict[str, str], seconds: float, connections: int,
+            pid: int) -> dict[str, float]:
     argv = ["taskset", "-c", str(CLIENT_CPU), "wrk", "-t1", f"-c{connections}", f"-d{seconds:.0f}s",
             "--latency", "-H", f"Host: {SITE_HOST}"]
     for name, value in headers.items():
         argv += ["-H", f"{name}: {value}"]
+    cpu = cpu_seconds(pid)
     out = subprocess.run([*argv, f"http://{HOST}:{port}{path}"], capture_output=True, text=True,
                          timeout=seconds + 30, check=True).stdout
+    cpu = cpu_seconds(pid) - cpu
+    done = int(re.search(r"(\d+) requests in", out)[1])  # type: ignore[index]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -228,6 +266,8 @@ def run_wrk(port: int, path: str, headers: dict[str, str], seconds: float, conne
         "rps": rps,
         "p99_ms": float(p99[1]) * scale[p99[2]] if p99 else float("nan"),
         "errors": float(errors[1]) if errors else 0.0,
+        # Server CPU per response: what load on the machine disturbs least.
+        "cpu_us": cpu * 1e6 / done if done else float("nan"),
     }
 
 
@@ -269,9 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         child.add_argument("--port", type=int, required=True)
         if role == "bare":
             child.add_argument("--root", required=True)
+            child.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args(argv)
     if args.role == "bare":
-        bare(args.port, args.root)
+        bare(args.port, args.root, args.loop)
         return 0
     if args.role == "deployhub":
         deployhub(args.port)
@@ -307,7 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         plan: list[tuple[str, list[str], dict[str, str] | None]] = [
             ("deployhub-file", [*py, "deployhub", "--port", "{port}"], base_env),
             ("deployhub-s3", [*py, "deployhub", "--port", "{port}"], s3_env),
+            ("deployhub-file-asyncio", [*py, "deployhub", "--port", "{port}"],
+             {**base_env, "DEPLOYHUB_EVENT_LOOP": "asyncio"}),
             ("aiohttp-bare", [*py, "bare", "--port", "{port}", "--root", str(src / "dist")], base_env),
+            ("aiohttp-bare-uvloop", [*py, "bare", "--port", "{port}", "--root", str(src / "dist"),
+                                     "--loop", "uvloop"], base_env),
             ("nginx", [], None),
         ]
         # All four run at once (idle ones cost nothing), and every workload is measured on
@@ -338,19 +383,25 @@ def main(argv: list[str] | None = None) -> int:
                     if args.profile and name != "nginx" and label == "small asset":
                         profiler = start_profiler(server.pid, args.profile / f"profile-{name}.txt",
                                                   seconds)
-                    result = run_wrk(server.port, path, headers, seconds, args.connections)
+                    result = run_wrk(server.port, path, headers, seconds, args.connections,
+                                     server.pid)
                     if profiler is not None:
                         stop_profiler(profiler)
+                    least_cpu = min(result["cpu_us"], results[name].get(label, result)["cpu_us"])
                     best = results[name].get(label)
                     if best is None or result["rps"] > best["rps"]:
                         results[name][label] = result  # best of the rounds: least disturbed
-                    print(f"  round {round_ + 1} {label:22} {name:15} {result['rps']:>10.0f} req/s  "
-                          f"p99 {result['p99_ms']:7.2f} ms", flush=True)
+                    results[name][label]["cpu_us"] = least_cpu
+                    print(f"  round {round_ + 1} {label:22} {name:23} {result['rps']:>8.0f} req/s  "
+                          f"p99 {result['p99_ms']:7.2f} ms  {result['cpu_us']:6.1f} us CPU/req",
+                          flush=True)
         s3_log = "(not run)"
         if "deployhub-s3" in running:
             running["deployhub-s3"].stop()  # it logs its storage requests as it stops
             s3_log = storage_requests(running["deployhub-s3"].log_path)
-        report(results, workloads, s3_log, seconds, args.connections, args.rounds,
+        loops = {name: server_loop(server.log_path) for name, server in running.items()
+                 if name != "nginx"}
+        report(results, loops, workloads, s3_log, seconds, args.connections, args.rounds,
                time.monotonic() - started)
         return 0
     finally:
@@ -359,37 +410,45 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def report(results: dict[str, dict[str, dict[str, float]]],
+def server_loop(log_path: Path) -> str:
+    found = re.findall(r"event loop: (\w+)", log_path.read_text(errors="replace"))
+    return found[0] if found else "?"
+
+
+def report(results: dict[str, dict[str, dict[str, float]]], loops: dict[str, str],
            workloads: list[tuple[str, str, dict[str, str]]], s3_log: str, seconds: float,
            connections: int, rounds: int, elapsed: float) -> None:
     state = git_state(ROOT)
-    print(f"\nSites benchmark at {state['head']}{' (modified: ' + ', '.join(state['modified']) + ')' if state['modified'] else ''}"
-          f"; wrk -t1 -c{connections}, {seconds:.0f} s per run, best of {rounds} rounds, "
-          f"servers on CPU {SERVER_CPU}, wrk on CPU {CLIENT_CPU}")
-    names = list(results)
-    print(f"{'workload':24}" + "".join(f"{n:>24}" for n in names))
-    for label, _, _ in workloads:
-        cells = "".join(
-            f"{results[n][label]['rps']:>10.0f}/s {results[n][label]['p99_ms']:>7.2f}ms p99" for n in names
-        )
-        print(f"{label:24}{cells}")
+    modified = f" (modified: {', '.join(state['modified'])})" if state["modified"] else ""
+    print(f"\nSites benchmark at {state['head']}{modified}; wrk -t1 -c{connections}, "
+          f"{seconds:.0f} s per run, best of {rounds} rounds, servers on CPU {SERVER_CPU}, "
+          f"wrk on CPU {CLIENT_CPU}; load average {os.getloadavg()[0]:.2f} at the end")
+    print(f"{'server':24}{'loop':>8}" + "".join(f"{label:>28}" for label, _, _ in workloads))
+    for name, rows in results.items():
+        cells = "".join(f"{rows[label]['rps']:>10.0f}/s {rows[label]['p99_ms']:>7.2f} ms p99"
+                        for label, _, _ in workloads)
+        print(f"{name:24}{loops.get(name, '-'):>8}{cells}")
+    print("\nServer CPU time per response, microseconds (least of the rounds):")
+    print(f"{'server':32}" + "".join(f"{label:>28}" for label, _, _ in workloads))
+    for name, rows in results.items():
+        print(f"{name:32}" + "".join(f"{rows[label]['cpu_us']:>28.1f}" for label, _, _ in workloads))
     small = {n: r["small asset"]["rps"] for n, r in results.items() if "small asset" in r}
-    print("\nTargets (small asset):")
-    for name in ("deployhub-file", "deployhub-s3"):
+    print("\nTargets (small asset; the aiohttp baseline on the same loop as the DeployHub server):")
+    for name in ("deployhub-file", "deployhub-s3", "deployhub-file-asyncio"):
         if name not in small:
             continue
         verdicts = []
-        for other, target in (("aiohttp-bare", 0.8), ("nginx", 0.2)):
+        for other, target in ((BARE.get(loops[name], "?"), 0.8), ("nginx", 0.2)):
             if other in small:
                 share = small[name] / small[other]
                 verdicts.append(f"{share:.0%} of {other} (target {target:.0%}: "
                                 f"{'PASS' if share >= target else 'FAIL'})")
-        print(f"  {name}: {', '.join(verdicts) or 'nothing to compare with'}")
+        print(f"  {name} on {loops[name]}: {', '.join(verdicts) or 'nothing to compare with'}")
     if "deployhub-s3" in results:
         total = sum(r["rps"] * seconds for r in results["deployhub-s3"].values()) * rounds
         print(f"  deployhub-s3 storage requests over ~{total:,.0f} requests: {s3_log} "
               "(the manifest and each object read once: no S3 request after the first)")
-    errors = {n: sum(r["errors"] for r in results[n].values()) for n in names}
+    errors = {n: sum(r["errors"] for r in results[n].values()) for n in results}
     if any(errors.values()):
         print(f"  non-2xx responses: {errors}")
     print(f"({elapsed:.0f} s in all)")
