@@ -48,6 +48,10 @@ MANIFEST_CACHE = 512  # manifests kept parsed in memory (deployments served from
 HOST_CACHE = 10_000  # host labels remembered (with "no site here" too, for project hosts)
 ROUTE_CACHE = 20_000  # (deployment, request path) -> how it is answered
 SMALL_FILE = 1024 * 1024  # files up to this size are cached in memory whole
+# Cached bodies up to this size go out joined to their pre-serialized headers (`_Wired`); a
+# larger one costs more to copy than the headers cost to build, and aiohttp hands headers
+# and body to the transport as two buffers.
+WIRE_MAX = 64 * 1024
 MAX_PATH = 1024
 RECONNECT_BACKOFF = (0.1, 5.0)  # first and longest wait between subscriber reconnects
 COLLECT_LOCK_SECONDS = 600
@@ -320,7 +324,7 @@ class Sites:
             body = self.bodies.get(key) or await self._load(key)
             if body is None:
                 raise StorageMissing(key)
-            if status != 206 and self.wire_ok(request):
+            if status != 206 and size <= WIRE_MAX and self.wire_ok(request):
                 head = route.head_for(encoding, size)
                 if head is not None:
                     return _Wired(status, head, b"" if request.method == "HEAD" else body)
