@@ -1,22 +1,29 @@
 """How fast DeployHub serves a site, against a bare aiohttp handler and nginx, on loopback.
 
     PYTHONPATH=$PWD python -m bench.sites [--quick] [--duration S] [--connections N]
+        [--rounds N] [--servers a,b] [--workloads TEXT] [--profile DIR]
 
 One command: installs nginx and wrk with apt-get when they are missing, starts Redis and
 SeaweedFS, publishes one site (through the worker's real upload) to file storage and to S3,
-then runs wrk against four servers, each pinned to the first CPU with wrk on the second:
+then runs wrk against six servers, each pinned to the first CPU with wrk on the second:
 
-  deployhub-file   DeployHub from file storage
-  deployhub-s3     DeployHub from S3 (SeaweedFS)
-  aiohttp-bare     an aiohttp handler answering from a dict in memory (the ceiling for Python)
-  nginx            nginx serving the same files from disk (try_files, gzip_static)
+  deployhub-file          DeployHub from file storage, on the loop `serve` picks (uvloop
+                          when installed)
+  deployhub-s3            DeployHub from S3 (SeaweedFS), likewise
+  deployhub-file-asyncio  DeployHub from file storage on the standard library's loop
+  aiohttp-bare            an aiohttp handler answering from a dict in memory, stock loop
+  aiohttp-bare-uvloop     the same handler on uvloop
+  nginx                   nginx serving the same files from disk (try_files, gzip_static)
 
 Workloads: a small asset, a 150 KB JS bundle without and with `Accept-Encoding: br`, and
-index.html through a client-side route. Each workload is measured on each server in turn, twice by default (the best counts: the
-machine may be shared). Targets: DeployHub's small asset at least 80% of the
-bare handler's requests/s and at least 20% of nginx's; and no S3 request after the first for
-each object (the S3 server's GETs are counted by DeployHub's storage and logged at exit).
-nginx has no brotli module here: its `br` run gets the uncompressed bundle.
+index.html through a client-side route. Each workload is measured on each server in turn,
+twice by default (the best counts: the machine may be shared). Besides requests/s and p99,
+each run reads the server's CPU time: CPU per response is what other load on the machine
+disturbs least. Targets: DeployHub's small asset at least 80% of the bare handler's
+requests/s on the same event loop (each server logs its loop) and at least 20% of nginx's;
+and no S3 request after the first for each object (the S3 server's GETs are counted by
+DeployHub's storage and logged at exit). nginx has no brotli module here: its `br` run gets
+the uncompressed bundle (and so does the bare handler's).
 """
 
 from __future__ import annotations
@@ -291,7 +298,7 @@ def storage_requests(log_path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 s per run (under 2 minutes in all)")
+    parser.add_argument("--quick", action="store_true", help="2 s per run (about 3 minutes in all)")
     parser.add_argument("--duration", type=float, default=None, help="seconds per wrk run (default 10)")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2,
