@@ -1,16 +1,23 @@
-"""Which IP addresses build code may connect to: the public internet, never this machine, its
-networks or a cloud's metadata services.
+"""Which IP addresses DeployHub connects to on a user's behalf: the public internet, never this
+machine, its networks or a cloud's metadata services.
 
-`refusal(address)` names why an address is refused, or returns None for a public one. It is
-an explicit list (RFC 6890's special-purpose blocks that lead inside a network), not
-`ipaddress.is_global`: that also refuses the documentation and benchmarking blocks
-(192.0.2/24, 198.51.100/24, 203.0.113/24, 198.18/15), which lead nowhere private and which
-test networks (and some registry mirrors) use.
+The one check for both places that do: the repository URL (deployhub/validation.py, before
+the clone) and the build's egress proxy (worker/egress.py, every connection a build makes).
+`refusal(address, local=...)` names why an address is refused, or returns None for a public
+one. It is the explicit list below (RFC 6890's special-purpose blocks that lead inside a
+network, and the IPv6 forms that carry an IPv4 address), not `ipaddress.is_global`, which
+disagrees both ways: it lets through 6to4 and NAT64 forms of private addresses
+(2002:c0a8:101::1, 64:ff9b::a00:1), IPv4-compatible ones (::10.0.0.1), local-use NAT64
+(64:ff9b:1::/48), Azure's metadata address 168.63.129.16 and non-unicast IPv6 (5f00::/8);
+and it refuses the documentation and benchmarking blocks (192.0.2/24, 198.51.100/24,
+203.0.113/24, 198.18/15, 2001:db8::/32, 2001:2::/48), which lead nowhere private and which
+test networks (and some registry mirrors) use, so they are allowed here.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Collection
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -45,13 +52,21 @@ _GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
-def refusal(address: str | IPAddress) -> str | None:
-    """Why build code may not connect to `address` ("loopback", "private (RFC 1918)", ...),
-    or None when it is a public address. Anything that is not an IP address is refused."""
+def refusal(address: str | IPAddress, *, local: Collection[str] = ()) -> str | None:
+    """Why DeployHub may not connect to `address` ("loopback", "private (RFC 1918)", ...,
+    "this machine's own" when it is one of `local`, see local_addresses()), or None when it
+    is a public address. Anything that is not an IP address is refused."""
     try:
         ip = address if not isinstance(address, str) else ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return "not an IP address"
+    if why := _special(ip):
+        return why
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return "this machine's own" if str(mapped or ip) in local else None
+
+
+def _special(ip: IPAddress) -> str | None:
     if isinstance(ip, ipaddress.IPv4Address):
         return next((why for net, why in _V4 if ip in net), None)
     # An IPv6 address that carries an IPv4 one leads wherever that one leads.
@@ -59,7 +74,7 @@ def refusal(address: str | IPAddress) -> str | None:
     if embedded is None and ip in _NAT64:
         embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     if embedded is not None:
-        inner = refusal(embedded)
+        inner = _special(embedded)
         return f"{inner}, in IPv6" if inner else None
     if why := next((why for net, why in _V6 if ip in net), None):
         return why

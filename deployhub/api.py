@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
+import importlib.metadata
 import json
 import logging
 import secrets
@@ -21,9 +23,9 @@ from .runners import RUNNER
 from .state import RESOLVER, SETTINGS
 from .storage import log_key
 from .collector import Removed
-from .secretbox import secret_box
+from .secretbox import SecretUnreadable, secret_box
 from .sites import SITES
-from .store import Conflict, Deployment, NotFound, Project, ProjectTaken, Store, TooManyActive
+from .store import Conflict, Credential, Deployment, NotFound, Project, ProjectTaken, Store, TooManyActive
 from .validation import (
     COMMIT_RE,
     MAX_BODY,
@@ -32,6 +34,7 @@ from .validation import (
     InvalidInput,
     check_branch,
     check_commit,
+    check_credential,
     check_deployment_id,
     check_fields,
     check_project,
@@ -84,6 +87,10 @@ async def api_errors(
         return error(409, str(exc))
     except TooManyActive as exc:
         return error(429, str(exc))
+    except SecretUnreadable as exc:
+        # The key changed under a stored secret: not a bug, and only setting it again helps.
+        log.error("%s %s: %s", request.method, request.path, exc)
+        return error(409, str(exc))
     except TooManyAttempts as exc:
         response = error(429, str(exc))
         response.headers["Retry-After"] = str(exc.retry_after)
@@ -92,6 +99,15 @@ async def api_errors(
         response = error(401, str(exc))
         response.headers["WWW-Authenticate"] = 'Bearer realm="deployhub"'
         return response
+    except web.HTTPException as exc:
+        # The router's own 404 and 405 (and aiohttp's other refusals) are text/plain; an API
+        # client gets the one error shape every handler answers with.
+        if exc.status < 400 or not request.path.startswith("/api/"):
+            raise
+        response = error(exc.status, _refusal(request, exc))
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except (RedisError, *CONNECTION_ERRORS) as exc:
         # The pool has already retried with backoff: Redis is away (a restart, a failover).
         log.warning("%s %s: Redis unavailable: %s", request.method, request.path, exc)
@@ -99,6 +115,15 @@ async def api_errors(
                               f"try again in {RETRY_AFTER_SECONDS} s")
         response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return response
+
+
+def _refusal(request: web.Request, exc: web.HTTPException) -> str:
+    path = request.path[:200]
+    if exc.status == 404:
+        return f"no API endpoint {path!r}; see /api/openapi.json"
+    if exc.status == 405:
+        return f"{request.method} is not allowed on {path}; use {exc.headers.get('Allow', '')}"
+    return exc.text or exc.reason
 
 
 def client_of(request: web.Request) -> str:
@@ -126,8 +151,9 @@ async def create_deployment(request: web.Request) -> web.Response:
         return error(503, refused)
     body = check_fields(
         await read_json(request), required={"repo_url"},
-        optional={"project", "branch", "commit", "settings"},
+        optional={"project", "branch", "commit", "settings", "trigger"},
     )
+    trigger = _check_trigger(body.get("trigger"))
     # Cheap checks first: the URL check may wait on DNS.
     project = check_project(body["project"]) if body.get("project") is not None else None
     branch = check_branch(body["branch"]) if body.get("branch") not in (None, "") else ""
@@ -147,19 +173,20 @@ async def create_deployment(request: web.Request) -> web.Response:
     # The branch is the deployment's own field, not one of its build settings.
     branch = branch or chosen.pop("branch", "")
     chosen.pop("branch", None)  # when the body named one
-    dep = await _queue(request, project, repo.url, branch, owner, commit=commit, chosen=chosen)
+    dep = await _queue(request, project, repo.url, branch, owner, commit=commit, chosen=chosen,
+                       trigger=trigger)
     return await _answer(request, dep, status=202)
 
 
 async def _queue(
     request: web.Request, project: str, repo_url: str, branch: str, owner: str, *,
-    commit: str, chosen: dict[str, str],
+    commit: str, chosen: dict[str, str], trigger: str = "",
 ) -> Deployment:
     """Record a deployment (its settings fixed from now on) and hand it to the runner."""
     dep = await request.config_dict[STORE].create_deployment(
         project, repo_url, branch, owner,
         max_active=request.config_dict[SETTINGS].max_active_per_token,
-        commit=commit, settings=chosen,
+        commit=commit, settings=chosen, trigger=trigger,
     )
     await request.config_dict[RUNNER].submit(dep)
     return dep
@@ -245,7 +272,14 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
 async def list_projects(request: web.Request) -> web.Response:
     settings, store = request.config_dict[SETTINGS], request.config_dict[STORE]
     projects = await store.list_projects(owner=await caller(request))
-    return web.json_response({"projects": [project_json(settings, p) for p in projects]})
+    # Each production deployment's summary (status, commit, age), all read in one pipeline.
+    serving = {d.id: d for d in await store.get_deployments(p.production for p in projects if p.production)}
+    return web.json_response({"projects": [
+        {**project_json(settings, p), "production_deployment": (
+            deployment_json(settings, serving[p.production], p.production)
+            if p.production in serving else None)}
+        for p in projects
+    ]})
 
 
 @routes.get("/api/projects/{name}")
@@ -314,6 +348,43 @@ async def set_variables(request: web.Request) -> web.Response:
         project.name, variables, secret_box(request.config_dict[SETTINGS])
     )
     return web.json_response(_variables_json(await store.list_variables(project.name)))
+
+
+# -- the repository credential (write-only, like a secret variable) --------------------------
+
+
+def _credential_json(credential: Credential | None) -> dict[str, Any]:
+    return {"credential": None if credential is None else dataclasses.asdict(credential)}
+
+
+@routes.get("/api/projects/{name}/credential")
+async def get_credential(request: web.Request) -> web.Response:
+    store = request.config_dict[STORE]
+    project = await store.owned_project(check_project(request.match_info["name"]), await caller(request))
+    return web.json_response(_credential_json(await store.get_credential(project.name)))
+
+
+@routes.put("/api/projects/{name}/credential")
+async def set_credential(request: web.Request) -> web.Response:
+    """The token the clone of a private repository sends (HTTPS basic auth); only its last
+    four characters are ever shown again."""
+    store = request.config_dict[STORE]
+    owner = await caller(request)
+    name = check_project(request.match_info["name"])
+    username, token = check_credential(await read_json(request))
+    project = await store.claim_project(name, owner)
+    credential = await store.set_credential(
+        project.name, username, token, secret_box(request.config_dict[SETTINGS])
+    )
+    return web.json_response(_credential_json(credential))
+
+
+@routes.delete("/api/projects/{name}/credential")
+async def delete_credential(request: web.Request) -> web.Response:
+    store = request.config_dict[STORE]
+    project = await store.owned_project(check_project(request.match_info["name"]), await caller(request))
+    await store.delete_credential(project.name)
+    return web.json_response(_credential_json(None))
 
 
 def _removed_json(removed: Removed) -> dict[str, Any]:
@@ -423,11 +494,23 @@ async def github_push(request: web.Request) -> web.Response:
             raise InvalidInput("the webhook payload has no repository.clone_url; add ?project=NAME")
         candidates = [p.name for p in await store.list_projects() if _same_repo(p.repo_url, clone_url)]
     project: Project | None = None
+    unreadable: list[str] = []
     for name in candidates:
-        secret = await store.webhook_secret(name, box)
+        try:
+            secret = await store.webhook_secret(name, box)
+        except SecretUnreadable as exc:
+            log.error("webhook for %s: %s", name, exc)
+            unreadable.append(name)
+            continue
         if secret is not None and _signed(secret, raw, signature):
             project = await store.get_project(name)
             break
+    if project is None and unreadable:
+        # Not 401: no signature can match until the owner sets the secret again.
+        return error(409, "the webhook secret stored for this repository cannot be decrypted "
+                          "with this server's key (DEPLOYHUB_SECRETS_KEY or secrets.key changed); "
+                          "the project's owner must set it again with PATCH "
+                          "/api/projects/{name}/settings and update it in GitHub's webhook form")
     if project is None:
         return unsigned
     if payload is None:
@@ -463,7 +546,7 @@ async def _push(request: web.Request, project: Project, payload: Any) -> web.Res
     if refused := request.config_dict[RUNNER].refused:
         return error(503, refused)
     dep = await _queue(request, project.name, repo_url, branch, project.owner, commit=commit,
-                       chosen=chosen)
+                       chosen=chosen, trigger="webhook")
     # A newer push supersedes the older ones still waiting for a build slot.
     for older in await store.queued_of(project.name, branch):
         if older.id != dep.id and older.created_at <= dep.created_at:
@@ -471,3 +554,36 @@ async def _push(request: web.Request, project: Project, payload: Any) -> web.Res
                 older, f"Superseded by a newer push to {branch} ({commit[:12]})."
             )
     return await _answer(request, dep, status=202)
+
+
+# -- what the page shows about this server ----------------------------------------------------
+
+TRIGGERS = ("page", "cli")  # what a client may say it is; "webhook" is the server's own
+
+
+def _check_trigger(raw: object) -> str:
+    if raw is None:
+        return ""
+    if raw not in TRIGGERS:
+        raise InvalidInput(f"trigger must be one of {', '.join(map(repr, TRIGGERS))} (or absent)")
+    return str(raw)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("deployhub")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing
+        return "unknown"
+
+
+@routes.get("/api/server")
+async def server_info(request: web.Request) -> web.Response:
+    """The version, the runner, and which build limits it could not enforce at start."""
+    await caller(request)
+    limits = request.config_dict[RUNNER].limits
+    return web.json_response({
+        "version": _version(),
+        "runner": request.config_dict[SETTINGS].runner,
+        "limits": {"enforced": not limits.missing, "missing": list(limits.missing),
+                   "policy": limits.policy, "message": limits.message},
+    })

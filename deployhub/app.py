@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import api, connections, ops, page, reaper, runners, sites
+from . import api, connections, openapi, ops, page, reaper, runners, sites
 from .live import hub, protocol
 from .settings import Settings
 from .state import INSTANCE, RESOLVER, SETTINGS
@@ -33,6 +33,7 @@ def setup(
     app.middlewares.append(api.api_errors)
     app.router.add_routes(api.routes)
     app.router.add_get("/api/ws", protocol.websocket_handler)
+    app.router.add_get("/api/openapi.json", openapi.openapi_json)
     ops.add_routes(app)
     page.add_routes(app.router)
     sites.add_routes(app)

@@ -9,6 +9,7 @@ import dataclasses
 import getpass
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -17,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from .client import DEFAULT_SERVER, Client, ClientError, Follower, resolve, save_login
-from .console import Output, age, error
+from .console import Output, age, commit_label, error
 from .settings import Settings, SettingsError, env_name, parse_value
 from .status import Status
 
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("repo_url", nargs="?", help="the Git URL; omit it with --project to redeploy")
     deploy.add_argument("--project", help="project name (default: from the repository name)")
     deploy.add_argument("--branch", help="branch to build (default: the repository's default)")
+    deploy.add_argument("--commit", type=full_sha, metavar="SHA",
+                        help="build this commit: its full 40-hex SHA (`git rev-parse HEAD`); "
+                             "default the branch head")
     deploy.add_argument("--follow", "-f", action="store_true", help="print the log live until the end")
     deploy.set_defaults(run=remote_command(deploy_cmd))
 
@@ -103,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("deployments", nargs="*", help="deployment ids (default: the whole project)")
     rm.set_defaults(run=remote_command(rm_cmd))
 
+    project = commands.add_parser("project", help="show or change a project's build settings")
+    actions = project.add_subparsers(dest="action", required=True, metavar="{show,set}")
+    show = actions.add_parser("show", parents=[remote], help="print a project's build settings")
+    show.add_argument("project")
+    show.set_defaults(run=remote_command(project_show_cmd))
+    change = actions.add_parser(
+        "set", parents=[remote], help="change build settings: KEY=VALUE sets one, KEY= unsets it",
+        epilog=f"Keys: {', '.join(SETTING_KEYS)}, webhook_secret (a secret, or `generate`: "
+               "the new one is printed once). A setting left unset is detected at build time.",
+    )
+    change.add_argument("project")
+    change.add_argument("settings", nargs="+", type=setting_pair, metavar="KEY=VALUE")
+    change.set_defaults(run=remote_command(project_set_cmd))
+
     token = commands.add_parser("token", help="create, list or revoke API tokens")
     token.add_argument("action", choices=["create", "list", "revoke"])
     token.add_argument("name_or_id", nargs="?", help="a name for create, the token id for revoke")
@@ -114,6 +132,30 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--redis-url", dest="redis_url", default=None, help="[env DEPLOYHUB_REDIS_URL]")
     token.set_defaults(run=token_command)
     return parser
+
+
+_SHA_RE = re.compile(r"[0-9a-fA-F]{40}")
+# What `project set` and `project show` name; the server checks the values (and the names).
+SETTING_KEYS = ("branch", "root_directory", "install_command", "build_command",
+                "output_directory", "node_version")
+
+
+def full_sha(text: str) -> str:
+    if not _SHA_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a full commit SHA: give all 40 hex digits (`git rev-parse {text}`)"
+        )
+    return text.lower()
+
+
+def setting_pair(text: str) -> tuple[str, str | None]:
+    """KEY=VALUE -> (KEY, VALUE); KEY= -> (KEY, None), which unsets it."""
+    key, equals, value = text.partition("=")
+    if not equals or not re.fullmatch(r"[a-z_]+", key):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not KEY=VALUE (e.g. root_directory=frontend; root_directory= unsets it)"
+        )
+    return key, value or None
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -267,7 +309,7 @@ def remote_command(command: Command) -> Callable[[argparse.Namespace], int]:
 
 
 async def deploy_cmd(client: Client, args: argparse.Namespace, out: Output) -> int:
-    body: dict[str, str] = {}
+    body: dict[str, str] = {"trigger": "cli"}
     if args.repo_url:
         body["repo_url"] = args.repo_url
     elif args.project:  # a redeploy: the project's repository, as it was deployed last
@@ -278,12 +320,17 @@ async def deploy_cmd(client: Client, args: argparse.Namespace, out: Output) -> i
         body["project"] = args.project
     if args.branch:
         body["branch"] = args.branch
+    if args.commit:
+        body["commit"] = args.commit
     dep = await client.request("POST", "/api/deployments", body)
+    what = f"Deployment {dep['id']} of {dep['project']}"
+    if dep.get("commit"):
+        what += f" at {commit_label(dep)}"
     if not args.follow:
-        out.result(dep, f"Deployment {dep['id']} of {dep['project']} queued: {dep['deployment_url']}")
+        out.result(dep, f"{what} queued: {dep['deployment_url']}")
         return 0
     if not out.as_json:
-        print(f"Deployment {dep['id']} of {dep['project']} queued", flush=True)
+        print(f"{what} queued", flush=True)
     return await follow(client, dep, out)
 
 
@@ -333,9 +380,9 @@ async def ls_cmd(client: Client, args: argparse.Namespace, out: Output) -> int:
     if args.project:
         data = await client.request("GET", f"/api/projects/{args.project}/deployments")
         rows = [[d["id"], d["status"] + (" (production)" if d["is_production"] else ""),
-                 d.get("branch") or "-", age(d["created_at"]), d["deployment_url"]]
+                 d.get("branch") or "-", commit_label(d), age(d["created_at"]), d["deployment_url"]]
                 for d in data["deployments"]]
-        out.table(data, ["DEPLOYMENT", "STATUS", "BRANCH", "CREATED", "URL"], rows)
+        out.table(data, ["DEPLOYMENT", "STATUS", "BRANCH", "COMMIT", "CREATED", "URL"], rows)
         return 0
     data = await client.request("GET", "/api/projects")
     rows = [[p["name"], p["production"] or "-", age(p["created_at"]), p["url"]] for p in data["projects"]]
@@ -363,6 +410,29 @@ async def cancel_cmd(client: Client, args: argparse.Namespace, out: Output) -> i
     dep = await client.request("POST", f"/api/deployments/{args.deployment}/cancel", {})
     out.result(dep, f"Deployment {dep['id']} {dep['status']}")
     return 0
+
+
+async def project_show_cmd(client: Client, args: argparse.Namespace, out: Output) -> int:
+    answer = await client.request("GET", f"/api/projects/{args.project}/settings")
+    _print_settings(answer, out)
+    return 0
+
+
+async def project_set_cmd(client: Client, args: argparse.Namespace, out: Output) -> int:
+    changes = dict(args.settings)  # the last KEY=VALUE of a key wins, as with flags
+    answer = await client.request("PATCH", f"/api/projects/{args.project}/settings", changes)
+    _print_settings(answer, out)
+    if answer.get("webhook_secret") and not out.as_json:
+        print(f"Webhook secret (shown once; paste it into GitHub's webhook form): "
+              f"{answer['webhook_secret']}", flush=True)
+    return 0
+
+
+def _print_settings(answer: dict[str, Any], out: Output) -> None:
+    rows = [[name, "(detected)" if value is None else value]
+            for name, value in answer["settings"].items()]
+    rows.append(["webhook_secret", "set" if answer.get("webhook_secret_set") else "(none)"])
+    out.table(answer, ["SETTING", "VALUE"], rows)
 
 
 def login_command(args: argparse.Namespace) -> int:

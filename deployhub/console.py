@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 REFRESH_PER_SECOND = 4
+SUBJECT_WIDTH = 50  # characters of a commit's subject shown beside its short SHA
 
 
 class Output:
@@ -23,6 +24,7 @@ class Output:
         self.console = Console(highlight=False, soft_wrap=True) if self.tty else None
         self.live: Live | None = None
         self.phase = ""
+        self.commit = ""  # the commit being built, once the server knows it
         self.started = time.monotonic()
 
     # -- a deployment being followed ------------------------------------------------------
@@ -57,13 +59,18 @@ class Output:
         self.phase = dep["status"]
         if self.as_json:
             print(json.dumps({"type": "status", "deployment": dep}), flush=True)
-        elif self.console is None:
+            return
+        # The commit's subject is known once cloned: say which commit this is, once.
+        if dep.get("commit_message") and not self.commit:
+            self.commit = commit_label(dep)
+            self.note(f"commit {self.commit}", style="dim")
+        if self.console is None:
             print(f"[deployhub] {dep['status']}", file=sys.stderr, flush=True)
 
-    def note(self, text: str) -> None:
-        """Something about the connection, never mixed into stdout."""
+    def note(self, text: str, style: str = "yellow") -> None:
+        """Something about the deployment or the connection, never mixed into stdout."""
         if self.console is not None:
-            self.console.print(Text(f"[deployhub] {text}", style="yellow"))
+            self.console.print(Text(f"[deployhub] {text}", style=style))
         else:
             print(f"[deployhub] {text}", file=sys.stderr, flush=True)
 
@@ -95,11 +102,22 @@ class _Progress:
     def __rich__(self) -> Text:
         elapsed = int(time.monotonic() - self.output.started)
         return Text.assemble(("● ", "cyan"), (self.output.phase, "bold"),
-                             f"  {elapsed // 60}:{elapsed % 60:02d}")
+                             f"  {elapsed // 60}:{elapsed % 60:02d}",
+                             (f"  {self.output.commit}" if self.output.commit else "", "dim"))
 
 
 def error(message: str) -> None:
     print(f"deployhub: {message}", file=sys.stderr, flush=True)
+
+
+def commit_label(dep: dict[str, Any]) -> str:
+    """`abc1234 First line of its message`; "-" before the server knows the commit."""
+    sha, subject = dep.get("commit") or "", dep.get("commit_message") or ""
+    if not sha:
+        return "-"
+    if len(subject) > SUBJECT_WIDTH:
+        subject = subject[:SUBJECT_WIDTH - 1] + "…"
+    return f"{sha[:7]} {subject}".rstrip()
 
 
 def age(moment: float | None) -> str:

@@ -46,6 +46,12 @@ def project_settings(name: str) -> str:
     return f"{PREFIX}project:{name}:settings"
 
 
+def project_credential(name: str) -> str:
+    """HASH kind ("token"), username, sealed (a Fernet token of the secret), hint
+    ("…" + its last 4 characters), updated_at: the credential the project's clone uses."""
+    return f"{PREFIX}project:{name}:credential"
+
+
 def project_deployments(name: str) -> str:
     """ZSET deployment id scored by created_at."""
     return f"{PREFIX}project:{name}:deployments"

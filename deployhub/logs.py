@@ -8,6 +8,7 @@ append idempotent: a batch retried after a lost reply cannot add a line twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -114,7 +115,7 @@ class LogPublisher:
         if self.truncated:
             self.dropped += 1
             return
-        text = self._mask(cut_line(text, self.line_max_bytes))
+        text = self.mask(cut_line(text, self.line_max_bytes))
         if self.seq == self.max_lines - 1:
             stream, text = "system", (
                 f"Log truncated after {self.seq} lines (DEPLOYHUB_LOG_MAX_LINES); "
@@ -136,10 +137,14 @@ class LogPublisher:
             self._wake.set()
 
     def hide(self, secrets: list[str]) -> None:
-        """Never publish these values: every occurrence in a line becomes ****."""
-        self._secrets = sorted({s for s in secrets if len(s) >= 3}, key=len, reverse=True)
+        """Never publish these values (added to those hidden already): every occurrence in a
+        line becomes ****."""
+        wanted = set(self._secrets) | {s for s in secrets if len(s) >= 3}
+        # Longest first: a secret that holds another is hidden whole, not in part.
+        self._secrets = sorted(wanted, key=len, reverse=True)
 
-    def _mask(self, text: str) -> str:
+    def mask(self, text: str) -> str:
+        """`text` with every hidden value replaced by ****."""
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, "****")
@@ -180,10 +185,11 @@ class LogPublisher:
                 # `interval`: the clock runs from the oldest waiting line, not from now.
                 wait = self._pending[0][2] + self.interval - time.monotonic()
                 if wait > 0:
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), wait)
-                    except TimeoutError:
-                        pass
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                    # cancel that lands as the wait ends, and close() would then hang.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await self._wake.wait()
                     self._wake.clear()
                     continue
             batch = [self._pending[i] for i in range(min(self.batch_size, len(self._pending)))]

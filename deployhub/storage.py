@@ -69,7 +69,8 @@ class Storage(Protocol):
     async def check(self) -> None:
         """Raise StorageError unless the backend can be read and written now."""
 
-    async def put_file(self, key: str, path: Path, content_type: str) -> None: ...
+    async def put_file(self, key: str, path: Path, content_type: str) -> None:
+        """Store the file at `path`, read as a stream (in parts when it is large)."""
 
     async def put_bytes(self, key: str, data: bytes, content_type: str) -> None: ...
 
@@ -217,11 +218,37 @@ def _copy_atomically(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
+# Files larger than this go up as a multipart upload, in parts of PART_SIZE (S3 takes parts
+# of 5 MiB to 5 GiB, all but the last, and at most MAX_PARTS of them).
+MULTIPART_THRESHOLD = 8 * 1024 * 1024
+PART_SIZE = 8 * 1024 * 1024
+MAX_PARTS = 10_000
+# Parts read into memory and in flight at once, across every upload of one S3Storage: uploads
+# take about twice this many parts of memory (aiohttp copies a body it sends), whatever the
+# files' sizes or how many go at once.
+PARTS_IN_FLIGHT = 4
+IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+def object_cache_control(key: str) -> str:
+    """The Cache-Control stored on an object, for whatever reads the bucket directly (a CDN
+    in front of it; sites send the manifest's own headers): a blob's key names its bytes, so
+    it never changes; manifests and logs can be rewritten."""
+    return IMMUTABLE if key.startswith(BLOBS) else "no-cache"
+
+
 class S3Storage:
-    def __init__(self, client: Any, bucket: str, prefix: str = "") -> None:
+    def __init__(
+        self, client: Any, bucket: str, prefix: str = "", *,
+        multipart_threshold: int = MULTIPART_THRESHOLD, part_size: int = PART_SIZE,
+        parts_in_flight: int = PARTS_IN_FLIGHT,
+    ) -> None:
         self.client = client
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.multipart_threshold = multipart_threshold
+        self.part_size = part_size
+        self._parts = asyncio.Semaphore(parts_in_flight)
         self.requests: Counter[str] = Counter()
 
     async def check(self) -> None:
@@ -242,15 +269,72 @@ class S3Storage:
             raise StorageError(f"DEPLOYHUB_S3_ENDPOINT_URL: cannot reach S3: {exc}") from None
 
     async def put_file(self, key: str, path: Path, content_type: str) -> None:
-        async with aiofiles.open(path, "rb") as f:
-            data = await f.read()
-        await self.put_bytes(key, data, content_type)
+        self.requests["put"] += 1
+        # Opened on the loop (a local open takes microseconds); read in parts, in threads.
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > self.multipart_threshold:
+                await self._put_multipart(key, f.fileno(), size, content_type)
+                return
+            # botocore streams a file body (and rewinds it for a retry): never whole in memory.
+            await self.client.put_object(
+                Bucket=self.bucket, Key=self.prefix + key, Body=f, ContentLength=size,
+                ContentType=content_type, CacheControl=object_cache_control(key),
+            )
 
     async def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         self.requests["put"] += 1
         await self.client.put_object(
-            Bucket=self.bucket, Key=self.prefix + key, Body=data, ContentType=content_type
+            Bucket=self.bucket, Key=self.prefix + key, Body=data, ContentType=content_type,
+            CacheControl=object_cache_control(key),
         )
+
+    async def _put_multipart(self, key: str, fd: int, size: int, content_type: str) -> None:
+        """Upload the file `fd` in parts, at most `parts_in_flight` of this storage's parts in
+        memory at once; an upload that fails or is canceled is aborted, so S3 keeps (and
+        bills) no orphaned parts."""
+        part_size = max(self.part_size, -(-size // MAX_PARTS))
+        count = -(-size // part_size)
+        created = await self.client.create_multipart_upload(
+            Bucket=self.bucket, Key=self.prefix + key, ContentType=content_type,
+            CacheControl=object_cache_control(key),
+        )
+        upload_id = str(created["UploadId"])
+        etags: dict[int, str] = {}
+
+        async def put_part(number: int) -> None:
+            offset = (number - 1) * part_size
+            length = min(part_size, size - offset)
+            async with self._parts:
+                body = await asyncio.to_thread(os.pread, fd, length, offset)
+                if len(body) != length:
+                    raise StorageError(f"{key}: the file shrank while it was uploaded")
+                self.requests["put part"] += 1
+                reply = await self.client.upload_part(
+                    Bucket=self.bucket, Key=self.prefix + key, UploadId=upload_id,
+                    PartNumber=number, Body=body,
+                )
+            etags[number] = str(reply["ETag"])
+
+        try:
+            try:
+                async with asyncio.TaskGroup() as group:  # one part failed: the others stop
+                    for number in range(1, count + 1):
+                        group.create_task(put_part(number))
+            except ExceptionGroup as failed:  # the part's own error, not a group of one
+                raise failed.exceptions[0] from None
+            await self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=self.prefix + key, UploadId=upload_id,
+                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]},
+            )
+        except BaseException:
+            # Shielded: a canceled upload is aborted all the same.
+            with contextlib.suppress(Exception):
+                self.requests["abort"] += 1
+                await asyncio.shield(self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=self.prefix + key, UploadId=upload_id,
+                ))
+            raise
 
     async def get_bytes(self, key: str) -> bytes | None:
         self.requests["get"] += 1
@@ -305,8 +389,11 @@ class S3Storage:
 
 
 def s3_config() -> Any:
-    """A stalled S3 must not hold a request (or a shutdown) for botocore's default 60 s;
-    transient errors and throttling are retried with backoff ("standard" mode)."""
+    """A stalled S3 must not hold a request (or a shutdown) for botocore's default 60 s.
+    botocore's "standard" retry mode retries every call (each part of a multipart upload on
+    its own) up to 5 times (`max_attempts` counts the retries) with jittered exponential
+    backoff: throttling (SlowDown, 503), 500/502/503/504 answers, RequestTimeout, connection
+    errors and read timeouts."""
     from aiobotocore.config import AioConfig
 
     return AioConfig(connect_timeout=5, read_timeout=20, max_pool_connections=64,

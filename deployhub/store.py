@@ -112,7 +112,7 @@ return 1
 # Forgets a project and all its deployments unless one is still building; returns the ids.
 _DELETE_PROJECT = """
 local project_key, project_deps, env, projects, sites_channel = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local project_settings = KEYS[6]
+local project_settings, credential = KEYS[6], KEYS[7]
 local name, dep_prefix, logs_prefix = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('EXISTS', project_key) == 0 then return false end
 local ids = redis.call('ZRANGE', project_deps, 0, -1)
@@ -124,7 +124,7 @@ end
 local owner = redis.call('HGET', project_key, 'owner')
 if owner then redis.call('SREM', ARGV[4] .. owner .. ARGV[5], name) end
 for _, id in ipairs(ids) do redis.call('DEL', dep_prefix .. id, logs_prefix .. id) end
-redis.call('DEL', project_key, project_deps, env, project_settings)
+redis.call('DEL', project_key, project_deps, env, project_settings, credential)
 redis.call('SREM', projects, name)
 redis.call('PUBLISH', sites_channel, cjson.encode({type = 'production', project = name,
                                                    production = ''}))
@@ -226,6 +226,7 @@ class Deployment:
             settings=_settings(data.get("settings", "")),
             log_seq=int(data.get("log_seq") or 0),
             task_arn=data.get("task_arn", ""),
+            trigger=data.get("trigger", ""),
         )
 
     commit: str = ""  # the full SHA asked for (or ""), then the one cloned
@@ -235,6 +236,8 @@ class Deployment:
     settings: dict[str, str] = dataclasses.field(default_factory=dict)
     log_seq: int = 0  # the last log seq, once the build has ended
     task_arn: str = ""  # the ECS task building it (runner=ecs), once started
+    # What asked for it: "page" or "cli" (as the client says), "webhook"; "" for a bare API call.
+    trigger: str = ""
     # While queued: 1 = the next to start in the shared queue, 0 = it has a build slot and is
     # starting; None once it has left `queued` (or when read from a status frame).
     queue_position: int | None = None
@@ -251,6 +254,16 @@ class Project:
     created_at: float
     production: str
     owner: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Credential:
+    """What anyone may know of a project's clone credential: never the secret itself."""
+
+    kind: str  # "token": HTTPS basic auth with username and token
+    username: str
+    hint: str  # "…" and the secret's last 4 characters, to tell two tokens apart
+    updated_at: float
 
 
 def new_deployment_id() -> str:
@@ -275,7 +288,7 @@ class Store:
 
     async def create_deployment(
         self, project: str, repo_url: str, branch: str, owner: str = "", max_active: int = 0,
-        *, commit: str = "", settings: dict[str, str] | None = None,
+        *, commit: str = "", settings: dict[str, str] | None = None, trigger: str = "",
     ) -> Deployment:
         """A new queued deployment (of `commit`, or the branch head; built with `settings`);
         ProjectTaken if another token owns `project`, TooManyActive if `owner` already has
@@ -290,6 +303,8 @@ class Store:
             record["commit"] = commit
         if settings:
             record["settings"] = dumps(settings)
+        if trigger:
+            record["trigger"] = trigger
         fields = [item for pair in record.items() for item in pair]
         created = await self._create(
             keys=[
@@ -435,6 +450,41 @@ class Store:
             return None
         return box.open(sealed, f"the webhook secret of {project}")
 
+    async def get_credential(self, project: str) -> Credential | None:
+        """The project's clone credential, without its secret (nothing is decrypted)."""
+        row = cast(dict[str, str], await self.redis.hgetall(keys.project_credential(project)))
+        if not row:
+            return None
+        return Credential(kind=row["kind"], username=row["username"], hint=row["hint"],
+                          updated_at=float(row["updated_at"]))
+
+    async def set_credential(
+        self, project: str, username: str, token: str, box: SecretBox
+    ) -> Credential:
+        """Replace the project's clone credential; the token is stored encrypted with `box`."""
+        credential = Credential(kind="token", username=username, hint="\u2026" + token[-4:],
+                                updated_at=time.time())
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.project_credential(project))
+            pipe.hset(keys.project_credential(project), mapping={
+                "kind": credential.kind, "username": username, "hint": credential.hint,
+                "updated_at": repr(credential.updated_at), "sealed": box.seal(token)})
+            await pipe.execute()
+        return credential
+
+    async def delete_credential(self, project: str) -> None:
+        await self.redis.delete(keys.project_credential(project))
+
+    async def clone_credential(self, project: str, box: SecretBox) -> tuple[str, str] | None:
+        """(username, token) decrypted with `box`: only the worker's clone asks.
+        SecretUnreadable when `box` holds another key than the one it was stored with."""
+        row = cast(list[str | None], await self.redis.hmget(
+            keys.project_credential(project), ["username", "sealed"]))
+        username, sealed = row
+        if username is None or sealed is None:
+            return None
+        return username, box.open(sealed, f"the repository credential of {project}")
+
     async def queued_of(self, project: str, branch: str) -> list[Deployment]:
         """The project's deployments of `branch` still waiting in the queue."""
         return [d for d in await self.list_deployments(project)
@@ -507,7 +557,8 @@ class Store:
         Conflict while one of them still builds."""
         result = await self._delete_project(
             keys=[keys.project(name), keys.project_deployments(name), keys.project_env(name),
-                  keys.PROJECTS, keys.SITES_CHANNEL, keys.project_settings(name)],
+                  keys.PROJECTS, keys.SITES_CHANNEL, keys.project_settings(name),
+                  keys.project_credential(name)],
             args=[name, keys.deployment(""), keys.log_stream(""), *keys.token_projects("\0").split("\0")],
         )
         if not result:

@@ -9,10 +9,12 @@ import json
 import math
 import socket
 import unicodedata
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+from .addresses import local_addresses, refusal
 
 # host, port -> the IP addresses it resolves to
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -135,21 +137,20 @@ async def system_resolver(host: str, port: int) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
-def _public(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
-
-
 async def check_repo_url(
     raw: object,
     *,
     allow_hosts: Iterable[str] = (),
     resolver: Resolver = system_resolver,
     timeout: float = 5.0,
+    local: Collection[str] | None = None,
 ) -> RepoURL:
-    """An http(s) Git URL whose host resolves only to public addresses (or is allowlisted)."""
+    """An http(s) Git URL whose host resolves only to public addresses (or is allowlisted).
+
+    Public as deployhub/addresses.py says, the same list the build's egress proxy uses; not
+    one of `local` either (default: this machine's own addresses), since the clone runs on
+    the host's network.
+    """
     if not isinstance(raw, str) or not raw.strip():
         raise InvalidInput("repo_url must be a non-empty string such as https://host/owner/repo.git")
     url = raw
@@ -175,7 +176,8 @@ async def check_repo_url(
         )
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
         raise InvalidInput(
-            "repo_url must not contain credentials; DeployHub clones public repositories"
+            "repo_url must not contain credentials (a URL is shown and logged); for a private "
+            "repository give the project a token with PUT /api/projects/{name}/credential"
         )
     try:
         host = parts.hostname or ""
@@ -196,12 +198,14 @@ async def check_repo_url(
     # The allowlist matches the host as written, never what it resolves to: allowing
     # 127.0.0.1 must not let 0x7f000001 or a name pointing at it through.
     if host.lower() not in allowed:
-        blocked = [a for a in addresses if not _public(a)]
+        own = local_addresses() if local is None else local
+        blocked = [(a, why) for a in addresses if (why := refusal(a, local=own))]
         if blocked:
+            address, why = blocked[0]
             raise InvalidInput(
-                f"the host {host!r} resolves to a non-public address ({blocked[0]}); DeployHub "
-                "only clones from public hosts (an operator can allow it with "
-                "DEPLOYHUB_ALLOW_HOSTS)"
+                f"the host {host!r} resolves to a non-public address ({address}), a {why} "
+                "address; DeployHub only clones from public hosts (an operator can allow it "
+                "with DEPLOYHUB_ALLOW_HOSTS)"
             )
     return RepoURL(url=url, host=host, port=port, addresses=tuple(addresses))
 
@@ -425,3 +429,38 @@ def check_webhook_secret(raw: object) -> str:
             "printable ASCII characters without spaces"
         )
     return raw
+
+
+# -- a project's repository credential (README "Private repositories") ----------------------
+
+CREDENTIAL_USERNAME = "x-access-token"  # what GitHub takes with an installation or PAT token
+CREDENTIAL_TOKEN_MIN, CREDENTIAL_TOKEN_MAX = 8, 1024
+CREDENTIAL_USERNAME_MAX = 100
+
+
+def _credential_text(raw: object, what: str, shortest: int, longest: int) -> str:
+    if not isinstance(raw, str) or not raw:
+        raise InvalidInput(f"{what} must be a non-empty string")
+    check_text(raw, what)
+    if not shortest <= len(raw) <= longest:
+        raise InvalidInput(f"{what} must be {shortest}-{longest} characters long, not {len(raw)}")
+    if not all(" " < ch < "\x7f" for ch in raw):
+        raise InvalidInput(
+            f"{what} must be printable ASCII without spaces or control characters (copy it "
+            "again, without the line break or quotes around it)"
+        )
+    return raw
+
+
+def check_credential(body: object) -> tuple[str, str]:
+    """A PUT body `{"token": "...", "username": "..."}`: (username, token); the username
+    defaults to x-access-token."""
+    fields = check_fields(body, required={"token"}, optional={"username"})
+    token = _credential_text(fields["token"], "token", CREDENTIAL_TOKEN_MIN, CREDENTIAL_TOKEN_MAX)
+    username = fields.get("username")
+    if username is None or username == "":
+        return CREDENTIAL_USERNAME, token
+    username = _credential_text(username, "username", 1, CREDENTIAL_USERNAME_MAX)
+    if ":" in username:
+        raise InvalidInput("username must not contain ':' (HTTP basic auth splits on it)")
+    return username, token

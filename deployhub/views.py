@@ -33,6 +33,8 @@ def deployment_json(settings: Settings, dep: Deployment, production: str) -> dic
         "is_production": dep.id == production,
         # Place in the shared build queue while queued (1 = next; 0 = starting), else null.
         "queue_position": dep.queue_position,
+        # "page", "cli", "webhook", or null: a plain API call (or one from before it was kept).
+        "trigger": dep.trigger or None,
     }
 
 

@@ -42,6 +42,7 @@ async def test_deploy_ls_logs_rollback_cancel_through_pipes(service: Service, gi
     code, out, _ = await cli("deploy", "--project", project, "--json", *remote(service))  # redeploy
     second = json.loads(out)
     assert code == 0 and second["project"] == project and second["repo_url"] == url
+    assert second["trigger"] == "cli"  # the page's list says "via CLI"
     await service.wait_final(second["id"])
     code, out, _ = await cli("ls", *remote(service))
     assert code == 0 and out.splitlines()[0].split("\t") == ["PROJECT", "PRODUCTION", "CREATED", "URL"]
@@ -55,6 +56,47 @@ async def test_deploy_ls_logs_rollback_cancel_through_pipes(service: Service, gi
     assert code == 0 and json.loads(out)["production"] == first_id
     code, _, err = await cli("cancel", first_id, *remote(service))
     assert code == 1 and "already ended" in err and "Traceback" not in err
+
+
+async def test_deploy_a_commit_and_see_it_in_the_output_and_ls(
+    service: Service, git_server: GitServer
+) -> None:
+    name, project = unique_name("tiny"), unique_name("cli")
+    url = git_server.add_repo(name, files_dir=TINY_APP, message="First version")
+    first = git_server.head_sha(name)
+    git_server.commit_files(name, {"later.txt": "newer"}, message="Second version")
+    code, out, err = await cli("deploy", url, "--project", project, "--commit", first, "--follow",
+                               *remote(service))
+    assert code == 0, err
+    assert out.splitlines()[0].endswith(f"of {project} at {first[:7]} queued")
+    assert f"[deployhub] commit {first[:7]} First version" in err.splitlines()
+    code, out, _ = await cli("ls", project, *remote(service))
+    header, row = out.splitlines()
+    assert header.split("\t")[3] == "COMMIT" and row.split("\t")[3] == f"{first[:7]} First version"
+    code, _, err = await cli("deploy", url, "--commit", first[:7], *remote(service))
+    assert code == 2 and "give all 40 hex digits" in err and "Traceback" not in err
+
+
+async def test_project_set_and_show_the_build_settings(service: Service) -> None:
+    project = unique_name("cli")
+    code, out, err = await cli("project", "set", project, "root_directory=./web/",
+                               "build_command=npm run build -- --mode=prod", *remote(service))
+    assert code == 0, err
+    assert "root_directory\tweb" in out.splitlines()
+    assert "build_command\tnpm run build -- --mode=prod" in out.splitlines()
+    assert "node_version\t(detected)" in out.splitlines()
+    code, out, _ = await cli("project", "set", project, "root_directory=", "--json", *remote(service))
+    answer = json.loads(out)
+    assert code == 0 and answer["settings"]["root_directory"] is None
+    assert answer["settings"]["build_command"] == "npm run build -- --mode=prod"
+    code, out, _ = await cli("project", "show", project, "--json", *remote(service))
+    assert code == 0 and json.loads(out) == answer
+    code, _, err = await cli("project", "set", project, "root_directory", *remote(service))
+    assert code == 2 and "is not KEY=VALUE" in err  # refused before any request
+    code, _, err = await cli("project", "set", project, "colour=red", *remote(service))
+    assert code == 1 and "unknown setting 'colour'" in err and "Traceback" not in err
+    code, _, err = await cli("project", "show", unique_name("none"), *remote(service))
+    assert code == 1 and "no project" in err
 
 
 async def test_unreachable_server_and_bad_token_are_clear_exit_codes(service: Service) -> None:
@@ -104,7 +146,8 @@ async def test_a_terminal_gets_a_live_progress_line_and_coloured_log(
     service: Service, git_server: GitServer
 ) -> None:
     files: dict[str, Any] = {"tiny.json": '{"lines": 40, "delayMs": 50}'}
-    url = git_server.add_repo(unique_name("tiny"), files_dir=TINY_APP, files=files)
+    name = unique_name("tiny")
+    url = git_server.add_repo(name, files_dir=TINY_APP, files=files, message="Slow lines")
     argv = [sys.executable, "-m", "deployhub", "deploy", url, "--follow", *remote(service)]
     code, screen = await asyncio.to_thread(run_in_pty, argv)
     assert code == 0, screen[-2000:]
@@ -112,3 +155,16 @@ async def test_a_terminal_gets_a_live_progress_line_and_coloured_log(
     assert "building" in screen and "0:0" in screen  # the phase and the elapsed time
     assert "[deployhub] building" not in screen  # ...instead of the plain status lines
     assert "Ready: http://" in screen
+    assert f"commit {git_server.head_sha(name)[:7]} Slow lines" in screen
+
+
+async def test_a_terminal_gets_the_settings_as_a_table(service: Service) -> None:
+    project = unique_name("cli")
+    code, _, err = await cli("project", "set", project, "node_version=20", *remote(service))
+    assert code == 0, err
+    argv = [sys.executable, "-m", "deployhub", "project", "show", project, *remote(service)]
+    code, screen = await asyncio.to_thread(run_in_pty, argv)
+    assert code == 0, screen
+    assert "\x1b[1m" in screen and "SETTING" in screen  # rich's bold header
+    rows = [line.split() for line in screen.splitlines() if "\t" not in line]  # aligned, not tabbed
+    assert ["node_version", "20"] in rows and ["webhook_secret", "(none)"] in rows

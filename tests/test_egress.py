@@ -52,6 +52,13 @@ def test_public_addresses_are_allowed(address: str) -> None:
     assert refusal(address) is None
 
 
+def test_this_machines_own_addresses_are_refused_in_every_form() -> None:
+    own = frozenset({"93.184.215.14", "2606:4700::1111"})
+    for address in ("93.184.215.14", "::ffff:93.184.215.14", "2606:4700::1111"):
+        assert refusal(address, local=own) == "this machine's own"
+    assert refusal("8.8.8.8", local=own) is None
+
+
 def test_this_machines_own_addresses_are_known() -> None:
     own = local_addresses()
     assert "127.0.0.1" in own and "::1" in own

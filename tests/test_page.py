@@ -142,6 +142,7 @@ def test_search_deep_link_and_download(served: Served, git_server: GitServer, br
     assert text.splitlines()[-1].startswith("Deployed 4 files.") and len(text.splitlines()) == len(log)
     assert "\x1b" not in text
 
+    page.click("#tab-settings")  # build variables are on the project's settings screen
     page.fill("#var-name", "API_URL")
     page.fill("#var-value", "https://api.example")
     page.click("#var-form button[type=submit]")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from deployhub.validation import InvalidInput, check_repo_url, project_from_url, slugify
@@ -27,6 +29,38 @@ async def test_non_public_addresses_are_refused(address: str) -> None:
     with pytest.raises(InvalidInput, match="non-public address"):
         await check_repo_url("https://git.example.com/a/b.git", resolver=resolve)
     assert calls == [("git.example.com", 443)]
+
+
+# Where the repo URL check (ipaddress.is_global) and the egress proxy's list used to disagree;
+# both now use deployhub/addresses.py.
+@pytest.mark.parametrize(("address", "why"), [
+    ("2002:c0a8:101::1", "private (RFC 1918), in IPv6"),  # 6to4 of 192.168.1.1
+    ("64:ff9b::a00:1", "private (RFC 1918), in IPv6"),  # NAT64 of 10.0.0.1
+    ("64:ff9b:1::1", "local-use NAT64"),
+    ("::10.0.0.1", "IPv4-compatible"),
+    ("168.63.129.16", "cloud metadata"),  # Azure's WireServer: "global" to ipaddress
+    ("5f00::1", "reserved"),
+    ("192.0.0.9", "IETF protocol assignments"),
+])
+async def test_addresses_the_egress_list_refuses_are_refused_for_clones_too(address: str, why: str) -> None:
+    resolve, _ = resolver_for([address])
+    with pytest.raises(InvalidInput, match=f"non-public address \\({address}\\), a {re.escape(why)}"):
+        await check_repo_url("https://git.example.com/a/b.git", resolver=resolve, local=())
+
+
+@pytest.mark.parametrize("address", ["192.0.2.10", "198.51.100.7", "203.0.113.80", "198.18.0.1",
+                                     "2001:db8::1", "2001:2::1"])
+async def test_documentation_and_benchmark_ranges_are_allowed_as_for_builds(address: str) -> None:
+    resolve, _ = resolver_for([address])
+    repo = await check_repo_url("https://git.example.com/a/b.git", resolver=resolve, local=())
+    assert repo.addresses == (address,)
+
+
+async def test_this_machines_own_public_address_is_refused() -> None:
+    resolve, _ = resolver_for(["93.184.216.34"])
+    with pytest.raises(InvalidInput, match="this machine's own"):
+        await check_repo_url("https://git.example.com/a/b.git", resolver=resolve,
+                             local={"93.184.216.34"})
 
 
 async def test_one_private_address_among_public_ones_is_refused() -> None:

@@ -3,10 +3,21 @@
 // Views are driven by the URL hash so a reload keeps the view:
 //   #/                     nothing selected
 //   #/projects/<name>      a project, newest deployment shown (and followed)
+//   #/projects/<name>/settings   its settings screen
 //   #/deployments/<id>     a project with that deployment shown
 //   #/deployments/<id>?line=<n>   ... with log line n (its seq) highlighted
 
-import { apiFetch, apiJson, getToken, setToken, ApiError, AUTH_REQUIRED_EVENT } from "./api.js";
+import {
+  apiFetch,
+  apiJson,
+  checkServer,
+  getToken,
+  setToken,
+  ApiError,
+  AUTH_REQUIRED_EVENT,
+  SERVER_STATE_EVENT,
+} from "./api.js";
+import { SettingsScreen } from "./settings.js";
 import { LiveClient } from "./live.js";
 import { LogLines, LogView } from "./logview.js";
 import { el, externalLink, displayUrl, fill, safeHref } from "./dom.js";
@@ -17,6 +28,8 @@ import {
   formatDuration,
   formatRelative,
   isFinal,
+  PHASES,
+  phaseDurations,
   statusKey,
   statusLabel,
 } from "./timeline.js";
@@ -37,7 +50,14 @@ const state = {
   announced: new Map(), // deployment id -> last status announced to screen readers
   routeSeq: 0, // increases per navigation; stale async results are dropped
   seed: null, // deployment just created, so its view needn't wait for the network
+  screen: "deployments", // of the project in view: "deployments" or "settings"
+  serverAway: false, // the API is unreachable or its Redis is away (api.js probes)
 };
+
+const PHASE_STRIP_BUILDS = 20;
+const TRIGGER_LABELS = { page: "Page", cli: "CLI", webhook: "Webhook" };
+const HEARTBEAT_MS = 20_000; // a look at api/server, so an outage shows without a click
+const settingsScreen = new SettingsScreen();
 
 const live = new LiveClient({ onMessage: handleLiveMessage, onState: renderConnection });
 const logView = new LogView($("log-scroller"), {
@@ -49,7 +69,7 @@ const logView = new LogView($("log-scroller"), {
 // ---------------------------------------------------------------- routing --
 
 function parseRoute(hash) {
-  const match = /^#\/(projects|deployments)\/([^?]+)(?:\?line=(\d{1,9}))?$/.exec(hash);
+  const match = /^#\/(projects|deployments)\/([^?/]+)(\/settings)?(?:\?line=(\d{1,9}))?$/.exec(hash);
   if (!match) return { view: "home" };
   let value;
   try {
@@ -57,12 +77,16 @@ function parseRoute(hash) {
   } catch {
     return { view: "home" };
   }
-  if (match[1] === "projects") return { view: "project", name: value };
-  return { view: "deployment", id: value, line: match[3] ? Number(match[3]) : null };
+  if (match[1] === "projects") return { view: "project", name: value, settings: Boolean(match[3]) };
+  return { view: "deployment", id: value, line: match[4] ? Number(match[4]) : null };
 }
 
 function projectHash(name) {
   return `#/projects/${encodeURIComponent(name)}`;
+}
+
+function settingsHash(name) {
+  return `${projectHash(name)}/settings`;
 }
 
 function deploymentHash(id) {
@@ -82,10 +106,13 @@ async function route() {
       leaveProject();
       renderView();
     } else if (target.view === "project") {
+      state.screen = target.settings ? "settings" : "deployments";
+      if (target.settings) settingsScreen.open(target.name).catch((err) => showBanner(err.message));
       await openProject(target.name, null, seq);
     } else {
       const dep = await findDeployment(target.id);
       if (seq !== state.routeSeq) return; // the user navigated meanwhile
+      state.screen = "deployments";
       await openProject(dep.project, dep, seq, target.line);
     }
   } catch (err) {
@@ -112,6 +139,11 @@ async function fetchProjects() {
   try {
     const body = await apiJson("projects");
     state.projects = Array.isArray(body?.projects) ? body.projects : [];
+    for (const project of state.projects) {
+      const dep = project.production_deployment;
+      if (dep && dep.id != null) state.productionDeps.set(String(dep.id), dep);
+    }
+    $("projects-status").hidden = true;
     renderProjects();
     renderProjectHeader();
     loadProductionDeployments();
@@ -122,8 +154,9 @@ async function fetchProjects() {
 }
 
 /**
- * The list shows each production deployment's status and age; a project
- * names only its id, so each one not yet known is fetched (once: a ready
+ * The list shows each production deployment's status, commit and age; the
+ * list answer carries them (production_deployment), and a server without it
+ * names only the id, so each one not yet known is fetched (once: a ready
  * deployment does not change).
  */
 async function loadProductionDeployments() {
@@ -410,7 +443,7 @@ async function submitDeploy(event) {
   event.preventDefault();
   const form = event.currentTarget;
   const repoInput = $("repo-url");
-  const body = { repo_url: repoInput.value.trim() };
+  const body = { repo_url: repoInput.value.trim(), trigger: "page" };
   const project = $("project-name-input").value.trim();
   const branch = $("branch-input").value.trim();
   if (project) body.project = project;
@@ -451,7 +484,8 @@ async function runAction(button) {
       const updated = await apiJson(`deployments/${encodeURIComponent(id)}/cancel`, { method: "POST" });
       if (updated && String(updated.id) === id) upsertDeployment(updated);
     } else if (action === "redeploy") {
-      const body = { repo_url: dep.repo_url, project: dep.project };
+      // A new deployment of the branch with the project's settings as they are now.
+      const body = { repo_url: dep.repo_url, project: dep.project, trigger: "page" };
       if (dep.branch) body.branch = dep.branch;
       const created = await apiJson("deployments", { method: "POST", json: body });
       if (created && created.id != null) {
@@ -541,6 +575,7 @@ function submitAuth(event) {
   renderSignOut();
   live.reconnectNow(); // the socket authenticates only when it opens
   loadProjects();
+  loadServerInfo();
   route();
 }
 
@@ -563,8 +598,67 @@ function renderView() {
     return;
   }
   renderProjectHeader();
+  renderTabs();
   renderDeploymentList();
+  renderPhaseStrip();
   renderSelected();
+}
+
+function renderTabs() {
+  const settings = state.screen === "settings";
+  $("project-main").hidden = settings;
+  $("project-settings").hidden = !settings;
+  const tabs = [
+    [$("tab-deployments"), projectHash(state.project), !settings],
+    [$("tab-settings"), settingsHash(state.project), settings],
+  ];
+  for (const [tab, href, current] of tabs) {
+    tab.setAttribute("href", href);
+    if (current) tab.setAttribute("aria-current", "page");
+    else tab.removeAttribute("aria-current");
+  }
+}
+
+/** The last builds, oldest first, as stacked bars of their phases: where the time went. */
+function renderPhaseStrip() {
+  const builds = sortedDeployments()
+    .map((dep) => ({ dep, phases: phaseDurations(dep) }))
+    .filter((build) => build.phases && build.phases.total > 0)
+    .slice(0, PHASE_STRIP_BUILDS)
+    .reverse();
+  $("phases-card").hidden = builds.length === 0;
+  if (!builds.length) return;
+  const tallest = Math.max(...builds.map((build) => build.phases.total));
+  $("phases-count").textContent = String(builds.length);
+  $("phases-max").textContent = formatDuration(tallest);
+  fill(
+    $("phase-strip"),
+    ...builds.map(({ dep, phases }) => {
+      const words = PHASES.filter((name) => phases.phases[name] != null)
+        .map((name) => `${phaseLabel(name)} ${formatDuration(phases.phases[name])}`)
+        .join(", ");
+      const bar = el(
+        "a",
+        {
+          className: `phase-bar${String(dep.id) === state.selectedId ? " selected" : ""}`,
+          href: deploymentHash(dep.id),
+          title: `${shortId(dep.id)} (${statusLabel(dep.status)}): ${words}`,
+          "aria-label": `Deployment ${shortId(dep.id)}, ${statusLabel(dep.status).toLowerCase()}, ` +
+            `${formatDuration(phases.total)}: ${words}`,
+        },
+        ...PHASES.filter((name) => phases.phases[name]).map((name) => {
+          const segment = el("span", { className: `phase phase-${name}`, dataset: { phase: name } });
+          segment.style.height = `${(100 * phases.phases[name]) / tallest}%`;
+          return segment;
+        }),
+      );
+      return el("li", { className: `phase-col phase-col-${statusKey(dep.status)}` }, bar);
+    }),
+  );
+}
+
+function phaseLabel(name) {
+  return { cloning: "clone", installing: "install", building: "build", uploading: "upload" }[name] ?? name;
 }
 
 function renderProjects() {
@@ -614,6 +708,8 @@ function projectProduction(project) {
           text: formatRelative(since),
         })
       : null,
+    dep?.commit ? el("code", { className: "project-sha", title: dep.commit_message ?? dep.commit,
+                               text: String(dep.commit).slice(0, 7) }) : null,
     externalLink(project.url, null, "project-url"),
   );
 }
@@ -661,15 +757,42 @@ function renderDeploymentRow(dep) {
       ),
       dep.branch ? el("span", { className: "dep-branch", text: dep.branch }) : null,
       isProduction(dep) ? el("span", { className: "tag tag-prod", text: "Production" }) : null,
+      commitLine(dep),
     ),
-    el("time", {
-      className: "dep-time",
-      datetime: isoTime(dep.created_at),
-      title: formatAbsolute(dep.created_at),
-      text: formatRelative(dep.created_at),
-    }),
+    el(
+      "div",
+      { className: "dep-facts" },
+      el("span", { className: "dep-duration", title: "Build time", text: buildTime(dep) }),
+      el("span", { className: "dep-trigger", text: `via ${triggerLabel(dep.trigger)}` }),
+      el("time", {
+        className: "dep-time",
+        datetime: isoTime(dep.created_at),
+        title: formatAbsolute(dep.created_at),
+        text: formatRelative(dep.created_at),
+      }),
+    ),
     el("div", { className: "dep-actions" }, ...deploymentActions(dep, true)),
   );
+}
+
+/** Short SHA and the first line of its message, once the build has cloned it. */
+function commitLine(dep) {
+  if (!dep.commit) return null;
+  return el(
+    "span",
+    { className: "dep-commit", title: dep.commit_message ? `${dep.commit}\n${dep.commit_message}` : dep.commit },
+    el("code", { className: "dep-sha", text: String(dep.commit).slice(0, 7) }),
+    dep.commit_message ? el("span", { className: "dep-message", text: String(dep.commit_message) }) : null,
+  );
+}
+
+function buildTime(dep) {
+  const { total } = computeSteps(dep);
+  return total == null ? "" : `${formatDuration(total)}${isFinal(dep.status) ? "" : "…"}`;
+}
+
+function triggerLabel(trigger) {
+  return TRIGGER_LABELS[trigger] ?? "API";
 }
 
 /**
@@ -903,6 +1026,47 @@ function announceStatus(dep) {
     `Deployment ${shortId(dep.id)} is now ${statusLabel(dep.status).toLowerCase()}.`;
 }
 
+// ------------------------------------------------------- server notices --
+
+/** Limits the server could not enforce at start: a warning on every screen. */
+async function loadServerInfo() {
+  try {
+    const info = await apiJson("server");
+    const limits = info?.limits;
+    const warn = Boolean(limits) && limits.enforced === false;
+    $("limits-banner").hidden = !warn;
+    if (!warn) return;
+    const missing = Array.isArray(limits.missing) ? limits.missing.map(String) : [];
+    // The server's message says it all in one sentence; the notice has a heading, so a list.
+    fill(
+      $("limits-text"),
+      missing.length ? el("ul", { className: "limits-list" }, ...missing.map((why) => el("li", { text: why }))) : null,
+      el("span", {
+        text:
+          limits.policy === "refuse"
+            ? "Builds are refused until they hold (DEPLOYHUB_BUILD_WITHOUT_LIMITS=refuse)."
+            : "Builds run without them (DEPLOYHUB_BUILD_WITHOUT_LIMITS=run). Make the cgroup writable " +
+              "for DeployHub to enforce them.",
+      }),
+    );
+  } catch {
+    /* an older server without api/server, or signed out: no warning to give */
+  }
+}
+
+function renderServerState(event) {
+  const { away, reason } = event.detail;
+  const wasAway = state.serverAway;
+  state.serverAway = away;
+  const banner = $("reconnect-banner");
+  if (away) {
+    fill(banner, el("strong", { text: "Reconnecting…" }), " ", `${reason} The page retries by itself.`);
+  } else {
+    banner.replaceChildren(); // an empty live region is not drawn
+    if (wasAway) loadProjects(); // the reads that waited refill the view; the list too
+  }
+}
+
 function renderConnection(connState) {
   const indicator = $("connection");
   indicator.dataset.state = connState;
@@ -910,6 +1074,8 @@ function renderConnection(connState) {
   indicator.textContent =
     { connecting: "Connecting…", open: "Live", reconnecting: "Reconnecting…" }[connState] ?? "";
   $("log-conn").hidden = connState !== "reconnecting"; // not announced twice: the top bar's is live
+  // The socket dropped: is the server away too? (A blip is not; the probe says which.)
+  if (connState === "reconnecting") checkServer();
 }
 
 function renderSignOut() {
@@ -1014,6 +1180,10 @@ function bindEvents() {
     logView.highlightSeq(Number(link.textContent));
   });
   window.addEventListener("hashchange", route);
+  window.addEventListener(SERVER_STATE_EVENT, renderServerState);
+  setInterval(() => {
+    if (!state.serverAway && document.visibilityState === "visible" && getToken()) checkServer();
+  }, HEARTBEAT_MS);
   window.addEventListener(AUTH_REQUIRED_EVENT, showAuth);
 
   // One delegated listener for every action button, wherever it is rendered.
@@ -1051,4 +1221,5 @@ takeTokenFromLink();
 bindEvents();
 renderSignOut();
 loadProjects();
+loadServerInfo();
 route();

@@ -112,3 +112,18 @@ export function formatRelative(ts, now = clock.now()) {
 export function formatAbsolute(ts) {
   return typeof ts === "number" ? new Date(ts * 1000).toLocaleString() : "";
 }
+
+// The build phases drawn in a project's strip, each from its status's timestamp to the next.
+export const PHASES = ["cloning", "installing", "building", "uploading"];
+
+/**
+ * {cloning, installing, building, uploading} in seconds (null: not reached) and their total,
+ * for a finished deployment; null while it still runs.
+ */
+export function phaseDurations(dep) {
+  if (!dep || !isFinal(dep.status)) return null;
+  const byName = new Map(computeSteps(dep).steps.map((step) => [step.name, step.duration]));
+  const phases = Object.fromEntries(PHASES.map((name) => [name, byName.get(name) ?? null]));
+  const total = PHASES.reduce((sum, name) => sum + (phases[name] ?? 0), 0);
+  return { phases, total };
+}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
@@ -18,7 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from deployhub.logs import LogPublisher
 from deployhub.redis_client import through_outage as retry
-from deployhub.secretbox import secret_box
+from deployhub.secretbox import SecretUnreadable, secret_box
 from deployhub.settings import Settings
 from deployhub.storage import Storage, log_key
 from deployhub.status import Status
@@ -67,6 +68,7 @@ class Build:
         self.node_home: Path | None = None  # a fetched Node release, first on PATH
         self._stopped: tuple[Status, str] | None = None
         self._git_config: list[str] = []  # -c options every git command against the remote gets
+        self._remote_env: dict[str, str] = {}  # what only git against the remote gets (a credential)
 
     # -- the steps -------------------------------------------------------------------------
 
@@ -113,7 +115,11 @@ class Build:
 
     async def _steps(self) -> None:
         box = secret_box(self.settings)  # DEPLOYHUB_SECRETS_KEY or the data directory's key file
-        variables = await retry(lambda: self.store.build_variables(self.dep.project, box))
+        try:
+            variables = await retry(lambda: self.store.build_variables(self.dep.project, box))
+        except SecretUnreadable as exc:
+            log.error("build %s: %s", self.dep.id, exc)
+            raise BuildError(str(exc)) from None
         self.variables = {name: value for name, (value, _) in variables.items()}
         self.logs.hide([value for value, secret in variables.values() if secret])
         if variables:
@@ -159,6 +165,7 @@ class Build:
             repo = await check_repo_url(self.dep.repo_url, allow_hosts=self.settings.allow_hosts)
         except InvalidInput as exc:
             raise BuildError(f"could not clone: {exc}") from None
+        credential = await self._credential()
         self.src.parent.mkdir(parents=True, exist_ok=True)
         pinned = ",".join(
             f"[{a}]" if ":" in a else a for a in repo.addresses
@@ -182,11 +189,26 @@ class Build:
         argv += ["--", repo.url, str(self.src)]
         shown = " ".join(["git", "clone", "--depth", "1", *argv[argv.index("--single-branch"):]])
         self.logs.emit("system", f"$ {shown}")
-        code, detail = await self._git(argv, cwd=self.work)
+        code, detail = await self._git(argv, cwd=self.work, remote=True)
+        if code != 0 and credential and "repository" in detail and "not found" in detail:
+            raise BuildError(
+                f"could not clone {repo.url}: the repository refused the credential, or does not "
+                "exist (GitHub answers 'not found' when a token may not read a repository)"
+            )
+        if code != 0 and _refused_auth(detail):
+            if credential:
+                raise BuildError(
+                    f"could not clone {repo.url}: the repository refused the credential (is "
+                    "the token valid, unexpired and allowed to read this repository?)"
+                )
+            raise BuildError(
+                f"could not clone {repo.url}: the repository asks for a credential; give the "
+                f"project a read-only token with PUT /api/projects/{self.dep.project}/credential"
+            )
         if code != 0:
             raise BuildError(
                 f"could not clone {repo.url}: {detail} (is the URL right, the "
-                "repository public and the branch there?)"
+                "repository public (or the project's credential set) and the branch there?)"
             )
         wanted = self.dep.commit
         if wanted and await self._git_output(["rev-parse", "HEAD"]) != wanted:
@@ -208,13 +230,14 @@ class Build:
         """
         remote = ["git", *self._git_config, "-C", str(self.src), "fetch", "--no-tags", "--quiet"]
         self.logs.emit("system", f"$ git fetch --depth 1 origin {sha}")
-        code, _ = await self._git([*remote, "--depth", "1", "origin", sha], cwd=self.work)
+        code, _ = await self._git([*remote, "--depth", "1", "origin", sha], cwd=self.work,
+                                  remote=True)
         if code != 0:
             self.logs.emit("system", "The server does not serve a commit by its SHA alone; "
                                      "fetching the full history instead")
             code, detail = await self._git(
                 [*remote, "--unshallow", "origin", "+refs/heads/*:refs/remotes/origin/*"],
-                cwd=self.work,
+                cwd=self.work, remote=True,
             )
             if code != 0:
                 raise BuildError(f"could not fetch the history of {url}: {detail}")
@@ -228,12 +251,42 @@ class Build:
                 "repository (a full 40-hex SHA)"
             )
 
-    async def _git(self, argv: list[str], *, cwd: Path) -> tuple[int, str]:
+    async def _credential(self) -> bool:
+        """Give the clone (and only the clone) the project's credential, if it has one.
+
+        It goes in the environment of the git commands that talk to the remote, as git's own
+        config (GIT_CONFIG_COUNT: an `http.extraHeader` with basic auth), so it is in no URL,
+        no argument list (ps shows those), no file, and not in the checkout's .git/config,
+        which the build can read. Install and build commands get another environment.
+        """
+        box = secret_box(self.settings)
+        try:
+            found = await retry(lambda: self.store.clone_credential(self.dep.project, box))
+        except SecretUnreadable as exc:
+            log.error("build %s: %s", self.dep.id, exc)
+            raise BuildError(
+                f"{exc} with PUT /api/projects/{self.dep.project}/credential"
+            ) from None
+        if found is None:
+            return False
+        username, token = found
+        basic = base64.b64encode(f"{username}:{token}".encode()).decode("ascii")
+        self.logs.hide([token, basic])
+        self._remote_env = {
+            "GIT_CONFIG_COUNT": "1",
+            "GIT_CONFIG_KEY_0": "http.extraHeader",
+            "GIT_CONFIG_VALUE_0": f"Authorization: Basic {basic}",
+        }
+        self.logs.emit("system", f"Cloning with the project's credential ({username})")
+        return True
+
+    async def _git(self, argv: list[str], *, cwd: Path, remote: bool = False) -> tuple[int, str]:
         """Run git (on the host: our own command, never the repository's); its exit code and
-        the last line it printed."""
+        the last line it printed. `remote`: it talks to the remote, with the credential."""
+        env = {**self._git_env(), **self._remote_env} if remote else self._git_env()
         try:
             result = await proc.run(
-                argv, cwd=cwd, env=self._git_env(), emit=self.logs.emit,
+                argv, cwd=cwd, env=env, emit=self.logs.emit,
                 timeout=self.settings.clone_timeout,
                 max_line_bytes=self.settings.log_line_max_bytes,
             )
@@ -310,6 +363,7 @@ class Build:
     # -- ending ----------------------------------------------------------------------------
 
     async def _finish(self, status: Status, reason: str) -> None:
+        reason = self.logs.mask(reason)  # it is stored and shown as it is, like a log line
         if reason:
             self.logs.emit("system", f"Error: {reason}" if status == Status.FAILED else reason)
         if self.logs.dropped:
@@ -366,6 +420,16 @@ class Build:
             # Yarn Berry from the npm registry, not repo.yarnpkg.com (which may be unreachable).
             "COREPACK_NPM_REGISTRY": "https://registry.npmjs.org",
         }
+
+
+def _refused_auth(detail: str) -> bool:
+    """Whether git's last line says the server wants (other) credentials: 401 leads git to
+    ask for a user name, which it cannot (no terminal, no askpass); 403 it reports."""
+    lowered = detail.lower()
+    return any(sign in lowered for sign in (
+        "could not read username", "could not read password", "authentication failed",
+        "the requested url returned error: 401", "the requested url returned error: 403",
+    ))
 
 
 def overrides(settings: Mapping[str, str]) -> Overrides:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -160,7 +159,7 @@ class EgressProxy:
         if not addresses:
             raise Refused(502, f"{host} could not be resolved")
         for address in addresses:
-            if why := refusal(address) or self._local(address):
+            if why := refusal(address, local=self.local):
                 self._report(f"Network: refused {host}:{port}: {address} is a {why} address; "
                              "builds reach only the public internet")
                 named = address if host == address else f"{host} resolves to {address}, which"
@@ -173,11 +172,6 @@ class EgressProxy:
             except (OSError, TimeoutError) as exc:
                 last = exc
         raise Refused(502, f"cannot connect to {host}:{port}: {last}")
-
-    def _local(self, address: str) -> str | None:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
-        return "this machine's own" if str(mapped or ip) in self.local else None
 
     def _report(self, text: str) -> None:
         self.refused += 1

@@ -14,12 +14,14 @@ CSS some 15-25% smaller than gzip -9, computed once per blob at upload, never pe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gzip
 import hashlib
 import mimetypes
 import os
 import stat
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +36,15 @@ from deployhub.storage import Storage, blob_key, manifest_key
 from .detect import BuildError
 from .proc import Emit
 
-UPLOAD_CONCURRENCY = 8
+# Files uploaded at once: each upload mostly waits on S3's round trips (a HeadObject, then up
+# to three PutObjects), so many in flight hide the latency; the connection pool of
+# deployhub.storage.s3_config holds as many.
+UPLOAD_CONCURRENCY = 64
 # Files up to this size are read into memory once (hashed, compressed, uploaded from there);
 # larger ones are hashed as a stream and uploaded from the file.
 IN_MEMORY = 8 * 1024 * 1024
+# Bytes of files held in memory at once by the uploads in flight, whatever their number.
+MEMORY_BUDGET = 64 * 1024 * 1024
 BROTLI_BEST_UP_TO = 2 * 1024 * 1024  # quality 11 is slow; above this, quality 9
 VARIANT_WORTH = 0.9  # keep a variant only when it is at most 90% of the original
 RULE_FILES = ("_redirects", "_headers")
@@ -73,6 +80,7 @@ async def upload(
 async def upload_site(
     storage: Storage, dep_id: str, src: Path, output: Path, emit: Emit, *,
     max_files: int = 0, max_bytes: int = 0, leases: BlobLeases | None = None,
+    concurrency: int = UPLOAD_CONCURRENCY,
 ) -> Uploaded:
     rel_dir = output.relative_to(src).as_posix()
     try:
@@ -88,12 +96,17 @@ async def upload_site(
         emit("system", f"Uploading {len(served)} files from {rel_dir}/")
         manifest: dict[str, dict[str, object]] = {}
         new_blobs = 0
-        gate = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+        gate = asyncio.Semaphore(concurrency)
+        budget = _Budget(MEMORY_BUDGET)
+        sizes = dict(files)
 
         async def upload_one(rel: str) -> None:
             nonlocal new_blobs
             content_type = guess_type(rel)
-            async with gate:
+            # A file read whole weighs its size (its variants are smaller); a larger one is
+            # streamed, and the storage bounds the memory of its parts.
+            weight = sizes[rel] if sizes[rel] <= IN_MEMORY else 0
+            async with gate, budget.take(weight):
                 try:
                     fd = open_beneath(out_fd, rel)
                 except OSError as exc:
@@ -122,6 +135,28 @@ async def upload_site(
         await leases.release()  # the manifest keeps the blobs from now on
     emit("system", f"Stored {new_blobs} new files; {len(served) - new_blobs} were stored already")
     return Uploaded(len(served), new_blobs)
+
+
+class _Budget:
+    """At most `limit` units taken at once; a taker asking for more waits for all of it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.free = limit
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def take(self, amount: int) -> AsyncIterator[None]:
+        amount = min(amount, self.limit)
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.free >= amount)
+            self.free -= amount
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.free += amount
+                self._changed.notify_all()
 
 
 def _read_blob(fd: int) -> _Blob:

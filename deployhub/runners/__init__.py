@@ -16,12 +16,17 @@ from ..connections import REDIS_URL, STORE
 from ..settings import Secret, Settings, SettingsError
 from ..state import INSTANCE, SETTINGS, require
 from ..store import Deployment, Store
+from .limits import BuildLimits
 
 
 class Runner(Protocol):
     @property
     def refused(self) -> str | None:
         """Why builds cannot run here (the API answers 503 with it), or None."""
+
+    @property
+    def limits(self) -> BuildLimits:
+        """The build limits as checked at start."""
 
     async def submit(self, dep: Deployment) -> None:
         """Start (or queue) the build of a new deployment; returns at once."""

@@ -23,6 +23,7 @@ from ..queue import BuildQueue, Dispatcher, dispatching
 from ..settings import Settings, env_name
 from ..status import Status
 from ..store import Deployment, Store
+from .limits import BuildLimits
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ class EcsRunner:
         self.name = f"{socket.gethostname()}:{os.getpid()}"  # this replica, for the lock
         self.starting: dict[str, asyncio.Task[None]] = {}
         self.refused: str | None = None
+        # The Fargate task is the sandbox: its CPU and memory are the task definition's.
+        self.limits = BuildLimits(policy=settings.build_without_limits)
 
     # -- the Runner protocol ------------------------------------------------------------
 

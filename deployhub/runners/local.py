@@ -16,6 +16,7 @@ from ..queue import BuildQueue, Dispatcher, dispatching
 from ..settings import Secret, Settings
 from ..status import Status
 from ..store import Deployment, NotFound, Store
+from .limits import BuildLimits
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class LocalRunner:
         self.queue = BuildQueue(store.redis, settings.max_builds, home=self.holder)
         self.dispatcher = Dispatcher(self.queue, self._start, lambda: list(self.owned))
         self.refused: str | None = None
+        self.limits = BuildLimits(policy=settings.build_without_limits)
 
     async def check_sandbox(self) -> None:
         """Ask the worker program itself whether it can sandbox builds on this machine; the
@@ -95,6 +97,15 @@ class LocalRunner:
             out = (await proc.communicate())[0] or b"the limits check did not answer"
         if missing := out.decode(errors="replace").strip():
             log.warning("build limits NOT enforced on this machine: %s", missing)
+            policy = self.settings.build_without_limits
+            self.limits = BuildLimits(
+                policy=policy, missing=tuple(missing.split("; ")),
+                message=f"Build limits are not enforced on this machine: {missing}. " + (
+                    "Builds are refused until they are (or DEPLOYHUB_BUILD_WITHOUT_LIMITS=run)."
+                    if policy == "refuse" else
+                    "Builds run without them (DEPLOYHUB_BUILD_WITHOUT_LIMITS=run); make the "
+                    "cgroup writable for DeployHub to enforce them."),
+            )
             if self.settings.build_without_limits == "refuse" and not self.refused:
                 self.refused = (f"Builds are refused on this machine because a limit cannot be "
                                 f"enforced: {missing}. Set DEPLOYHUB_BUILD_WITHOUT_LIMITS=run "
