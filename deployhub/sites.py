@@ -184,7 +184,9 @@ class Sites:
         # What serving did ("host look-ups", "manifest reads", "file reads", "cache drops").
         self.stats: Counter[str] = Counter()
         self.requests: Counter[int] = Counter()  # site responses by status, for /metrics
-        self._wire_ok: bool | None = None  # see wire_ok()
+        # Innermost app a site request went through -> whether its chain lets responses go
+        # out pre-serialized (see wire_ok()); the apps are frozen once serving.
+        self._wire_ok: dict[web.Application, bool] = {}
 
     def site_label(self, host: str | None) -> str | None:
         """The label in front of our domain, or None when the request is for the app itself."""
@@ -336,12 +338,15 @@ class Sites:
         """Whether a response may go out as bytes serialized beforehand: HTTP/1.1 keep-alive
         (the case with no Connection header), and nothing that could still change a
         response's headers on its way out (a middleware around this one, or a
-        response-prepare signal). The apps are frozen once serving: asked once."""
+        response-prepare signal), in the chain of apps the request went through: one app
+        mounts in one place, so the innermost names the chain."""
         if request.version != HttpVersion11 or not request.keep_alive:
             return False
-        if self._wire_ok is None:
-            self._wire_ok = _nothing_outside(request.match_info.apps)
-        return self._wire_ok
+        apps = request.match_info.apps
+        found = self._wire_ok.get(apps[-1])
+        if found is None:
+            found = self._wire_ok[apps[-1]] = _nothing_outside(apps)
+        return found
 
     async def _stream(
         self, request: web.Request, key: str, status: int, headers: dict[str, str], start: int,
@@ -644,11 +649,12 @@ def _date_line() -> bytes:
 
 
 def _nothing_outside(apps: tuple[web.Application, ...]) -> bool:
-    """No app on the way to `site_middleware` has a middleware before it or a signal that
-    prepares responses (aiohttp's own current-app fix-up is outside, and harmless)."""
+    """No app on the way to `site_middleware` has a middleware before it, and no app of the
+    chain a signal that prepares responses (aiohttp's own current-app fix-up is outside,
+    and harmless)."""
+    if any(app.on_response_prepare for app in apps):
+        return False
     for app in apps:
-        if app.on_response_prepare:
-            return False
         middlewares = list(app.middlewares)
         if site_middleware in middlewares:
             return middlewares.index(site_middleware) == 0

@@ -150,6 +150,27 @@ async def test_a_response_prepare_signal_still_sees_site_responses(
     assert wired(publisher) == 0
 
 
+async def test_a_signal_of_a_sub_app_on_the_way_still_sees_site_responses(
+    tmp_path: Path, redis_server: RedisServer, publish_on: PublishOn,
+) -> None:
+    async def stamp(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["X-Sub"] = "1"
+
+    app, sub = web.Application(), web.Application()
+    sub.on_response_prepare.append(stamp)
+    app.add_subapp("/sub/", sub)
+    settings = make_settings(tmp_path / "data", redis_server.url)
+    setup(app, settings, resolver=loopback_resolver)
+    publisher = await publish_on(app, settings)
+    await publisher.publish("nested", SITE)
+    for _ in range(2):
+        status, headers, _ = await publisher.get("nested", "/")  # through `app` alone
+        assert status == 200 and "X-Sub" not in headers
+        status, headers, body = await publisher.get("nested", "/sub/client/route")  # and `sub`
+        assert status == 200 and headers["X-Sub"] == "1" and body == SITE["index.html"].encode()
+    assert wired(publisher) >= 1
+
+
 def test_serve_runs_on_uvloop_unless_told_otherwise(tmp_path: Path) -> None:
     import uvloop
 
