@@ -1,22 +1,29 @@
 """How fast DeployHub serves a site, against a bare aiohttp handler and nginx, on loopback.
 
     PYTHONPATH=$PWD python -m bench.sites [--quick] [--duration S] [--connections N]
+        [--rounds N] [--servers a,b] [--workloads TEXT] [--profile DIR]
 
 One command: installs nginx and wrk with apt-get when they are missing, starts Redis and
 SeaweedFS, publishes one site (through the worker's real upload) to file storage and to S3,
-then runs wrk against four servers, each pinned to the first CPU with wrk on the second:
+then runs wrk against six servers, each pinned to the first CPU with wrk on the second:
 
-  deployhub-file   DeployHub from file storage
-  deployhub-s3     DeployHub from S3 (SeaweedFS)
-  aiohttp-bare     an aiohttp handler answering from a dict in memory (the ceiling for Python)
-  nginx            nginx serving the same files from disk (try_files, gzip_static)
+  deployhub-file          DeployHub from file storage, on the loop `serve` picks (uvloop
+                          when installed)
+  deployhub-s3            DeployHub from S3 (SeaweedFS), likewise
+  deployhub-file-asyncio  DeployHub from file storage on the standard library's loop
+  aiohttp-bare            an aiohttp handler answering from a dict in memory, stock loop
+  aiohttp-bare-uvloop     the same handler on uvloop
+  nginx                   nginx serving the same files from disk (try_files, gzip_static)
 
 Workloads: a small asset, a 150 KB JS bundle without and with `Accept-Encoding: br`, and
-index.html through a client-side route. Each workload is measured on each server in turn, twice by default (the best counts: the
-machine may be shared). Targets: DeployHub's small asset at least 80% of the
-bare handler's requests/s and at least 20% of nginx's; and no S3 request after the first for
-each object (the S3 server's GETs are counted by DeployHub's storage and logged at exit).
-nginx has no brotli module here: its `br` run gets the uncompressed bundle.
+index.html through a client-side route. Each workload is measured on each server in turn,
+twice by default (the best counts: the machine may be shared). Besides requests/s and p99,
+each run reads the server's CPU time: CPU per response is what other load on the machine
+disturbs least. Targets: DeployHub's small asset at least 80% of the bare handler's
+requests/s on the same event loop (each server logs its loop) and at least 20% of nginx's;
+and no S3 request after the first for each object (the S3 server's GETs are counted by
+DeployHub's storage and logged at exit). nginx has no brotli module here: its `br` run gets
+the uncompressed bundle (and so does the bare handler's).
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ SITE_HOST = "bench.localhost"
 SMALL = "/assets/favicon-3f9a1c2b.svg"
 BUNDLE = "/assets/index-B4x_k9Zq.js"
 ROUTE = "/dashboard/settings/profile"
+SERVERS = ("deployhub-file", "deployhub-s3", "deployhub-file-asyncio", "aiohttp-bare",
+           "aiohttp-bare-uvloop", "nginx")
+BARE = {"asyncio": "aiohttp-bare", "uvloop": "aiohttp-bare-uvloop"}  # the baseline per loop
 WORKLOADS = [
     ("small asset", SMALL, {}),
     ("150 KB bundle", BUNDLE, {}),
@@ -174,7 +184,22 @@ http {{
     return conf
 
 
-def bare(port: int, root: str) -> None:
+def new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    loop: asyncio.AbstractEventLoop
+    if kind == "uvloop":
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    return loop
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+def bare(port: int, root: str, loop_kind: str) -> None:
     """The bare aiohttp handler: every file in a dict, unknown paths get index.html."""
     import mimetypes
 
@@ -193,11 +218,14 @@ def bare(port: int, root: str) -> None:
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", handler)
-    web.run_app(app, host=HOST, port=port, access_log=None, print=None)
+    loop = new_loop(loop_kind)
+    print(f"event loop: {loop_name(loop)}", flush=True)
+    web.run_app(app, host=HOST, port=port, access_log=None, print=None, loop=loop)
 
 
 def deployhub(port: int) -> None:
-    """DeployHub from DEPLOYHUB_* settings, without the per-request access log `serve` keeps."""
+    """DeployHub from DEPLOYHUB_* settings on the loop `serve` picks from them, without the
+    per-request access log `serve` keeps."""
     import logging
 
     from aiohttp import web
@@ -205,20 +233,38 @@ def deployhub(port: int) -> None:
     from deployhub import Settings, create_app
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    web.run_app(create_app(Settings.from_env(port=port)), host=HOST, port=port,
-                access_log=None, print=None)
+    settings = Settings.from_env(port=port)
+    try:
+        from deployhub.cli import new_event_loop
+    except ImportError:  # a version from before the setting: it ran on the stock loop
+        loop = asyncio.new_event_loop()
+    else:
+        loop = new_event_loop(settings)
+    print(f"event loop: {loop_name(loop)}", flush=True)
+    web.run_app(create_app(settings), host=HOST, port=port, access_log=None, print=None,
+                loop=loop)
 
 
 # -- measuring -----------------------------------------------------------------------------
 
 
-def run_wrk(port: int, path: str, headers: dict[str, str], seconds: float, connections: int) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk(port: int, path: str, headers: dict[str, str], seconds: float, connections: int,
+            pid: int) -> dict[str, float]:
     argv = ["taskset", "-c", str(CLIENT_CPU), "wrk", "-t1", f"-c{connections}", f"-d{seconds:.0f}s",
             "--latency", "-H", f"Host: {SITE_HOST}"]
     for name, value in headers.items():
         argv += ["-H", f"{name}: {value}"]
+    cpu = cpu_seconds(pid)
     out = subprocess.run([*argv, f"http://{HOST}:{port}{path}"], capture_output=True, text=True,
                          timeout=seconds + 30, check=True).stdout
+    cpu = cpu_seconds(pid) - cpu
+    done = int(re.search(r"(\d+) requests in", out)[1])  # type: ignore[index]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -227,6 +273,8 @@ def run_wrk(port: int, path: str, headers: dict[str, str], seconds: float, conne
         "rps": rps,
         "p99_ms": float(p99[1]) * scale[p99[2]] if p99 else float("nan"),
         "errors": float(errors[1]) if errors else 0.0,
+        # Server CPU per response: what load on the machine disturbs least.
+        "cpu_us": cpu * 1e6 / done if done else float("nan"),
     }
 
 
@@ -250,20 +298,28 @@ def storage_requests(log_path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 s per run (under 2 minutes in all)")
+    parser.add_argument("--quick", action="store_true", help="2 s per run (about 3 minutes in all)")
     parser.add_argument("--duration", type=float, default=None, help="seconds per wrk run (default 10)")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2,
                         help="measure every workload on every server this many times; best counts")
+    parser.add_argument("--servers", default=",".join(SERVERS),
+                        help=f"comma-separated subset of {','.join(SERVERS)} (default all)")
+    parser.add_argument("--workloads", default="",
+                        help="only the workloads whose label contains this (e.g. 'small')")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="py-spy record each Python server (on wrk's CPU) during its "
+                             "small-asset runs into DIR/profile-<server>.txt, then summarise")
     sub = parser.add_subparsers(dest="role")
     for role in ("bare", "deployhub"):
         child = sub.add_parser(role)
         child.add_argument("--port", type=int, required=True)
         if role == "bare":
             child.add_argument("--root", required=True)
+            child.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args(argv)
     if args.role == "bare":
-        bare(args.port, args.root)
+        bare(args.port, args.root, args.loop)
         return 0
     if args.role == "deployhub":
         deployhub(args.port)
@@ -299,13 +355,23 @@ def main(argv: list[str] | None = None) -> int:
         plan: list[tuple[str, list[str], dict[str, str] | None]] = [
             ("deployhub-file", [*py, "deployhub", "--port", "{port}"], base_env),
             ("deployhub-s3", [*py, "deployhub", "--port", "{port}"], s3_env),
+            ("deployhub-file-asyncio", [*py, "deployhub", "--port", "{port}"],
+             {**base_env, "DEPLOYHUB_EVENT_LOOP": "asyncio"}),
             ("aiohttp-bare", [*py, "bare", "--port", "{port}", "--root", str(src / "dist")], base_env),
+            ("aiohttp-bare-uvloop", [*py, "bare", "--port", "{port}", "--root", str(src / "dist"),
+                                     "--loop", "uvloop"], base_env),
             ("nginx", [], None),
         ]
         # All four run at once (idle ones cost nothing), and every workload is measured on
         # each in turn: load from others on the machine then falls on all of them alike.
+        wanted = {name.strip() for name in args.servers.split(",") if name.strip()}
+        if unknown := wanted - set(SERVERS):
+            parser.error(f"unknown servers: {', '.join(sorted(unknown))}")
+        workloads = [w for w in WORKLOADS if args.workloads in w[0]]
         running: dict[str, HttpServer] = {}
         for name, command, env in plan:
+            if name not in wanted:
+                continue
             if name == "nginx":
                 server = HttpServer(name, tmp, [])
                 server.command = ["nginx", "-c", str(nginx_conf(tmp, src / "dist", server.port))]
@@ -318,17 +384,32 @@ def main(argv: list[str] | None = None) -> int:
         # check_responses read every object once: caches are warm.
         results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in running}
         for round_ in range(args.rounds):
-            for label, path, headers in WORKLOADS:
+            for label, path, headers in workloads:
                 for name, server in running.items():
-                    result = run_wrk(server.port, path, headers, seconds, args.connections)
+                    profiler = None
+                    if args.profile and name != "nginx" and label == "small asset":
+                        profiler = start_profiler(server.pid, args.profile / f"profile-{name}.txt",
+                                                  seconds)
+                    result = run_wrk(server.port, path, headers, seconds, args.connections,
+                                     server.pid)
+                    if profiler is not None:
+                        stop_profiler(profiler)
+                    least_cpu = min(result["cpu_us"], results[name].get(label, result)["cpu_us"])
                     best = results[name].get(label)
                     if best is None or result["rps"] > best["rps"]:
                         results[name][label] = result  # best of the rounds: least disturbed
-                    print(f"  round {round_ + 1} {label:22} {name:15} {result['rps']:>10.0f} req/s  "
-                          f"p99 {result['p99_ms']:7.2f} ms", flush=True)
-        running["deployhub-s3"].stop()  # it logs its storage requests as it stops
-        s3_log = storage_requests(running["deployhub-s3"].log_path)
-        report(results, s3_log, seconds, args.connections, args.rounds, time.monotonic() - started)
+                    results[name][label]["cpu_us"] = least_cpu
+                    print(f"  round {round_ + 1} {label:22} {name:23} {result['rps']:>8.0f} req/s  "
+                          f"p99 {result['p99_ms']:7.2f} ms  {result['cpu_us']:6.1f} us CPU/req",
+                          flush=True)
+        s3_log = "(not run)"
+        if "deployhub-s3" in running:
+            running["deployhub-s3"].stop()  # it logs its storage requests as it stops
+            s3_log = storage_requests(running["deployhub-s3"].log_path)
+        loops = {name: server_loop(server.log_path) for name, server in running.items()
+                 if name != "nginx"}
+        report(results, loops, workloads, s3_log, seconds, args.connections, args.rounds,
+               time.monotonic() - started)
         return 0
     finally:
         for proc in reversed(servers):
@@ -336,33 +417,76 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def report(results: dict[str, dict[str, dict[str, float]]], s3_log: str, seconds: float,
+def server_loop(log_path: Path) -> str:
+    found = re.findall(r"event loop: (\w+)", log_path.read_text(errors="replace"))
+    return found[0] if found else "?"
+
+
+def report(results: dict[str, dict[str, dict[str, float]]], loops: dict[str, str],
+           workloads: list[tuple[str, str, dict[str, str]]], s3_log: str, seconds: float,
            connections: int, rounds: int, elapsed: float) -> None:
     state = git_state(ROOT)
-    print(f"\nSites benchmark at {state['head']}{' (modified: ' + ', '.join(state['modified']) + ')' if state['modified'] else ''}"
-          f"; wrk -t1 -c{connections}, {seconds:.0f} s per run, best of {rounds} rounds, "
-          f"servers on CPU {SERVER_CPU}, wrk on CPU {CLIENT_CPU}")
-    names = list(results)
-    print(f"{'workload':24}" + "".join(f"{n:>24}" for n in names))
-    for label, _, _ in WORKLOADS:
-        cells = "".join(
-            f"{results[n][label]['rps']:>10.0f}/s {results[n][label]['p99_ms']:>7.2f}ms p99" for n in names
-        )
-        print(f"{label:24}{cells}")
-    small = {n: results[n]["small asset"]["rps"] for n in names}
-    print("\nTargets (small asset):")
-    for name in ("deployhub-file", "deployhub-s3"):
-        vs_bare = small[name] / small["aiohttp-bare"]
-        vs_nginx = small[name] / small["nginx"]
-        print(f"  {name}: {vs_bare:.0%} of aiohttp-bare (target 80%: {'PASS' if vs_bare >= 0.8 else 'FAIL'}), "
-              f"{vs_nginx:.0%} of nginx (target 20%: {'PASS' if vs_nginx >= 0.2 else 'FAIL'})")
-    total = sum(r["rps"] * seconds for r in results["deployhub-s3"].values()) * rounds
-    print(f"  deployhub-s3 storage requests over ~{total:,.0f} requests: {s3_log} "
-          "(the manifest and each object read once: no S3 request after the first)")
-    errors = {n: sum(r["errors"] for r in results[n].values()) for n in names}
+    modified = f" (modified: {', '.join(state['modified'])})" if state["modified"] else ""
+    print(f"\nSites benchmark at {state['head']}{modified}; wrk -t1 -c{connections}, "
+          f"{seconds:.0f} s per run, best of {rounds} rounds, servers on CPU {SERVER_CPU}, "
+          f"wrk on CPU {CLIENT_CPU}; load average {os.getloadavg()[0]:.2f} at the end")
+    print(f"{'server':24}{'loop':>8}" + "".join(f"{label:>28}" for label, _, _ in workloads))
+    for name, rows in results.items():
+        cells = "".join(f"{rows[label]['rps']:>10.0f}/s {rows[label]['p99_ms']:>7.2f} ms p99"
+                        for label, _, _ in workloads)
+        print(f"{name:24}{loops.get(name, '-'):>8}{cells}")
+    print("\nServer CPU time per response, microseconds (least of the rounds):")
+    print(f"{'server':32}" + "".join(f"{label:>28}" for label, _, _ in workloads))
+    for name, rows in results.items():
+        print(f"{name:32}" + "".join(f"{rows[label]['cpu_us']:>28.1f}" for label, _, _ in workloads))
+    small = {n: r["small asset"]["rps"] for n, r in results.items() if "small asset" in r}
+    print("\nTargets (small asset; the aiohttp baseline on the same loop as the DeployHub server):")
+    for name in ("deployhub-file", "deployhub-s3", "deployhub-file-asyncio"):
+        if name not in small:
+            continue
+        verdicts = []
+        for other, target in ((BARE.get(loops[name], "?"), 0.8), ("nginx", 0.2)):
+            if other in small:
+                share = small[name] / small[other]
+                verdicts.append(f"{share:.0%} of {other} (target {target:.0%}: "
+                                f"{'PASS' if share >= target else 'FAIL'})")
+        print(f"  {name} on {loops[name]}: {', '.join(verdicts) or 'nothing to compare with'}")
+    if "deployhub-s3" in results:
+        total = sum(r["rps"] * seconds for r in results["deployhub-s3"].values()) * rounds
+        print(f"  deployhub-s3 storage requests over ~{total:,.0f} requests: {s3_log} "
+              "(the manifest and each object read once: no S3 request after the first)")
+    errors = {n: sum(r["errors"] for r in results[n].values()) for n in results}
     if any(errors.values()):
         print(f"  non-2xx responses: {errors}")
     print(f"({elapsed:.0f} s in all)")
+
+
+def start_profiler(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling `pid` for the length of one run, itself on wrk's CPU."""
+    exe = shutil.which("py-spy")
+    if exe is None:
+        print("py-spy not found (pip install py-spy); not profiling", file=sys.stderr)
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        ["taskset", "-c", str(CLIENT_CPU), exe, "record", "--pid", str(pid), "--rate", "250",
+         "--format", "raw", "--duration", str(max(1, int(seconds))), "-o", str(out)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def stop_profiler(proc: subprocess.Popen[bytes]) -> None:
+    from bench.profile_summary import summarise
+
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+    out = Path(str(proc.args[-1]))  # type: ignore[index]
+    if out.exists():
+        out.with_suffix(".summary.txt").write_text(summarise(out, 40) + "\n")
+        print(f"  profile: {out.with_suffix('.summary.txt')}", flush=True)
 
 
 if __name__ == "__main__":

@@ -184,11 +184,13 @@ def serve_command(args: argparse.Namespace) -> int:
         if not args.instance:
             print(f"DeployHub on http://{settings.host}:{settings.port}/  (data in {settings.data_dir})",
                   flush=True)
+        loop = new_event_loop(settings)
         app = create_app(settings, instance=args.instance)
         app.on_startup.append(_first_login)
         web.run_app(
             app, host=settings.host, port=settings.port, print=None, backlog=LISTEN_BACKLOG,
             reuse_port=bool(args.instance),  # the --workers processes share the port
+            loop=loop,
         )
     except (EmbeddedRedisError, StartupError) as exc:
         print(f"deployhub: {exc}", file=sys.stderr)
@@ -197,6 +199,22 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"deployhub: could not listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
         return 1
     return 0
+
+
+def new_event_loop(settings: Settings) -> asyncio.AbstractEventLoop:
+    """The loop `serve` runs on: uvloop unless told otherwise or not installed. It runs the
+    same asyncio code with its I/O and callbacks in C; a site's small file costs about 15%
+    less CPU (bench/sites.py)."""
+    if settings.event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if settings.event_loop == "uvloop":
+                raise SettingsError("event_loop=uvloop, but uvloop is not installed "
+                                    "(pip install uvloop, or DEPLOYHUB_EVENT_LOOP=asyncio)") from None
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 async def _first_login(app: web.Application) -> None:

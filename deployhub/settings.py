@@ -231,6 +231,11 @@ class Settings:
         "Seconds an upload's hold on the stored files it refers to outlives the upload, when it "
         "dies before writing its manifest; longer than any upload takes.",
     )
+    event_loop: str = setting(
+        "auto",
+        "Event loop of `serve`: `uvloop` (faster: libuv under asyncio), `asyncio` (the "
+        "standard library's), or `auto`: uvloop when it is installed.",
+    )
 
     build_cache: str = setting(
         "auto",
@@ -304,6 +309,10 @@ class Settings:
         if self.keep_deployments < 0 or self.site_cache_mb < 0 or self.blob_grace_seconds <= 0:
             raise SettingsError(
                 "keep_deployments and site_cache_mb must be 0 or more, blob_grace_seconds above 0"
+            )
+        if self.event_loop not in ("auto", "uvloop", "asyncio"):
+            raise SettingsError(
+                f"event_loop must be 'auto', 'uvloop' or 'asyncio', not {self.event_loop!r}"
             )
         if not 1 <= self.port <= 65535:
             raise SettingsError(f"port must be 1-65535, not {self.port}")

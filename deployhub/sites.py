@@ -14,15 +14,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import email.utils
 import functools
 import json
 import logging
 import re
+import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from yarl import URL
@@ -43,6 +48,10 @@ MANIFEST_CACHE = 512  # manifests kept parsed in memory (deployments served from
 HOST_CACHE = 10_000  # host labels remembered (with "no site here" too, for project hosts)
 ROUTE_CACHE = 20_000  # (deployment, request path) -> how it is answered
 SMALL_FILE = 1024 * 1024  # files up to this size are cached in memory whole
+# Cached bodies up to this size go out joined to their pre-serialized headers (`_Wired`); a
+# larger one costs more to copy than the headers cost to build, and aiohttp hands headers
+# and body to the transport as two buffers.
+WIRE_MAX = 64 * 1024
 MAX_PATH = 1024
 RECONNECT_BACKOFF = (0.1, 5.0)  # first and longest wait between subscriber reconnects
 COLLECT_LOCK_SECONDS = 600
@@ -50,6 +59,7 @@ SWEEP_SECONDS = 3600  # how often the store is listed for blobs nothing uses
 _LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _DEPLOYMENT_LABEL_RE = re.compile(r"^(?P<project>[a-z0-9-]+)--(?P<dep>[a-z0-9]{12})$")
 _RANGE_RE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$")  # one range; a list is served whole
+_HEADER_SAFE_RE = re.compile(r"[^\r\n\x00]*")
 ENCODING_PREFERENCE = ("br", "gzip")  # at equal q, brotli: it is smaller
 
 # For every static site; each can be replaced from `_headers`. nosniff: a file is only ever
@@ -81,12 +91,24 @@ class Route:
     extra: dict[str, str] = dataclasses.field(default_factory=dict)  # from `_headers`
     # Content-Encoding ("" for none) -> the response headers, built on first use.
     headers: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    # Content-Encoding -> the status line and headers of the whole response as sent, for
+    # HTTP/1.1 keep-alive (see `_Wired`); None where a header cannot go on the wire as it is.
+    heads: dict[str, bytes | None] = dataclasses.field(default_factory=dict)
 
     def headers_for(self, encoding: str) -> dict[str, str]:
         found = self.headers.get(encoding)
         if found is None:
             found = self.headers[encoding] = self._build(encoding)
         return found
+
+    def head_for(self, encoding: str, size: int) -> bytes | None:
+        try:
+            return self.heads[encoding]
+        except KeyError:
+            found = self.heads[encoding] = _serialize(self.status, {
+                **self.headers_for(encoding), "Content-Length": str(size),
+            })
+            return found
 
     def _build(self, encoding: str) -> dict[str, str]:
         entry = self.entry
@@ -99,9 +121,17 @@ class Route:
             headers["Content-Encoding"] = encoding
         if entry.encodings:
             headers["Vary"] = "Accept-Encoding"
-        headers.update(DEFAULT_HEADERS)
-        headers.update(self.extra)
-        return headers
+        return _merged(headers, DEFAULT_HEADERS, self.extra)
+
+
+def _merged(*layers: dict[str, str]) -> dict[str, str]:
+    """Headers from each layer in turn, a later one replacing a name whatever its case
+    (`_headers` may say `x-frame-options: DENY`)."""
+    merged: dict[str, tuple[str, str]] = {}
+    for layer in layers:
+        for name, value in layer.items():
+            merged[name.lower()] = (name, value)
+    return dict(merged.values())
 
 
 class ByteCache:
@@ -154,6 +184,9 @@ class Sites:
         # What serving did ("host look-ups", "manifest reads", "file reads", "cache drops").
         self.stats: Counter[str] = Counter()
         self.requests: Counter[int] = Counter()  # site responses by status, for /metrics
+        # Innermost app a site request went through -> whether its chain lets responses go
+        # out pre-serialized (see wire_ok()); the apps are frozen once serving.
+        self._wire_ok: dict[web.Application, bool] = {}
 
     def site_label(self, host: str | None) -> str | None:
         """The label in front of our domain, or None when the request is for the app itself."""
@@ -262,9 +295,9 @@ class Sites:
             location = route.location
             if request.query_string and "?" not in location:
                 location += "?" + request.query_string
-            return web.Response(status=route.status, headers={
-                "Location": location, "Cache-Control": "no-cache", **DEFAULT_HEADERS, **route.extra,
-            })
+            return web.Response(status=route.status, headers=_merged(
+                {"Location": location, "Cache-Control": "no-cache"}, DEFAULT_HEADERS, route.extra,
+            ))
         entry = route.entry
         if entry is None:
             return _text("Not found.", 404)
@@ -293,9 +326,27 @@ class Sites:
             body = self.bodies.get(key) or await self._load(key)
             if body is None:
                 raise StorageMissing(key)
+            if status != 206 and size <= WIRE_MAX and self.wire_ok(request):
+                head = route.head_for(encoding, size)
+                if head is not None:
+                    return _Wired(status, head, b"" if request.method == "HEAD" else body)
             return web.Response(body=body[start:end] if status == 206 else body, status=status,
                                 headers=headers)
         return await self._stream(request, key, status, headers, start, end)
+
+    def wire_ok(self, request: web.Request) -> bool:
+        """Whether a response may go out as bytes serialized beforehand: HTTP/1.1 keep-alive
+        (the case with no Connection header), and nothing that could still change a
+        response's headers on its way out (a middleware around this one, or a
+        response-prepare signal), in the chain of apps the request went through: one app
+        mounts in one place, so the innermost names the chain."""
+        if request.version != HttpVersion11 or not request.keep_alive:
+            return False
+        apps = request.match_info.apps
+        found = self._wire_ok.get(apps[-1])
+        if found is None:
+            found = self._wire_ok[apps[-1]] = _nothing_outside(apps)
+        return found
 
     async def _stream(
         self, request: web.Request, key: str, status: int, headers: dict[str, str], start: int,
@@ -544,6 +595,72 @@ def _clean_path(path: str) -> str | None:
     if any(p in (".", "..") for p in parts):
         return None
     return "/".join(parts)
+
+
+class _Wired(web.StreamResponse):
+    """A cached file's response written as one buffer: the status line and headers
+    serialized once per (route, encoding), the Date line once a second, then the body.
+
+    aiohttp's Response builds a header multidict, works out keep-alive, length, Date and
+    Server, and serializes all of it for every request: the larger part of a small file's
+    time. Used only where nothing can change the headers on the way out (`Sites.wire_ok`)."""
+
+    def __init__(self, status: int, head: bytes, body: bytes) -> None:
+        super().__init__(status=status)
+        self._wire = b"".join((head, _date_line(), body))
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self._eof_sent:
+            return None
+        if self._payload_writer is None:
+            self._req = request
+            self._keep_alive = True  # HTTP/1.1 that did not ask to close: no header says so
+            self._payload_writer = request.writer
+        return self._payload_writer
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        if not self._eof_sent:
+            await super().write_eof(self._wire)
+
+
+def _serialize(status: int, headers: dict[str, str]) -> bytes | None:
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
+    for name, value in headers.items():
+        if not _HEADER_SAFE_RE.fullmatch(name + value):
+            return None  # aiohttp refuses it at write time: let it, with its error
+        lines.append(f"{name}: {value}")
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
+class _Clock:
+    """The Date header line (and Server, as aiohttp sends it), made once a second."""
+
+    second = -1
+    line = b""
+
+
+def _date_line() -> bytes:
+    now = int(time.time())
+    if now != _Clock.second:
+        _Clock.line = (f"Date: {email.utils.formatdate(now, usegmt=True)}\r\n"
+                       f"Server: {SERVER_SOFTWARE}\r\n\r\n").encode()
+        _Clock.second = now
+    return _Clock.line
+
+
+def _nothing_outside(apps: tuple[web.Application, ...]) -> bool:
+    """No app on the way to `site_middleware` has a middleware before it, and no app of the
+    chain a signal that prepares responses (aiohttp's own current-app fix-up is outside,
+    and harmless)."""
+    if any(app.on_response_prepare for app in apps):
+        return False
+    for app in apps:
+        middlewares = list(app.middlewares)
+        if site_middleware in middlewares:
+            return middlewares.index(site_middleware) == 0
+        if middlewares:
+            return False
+    return False
 
 
 def _text(message: str, status: int) -> web.Response:
