@@ -1,4 +1,4 @@
-"""The hub: the project -> sockets map, the Redis subscriber task, one writer per socket."""
+"""The hub: the project -> sockets map, the Redis subscriber task, the sockets' writers."""
 
 from __future__ import annotations
 
@@ -197,9 +197,9 @@ class Hub:
     # -- one socket's writer ------------------------------------------------------------
 
     async def write(self, watcher: Watcher) -> None:
+        """A socket's writer task: deliver what is queued, then end (see `Watcher.offer`)."""
         try:
-            while True:
-                item = await watcher.take()
+            while (item := watcher.take()) is not None:
                 try:
                     await self._deliver(watcher, item)
                 except (RedisError, OSError) as exc:
@@ -212,6 +212,7 @@ class Hub:
         except ConnectionResetError:
             # The socket closed under us (aiohttp raises ClientConnectionResetError, a
             # ConnectionResetError, for a write to a closing one); the handler cleans up.
+            watcher.closed = True
             log.debug("socket closed while its writer was delivering")
 
     async def _deliver(self, watcher: Watcher, item: Item) -> None:
