@@ -48,7 +48,7 @@ from typing import Any
 
 from tests.support.procs import HOST, RedisServer, pin, stop_all
 
-from .clients import clients_entry, close_clients
+from .clients import client_loop, clients_entry, close_clients
 from .processes import (
     ROOT,
     Child,
@@ -160,7 +160,8 @@ class Bench:
         full = split(min(n, self.args.full_check), procs)
         children = []
         for i, count in enumerate(split(n, procs)):
-            child = Child(clients_entry, (self.client_cpus, self.client_nice), f"clients-{i}")
+            child = Child(clients_entry, (self.client_cpus, self.client_nice, self.args.client_loop),
+                          f"clients-{i}")
             child.send({
                 "url": url, "project": project, "count": count, "full": full[i],
                 "expected": expected, "concurrency": concurrency or self.args.connect_concurrency,
@@ -597,6 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client", choices=("raw", "aiohttp"), default="raw",
                    help="watcher implementation: raw (a lean RFC 6455 protocol, default) or "
                         "aiohttp's client (a task wake-up per message: it saturates first)")
+    p.add_argument("--client-loop", choices=("uvloop", "asyncio"), default="uvloop",
+                   help="the watchers' event loop: uvloop (default, when installed; else asyncio) "
+                   "or asyncio's own (about twice the watchers' CPU per line)")
     p.add_argument("--clients", choices=("split", "shared"), default="split",
                    help="split: watchers on the load-generator core(s) only (default); shared: on "
                    "every core at nice 10, using whatever the server leaves")
@@ -665,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "mode": "quick" if quick else "full",
             "duration_s": args.duration, "drain_s": args.drain, "compress": args.compress,
-            "client": args.client,
+            "client": args.client, "client_loop": client_loop(args.client_loop),
             "pinning": {"servers_and_redis": sorted(bench.server_cpus) if bench.server_cpus else None,
                         "load_generators": sorted(bench.load_cpus) if bench.load_cpus else None,
                         "watchers": args.clients},

@@ -30,7 +30,6 @@ from .watcher import Reply, Subscribe, Watcher
 log = logging.getLogger(__name__)
 
 MAX_PROJECTS_PER_SOCKET = 50
-HEARTBEAT = 20.0
 CLOSE_REASON_BYTES = 120  # a close frame's reason may hold at most 123 bytes
 
 
@@ -142,7 +141,9 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     hub = request.config_dict[HUB]
     # No permessage-deflate: it would compress every frame once per socket (its context is per
     # connection), the single largest cost of fanning one log out to many watchers.
-    ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=MAX_BODY, compress=False)
+    # The hub pings quiet sockets and drops dead ones (Hub.heartbeat), so no heartbeat= here;
+    # pings and pongs come to this loop (autoping=False), and any message shows the peer lives.
+    ws = web.WebSocketResponse(autoping=False, max_msg_size=MAX_BODY, compress=False)
     stream = await ws.prepare(request)
     assert request.transport is not None  # prepare() fails on a closed connection
     watcher = Watcher(ws, request.transport, stream, hub.write)
@@ -150,7 +151,10 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     hub.sockets.add(watcher)
     try:
         async for msg in ws:
-            if msg.type == WSMsgType.TEXT:
+            watcher.quiet = 0
+            if msg.type == WSMsgType.PING:
+                await ws.pong(msg.data)
+            elif msg.type == WSMsgType.TEXT:
                 try:
                     reply = await handle_message(hub, request, watcher, msg.data)
                 except Unauthorized as exc:

@@ -20,6 +20,7 @@ QUEUE_BYTES = 1024 * 1024  # past either limit the socket resyncs from Redis ins
 # A socket whose writer has nothing waiting gets each new frame written at once by the
 # dispatcher, unless this many bytes are already waiting in its transport.
 DIRECT_BUFFER = 64 * 1024
+PING = b"\x89\x00"  # an empty WebSocket ping frame, as a server sends it (unmasked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,7 @@ class Watcher:
     """
 
     __slots__ = ("ws", "transport", "stream", "spawn", "items", "writer", "projects", "seqs",
-                 "deployment_project", "queued_bytes", "owner", "closed")
+                 "deployment_project", "queued_bytes", "owner", "closed", "quiet")
 
     def __init__(
         self, ws: web.WebSocketResponse, transport: asyncio.Transport, stream: AbstractStreamWriter,
@@ -80,6 +81,7 @@ class Watcher:
         self.queued_bytes = 0
         self.owner: str | None = None  # the token id, once authenticated
         self.closed = False  # the handler has ended: nothing more is queued or written
+        self.quiet = 0  # heartbeat rounds since the client last sent anything (Hub.heartbeat)
 
     def offer(self, item: Item) -> None:
         """Never blocks the dispatcher: a queue too long or too big turns into one resync."""
