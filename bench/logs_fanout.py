@@ -48,7 +48,7 @@ from typing import Any
 
 from tests.support.procs import HOST, RedisServer, pin, stop_all
 
-from .clients import clients_entry, close_clients
+from .clients import client_loop, clients_entry, close_clients
 from .processes import (
     ROOT,
     Child,
@@ -57,6 +57,7 @@ from .processes import (
     Server,
     core_busy,
     core_times,
+    ephemeral_ports,
     proc_cpu_seconds,
     proc_cpu_split,
     proc_mem_kb,
@@ -121,7 +122,12 @@ class Bench:
         self.args = args
         self.tmp = tmp
         cpus = sorted(os.sched_getaffinity(0))
-        if args.pin and len(cpus) >= 2:
+        if args.workers > 1 and args.pin:
+            # N server processes want N cores: on a small machine they share every core with
+            # the watchers, which then run at nice 10 and use what the servers leave.
+            self.server_cpus = self.load_cpus = None
+            args.clients = "shared"
+        elif args.pin and len(cpus) >= 2:
             self.server_cpus: set[int] | None = {cpus[0]}
             self.load_cpus: set[int] | None = set(cpus[1:])
         else:
@@ -154,7 +160,8 @@ class Bench:
         full = split(min(n, self.args.full_check), procs)
         children = []
         for i, count in enumerate(split(n, procs)):
-            child = Child(clients_entry, (self.client_cpus, self.client_nice), f"clients-{i}")
+            child = Child(clients_entry, (self.client_cpus, self.client_nice, self.args.client_loop),
+                          f"clients-{i}")
             child.send({
                 "url": url, "project": project, "count": count, "full": full[i],
                 "expected": expected, "concurrency": concurrency or self.args.connect_concurrency,
@@ -169,7 +176,8 @@ class Bench:
         (so DeployHub's reaper does not end it mid-run) and an RSS sampler."""
         self.runs += 1
         tag = f"{self.runs:02d}-{label}"
-        server, port = start_server(kind, self.tmp, self.redis_url, self.server_cpus, tag)
+        server, port = start_server(kind, self.tmp, self.redis_url, self.server_cpus, tag,
+                                    self.args.workers)
         try:
             project = f"bench-{label}-{uuid.uuid4().hex[:6]}"
             dep_id, self.token = asyncio.run(_create_deployment(self.redis_url, project))
@@ -186,8 +194,10 @@ class Bench:
         args = self.args
         duration, drain = args.duration, args.drain
         expected = int(round(rate * duration))
-        label = f"{'dh' if kind == 'deployhub' else 'naive'}-n{n}-r{rate}"
-        self.log(f"--- {kind}: {n} watchers x {rate} lines/s for {duration:g}s")
+        workers = self.args.workers if kind == "deployhub" else 1
+        label = f"{'dh' if kind == 'deployhub' else 'naive'}-n{n}-r{rate}-w{workers}"
+        self.log(f"--- {kind} ({workers} process{'es' if workers > 1 else ''}): {n} watchers x "
+                 f"{rate} lines/s for {duration:g}s")
         server, port, project, dep_id, sampler = self.new_run(kind, label)
         clients: list[Child] = []
         publisher: Child | None = None
@@ -270,6 +280,8 @@ class Bench:
             text.update(h["text"])
         result = {
             "system": kind,
+            "workers": workers,
+            "server_procs": mem["procs"],
             "watchers": n,
             "rate": rate,
             "duration_s": duration,
@@ -314,6 +326,7 @@ class Bench:
             "core_busy_pct": core_busy(cores0, cores1),
             "other_load_cores": round(LoadMeter.other_cores(load0, load1), 2),
             "client_cpu_s": total["cpu_s"],
+            "client_cpu_us_per_line": round(1e6 * total["cpu_s"] / max(1, total["accepted"]), 2),
             "redis_cpu_s": round(redis_cpu1 - redis_cpu0, 2),
             "client_procs": len(clients),
             "publisher": pub,
@@ -324,7 +337,9 @@ class Bench:
             f"{kind}: delivered {result['delivered_lines_per_s']:,} lines/s of "
             f"{n * rate:,} offered, lost {result['lost_lines']:,}, dup {result['duplicate_or_reordered_lines']}, "
             f"p50/p99/max {lat['p50']}/{lat['p99']}/{lat['max']} ms, server CPU "
-            f"{result['server_cpu_s']} s, peak RSS {result['server_peak_rss_mb']} MB, "
+            f"{result['server_cpu_s']} s ({result['server_cpu_us_per_line']} us/line, "
+            f"{result['server_procs']} processes), watchers' CPU {result['client_cpu_s']} s, "
+            f"peak RSS {result['server_peak_rss_mb']} MB, "
             f"client core {max((v['busy'] for k, v in result['core_busy_pct'].items() if k != 'cpu0'), default=0)}%, "
             f"other processes {result['other_load_cores']} cores"
         )
@@ -390,6 +405,7 @@ class Bench:
             "rss_before_mb": round(rss0 / 1024, 1),
             "rss_after_mb": round(mem["VmRSS"] / 1024, 1),
             "peak_rss_mb": round(mem["VmHWM"] / 1024, 1),
+            "server_procs": mem["procs"],
             "kb_per_connection": round(delta / max(1, subscribed), 1),
             "server_redis_connections_added": redis_clients1 - redis_clients0,
             "errors": [e for r in ready for e in r["errors"]][:3],
@@ -560,6 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sockets watching when a deployment ends (DeployHub only; 1000; quick 300; 0 skips)")
     p.add_argument("--finish-wait", type=float, help="seconds to watch after it ends (20; quick 8)")
     p.add_argument("--systems", default="deployhub,naive", help="deployhub,naive (default both)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="DeployHub as `serve --workers N` (1): CPU and RSS are summed over the "
+                   "supervisor and its N processes; with N > 1 nothing is pinned and the watchers "
+                   "share every core at nice 10 (--clients shared)")
     p.add_argument("--idle-systems", default="deployhub,naive", help="systems for the idle test")
     p.add_argument("--client-procs", type=int, default=4, help="max watcher processes (4)")
     p.add_argument("--watchers-per-proc", type=int, default=250,
@@ -578,6 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client", choices=("raw", "aiohttp"), default="raw",
                    help="watcher implementation: raw (a lean RFC 6455 protocol, default) or "
                         "aiohttp's client (a task wake-up per message: it saturates first)")
+    p.add_argument("--client-loop", choices=("uvloop", "asyncio"), default="uvloop",
+                   help="the watchers' event loop: uvloop (default, when installed; else asyncio) "
+                   "or asyncio's own (about twice the watchers' CPU per line)")
     p.add_argument("--clients", choices=("split", "shared"), default="split",
                    help="split: watchers on the load-generator core(s) only (default); shared: on "
                    "every core at nice 10, using whatever the server leaves")
@@ -620,6 +643,13 @@ def main(argv: list[str] | None = None) -> int:
         if s not in ("deployhub", "naive"):
             raise SystemExit(f"unknown system {s!r}")
     nofile = raise_nofile()
+    most = max([n for n, _ in args.configs] + [args.idle, args.storm, args.finish])
+    if nofile < most + 256:
+        raise SystemExit(f"RLIMIT_NOFILE is {nofile} (hard limit included): {most:,} sockets need "
+                         f"at least {most + 256:,}; raise it with `ulimit -Hn` as root")
+    if most > ephemeral_ports() * 0.9:
+        raise SystemExit(f"{most:,} connections from 127.0.0.1 to one port need more than the "
+                         f"{ephemeral_ports():,} ephemeral ports of net.ipv4.ip_local_port_range")
 
     def on_signal(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -639,12 +669,13 @@ def main(argv: list[str] | None = None) -> int:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "mode": "quick" if quick else "full",
             "duration_s": args.duration, "drain_s": args.drain, "compress": args.compress,
-            "client": args.client,
+            "client": args.client, "client_loop": client_loop(args.client_loop),
             "pinning": {"servers_and_redis": sorted(bench.server_cpus) if bench.server_cpus else None,
                         "load_generators": sorted(bench.load_cpus) if bench.load_cpus else None,
                         "watchers": args.clients},
             "python": platform.python_version(), "cpus": os.cpu_count(),
-            "nofile": nofile, "platform": platform.platform(),
+            "nofile": nofile, "ephemeral_ports": ephemeral_ports(), "workers": args.workers,
+            "platform": platform.platform(),
         },
         "fanout": [], "ratios": [], "idle": [], "storm": [], "finish": [], "targets": [],
     }

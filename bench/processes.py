@@ -48,35 +48,84 @@ def child_common(cpus: set[int] | None, nice: int = 0) -> None:
             os.nice(nice)
 
 
+def tree(pid: int) -> list[int]:
+    """`pid` and every process below it: `deployhub serve --workers N` is a supervisor and N
+    server processes, and what the server uses is what all of them use."""
+    stats = _all_stats()
+    children: dict[int, list[int]] = {}
+    for child, (ppid, _cpu) in stats.items():
+        children.setdefault(ppid, []).append(child)
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
 def proc_cpu_split(pid: int) -> tuple[float, float]:
-    """(utime, stime) in seconds, all threads."""
-    with open(f"/proc/{pid}/stat") as f:
-        raw = f.read()
-    fields = raw[raw.rindex(")") + 2:].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+    """(utime, stime) in seconds, all threads, summed over `pid` and its descendants."""
+    user = system = 0.0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                raw = f.read()
+        except OSError:  # it ended meanwhile
+            continue
+        fields = raw[raw.rindex(")") + 2:].split()
+        user += int(fields[11]) / CLK_TCK
+        system += int(fields[12]) / CLK_TCK
+    return user, system
 
 
 def proc_cpu_seconds(pid: int) -> float:
     return sum(proc_cpu_split(pid))  # utime + stime
 
 
-def proc_mem_kb(pid: int) -> dict[str, int]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
+def proc_mem_kb(pid: int, pids: list[int] | None = None) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS), each summed over `pid` and its descendants (or `pids`,
+    when the caller has them) -- the sum of per-process peaks, at least the peak of the sum
+    -- and "procs", how many processes there were."""
+    out = {"VmRSS": 0, "VmHWM": 0, "procs": 0}
+    for p in tree(pid) if pids is None else pids:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                lines = f.readlines()
+        except OSError:
+            continue
+        out["procs"] += 1
+        for line in lines:
             if line.startswith(("VmRSS:", "VmHWM:")):
                 key, value = line.split(":", 1)
-                out[key] = int(value.split()[0])
+                out[key] += int(value.split()[0])
     return out
 
 
 def reset_hwm(pid: int) -> bool:
+    """Reset the peak RSS (VmHWM) of `pid` and its descendants to their current RSS."""
     try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")  # 5 = reset the peak RSS (VmHWM) to the current RSS
+        for p in tree(pid):
+            with open(f"/proc/{p}/clear_refs", "w") as f:
+                f.write("5")  # 5 = reset the peak RSS (VmHWM) to the current RSS
         return True
     except OSError:
         return False
+
+
+def listeners(port: int) -> int:
+    """Sockets listening on 127.0.0.1:`port` (/proc/net/tcp): one per --workers process."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        return sum(1 for line in f.readlines()[1:]
+                   if line.split()[1] == want and line.split()[3] == "0A")
+
+
+def ephemeral_ports() -> int:
+    """How many source ports the kernel hands out: the limit of connections from one source
+    address to one listening address."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low, high = map(int, f.read().split())
+    return high - low + 1
 
 
 def core_times() -> dict[str, list[int]]:
@@ -190,7 +239,8 @@ class Server(Managed):
     start_timeout = 60.0
     stop_timeout = 10.0
 
-    def __init__(self, kind: str, tag: str, tmp: Path, redis_url: str, cpus: set[int] | None) -> None:
+    def __init__(self, kind: str, tag: str, tmp: Path, redis_url: str, cpus: set[int] | None,
+                 workers: int = 1) -> None:
         from deployhub.embedded_redis import free_port
 
         self.name = f"{kind}-{tag}"  # its log: <tmp>/<kind>-<tag>.log
@@ -199,12 +249,14 @@ class Server(Managed):
         self.kind = kind
         self.tag = tag
         self.redis_url = redis_url
+        self.workers = workers if kind == "deployhub" else 1
         self.port = free_port()
 
     def _command(self) -> list[str]:
         if self.kind == "deployhub":
             return [sys.executable, "-m", "deployhub.cli", "serve", "--host", HOST, "--port", str(self.port),
-                    "--redis-url", self.redis_url, "--data-dir", str(self.base_dir / f"dh-{self.tag}")]
+                    "--redis-url", self.redis_url, "--data-dir", str(self.base_dir / f"dh-{self.tag}"),
+                    "--workers", str(self.workers)]
         return [sys.executable, "-m", "bench.naive_relay", "--host", HOST, "--port", str(self.port),
                 "--redis-url", self.redis_url]
 
@@ -212,6 +264,9 @@ class Server(Managed):
         return {**clean_env(), "PYTHONUNBUFFERED": "1"}
 
     def _ready(self) -> bool:
+        # Every process must listen before the watchers connect, or the first one gets them all.
+        if self.workers > 1 and listeners(self.port) < self.workers:
+            return False
         try:
             with urllib.request.urlopen(f"http://{HOST}:{self.port}/", timeout=1) as resp:
                 return bool(resp.status == 200)
@@ -226,14 +281,16 @@ def start_redis(tmp: Path, cpus: set[int] | None) -> tuple[RedisServer, str]:
     return server, server.url
 
 
-def start_server(kind: str, tmp: Path, redis_url: str, cpus: set[int] | None, tag: str) -> tuple[Server, int]:
-    server = Server(kind, tag, tmp, redis_url, cpus)
+def start_server(kind: str, tmp: Path, redis_url: str, cpus: set[int] | None, tag: str,
+                 workers: int = 1) -> tuple[Server, int]:
+    server = Server(kind, tag, tmp, redis_url, cpus, workers)
     server.start()
     return server, server.port
 
 
 class Sampler(threading.Thread):
-    """Samples the server's VmRSS every 50 ms and keeps the deployment's lease alive."""
+    """Samples the server's VmRSS (summed over its processes) every 50 ms and keeps the
+    deployment's lease alive."""
 
     def __init__(self, pid: int, redis_url: str, dep_id: str) -> None:
         super().__init__(daemon=True, name="sampler")
@@ -249,11 +306,15 @@ class Sampler(threading.Thread):
         from deployhub import keys
 
         client = redis.Redis.from_url(self.redis_url)
-        next_lease = 0.0
+        next_lease = next_tree = 0.0
+        pids = [self.pid]
         try:
             while not self.stopping.is_set():
+                if time.monotonic() >= next_tree:  # a walk of /proc: once a second is enough
+                    pids = tree(self.pid)
+                    next_tree = time.monotonic() + 1.0
                 with contextlib.suppress(OSError, KeyError):
-                    self.max_rss_kb = max(self.max_rss_kb, proc_mem_kb(self.pid)["VmRSS"])
+                    self.max_rss_kb = max(self.max_rss_kb, proc_mem_kb(self.pid, pids)["VmRSS"])
                 if time.monotonic() >= next_lease:
                     with contextlib.suppress(Exception):
                         client.set(keys.lease(self.dep_id), "bench", ex=30)

@@ -46,9 +46,10 @@ def fmt(value: Any, width: int) -> str:
 
 def render(report: dict[str, Any]) -> str:
     lines = []
-    cols = [("system", 9), ("N", 6), ("rate", 6), ("offered/s", 11), ("delivered/s", 11),
+    cols = [("system", 9), ("procs", 5), ("N", 6), ("rate", 6), ("offered/s", 11), ("delivered/s", 11),
             ("lost", 10), ("skip", 5), ("dup", 5), ("p50", 8), ("p99", 8), ("max", 8), ("fan p99", 8),
-            ("srv CPU s", 9), ("CPU%", 6), ("us/line", 7), ("peak MB", 8), ("cli core%", 9), ("resync", 6),
+            ("srv CPU s", 9), ("CPU%", 6), ("us/line", 7), ("peak MB", 8), ("cli CPU s", 9),
+            ("cli core%", 9), ("resync", 6),
             ("retry", 5), ("other", 5)]
     lines.append("Fan-out (latency = line emitted by LogPublisher -> received by the watcher, ms; "
                  "'fan p99' = Redis PUBLISH -> received)")
@@ -57,11 +58,13 @@ def render(report: dict[str, Any]) -> str:
         cores = r["core_busy_pct"]
         client_core = max((v["busy"] for k, v in cores.items() if k != "cpu0"), default=None)
         row = [
-            "DeployHub" if r["system"] == "deployhub" else "naive", r["watchers"], r["rate"],
+            "DeployHub" if r["system"] == "deployhub" else "naive", r.get("workers", 1),
+            r["watchers"], r["rate"],
             r["offered_lines_per_s"], r["delivered_lines_per_s"], r["lost_lines"],
             r.get("lost_skipped_lines"), r["duplicate_or_reordered_lines"], r["latency_ms"]["p50"], r["latency_ms"]["p99"],
             r["latency_ms"]["max"], r["fanout_latency_ms"]["p99"], r["server_cpu_s"],
-            r["server_cpu_pct_of_window"], r["server_cpu_us_per_line"], r["server_peak_rss_mb"], client_core, r["resyncs"],
+            r["server_cpu_pct_of_window"], r["server_cpu_us_per_line"], r["server_peak_rss_mb"],
+            r["client_cpu_s"], client_core, r["resyncs"],
             r["connect_retries"], r["other_load_cores"],
         ]
         lines.append(" ".join(fmt(v, w) for v, (_n, w) in zip(row, cols)))
@@ -146,6 +149,23 @@ def judge(report: dict[str, Any]) -> list[dict[str, str]]:
     else:
         out.append({"target": "p99 < 100 ms at 1,000 watchers x 2,000 lines/s", "status": "n/a",
                     "detail": "configuration not run"})
+    for r in (r for r in dh if r["watchers"] == 10000 and r["rate"] == 200):
+        p99 = r["latency_ms"]["p99"]
+        ok = p99 is not None and p99 < 100 and not r["lost_lines"]
+        out.append({
+            "target": f"10,000 watchers x 200 lines/s, {r.get('workers', 1)} process(es): p99 < 100 ms, nothing lost",
+            "status": "MET" if ok else "MISS",
+            "detail": f"p99 {p99} ms, {r['lost_lines']:,} lost, {r['server_cpu_us_per_line']} us "
+                      f"server CPU per line",
+        })
+    idle = {r["system"]: r for r in report["idle"]}
+    if "deployhub" in idle and "naive" in idle:
+        mine, theirs = idle["deployhub"]["kb_per_connection"], idle["naive"]["kb_per_connection"]
+        out.append({
+            "target": "idle memory per socket at most the naive relay's",
+            "status": "MET" if mine <= theirs else "MISS",
+            "detail": f"DeployHub {mine} KB, naive {theirs} KB per connection",
+        })
     ratios = [q for q in report["ratios"] if q["watchers"] == 1000]
     if ratios:
         ok = all(q["delivered_ratio"] is not None and q["delivered_ratio"] >= 5 for q in ratios)

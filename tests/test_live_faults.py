@@ -222,3 +222,33 @@ async def test_a_connect_storm_waits_for_redis_connections_instead_of_failing(se
 
         answers = await asyncio.gather(*(one() for _ in range(300)))
     assert answers == ["subscribed"] * 300
+
+
+async def test_the_hub_pings_quiet_sockets_and_drops_those_that_never_answer(
+    redis_server: RedisServer, start_service: StartService, monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
+    """One heartbeat task for every socket: a silent client is pinged and, still silent,
+    dropped; a client that answers pings (as aiohttp's and browsers do) stays connected."""
+    from deployhub.live import hub
+
+    monkeypatch.setattr(hub, "HEARTBEAT_ROUND", 0.2)
+    service = await start_service(redis=redis_server)
+    await get_store(service.app).create_deployment("pings", "http://127.0.0.1:9/x.git", "", service.token_id)
+    silent = await stalled_socket(service.server.port, "pings", service.token)
+    request.addfinalizer(silent.close)
+    headers = {"Authorization": f"Bearer {service.token}"}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.ws_connect(service.url + "/api/ws") as answering:  # autoping answers
+            await answering.send_json({"type": "subscribe", "project": "pings"})
+            assert (await answering.receive_json(timeout=10))["type"] == "subscribed"
+            with pytest.raises(TimeoutError):  # meanwhile receive() answers every ping
+                await asyncio.wait_for(answering.receive(), hub.HEARTBEAT_ROUND * (hub.DROP_AFTER_ROUNDS + 3))
+            silent.settimeout(5)
+            received = b""
+            while chunk := await asyncio.to_thread(silent.recv, 1 << 16):
+                received += chunk  # ...until the server drops it
+            assert b"\x89\x00" in received, "the silent socket was never pinged"
+            assert len(app_hub(service).sockets) == 1 and not answering.closed
+            await answering.send_json({"type": "ping"})
+            assert (await answering.receive_json(timeout=10))["type"] == "pong"

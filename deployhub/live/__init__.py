@@ -9,6 +9,6 @@ slow to keep up (it catches up from the shared recent frames, then from the stre
   frames    a batch encoded once as JSON and as a WebSocket frame, shared by every socket
   recent    the newest frames of a deployment, the catch-up source for a lagging socket
   watcher   one socket: its queue, its seqs, the direct write path
-  hub       the project -> sockets map, the Redis subscriber, one writer task per socket
+  hub       the project -> sockets map, the Redis subscriber, a writer task per busy socket
   protocol  the WebSocket handler and the client messages it accepts
 """

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -31,25 +30,32 @@ from .watcher import Reply, Subscribe, Watcher
 log = logging.getLogger(__name__)
 
 MAX_PROJECTS_PER_SOCKET = 50
-HEARTBEAT = 20.0
 CLOSE_REASON_BYTES = 120  # a close frame's reason may hold at most 123 bytes
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Auth:
     """What checking a token over this socket needs: the store of tokens, and whom to count
-    bad ones against."""
+    bad ones against. Made from the request when a token is checked, never kept per socket:
+    thousands of sockets idle in the handler."""
 
     tokens: Tokens
     client: str
     max_failures: int
+
+    @classmethod
+    def of(cls, request: web.Request) -> Auth:
+        return cls(
+            request.config_dict[TOKENS], client_of(request),
+            request.config_dict[SETTINGS].token_failures_per_minute,
+        )
 
     async def check(self, secret: str | None) -> str:
         return await self.tokens.check(secret, client=self.client, max_failures=self.max_failures)
 
 
 async def handle_message(
-    hub: Hub, auth: Auth, watcher: Watcher, text: str
+    hub: Hub, request: web.Request, watcher: Watcher, text: str
 ) -> dict[str, Any] | None:
     """Apply one client message; returns the reply (an error frame for a bad one), if any."""
     try:
@@ -62,7 +68,7 @@ async def handle_message(
     try:
         if kind == "auth":
             token = message.get("token")
-            watcher.owner = await auth.check(token if isinstance(token, str) else None)
+            watcher.owner = await Auth.of(request).check(token if isinstance(token, str) else None)
             return {"type": "authenticated"}
         if kind == "subscribe":
             if watcher.owner is None:
@@ -102,6 +108,17 @@ async def handle_message(
     }
 
 
+async def _header_owner(request: web.Request) -> str | None:
+    """The token id of the request's Authorization header, if it holds a good one; else the
+    client sends an auth message, and too many bad tokens shows at its first subscribe (4401)."""
+    header = bearer(request.headers.get("Authorization"))
+    if header is None:
+        return None
+    with contextlib.suppress(Unauthorized, TooManyAttempts, RedisError, OSError):
+        return await Auth.of(request).check(header)
+    return None
+
+
 def _reason(exc: Exception) -> bytes:
     return str(exc).encode()[:CLOSE_REASON_BYTES].decode(errors="ignore").encode()
 
@@ -122,28 +139,24 @@ def _check_resume(raw: object) -> dict[str, int]:
 
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     hub = request.config_dict[HUB]
-    auth = Auth(
-        request.config_dict[TOKENS], client_of(request),
-        request.config_dict[SETTINGS].token_failures_per_minute,
-    )
     # No permessage-deflate: it would compress every frame once per socket (its context is per
     # connection), the single largest cost of fanning one log out to many watchers.
-    ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=MAX_BODY, compress=False)
+    # The hub pings quiet sockets and drops dead ones (Hub.heartbeat), so no heartbeat= here;
+    # pings and pongs come to this loop (autoping=False), and any message shows the peer lives.
+    ws = web.WebSocketResponse(autoping=False, max_msg_size=MAX_BODY, compress=False)
     stream = await ws.prepare(request)
     assert request.transport is not None  # prepare() fails on a closed connection
-    watcher = Watcher(ws, request.transport, stream)
-    header = bearer(request.headers.get("Authorization"))
-    if header is not None:
-        # Else an auth message; too many bad tokens shows at the first subscribe (4401).
-        with contextlib.suppress(Unauthorized, TooManyAttempts, RedisError, OSError):
-            watcher.owner = await auth.check(header)
+    watcher = Watcher(ws, request.transport, stream, hub.write)
+    watcher.owner = await _header_owner(request)
     hub.sockets.add(watcher)
-    writer = asyncio.create_task(hub.write(watcher))
     try:
         async for msg in ws:
-            if msg.type == WSMsgType.TEXT:
+            watcher.quiet = 0
+            if msg.type == WSMsgType.PING:
+                await ws.pong(msg.data)
+            elif msg.type == WSMsgType.TEXT:
                 try:
-                    reply = await handle_message(hub, auth, watcher, msg.data)
+                    reply = await handle_message(hub, request, watcher, msg.data)
                 except Unauthorized as exc:
                     # The page reconnects with a token after 4401; nothing else is sent.
                     await ws.close(code=4401, message=_reason(exc))
@@ -162,9 +175,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
             elif msg.type == WSMsgType.BINARY:
                 watcher.offer(Reply(dumps({"type": "error", "message": "send JSON text frames"}).encode()))
     finally:
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
+        await watcher.close()
         hub.sockets.discard(watcher)
         for project in list(watcher.projects):
             await hub.remove(project, watcher)

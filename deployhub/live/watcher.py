@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections import deque
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -18,6 +20,7 @@ QUEUE_BYTES = 1024 * 1024  # past either limit the socket resyncs from Redis ins
 # A socket whose writer has nothing waiting gets each new frame written at once by the
 # dispatcher, unless this many bytes are already waiting in its transport.
 DIRECT_BUFFER = 64 * 1024
+PING = b"\x89\x00"  # an empty WebSocket ping frame, as a server sends it (unmasked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,37 +53,54 @@ Item = StatusFrame | Subscribe | Reply | Backlog | Resync
 
 
 class Watcher:
-    """One WebSocket: only the handler reads it; the writer task, or the dispatcher when the
-    writer is idle, writes it."""
+    """One WebSocket: only the handler reads it; a writer task, or the dispatcher while there
+    is none, writes it.
+
+    An idle socket costs only this object: no queue and no task. The dispatcher writes new
+    frames straight to the transport; a writer task (`spawn`, the hub's `write`) exists only
+    while items are queued, and ends once it has drained them. Thousands of watchers idle on
+    one project, so everything here is slotted and made on first use.
+    """
+
+    __slots__ = ("ws", "transport", "stream", "spawn", "items", "writer", "projects", "seqs",
+                 "deployment_project", "queued_bytes", "owner", "closed", "quiet")
 
     def __init__(
-        self, ws: web.WebSocketResponse, transport: asyncio.Transport, stream: AbstractStreamWriter
+        self, ws: web.WebSocketResponse, transport: asyncio.Transport, stream: AbstractStreamWriter,
+        spawn: Callable[[Watcher], Coroutine[Any, Any, None]],
     ) -> None:
         self.ws = ws
         self.transport = transport
         self.stream = stream
-        self.items: deque[Item] = deque()
-        self.busy = False  # the writer task is delivering an item
-        self._ready = asyncio.Event()
+        self.spawn = spawn  # the writer's coroutine for this socket, started when items wait
+        self.items: deque[Item] | None = None  # control items waiting, while any do
+        self.writer: asyncio.Task[None] | None = None  # the writer task, while it runs
         self.projects: set[str] = set()
         self.seqs: dict[str, int] = {}  # deployment -> last seq sent
         self.deployment_project: dict[str, str] = {}
         self.queued_bytes = 0
         self.owner: str | None = None  # the token id, once authenticated
+        self.closed = False  # the handler has ended: nothing more is queued or written
+        self.quiet = 0  # heartbeat rounds since the client last sent anything (Hub.heartbeat)
 
     def offer(self, item: Item) -> None:
         """Never blocks the dispatcher: a queue too long or too big turns into one resync."""
-        size = _size(item)
-        if len(self.items) < QUEUE_FRAMES and self.queued_bytes + size <= QUEUE_BYTES:
-            self.items.append(item)
-            self.queued_bytes += size
-            self._ready.set()
+        if self.closed:
             return
-        # Subscriptions and replies must still be answered; the rest is reread from Redis.
-        keep = [i for i in (*self.items, item) if isinstance(i, Subscribe | Reply)]
-        self.items = deque([*keep, RESYNC])
-        self.queued_bytes = sum(_size(i) for i in keep)
-        self._ready.set()
+        size = _size(item)
+        items = self.items
+        if items is None:
+            items = self.items = deque()
+        if len(items) < QUEUE_FRAMES and self.queued_bytes + size <= QUEUE_BYTES:
+            items.append(item)
+            self.queued_bytes += size
+        else:
+            # Subscriptions and replies must still be answered; the rest is reread from Redis.
+            keep = [i for i in (*items, item) if isinstance(i, Subscribe | Reply)]
+            self.items = deque([*keep, RESYNC])
+            self.queued_bytes = sum(_size(i) for i in keep)
+        if self.writer is None:
+            self.writer = asyncio.get_running_loop().create_task(self.spawn(self))
 
     def deliver(self, frame: LogFrame) -> bool:
         """Hand over a new batch without ever waiting for the socket; True if written now."""
@@ -100,7 +120,7 @@ class Watcher:
         one this socket needs. Anything else (a gap, a backlog, a full buffer) goes through
         the queue and the writer task, which know how to catch up."""
         transport = self.transport
-        if (self.items or self.busy
+        if (self.writer is not None or self.closed
                 or frame.first != self.seqs.get(frame.deployment, 0) + 1
                 or self.ws.closed or transport.is_closing()
                 or transport.get_write_buffer_size() > DIRECT_BUFFER):
@@ -117,7 +137,7 @@ class Watcher:
         `wire_frame`), while aiohttp still writes its own pings, pongs and close frame to
         the same transport. That is safe: both write each whole frame in one synchronous
         `transport.write`, so frames never interleave, and only one of our writers (the
-        dispatcher while the writer task is idle, else the writer task) is ever active.
+        dispatcher while there is no writer task, else the writer task) is ever active.
         """
         if self.ws.closed or self.transport.is_closing():
             raise ConnectionResetError("the socket is closing")
@@ -127,15 +147,28 @@ class Watcher:
     async def send_json(self, message: dict[str, Any]) -> None:
         await self.send(wire_frame(dumps(message).encode()))
 
-    async def take(self) -> Item:
-        self.busy = False
-        while not self.items:
-            self._ready.clear()
-            await self._ready.wait()
-        self.busy = True
-        item = self.items.popleft()
+    def take(self) -> Item | None:
+        """The writer's next item; None ends the writer (the next `offer` starts another).
+        Called only by the writer task itself, so nothing can slip in between the check and
+        the writer's end."""
+        items = self.items
+        if not items:
+            self.items = None
+            self.writer = None
+            return None
+        item = items.popleft()
         self.queued_bytes -= _size(item)
         return item
+
+    async def close(self) -> None:
+        """The handler's end: stop queueing, and cancel and await the writer, if one runs."""
+        self.closed = True
+        self.items = None
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
 
 
 def _size(item: Item) -> int:
