@@ -502,6 +502,15 @@ class Store:
         except NotFound:
             raise NotFound(f"no deployment {dep_id!r}") from None
 
+    async def deployments_of(self, project: str, dep_ids: Iterable[str]) -> set[str]:
+        """Those of `dep_ids` that are deployments of `project`."""
+        ids = list(dep_ids)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for dep_id in ids:
+                pipe.zscore(keys.project_deployments(project), dep_id)
+            scores = await pipe.execute()
+        return {dep_id for dep_id, score in zip(ids, scores) if score is not None}
+
     async def list_deployments(self, project: str, limit: int = 50) -> list[Deployment]:
         ids = await self.redis.zrevrange(keys.project_deployments(project), 0, limit - 1)
         return await self.get_deployments(cast(list[str], ids))

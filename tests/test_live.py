@@ -84,6 +84,21 @@ async def test_resume_sends_only_what_is_new(service: Service, git_server: GitSe
     await watch.close()
 
 
+async def test_resume_reads_no_other_projects_log(service: Service, git_server: GitServer) -> None:
+    """A socket subscribed to one project that names another project's deployment in
+    `resume` gets nothing of that log (deployment ids show in site links)."""
+    other = await service.deploy(git_server.add_repo(unique_name("tiny"), files_dir=TINY_APP))
+    mine = await service.deploy(git_server.add_repo(unique_name("tiny"), files_dir=TINY_APP))
+    await service.wait_final(other["id"])
+    await service.wait_final(mine["id"])
+    watch = await Watch(service).open(mine["project"], resume={other["id"]: 0, mine["id"]: 0})
+    total = len(await service.logs(mine["id"]))
+    await watch.wait_for(lambda: len(watch.seqs(mine["id"])) == total)
+    await asyncio.sleep(0.3)
+    assert watch.seqs(other["id"]) == []
+    await watch.close()
+
+
 async def test_bad_socket_messages_get_error_frames_and_socket_stays_usable(
     service: Service, git_server: GitServer
 ) -> None:

@@ -306,6 +306,12 @@ class Hub:
         deployments = await self._snapshot(sub.project)
         await watcher.send_json({"type": "subscribed", "project": sub.project, "deployments": deployments})
         wanted = dict(sub.resume)
+        # Only this project's deployments: a resume naming another project's (or tenant's)
+        # deployment id must not read its log.
+        named = set(wanted) - {d["id"] for d in deployments}
+        if named:
+            for dep_id in named - await self.store.deployments_of(sub.project, named):
+                del wanted[dep_id]
         if deployments:
             wanted.setdefault(deployments[0]["id"], 0)
         # Those still running certainly have their stream; the others may have outlived it.
