@@ -205,7 +205,7 @@ def git_state(root: Path) -> dict[str, Any]:
     def git(*argv: str) -> str:
         try:
             return subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True,
-                                  timeout=10, check=False).stdout.strip()
+                                  timeout=10, check=False).stdout.rstrip("\n")  # porcelain lines start with a space
         except (OSError, subprocess.TimeoutExpired):
             return ""
 

@@ -67,11 +67,12 @@ def server_log(served: Served, dep_id: str) -> list[dict[str, Any]]:
 def whole_log(served: Served, dep_id: str) -> list[dict[str, Any]]:
     """The log once the build has said its last word: the build cache's, after `ready`."""
     deadline = time.monotonic() + 60
-    while not any(e["text"].startswith(("Build cache: saved", "Build cache: not saved"))
-                  for e in (log := server_log(served, dep_id))):
+    while True:
+        log = server_log(served, dep_id)
+        if any(e["text"].startswith(("Build cache: saved", "Build cache: not saved")) for e in log):
+            return log
         assert time.monotonic() < deadline, log[-5:]
         time.sleep(0.2)
-    return log
 
 
 @pytest.mark.timeout(240)
