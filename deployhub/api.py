@@ -145,6 +145,13 @@ async def caller(request: web.Request) -> str:
     )
 
 
+async def path_project(request: web.Request) -> Project:
+    """The project the path names, when the caller's token owns it (404 otherwise)."""
+    return await request.config_dict[STORE].owned_project(
+        check_project(request.match_info["name"]), await caller(request)
+    )
+
+
 @routes.post("/api/deployments")
 async def create_deployment(request: web.Request) -> web.Response:
     settings, store = request.config_dict[SETTINGS], request.config_dict[STORE]
@@ -288,19 +295,14 @@ async def list_projects(request: web.Request) -> web.Response:
 
 @routes.get("/api/projects/{name}")
 async def get_project(request: web.Request) -> web.Response:
-    settings, store = request.config_dict[SETTINGS], request.config_dict[STORE]
-    project = await store.owned_project(
-        check_project(request.match_info["name"]), await caller(request)
-    )
-    return web.json_response(project_json(settings, project))
+    project = await path_project(request)
+    return web.json_response(project_json(request.config_dict[SETTINGS], project))
 
 
 @routes.get("/api/projects/{name}/deployments")
 async def list_deployments(request: web.Request) -> web.Response:
     settings, store = request.config_dict[SETTINGS], request.config_dict[STORE]
-    project = await store.owned_project(
-        check_project(request.match_info["name"]), await caller(request)
-    )
+    project = await path_project(request)
     deployments = await store.list_deployments(project.name)
     return web.json_response({
         "deployments": [deployment_json(settings, d, project.production) for d in deployments]
@@ -336,7 +338,7 @@ def _variables_json(variables: dict[str, tuple[str | None, bool]]) -> dict[str, 
 @routes.get("/api/projects/{name}/variables")
 async def get_variables(request: web.Request) -> web.Response:
     store = request.config_dict[STORE]
-    project = await store.owned_project(check_project(request.match_info["name"]), await caller(request))
+    project = await path_project(request)
     return web.json_response(_variables_json(await store.list_variables(project.name)))
 
 
@@ -364,7 +366,7 @@ def _credential_json(credential: Credential | None) -> dict[str, Any]:
 @routes.get("/api/projects/{name}/credential")
 async def get_credential(request: web.Request) -> web.Response:
     store = request.config_dict[STORE]
-    project = await store.owned_project(check_project(request.match_info["name"]), await caller(request))
+    project = await path_project(request)
     return web.json_response(_credential_json(await store.get_credential(project.name)))
 
 
@@ -386,7 +388,7 @@ async def set_credential(request: web.Request) -> web.Response:
 @routes.delete("/api/projects/{name}/credential")
 async def delete_credential(request: web.Request) -> web.Response:
     store = request.config_dict[STORE]
-    project = await store.owned_project(check_project(request.match_info["name"]), await caller(request))
+    project = await path_project(request)
     await store.delete_credential(project.name)
     return web.json_response(_credential_json(None))
 
@@ -412,9 +414,7 @@ async def delete_deployment(request: web.Request) -> web.Response:
 @routes.delete("/api/projects/{name}")
 async def delete_project(request: web.Request) -> web.Response:
     """The project, its site, every deployment and its files; 409 while one still builds."""
-    project = await request.config_dict[STORE].owned_project(
-        check_project(request.match_info["name"]), await caller(request)
-    )
+    project = await path_project(request)
     try:
         removed = await request.config_dict[SITES].collector.delete_project(project.name)
     except Conflict as exc:
@@ -446,7 +446,7 @@ async def _settings_json(store: Store, project: str) -> dict[str, Any]:
 @routes.get("/api/projects/{name}/settings")
 async def get_project_settings(request: web.Request) -> web.Response:
     store = request.config_dict[STORE]
-    project = await store.owned_project(check_project(request.match_info["name"]), await caller(request))
+    project = await path_project(request)
     return web.json_response(await _settings_json(store, project.name))
 
 
