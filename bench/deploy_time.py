@@ -10,12 +10,14 @@ the same loopback git server. Both use a warm npm cache (one unmeasured run of e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.support.infra import VITE_REACT_APP, GitServer, unique_name
@@ -56,27 +58,35 @@ def deployhub_build(served: Served, url: str, project: str = "bench",
     return stamps["ready"] - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="dh-bench-"))
+@contextlib.contextmanager
+def loopback_deployhub(prefix: str) -> Iterator[tuple[Path, GitServer, Served]]:
+    """A scratch directory, a git server on 127.0.0.1 and `deployhub serve` on its embedded
+    defaults; all gone afterwards."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     git = GitServer(root / "git")
     git.start()
     served = Served(root / "data")
     try:
         served.start()
+        yield root, git, served
+    finally:
+        if served.proc is not None and served.proc.poll() is None:
+            served.stop()
+        git.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    with loopback_deployhub("dh-bench-") as (root, git, served):
         url = git.add_repo(unique_name("vite"), files_dir=VITE_REACT_APP)
         cache = root / "plain-npm-cache"
         plain_build(url, cache)  # warm both npm caches
         deployhub_build(served, url)
         ours = [deployhub_build(served, url) for _ in range(args.runs)]
         plain = [plain_build(url, cache) for _ in range(args.runs)]
-    finally:
-        if served.proc is not None and served.proc.poll() is None:
-            served.stop()
-        git.cleanup()
-        shutil.rmtree(root, ignore_errors=True)
     print(f"{'':28}{'median s':>10}{'min s':>8}{'max s':>8}")
     for name, times in [("DeployHub POST -> ready", ours), ("git clone+npm ci+build", plain)]:
         print(f"{name:28}{statistics.median(times):>10.2f}{min(times):>8.2f}{max(times):>8.2f}")

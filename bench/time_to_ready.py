@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-from bench.deploy_time import deployhub_build, plain_build
-from tests.support.infra import VITE_REACT_APP, GitServer, unique_name
+from bench.deploy_time import deployhub_build, loopback_deployhub, plain_build
+from tests.support.infra import VITE_REACT_APP, unique_name
 from tests.support.served import Served
 
 CRA_APP = Path(__file__).resolve().parent / "fixtures" / "cra"
@@ -68,13 +67,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--only", choices=sorted(FIXTURES))
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="dh-ttr-"))
-    git = GitServer(root / "git")
-    git.start()
-    served = Served(root / "data")
     results: dict[str, dict[str, list[float]]] = {}
-    try:
-        served.start()
+    with loopback_deployhub("dh-ttr-") as (root, git, served):
         urls = {name: git.add_repo(unique_name(name), files_dir=path)
                 for name, path in FIXTURES.items() if args.only in (None, name)}
         for run in range(args.runs):
@@ -84,11 +78,6 @@ def main() -> None:
                       flush=True)
                 for kind, seconds in times.items():
                     results.setdefault(name, {}).setdefault(kind, []).append(seconds)
-    finally:
-        if served.proc is not None and served.proc.poll() is None:
-            served.stop()
-        git.cleanup()
-        shutil.rmtree(root, ignore_errors=True)
     print(f"\n{'':22}{'median s':>10}{'min s':>8}{'max s':>8}")
     for name, by_kind in results.items():
         for kind in KINDS:
