@@ -163,8 +163,7 @@ async def create_deployment(request: web.Request) -> web.Response:
         optional={"project", "branch", "commit", "settings", "trigger", "cache"},
     )
     trigger = _check_trigger(body.get("trigger"))
-    if body.get("cache") not in (None, True, False):
-        raise InvalidInput('cache must be true or false (false: build without the build cache)')
+    cache = _check_cache(body.get("cache"))
     # Cheap checks first: the URL check may wait on DNS.
     project = check_project(body["project"]) if body.get("project") is not None else None
     branch = check_branch(body["branch"]) if body.get("branch") not in (None, "") else ""
@@ -185,7 +184,7 @@ async def create_deployment(request: web.Request) -> web.Response:
     branch = branch or chosen.pop("branch", "")
     chosen.pop("branch", None)  # when the body named one
     dep = await _queue(request, project, repo.url, branch, owner, commit=commit, chosen=chosen,
-                       trigger=trigger, cache=body.get("cache") is not False)
+                       trigger=trigger, cache=cache)
     return await _answer(request, dep, status=202)
 
 
@@ -218,6 +217,10 @@ async def redeploy(request: web.Request) -> web.Response:
     owner = await caller(request)
     if refused := request.config_dict[RUNNER].refused:
         return error(503, refused)
+    raw = await read_body(request)
+    body = check_fields(loads_json(raw), required=set(), optional={"trigger", "cache"}) if raw.strip() else {}
+    trigger = _check_trigger(body.get("trigger"))
+    cache = _check_cache(body.get("cache"))
     dep, _ = await request.config_dict[STORE].owned_deployment(
         check_deployment_id(request.match_info["id"]), owner
     )
@@ -229,7 +232,7 @@ async def redeploy(request: web.Request) -> web.Response:
     # full ("<short sha> <subject>") cannot be fetched by SHA: the branch head is built then.
     commit = dep.commit if COMMIT_RE.fullmatch(dep.commit) else ""
     new = await _queue(request, dep.project, repo.url, dep.branch, owner, commit=commit,
-                       chosen=dict(dep.settings))
+                       chosen=dict(dep.settings), trigger=trigger, cache=cache)
     return await _answer(request, new, status=202)
 
 
@@ -580,6 +583,12 @@ def _check_trigger(raw: object) -> str:
     if raw not in TRIGGERS:
         raise InvalidInput(f"trigger must be one of {', '.join(map(repr, TRIGGERS))} (or absent)")
     return str(raw)
+
+
+def _check_cache(raw: object) -> bool:
+    if raw not in (None, True, False):
+        raise InvalidInput("cache must be true or false (false: build without the build cache)")
+    return raw is not False
 
 
 def _version() -> str:

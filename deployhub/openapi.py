@@ -146,6 +146,10 @@ def _schemas() -> dict[str, Schema]:
         "Removed": obj({"deleted": {"type": "array", "items": DEPLOYMENT_ID},
                         "blobs_deleted": {"type": "integer", "minimum": 0}}),
         "Rollback": obj({"deployment": DEPLOYMENT_ID}, closed=True),
+        "Redeploy": obj({
+            "cache": {"type": "boolean", "description": "false: build without the dependency cache."},
+            "trigger": {"enum": ["page", "cli"], "description": "Who started it."},
+        }, closed=True),
         "Variables": obj({"variables": {"type": "object", "additionalProperties": obj(
             {"value": nullable(STRING), "secret": BOOLEAN},
             description="A secret's value is always null.")}}),
@@ -262,7 +266,8 @@ AUTHED = ("400", "401", "429", "503")  # what any authenticated route may answer
 
 
 def _op(summary: str, answers: dict[str, Schema], *, errors: tuple[str, ...] = AUTHED,
-        body: Schema | None = None, params: list[Schema] | None = None,
+        body: Schema | None = None, body_required: bool = True,
+        params: list[Schema] | None = None,
         public: bool = False, description: str = "", tag: str = "") -> Schema:
     operation: Schema = {
         "summary": summary,
@@ -275,7 +280,7 @@ def _op(summary: str, answers: dict[str, Schema], *, errors: tuple[str, ...] = A
     if description:
         operation["description"] = description
     if body is not None:
-        operation["requestBody"] = {"required": True,
+        operation["requestBody"] = {"required": body_required,
                                     "content": {"application/json": {"schema": body}}}
     if params:
         operation["parameters"] = params
@@ -321,6 +326,7 @@ def _paths() -> dict[str, dict[str, Schema]]:
         "/api/deployments/{id}/redeploy": {"post": _op(
             "Deploy the same repository, branch, commit and settings again", queued,
             errors=(*AUTHED, "404"), params=DEP, tag="deployments",
+            body=ref("Redeploy"), body_required=False,
         )},
         "/api/deployments/{id}/logs": {"get": _op(
             "The deployment's log",

@@ -82,3 +82,17 @@ async def test_redeploy_builds_the_same_commit_and_settings(service: Service, gi
 async def test_redeploy_of_an_unknown_deployment_is_404(service: Service) -> None:
     status, answer = await service.post_json("/api/deployments/aaaaaaaaaaaa/redeploy", None)
     assert status == 404 and "no deployment" in answer["error"]
+
+
+async def test_redeploy_records_who_asked_and_may_skip_the_cache(service: Service, git_server: GitServer) -> None:
+    url = git_server.add_repo(unique_name("who"), files_dir=TINY_APP)
+    first = await service.wait_final((await service.deploy(url))["id"])
+    status, again = await service.post_json(f"/api/deployments/{first['id']}/redeploy",
+                                            {"trigger": "cli", "cache": False})
+    assert status == 202, again
+    assert again["trigger"] == "cli" and again["cache"] is False
+    assert (await service.wait_final(again["id"]))["status"] == "ready"
+    status, answer = await service.post_json(f"/api/deployments/{first['id']}/redeploy", {"trigger": "robot"})
+    assert status == 400 and "trigger must be one of" in answer["error"]
+    status, answer = await service.post_json(f"/api/deployments/{first['id']}/redeploy", {"branch": "x"})
+    assert status == 400 and "branch" in answer["error"]
