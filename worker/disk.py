@@ -2,12 +2,18 @@
 
 No limit on disk space works unprivileged on any filesystem (quotas and loop mounts need
 root), so the worker measures the directories the build can write (its own directory, and
-what it adds to the shared npm cache) every interval and stops the command past the limit.
-Between scans a statvfs every 20 ms brings the next scan forward once the filesystem has
-grown by what is left of the limit, so overshoot is about what the build writes in one poll
-plus one scan (the scan itself is cheap, a few files a build writes fast); a single file
-cannot exceed the limit at all (RLIMIT_FSIZE, set by the cgroup wrapper), and /tmp is a
-tmpfs of at most the same size.
+what it adds to its package manager caches) and stops the command past the limit.
+
+Scanning a tree is not free: an install writes tens of thousands of files (a Create React
+App's node_modules holds 37,000), and a scan of them every second took a sixth of a core
+from the install it watched. So the scan runs when the filesystem says it may be needed: a
+statvfs every 20 ms (microseconds each) watches the filesystem of the build's directory, and
+once it has grown by what is left of the limit since the last scan, the next scan comes at
+once; overshoot is about what the build writes in one poll plus one scan. Otherwise a scan
+comes every BACKSTOP seconds at most, for what statvfs cannot see: caches on another
+filesystem, or someone else freeing space while the build fills it. A single file cannot
+exceed the limit at all (RLIMIT_FSIZE, set by the cgroup wrapper), and /tmp is a tmpfs of
+at most the same size.
 
 Scanning blocks: call `usage` from a thread.
 """
@@ -21,9 +27,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-MIN_INTERVAL = 0.25
 FILESYSTEM_POLL = 0.02  # seconds between statvfs calls while waiting for the next scan
-SCAN_SHARE = 4  # sleep at least this many scan durations: scanning takes at most ~1/5 of a core
+BACKSTOP = 5.0  # seconds between scans while the filesystem does not grow toward the limit
+SCAN_SHARE = 20  # and at least this many scan durations: idle scanning takes ~1/20 of a core
 
 
 def usage(paths: Sequence[Path]) -> int:
@@ -64,12 +70,14 @@ class DiskWatch:
         self.limit = limit
         self.used = 0
         self.exceeded = False
+        self.scans = 0
         self._base = 0
 
     async def baseline(self) -> None:
         self._base = await asyncio.to_thread(usage, self.shared)
 
     async def measure(self) -> int:
+        self.scans += 1
         own, shared = await asyncio.to_thread(lambda: (usage(self.own), usage(self.shared)))
         self.used = own + max(0, shared - self._base)
         return self.used
@@ -81,10 +89,9 @@ class DiskWatch:
             if await self.measure() > self.limit:
                 self.exceeded = True
                 return
-            # Between scans, statvfs (microseconds) watches the filesystem fill: once it has
-            # grown by what is left of the limit, the next scan comes at once. A build writes
-            # page cache at GB/s; without this it overshot by one interval's worth (~0.5 GiB).
-            until = time.monotonic() + max(MIN_INTERVAL, SCAN_SHARE * (time.monotonic() - started))
+            # A build writes page cache at GB/s: statvfs (microseconds) sees the filesystem
+            # fill, and once it has grown by what is left of the limit the scan comes at once.
+            until = time.monotonic() + max(BACKSTOP, SCAN_SHARE * (time.monotonic() - started))
             while time.monotonic() < until:
                 await asyncio.sleep(FILESYSTEM_POLL)
                 if filesystem_used(self.own) - filled > self.limit - self.used:
