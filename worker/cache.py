@@ -1,11 +1,13 @@
-"""The build cache of one project: the `node_modules` its last successful build installed,
+"""The build cache of one project: what its last successful build's install wrote (every
+`node_modules` of a workspace, Yarn Plug'n'Play's files: worker/workspaces.py says where),
 and the package managers' own download caches.
 
 Per project and per owner (a project name deleted and taken by another token starts empty):
 
   <data>/cache/projects/<project>/<owner digest>/
-      modules/         node_modules of the last successful build (local)
-      modules.json     its manifest, written last: the key and a digest of every entry
+      modules/         those paths of the last successful build, as in the repository
+                       (modules/node_modules, modules/apps/web/node_modules, ...) (local)
+      modules.json     its manifest, written last: the key, the paths and a digest of every entry
       managers/        npm cache, yarn cache, pnpm store, bun and corepack caches, shown to
                        the build at bwrap.INSIDE_CACHE; no other project's builds see it
   <bucket>/cache/<project>/<owner digest>/modules.tar.gz and modules.json   (storage)
@@ -15,7 +17,10 @@ version, the package manager and the install command. A locally restored tree is
 hardlinked copy (ext4 has no reflinks; a link costs a few microseconds a file), verified
 while it is made: the digest covers every path, type, size and mtime, so an entry that was
 cut short, or a file a build wrote in place through a link, makes the whole entry ignored.
-An archive is verified by its SHA-256 before it is unpacked. Each project holds one entry:
+An archive is verified by its SHA-256 before it is unpacked. An entry holds what an untrusted
+build wrote, so nothing is placed before it is checked: its paths must be ones this build's
+install writes, under real directories, and no symlink in it may lead out of the repository
+(an archive's members likewise); anything else is "tampered" and ignored. Each project holds one entry:
 saving replaces the last one, and a `node_modules` over DEPLOYHUB_BUILD_CACHE_MAX_MB is not
 saved. Everything here blocks on the disk: call it from a thread.
 """
