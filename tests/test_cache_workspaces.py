@@ -260,6 +260,25 @@ def test_workspace_packages_are_bounded_to_the_tree(tmp_path: Path) -> None:
         "node_modules", "apps/web/node_modules", "libs/a/b/node_modules", "tools/t/node_modules"]
 
 
+@pytest.mark.parametrize("files, lockfile, install", [
+    ({"package.json": json.dumps({"workspaces": ["apps/*"]}), "package-lock.json": "{}"},
+     "../../package-lock.json", ["npm", "ci"]),
+    ({"package.json": "{}", "pnpm-workspace.yaml": "packages:\n  - apps/*\n",
+      "pnpm-lock.yaml": "lockfileVersion: '9.0'\n"},
+     "../../pnpm-lock.yaml", ["npx", "--yes", "pnpm@9", "install", "--frozen-lockfile"]),
+    ({"package.json": json.dumps({"workspaces": ["libs/*"]}), "package-lock.json": "{}"},
+     "", ["npm", "install"]),  # apps/web is no package of that workspace: no lockfile of its own
+], ids=["npm", "pnpm", "not-a-workspace-package"])
+def test_a_workspace_package_installs_from_the_workspace_root_lockfile(
+    tmp_path: Path, files: dict[str, str], lockfile: str, install: list[str]
+) -> None:
+    from worker.detect import Overrides, plan
+    repo = tree(tmp_path, {**files, "apps/web/package.json": json.dumps({"scripts": {"build": "x"}})})
+    chosen = plan(repo, Overrides(root_directory="apps/web"))
+    assert (chosen.lockfile, chosen.install) == (lockfile, install)
+    assert any(n.startswith("Workspace: apps/web is a workspace package") for n in chosen.notes) == bool(lockfile)
+
+
 def test_restore_never_writes_through_a_symlinked_parent(tmp_path: Path) -> None:
     key = cache.Key("package-lock.json", "0" * 64, "20", "npm@11", ("npm", "ci"))
     src = tree(tmp_path / "src", {"apps/web/node_modules/x/index.js": "x", "package-lock.json": "{}"})

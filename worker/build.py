@@ -472,7 +472,7 @@ class Build:
                 restored)
 
     async def _keep_for_cache(self, installed: Installed, build_plan: Plan, root: Path,
-                        node_version: str, key: cache.Key | None, paths: list[str]) -> None:
+                              node_version: str, key: cache.Key | None, paths: list[str]) -> None:
         """What to save once ready: the key of the install that ran (a fallback lockfile's
         when the first one was stale) and where it wrote."""
         if self.cache_home is None:
