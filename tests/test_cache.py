@@ -111,7 +111,7 @@ async def test_corrupt_cache_is_ignored_and_rebuilt(service: Service, git_server
         manifest = entry / "modules.json"
         manifest.write_bytes(manifest.read_bytes()[:40])
     else:
-        with open(entry / "modules" / "is-number" / "index.js", "a") as f:
+        with open(entry / "modules" / "node_modules" / "is-number" / "index.js", "a") as f:
             f.write("\nmodule.exports = () => 'poisoned';\n")
     final, texts = await build(service, url)
     assert final["status"] == "ready", (final["reason"], texts[-15:])

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import logging
 import os
+import posixpath
 import shutil
 import socket
 import time
@@ -26,7 +27,7 @@ from deployhub.status import Status
 from deployhub.store import Deployment, Store
 from deployhub.validation import InvalidInput, check_repo_url
 
-from . import cache, node, proc
+from . import cache, node, proc, workspaces
 from .detect import BuildError, Overrides, Plan, locate_output, plan
 from .install import Installed, install
 from .output import upload
@@ -74,7 +75,9 @@ class Build:
         self.cache_mode = cache_mode(settings)
         self.cache_home: Path | None = None
         self.cache_owner = ""
-        self._save: tuple[cache.Key, Path] | None = None
+        # (key, repository-relative paths the install may write and the checkout lacks)
+        self._save: tuple[cache.Key, list[str]] | None = None
+        self._own: set[str] = set()  # of those paths, the ones the checkout has itself
 
     # -- the steps -------------------------------------------------------------------------
 
@@ -153,10 +156,15 @@ class Build:
         self.logs.emit("system", f"Using {chosen.reason}")
         self.node_home = self.sandbox.node = chosen.home
         key = await self._open_cache(build_plan, root, chosen.version)
-        restored = key is not None and await self._restore_cache(key, root)
+        paths: list[str] = []
+        if self.cache_home is not None and build_plan.lockfile:  # also when skipped: own paths
+            paths = await self._install_paths(build_plan.root, build_plan.lockfile,
+                                              build_plan.manager)
+        restored = [] if key is None else await self._restore_cache(key, paths)
         installed = await install(build_plan, self._command, self.logs.emit, self.logs.events,
-                                  root, restored=restored)
-        self._keep_for_cache(installed, build_plan, root, chosen.version, key)
+                                  root, restored=bool(restored),
+                                  cached=[self.src / p for p in restored])
+        await self._keep_for_cache(installed, build_plan, root, chosen.version, key, paths)
         await self._step(Status.BUILDING)
         built_after = time.time()
         await self._command(installed.build)
@@ -395,39 +403,59 @@ class Build:
                                      "key it on); package manager caches are the project's")
         return key
 
-    async def _restore_cache(self, key: cache.Key, root: Path) -> bool:
-        target = root / "node_modules"
-        if target.exists() or target.is_symlink():
-            self.logs.emit("system", "Build cache: not restored (the repository has its own "
-                                     "node_modules)")
-            return False
+    async def _install_paths(self, root: str, lockfile: str, manager: str, *,
+                             installed: bool = False) -> list[str]:
+        """Where an install from `lockfile` (relative to the root directory `root`) writes,
+        relative to the repository: node_modules of the workspace root (the lockfile's
+        directory), of its workspace packages and of the root directory, and Yarn's
+        Plug'n'Play files. Those the checkout has itself are left alone, never saved or
+        restored over (`installed`: after the install, which wrote some of them: those the
+        checkout had were found before it)."""
+        workspace = workspaces.clean(posixpath.join(root, posixpath.dirname(lockfile)))
+        if workspace is None:
+            return []
+        paths = await asyncio.to_thread(workspaces.install_paths, self.src, workspace, root,
+                                        pnp=manager == "yarn")
+        if installed:
+            return [p for p in paths if p not in self._own]
+        own = [p for p in paths if os.path.lexists(self.src / p)]
+        self._own.update(own)
+        if own:
+            self.logs.emit("system", f"Build cache: the repository has its own {', '.join(own)}: "
+                                     "not restored over, not saved")
+        return [p for p in paths if p not in own]
+
+    async def _restore_cache(self, key: cache.Key, paths: list[str]) -> list[str]:
+        """Restore the project's entry at `paths` (where this build's install writes); the
+        paths restored, none when the entry is not to be used."""
         started = time.monotonic()
         try:
             if self.cache_mode == "storage":
-                detail = await self._restore_archive(key, target)
+                detail, restored = await self._restore_archive(key, paths)
             else:
                 assert self.cache_home is not None
                 local = cache.LocalCache(self.cache_home, self.settings.build_cache_max_mb * 2**20)
-                detail = await asyncio.to_thread(local.restore, key, target)
+                detail, restored = await asyncio.to_thread(local.restore, key, self.src, paths)
         except cache.CacheError as exc:
             self.logs.emit("system", f"Build cache: not restored: {exc} "
                                      f"({time.monotonic() - started:.1f} s)")
-            return False
+            return []
         except Exception as exc:
             log.exception("restoring the cache of %s", self.dep.id)
             self.logs.emit("system", f"Build cache: not restored: could not read it ({exc})")
-            return False
+            return []
         how = "unpacked from storage" if self.cache_mode == "storage" else "hardlinked"
-        self.logs.emit("system", f"Build cache: restored node_modules ({detail}, {how}) in "
+        self.logs.emit("system", f"Build cache: restored {', '.join(restored)} ({detail}, {how}) in "
                                  f"{time.monotonic() - started:.1f} s, from {key.lockfile} "
                                  f"{key.lockfile_sha256[:12]}, Node {key.node}, {key.manager}")
-        return True
+        return restored
 
-    async def _restore_archive(self, key: cache.Key, target: Path) -> str:
+    async def _restore_archive(self, key: cache.Key, paths: list[str]) -> tuple[str, list[str]]:
         prefix = cache.storage_prefix(self.dep.project, self.cache_owner)
         manifest = cache.parse_manifest(await self.storage.get_bytes(prefix + cache.MANIFEST))
         if why := key.mismatch(manifest["key"]):
             raise cache.CacheError(why)
+        cache.check_paths(manifest.get("paths"), paths)  # before downloading anything
         archive = self.work / cache.ARCHIVE
         with open(archive, "wb") as f:
             async for chunk in self.storage.iter_bytes(prefix + cache.ARCHIVE):
@@ -435,16 +463,18 @@ class Build:
         try:
             if await asyncio.to_thread(cache.file_sha256, archive) != manifest.get("sha256"):
                 raise cache.CacheError("its archive does not match its manifest (corrupt)")
-            files = await asyncio.to_thread(cache.unpack, archive, target)
+            files, restored = await asyncio.to_thread(
+                cache.unpack, archive, self.src, manifest.get("paths"), paths, self.work)
         finally:
             archive.unlink(missing_ok=True)
         size = manifest.get("bytes")
-        return f"{files} files, a {size // 2**20 if isinstance(size, int) else '?'} MiB archive"
+        return (f"{files} files, a {size // 2**20 if isinstance(size, int) else '?'} MiB archive",
+                restored)
 
-    def _keep_for_cache(self, installed: Installed, build_plan: Plan, root: Path,
-                        node_version: str, key: cache.Key | None) -> None:
+    async def _keep_for_cache(self, installed: Installed, build_plan: Plan, root: Path,
+                              node_version: str, key: cache.Key | None, paths: list[str]) -> None:
         """What to save once ready: the key of the install that ran (a fallback lockfile's
-        when the first one was stale)."""
+        when the first one was stale) and where it wrote."""
         if self.cache_home is None:
             return
         used = installed.installer
@@ -453,10 +483,13 @@ class Build:
                 return
             key = cache.key_for(root, used.lockfile, node_version,
                                 self._manager_label(used.manager, used.label), used.argv)
-        if key is not None:
-            self._save = (key, root / "node_modules")
+            if key is not None:
+                paths = await self._install_paths(build_plan.root, key.lockfile, used.manager,
+                                                  installed=True)
+        if key is not None and paths:
+            self._save = (key, paths)
 
-    async def _save_cache(self, key: cache.Key, modules: Path) -> None:
+    async def _save_cache(self, key: cache.Key, paths: list[str]) -> None:
         """Save node_modules as the project's entry, and bound its package manager caches;
         nothing here can fail the deployment, which is ready."""
         assert self.cache_home is not None
@@ -464,14 +497,15 @@ class Build:
         max_bytes = self.settings.build_cache_max_mb * 2**20
         try:
             if self.cache_mode == "storage":
-                detail = await self._save_archive(key, modules, max_bytes)
+                detail, saved = await self._save_archive(key, paths, max_bytes)
                 where = "to storage"
             else:
                 local = cache.LocalCache(self.cache_home, max_bytes)
-                detail = await asyncio.to_thread(local.save, key, modules, self.dep.id)
+                saved = await asyncio.to_thread(cache.saved_paths, self.src, paths)
+                detail = await asyncio.to_thread(local.save, key, self.src, saved, self.dep.id)
                 where = "hardlinked, replacing the project's last one"
-            self.logs.emit("system", f"Build cache: saved node_modules ({detail}, {where}) in "
-                                     f"{time.monotonic() - started:.1f} s")
+            self.logs.emit("system", f"Build cache: saved {', '.join(saved)} ({detail}, {where}) "
+                                     f"in {time.monotonic() - started:.1f} s")
         except cache.CacheError as exc:
             self.logs.emit("system", f"Build cache: not saved: {exc}")
         except Exception as exc:
@@ -481,23 +515,21 @@ class Build:
             if note := await asyncio.to_thread(cache.bound_managers, self.sandbox.cache, max_bytes):
                 self.logs.emit("system", f"Build cache: {note}")
 
-    async def _save_archive(self, key: cache.Key, modules: Path, max_bytes: int) -> str:
-        if modules.is_symlink() or not modules.is_dir():
-            raise cache.CacheError("the build left no node_modules")
+    async def _save_archive(self, key: cache.Key, paths: list[str], max_bytes: int) -> tuple[str, list[str]]:
         archive = self.work / cache.ARCHIVE
         try:
-            sha256, size = await asyncio.to_thread(cache.pack, modules, archive)
+            sha256, size, saved = await asyncio.to_thread(cache.pack, self.src, paths, archive)
             if max_bytes and size > max_bytes:
                 raise cache.CacheError(f"its archive is {size // 2**20} MiB, more than "
                                        f"DEPLOYHUB_BUILD_CACHE_MAX_MB ({max_bytes // 2**20} MiB)")
             prefix = cache.storage_prefix(self.dep.project, self.cache_owner)
             await self.storage.put_file(prefix + cache.ARCHIVE, archive, "application/gzip")
             await self.storage.put_bytes(prefix + cache.MANIFEST,
-                                         cache.archive_manifest(key, sha256, size, self.dep.id),
+                                         cache.archive_manifest(key, saved, sha256, size, self.dep.id),
                                          "application/json")
         finally:
             archive.unlink(missing_ok=True)
-        return f"a {size / 2**20:.0f} MiB archive"
+        return f"a {size / 2**20:.0f} MiB archive", saved
 
     # -- output ----------------------------------------------------------------------------
 

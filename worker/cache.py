@@ -1,11 +1,13 @@
-"""The build cache of one project: the `node_modules` its last successful build installed,
+"""The build cache of one project: what its last successful build's install wrote (every
+`node_modules` of a workspace, Yarn Plug'n'Play's files: worker/workspaces.py says where),
 and the package managers' own download caches.
 
 Per project and per owner (a project name deleted and taken by another token starts empty):
 
   <data>/cache/projects/<project>/<owner digest>/
-      modules/         node_modules of the last successful build (local)
-      modules.json     its manifest, written last: the key and a digest of every entry
+      modules/         those paths of the last successful build, as in the repository
+                       (modules/node_modules, modules/apps/web/node_modules, ...) (local)
+      modules.json     its manifest, written last: the key, the paths and a digest of every entry
       managers/        npm cache, yarn cache, pnpm store, bun and corepack caches, shown to
                        the build at bwrap.INSIDE_CACHE; no other project's builds see it
   <bucket>/cache/<project>/<owner digest>/modules.tar.gz and modules.json   (storage)
@@ -15,7 +17,10 @@ version, the package manager and the install command. A locally restored tree is
 hardlinked copy (ext4 has no reflinks; a link costs a few microseconds a file), verified
 while it is made: the digest covers every path, type, size and mtime, so an entry that was
 cut short, or a file a build wrote in place through a link, makes the whole entry ignored.
-An archive is verified by its SHA-256 before it is unpacked. Each project holds one entry:
+An archive is verified by its SHA-256 before it is unpacked. An entry holds what an untrusted
+build wrote, so nothing is placed before it is checked: its paths must be ones this build's
+install writes, under real directories, and no symlink in it may lead out of the repository
+(an archive's members likewise); anything else is "tampered" and ignored. Each project holds one entry:
 saving replaces the last one, and a `node_modules` over DEPLOYHUB_BUILD_CACHE_MAX_MB is not
 saved. Everything here blocks on the disk: call it from a thread.
 """
@@ -30,20 +35,22 @@ import hashlib
 import json
 import os
 import platform
+import posixpath
 import secrets
 import shutil
 import stat
 import tarfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from deployhub.storage import build_cache_dir, build_cache_prefix
 from deployhub.validation import check_project
 
+from . import workspaces
 from .disk import usage
 
-FORMAT = 1
+FORMAT = 2  # 2: several paths (workspaces, Plug'n'Play), named relative to the repository
 ENTRY = "modules"
 MANIFEST = "modules.json"
 ARCHIVE = "modules.tar.gz"
@@ -230,57 +237,77 @@ class LocalCache:
         self.dir = directory
         self.max_bytes = max_bytes
 
-    def restore(self, key: Key, target: Path) -> str:
-        """Make `target` (node_modules, absent) a verified copy of the entry; the log line.
-        CacheError when there is none to use."""
+    def restore(self, key: Key, repo: Path, allowed: Sequence[str]) -> tuple[str, list[str]]:
+        """Make the entry's paths (each one of `allowed`, all absent) under `repo` verified
+        copies of it; the log line and the paths. CacheError when there is none to use."""
         with _locked(self.dir):
             manifest = _read_manifest(self.dir / MANIFEST)
             if why := key.mismatch(manifest.get("key")):
                 raise CacheError(why)
+            paths = check_paths(manifest.get("paths"), allowed)
             entry = self.dir / ENTRY
-            if not entry.is_dir():
-                raise CacheError("its files are missing (corrupt)")
-            tmp = target.with_name(f".{target.name}.restoring")
             tally = Tally()
-            tmp.mkdir()
+            placed: list[tuple[Path, Path]] = []  # (made, its final place)
             try:
-                for rel, st, link in _tree(entry):
-                    tally.add(rel, st, link)
-                    _place(entry / rel, tmp / rel, st, link, rel.split("/", 1)[0] in COPIED)
+                for path in paths:
+                    top = entry / path
+                    if top.is_symlink() or not top.exists():
+                        raise CacheError(f"its {path} is missing (corrupt)")
+                    target = ready_parent(repo, path)
+                    tmp = target.with_name(f".{target.name}.restoring")
+                    placed.append((tmp, target))
+                    for rel, st, link in _walk(top, path):
+                        tally.add(rel, st, link)
+                        if link and escapes(rel, link):
+                            raise CacheError(f"tampered: {rel} is a symlink to {link}, out of "
+                                             "the build's tree")
+                        sub = rel[len(path) + 1:]
+                        copy = not sub or sub.split("/", 1)[0] in COPIED
+                        _place(entry / rel, tmp / sub if sub else tmp, st, link, copy)
                 if tally.digest() != manifest.get("digest") or tally.files != manifest.get("files"):
                     raise CacheError("its files do not match its manifest (corrupt: written "
                                      "after it was saved, or cut short)")
             except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
+                for tmp, _ in placed:
+                    _remove(tmp)
                 raise
-            os.rename(tmp, target)
-        return f"{tally.files} files, {tally.bytes / 2**20:.0f} MiB"
+            for tmp, target in placed:
+                os.rename(tmp, target)
+        return f"{tally.files} files, {tally.bytes / 2**20:.0f} MiB", paths
 
-    def save(self, key: Key, source: Path, deployment: str) -> str:
-        """Make `source` (node_modules, which is moved) the project's entry; the log line.
+    def save(self, key: Key, repo: Path, paths: Sequence[str], deployment: str) -> str:
+        """Make `paths` under `repo` (which are moved) the project's entry; the log line.
         CacheError when it is not saved."""
-        if source.is_symlink() or not source.is_dir():
-            raise CacheError("the build left no node_modules")
+        paths = saved_paths(repo, paths)
         self.dir.mkdir(parents=True, exist_ok=True)
         new = self.dir / f".new-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            os.rename(source, new)  # the build directory is deleted next: move, do not copy
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            shutil.copytree(source, new, symlinks=True, copy_function=_link_or_copy)
+        old: Path | None = None
         try:
             tally = Tally()
-            for rel, st, link in _tree(new):
-                tally.add(rel, st, link)
+            for path in paths:
+                (new / path).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.rename(repo / path, new / path)  # the build directory is deleted next
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    if (repo / path).is_dir():
+                        shutil.copytree(repo / path, new / path, symlinks=True,
+                                        copy_function=_link_or_copy)
+                    else:
+                        shutil.copy2(repo / path, new / path)
+                for rel, st, link in _walk(new / path, path):
+                    if link and escapes(rel, link):
+                        raise CacheError(f"{rel} is a symlink to {link}, out of the build's tree")
+                    tally.add(rel, st, link)
             if self.max_bytes and tally.bytes > self.max_bytes:
                 raise CacheError(
-                    f"node_modules holds {tally.bytes // 2**20} MiB, more than "
+                    f"{', '.join(paths)} hold {tally.bytes // 2**20} MiB, more than "
                     f"DEPLOYHUB_BUILD_CACHE_MAX_MB ({self.max_bytes // 2**20} MiB)"
                 )
             manifest = {"format": FORMAT, "key": {**dataclasses.asdict(key), "install": list(key.install)},
-                        "digest": tally.digest(), "files": tally.files, "bytes": tally.bytes,
-                        "deployment": deployment, "saved_at": time.time()}
+                        "paths": paths, "digest": tally.digest(), "files": tally.files,
+                        "bytes": tally.bytes, "deployment": deployment, "saved_at": time.time()}
             old = self.dir / f".old-{os.getpid()}-{secrets.token_hex(4)}"
             with _locked(self.dir):
                 with contextlib.suppress(FileNotFoundError):
@@ -291,9 +318,94 @@ class LocalCache:
                 _write_atomically(self.dir / MANIFEST, json.dumps(manifest).encode())
         finally:
             shutil.rmtree(new, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         _remove_other_owners(self.dir)
         return f"{tally.files} files, {tally.bytes / 2**20:.0f} MiB"
+
+
+# -- what an entry may hold, and where it may go ------------------------------------------------
+
+
+def escapes(rel: str, link: str) -> bool:
+    """Whether a symlink at `rel` (relative to the repository) pointing to `link` leads out of
+    the repository (or anywhere absolute), judged by its text alone."""
+    if os.path.isabs(link):
+        return True
+    return workspaces.clean(posixpath.join(posixpath.dirname(rel), link)) is None
+
+
+def check_paths(listed: object, allowed: Sequence[str]) -> list[str]:
+    """The paths an entry's manifest lists, each one of `allowed` (where this build's install
+    writes, absent from its checkout)."""
+    if not isinstance(listed, list) or not listed or not all(isinstance(p, str) for p in listed):
+        raise CacheError("its manifest lists no paths (corrupt)")
+    for path in listed:
+        if workspaces.clean(path) != path or not path:
+            raise CacheError(f"tampered: it lists {path!r}, a path out of the build's tree")
+        if path not in allowed:
+            raise CacheError(f"it holds {path}, which this build's install does not write (the "
+                             "repository has its own, or its workspaces changed)")
+    return sorted(set(listed))
+
+
+def ready_parent(repo: Path, path: str) -> Path:
+    """`repo/path`, absent, its parent a real directory under `repo` (made if missing): what
+    is placed there cannot land anywhere else."""
+    parent = posixpath.dirname(path)
+    parts = [p for p in parent.split("/") if p]
+    here = repo
+    for part in parts:
+        here = here / part
+        try:
+            st = here.lstat()
+        except FileNotFoundError:
+            here.mkdir()
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise CacheError(f"{parent} is not a directory in the checkout (a symlink?)")
+    target = repo / path
+    if os.path.lexists(target):
+        raise CacheError(f"the checkout has its own {path}")
+    return target
+
+
+def saved_paths(repo: Path, paths: Sequence[str]) -> list[str]:
+    """Those of `paths` the install left: each a real file or directory under real
+    directories (a build may have replaced one with a symlink)."""
+    found = []
+    for path in sorted(set(paths)):
+        if workspaces.clean(path) != path or not workspaces.real_dir(repo, posixpath.dirname(path)):
+            continue
+        try:
+            st = (repo / path).lstat()
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+            found.append(path)
+    if not found:
+        raise CacheError("the build left no node_modules")
+    return found
+
+
+def _walk(top: Path, rel: str) -> Iterator[tuple[str, os.stat_result, str]]:
+    """`top` (named `rel`) and, for a directory, all under it: `_tree`'s order."""
+    st = top.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        yield rel, st, os.readlink(top)
+        return
+    yield rel, st, ""
+    if stat.S_ISDIR(st.st_mode):
+        for sub, child, link in _tree(top):
+            yield f"{rel}/{sub}", child, link
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _place(source: Path, target: Path, st: os.stat_result, link: str, copy: bool) -> None:
@@ -342,27 +454,76 @@ def _remove_other_owners(directory: Path) -> None:
 # -- the entry as an archive in storage (builds on ECS) ----------------------------------------
 
 
-def pack(source: Path, archive: Path) -> tuple[str, int]:
-    """node_modules as a gzip tarball (level 1: compressing is on the build's time); its
-    SHA-256 and size."""
+def pack(repo: Path, paths: Sequence[str], archive: Path) -> tuple[str, int, list[str]]:
+    """`paths` under `repo` as a gzip tarball (level 1: compressing is on the build's time);
+    its SHA-256, size and the paths it holds. CacheError when one holds a symlink out of the
+    tree."""
+    paths = saved_paths(repo, paths)
+    for path in paths:
+        for rel, _, link in _walk(repo / path, path):
+            if link and escapes(rel, link):
+                raise CacheError(f"{rel} is a symlink to {link}, out of the build's tree")
     with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
-        tar.add(source, arcname=ENTRY)
-    return file_sha256(archive), archive.stat().st_size
+        for path in paths:
+            tar.add(repo / path, arcname=f"{ENTRY}/{path}")
+    return file_sha256(archive), archive.stat().st_size, paths
 
 
-def unpack(archive: Path, target: Path) -> int:
-    """Unpack a verified archive to `target` (node_modules); the number of files. The `data`
-    filter refuses absolute paths, links out of the tree and device files."""
-    tmp = target.with_name(f".{target.name}.restoring")
+def unpack(archive: Path, repo: Path, listed: object, allowed: Sequence[str], work: Path) -> tuple[int, list[str]]:
+    """Unpack a verified archive's `listed` paths (each one of `allowed`) under `repo`; the
+    number of files and the paths. Every member is checked first: a name or a link out of
+    its path, or anything but files, directories and links, and nothing is unpacked (the
+    `data` filter, which refuses absolute paths, links out of the tree and device files,
+    checks again)."""
+    paths = check_paths(listed, allowed)
+    tmp = work / f".{ENTRY}.restoring"
     tmp.mkdir()
+    placed: list[Path] = []
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            members = [m for m in tar.getmembers() if m.name == ENTRY or m.name.startswith(ENTRY + "/")]
-            tar.extractall(tmp, members=members, filter="data")
-        os.rename(tmp / ENTRY, target)
-        return sum(1 for m in members if m.isfile())
+            members = tar.getmembers()
+            files = 0
+            for member in members:
+                rel = _member_path(member.name, paths)
+                if member.isfile():
+                    files += 1
+                elif member.issym():
+                    if escapes(rel, member.linkname):
+                        raise CacheError(f"tampered: {rel} is a symlink to {member.linkname}, "
+                                         "out of the build's tree")
+                elif member.islnk():
+                    _member_path(member.linkname, paths)
+                elif not member.isdir():
+                    raise CacheError(f"tampered: {rel} is neither a file, a directory nor a link")
+            names = {m.name for m in members}
+            if missing := [p for p in paths if f"{ENTRY}/{p}" not in names]:
+                raise CacheError(f"its archive lacks {', '.join(missing)} (corrupt)")
+            try:
+                tar.extractall(tmp, members=members, filter="data")
+            except tarfile.FilterError as exc:
+                raise CacheError(f"tampered: {exc}") from None
+        targets = [ready_parent(repo, path) for path in paths]
+        for path, target in zip(paths, targets, strict=True):
+            os.rename(tmp / ENTRY / path, target)
+            placed.append(target)
+        return files, paths
+    except BaseException:
+        for target in placed:
+            _remove(target)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _member_path(name: str, paths: Sequence[str]) -> str:
+    """The path (relative to the repository) of an archive member named `name`, which must be
+    one of `paths` or under one."""
+    rel = name.removeprefix(f"{ENTRY}/") if name.startswith(f"{ENTRY}/") else None
+    if rel is None or workspaces.clean(rel) != rel or not rel:
+        raise CacheError(f"tampered: its archive holds {name!r}, a path out of the build's tree")
+    if not any(rel == p or rel.startswith(p + "/") for p in paths):
+        raise CacheError(f"tampered: its archive holds {name!r}, which its manifest does not list")
+    return rel
 
 
 def file_sha256(path: Path) -> str:
@@ -373,9 +534,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def archive_manifest(key: Key, sha256: str, size: int, deployment: str) -> bytes:
+def archive_manifest(key: Key, paths: Sequence[str], sha256: str, size: int, deployment: str) -> bytes:
     return json.dumps({"format": FORMAT, "key": {**dataclasses.asdict(key), "install": list(key.install)},
-                       "sha256": sha256, "bytes": size, "deployment": deployment,
+                       "paths": list(paths), "sha256": sha256, "bytes": size, "deployment": deployment,
                        "saved_at": time.time()}).encode()
 
 

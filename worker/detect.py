@@ -14,8 +14,10 @@ import os
 import re
 import stat
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from .workspaces import workspace_of
 
 OUTPUT_DIRS = ("dist", "build", "out", ".output/public", "_site")
 PACKAGE_JSON_MAX = 1024 * 1024
@@ -124,6 +126,16 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
         )
     notes: list[str] = []
     installs = _installs(root, package, notes)
+    if rel and not installs[0].lockfile and (workspace := workspace_of(repo, rel)) is not None:
+        # A package of a monorepo: its lockfile (and packageManager) is the workspace root's,
+        # and the install there (the managers find it from the package) installs them all.
+        notes = [f"Workspace: {rel} is a workspace package of "
+                 + (f"{workspace}/" if workspace else "the repository root")
+                 + ", whose lockfile installs it"]
+        up = "../" * (rel.count("/") - (workspace.count("/") + 1 if workspace else 0) + 1)
+        top = repo / workspace if workspace else repo
+        installs = [replace(i, lockfile=up + i.lockfile) if i.lockfile else i
+                    for i in _installs(top, read_package_json(top), notes)]
     chosen = installs[0]
     install = list(overrides.install_command or chosen.argv)
     framework = detect_framework(package)

@@ -52,9 +52,10 @@ class Installed:
 
 async def install(
     plan: Plan, command: Command, emit: Emit, events: Sequence[str], project: Path,
-    *, restored: bool = False,
+    *, restored: bool = False, cached: Sequence[Path] = (),
 ) -> Installed:
-    """Install the dependencies (on a restored node_modules when `restored`).
+    """Install the dependencies (on a restored node_modules when `restored`: `cached` are the
+    paths the build cache restored, removed with node_modules when a fresh install must run).
 
     `events` is the build log so far (JSON events, as LogPublisher keeps them): a failed
     install's own lines say whether its lockfile was stale.
@@ -69,7 +70,7 @@ async def install(
     for number, attempt in enumerate(attempts):
         argv = plan.install if number == 0 else attempt.argv
         if number == 0 and restored and argv == ["npm", "ci"]:
-            if await _npm_on_restored(command, emit, project, attempt.lockfile):
+            if await _npm_on_restored(command, emit, project, attempt.lockfile, cached):
                 return Installed(plan.build, attempt, True)
             restored = False
         mark = len(events)
@@ -84,7 +85,7 @@ async def install(
             following = attempts[number + 1]
             emit("system", f"Warning: {stale[-1]} Trying {following.lockfile} with "
                            f"{following.label} instead; delete the lockfile you do not use.")
-            _remove_node_modules(project)
+            _remove_node_modules(project, cached)
             continue
         if number > 0:
             emit("system", f"Warning: installed from {attempt.lockfile} with {attempt.label} "
@@ -95,7 +96,8 @@ async def install(
     raise AssertionError("unreachable")
 
 
-async def _npm_on_restored(command: Command, emit: Emit, project: Path, lockfile: str) -> bool:
+async def _npm_on_restored(command: Command, emit: Emit, project: Path, lockfile: str,
+                           cached: Sequence[Path]) -> bool:
     """`npm install --prefer-offline` on the restored tree; False (and the tree removed, the
     lockfile as it was) when `npm ci` must run instead."""
     path = project / lockfile
@@ -113,7 +115,7 @@ async def _npm_on_restored(command: Command, emit: Emit, project: Path, lockfile
                            "installing from scratch with npm ci, which checks it")
     path.write_bytes(before)  # the build sees the lockfile as it was committed
     if not ok:
-        _remove_node_modules(project)
+        _remove_node_modules(project, cached)
     return ok
 
 
@@ -146,10 +148,11 @@ def _texts(events: Sequence[str]) -> list[str]:
     return texts
 
 
-def _remove_node_modules(project: Path) -> None:
-    """What the failed manager left: the next one starts clean (rmtree never follows links)."""
-    target = project / "node_modules"
-    if target.is_symlink():
-        target.unlink()
-    else:
-        shutil.rmtree(target, ignore_errors=True)
+def _remove_node_modules(project: Path, cached: Sequence[Path] = ()) -> None:
+    """What the failed manager left, and what the cache restored: the next one starts clean
+    (rmtree never follows links)."""
+    for target in (project / "node_modules", *cached):
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        else:
+            shutil.rmtree(target, ignore_errors=True)
