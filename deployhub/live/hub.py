@@ -159,7 +159,7 @@ class Hub:
         async for message in pubsub.listen():
             kind = message["type"]
             channel: str = message["channel"]  # the client decodes responses
-            project = channel[len(keys.channel("")):]
+            project = keys.channel_project(channel)
             if kind == "subscribe":
                 future = self._confirmed.get(project)
                 if future is not None and not future.done():
@@ -289,7 +289,7 @@ class Hub:
             after = watcher.seqs.get(dep_id, 0)
             if until is not None and after >= until:
                 return
-            events = await read_events(self.redis, dep_id, after, HISTORY_CHUNK, until)
+            events = await read_events(self.redis, project, dep_id, after, HISTORY_CHUNK, until)
             if not events:
                 return
             await watcher.send(wire_frame(logs_frame(project, dep_id, events).encode()))
@@ -326,7 +326,7 @@ class Hub:
     async def _from_storage(self, watcher: Watcher, project: str, dep_id: str) -> None:
         """A finished deployment whose stream Redis no longer has (it expires after 7 days):
         the full log written to storage when the build ended is the history."""
-        if await self.redis.exists(keys.log_stream(dep_id)):
+        if await self.redis.exists(keys.log_stream(project, dep_id)):
             return  # the stream is there; there was just nothing new in it
         if await self.store.project_of(dep_id) != project:
             return  # not this project's (the resume names came from the client)
