@@ -8,16 +8,18 @@ import json
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from .. import keys
 from ..connections import REDIS, STORAGE, STORE
 from ..logs import event_seq, logs_frame, read_events
+from ..redis_client import is_cluster
 from ..settings import Settings
 from ..status import Status
 from ..storage import Storage, log_key
@@ -26,6 +28,7 @@ from ..store import Store, decode_status_message, dumps
 from ..views import deployment_json
 from .frames import LogFrame, StatusFrame, wire_frame
 from .recent import RECENT_DEPLOYMENTS, Recent
+from .sharded import ShardedPubSub
 from .watcher import PING, RESYNC, Backlog, Item, Reply, Resync, Subscribe, Watcher
 
 log = logging.getLogger(__name__)
@@ -58,7 +61,7 @@ class Hub:
         # memory", "catch-ups from Redis", "log lines relayed"): logged at shutdown, exported
         # at /metrics.
         self.stats: Counter[str] = Counter()
-        self._pubsub: PubSub | None = None
+        self._pubsub: PubSub | ShardedPubSub | None = None
         self._confirmed: dict[str, asyncio.Future[None]] = {}
         self._connected = asyncio.Event()
 
@@ -119,7 +122,7 @@ class Hub:
         first = True
         while True:
             try:
-                async with self.redis.pubsub() as pubsub:
+                async with self._open_pubsub() as pubsub:
                     self._pubsub = pubsub
                     await pubsub.ping()
                     channels = [keys.channel(p) for p in self.watchers]
@@ -149,13 +152,18 @@ class Hub:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RECONNECT_BACKOFF[1])
 
+    def _open_pubsub(self) -> PubSub | ShardedPubSub:
+        if is_cluster(self.redis):
+            return ShardedPubSub(cast(RedisCluster, self.redis), self._reconnected)
+        return self.redis.pubsub()
+
     async def _reconnected(self, connection: object) -> None:
         log.info("Redis subscriber reconnected; every socket catches up from the streams")
         for members in self.watchers.values():
             for watcher in members:
                 watcher.offer(RESYNC)
 
-    async def _listen(self, pubsub: PubSub) -> None:
+    async def _listen(self, pubsub: PubSub | ShardedPubSub) -> None:
         async for message in pubsub.listen():
             kind = message["type"]
             channel: str = message["channel"]  # the client decodes responses
