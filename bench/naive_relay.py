@@ -52,7 +52,7 @@ class Relay:
                         continue
                     channel = message["channel"]
                     channel = channel.decode() if isinstance(channel, bytes) else channel
-                    project = channel[len(keys.channel("")):]
+                    project = keys.channel_project(channel)
                     payload = json.loads(message["data"])
                     if payload.get("type") != "logs":
                         continue

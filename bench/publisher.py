@@ -42,7 +42,7 @@ async def _publisher(conn: Any, spec: dict[str, Any]) -> None:
     async def timed_append(keys: list[str], args: list[Any]) -> Any:
         t0 = time.time()
         result = await append(keys=keys, args=args)
-        batches.append((int(args[2]), int(args[-2]), t0, time.time()))
+        batches.append((int(args[3]), int(args[-2]), t0, time.time()))
         return result
 
     pub._append = timed_append  # type: ignore[assignment]

@@ -264,14 +264,14 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
         check_deployment_id(request.match_info["id"]), await caller(request)
     )
     after = check_query_int(request.query.get("after", "0"), "after")
-    events = await read_events(redis, dep.id, after, LOG_CHUNK)  # before the headers go out
+    events = await read_events(redis, dep.project, dep.id, after, LOG_CHUNK)  # before the headers go out
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson; charset=utf-8"})
     await response.prepare(request)
     if events or not dep.final:
         while events:
             await response.write(("\n".join(events) + "\n").encode())
             after = json.loads(events[-1])["seq"]
-            events = await read_events(redis, dep.id, after, LOG_CHUNK)
+            events = await read_events(redis, dep.project, dep.id, after, LOG_CHUNK)
     else:
         # Redis has forgotten it (or never had it): the copy in storage is complete.
         stored = await request.config_dict[STORAGE].get_bytes(log_key(dep.id))

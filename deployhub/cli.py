@@ -241,7 +241,7 @@ async def _token(settings: Settings, action: str, arg: str | None, expires: str 
 
     from .auth import Tokens, check_token_name, parse_duration
     from .embedded_redis import embedded_redis, running_url
-    from .redis_client import open_redis
+    from .redis_client import connect_redis
     from .validation import InvalidInput
 
     try:  # before Redis: a bad name or expiry is the user's to fix, and needs no server
@@ -258,7 +258,7 @@ async def _token(settings: Settings, action: str, arg: str | None, expires: str 
         url = settings.redis_url or running_url(settings.data_dir)
         if url is None:  # no server running on this data directory: start its Redis briefly
             url = await stack.enter_async_context(embedded_redis(settings.data_dir))
-        redis = open_redis(url.reveal(), max_connections=4)
+        redis = await connect_redis(url.reveal(), max_connections=4)
         stack.push_async_callback(redis.aclose)
         tokens = Tokens(redis)
         if action == "create":

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from .auth import Tokens
 from .embedded_redis import embedded_redis
-from .redis_client import CONNECTION_ERRORS, open_redis
+from .redis_client import CONNECTION_ERRORS, connect_redis
 from .settings import Secret
 from .state import SETTINGS, require
 from .storage import Storage, StorageError, open_storage
@@ -56,13 +56,8 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
             url = await stack.enter_async_context(embedded_redis(settings.data_dir))
         else:
             url = settings.redis_url
-        try:
-            redis = open_redis(url.reveal(), max_connections=REDIS_CONNECTIONS)
-        except ValueError as exc:  # redis-py's words for a malformed URL
-            raise StartupError(f"DEPLOYHUB_REDIS_URL: {exc}") from None
+        redis = await _connect(url)
         stack.push_async_callback(redis.aclose)
-        if settings.redis_url is not None:
-            await _check_redis(redis, url)
         app[REDIS_URL] = url
         app[REDIS] = redis
         app[STORE] = Store(redis)
@@ -70,11 +65,14 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-async def _check_redis(redis: Redis, url: Secret) -> None:
+async def _connect(url: Secret) -> Redis:
+    """A client of the Redis at `url` (a cluster client if it is a cluster), once it answers."""
     where = redacted(url)
     try:
         async with asyncio.timeout(STARTUP_CHECK_TIMEOUT):
-            await redis.ping()
+            return await connect_redis(url.reveal(), max_connections=REDIS_CONNECTIONS)
+    except ValueError as exc:  # redis-py's words for a malformed URL
+        raise StartupError(f"DEPLOYHUB_REDIS_URL: {exc}") from None
     except TimeoutError:
         raise StartupError(f"DEPLOYHUB_REDIS_URL: Redis at {where} did not answer within "
                            f"{STARTUP_CHECK_TIMEOUT:.0f} s") from None

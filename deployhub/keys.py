@@ -1,6 +1,19 @@
-"""Every Redis key and channel DeployHub uses, in one place."""
+"""Every Redis key and channel DeployHub uses, in one place.
 
-PREFIX = "dh:"
+Two hash tags, so that a Redis Cluster (ElastiCache, Valkey in cluster mode) can run them:
+
+- the control plane (projects, deployment records, indexes, the queue, slots, leases, tokens,
+  metrics) is small and its Lua scripts change per-deployment and global keys in one atomic
+  step, so all of it shares the tag `{dh}`: one slot, every script and MULTI stays atomic;
+- the log traffic, which is most of the bytes and messages, is tagged by project: a
+  deployment's stream and its project's log channel share `{p:<project>}`, so the append
+  script (XADD + SPUBLISH) runs on one shard and projects spread over the shards.
+
+Standalone Redis ignores the tags; the names are the same in both modes (see migrate.py for
+the names before the tags).
+"""
+
+PREFIX = "{dh}:"
 
 # SET of project names.
 PROJECTS = PREFIX + "projects"
@@ -17,6 +30,10 @@ IDLE_CHANNEL = PREFIX + "ch-idle"
 METRICS = PREFIX + "metrics"
 # HASH sha256(token) -> token id, to look a bearer token up in one step.
 TOKEN_DIGESTS = PREFIX + "token-digests"
+# STRING "2" once the keys of older versions (`dh:<rest>`) have their names here (migrate.py).
+KEYS_VERSION = PREFIX + "keys-version"
+# STRING with a TTL, holder token: one process at a time renames the old keys.
+MIGRATE_LOCK = PREFIX + "migrate-lock"
 
 
 def token_projects(token_id: str) -> str:
@@ -65,9 +82,15 @@ def deployment(dep_id: str) -> str:
     return f"{PREFIX}deployment:{dep_id}"
 
 
-def log_stream(dep_id: str) -> str:
-    """STREAM of log events; entry id is '<seq>-0', field 'e' holds the event JSON."""
-    return f"{PREFIX}logs:{dep_id}"
+def project_tag(project_name: str) -> str:
+    """The hash tag of a project's log stream and channel: one slot per project."""
+    return "dh:{p:" + project_name + "}:"
+
+
+def log_stream(project_name: str, dep_id: str) -> str:
+    """STREAM of log events; entry id is '<seq>-0', field 'e' holds the event JSON. In the
+    project's slot, not the record's: read it with the record's `project`."""
+    return f"{project_tag(project_name)}logs:{dep_id}"
 
 
 def lease(dep_id: str) -> str:
@@ -76,8 +99,16 @@ def lease(dep_id: str) -> str:
 
 
 def channel(project_name: str) -> str:
-    """PUB/SUB channel carrying a project's status and log frames (JSON text)."""
-    return f"{PREFIX}ch:{project_name}"
+    """PUB/SUB channel carrying a project's status and log frames (JSON text). On a cluster
+    the log frames go by sharded pub/sub (SPUBLISH, to the project's shard) and the status
+    frames, which the control-plane scripts publish from the `{dh}` slot, by classic PUBLISH
+    under the same name (the two are separate namespaces; a hub subscribes to both)."""
+    return f"{project_tag(project_name)}ch"
+
+
+def channel_project(name: str) -> str:
+    """The project whose channel is `name` (the inverse of `channel`)."""
+    return name[len("dh:{p:"):-len("}:ch")]
 
 
 # -- the shared build queue (deployhub/queue.py) --------------------------------------------

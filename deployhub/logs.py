@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import keys
+from .redis_client import publish_command
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +29,18 @@ TRUNCATED_MARK = " [line truncated]"
 
 # Appends a batch to the capped stream and publishes the events that were new, in one round
 # trip. Entries whose id is not above the stream's last id were stored by an earlier try.
+# The stream and the channel share the project's hash tag, so on a cluster this runs on the
+# project's shard and publishes with SPUBLISH (ARGV[3]) to that shard's subscribers only.
 _APPEND = """
 local stream, channel = KEYS[1], KEYS[2]
-local maxlen, head = ARGV[1], ARGV[2]
+local maxlen, head, publish = ARGV[1], ARGV[2], ARGV[3]
 local added = {}
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   local r = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, ARGV[i] .. '-0', 'e', ARGV[i + 1])
   if type(r) ~= 'table' or not r.err then added[#added + 1] = ARGV[i + 1] end
 end
 if #added > 0 then
-  redis.call('PUBLISH', channel, head .. table.concat(added, ',') .. ']}')
+  redis.call(publish, channel, head .. table.concat(added, ',') .. ']}')
 end
 return #added
 """
@@ -107,6 +110,7 @@ class LogPublisher:
         self._pending: deque[tuple[int, str, float]] = deque()  # seq, event, monotonic time
         self._wake = asyncio.Event()
         self._append = redis.register_script(_APPEND)
+        self._publish = publish_command(redis)
         self._head = frame_head(project, dep_id)
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -193,12 +197,13 @@ class LogPublisher:
                     self._wake.clear()
                     continue
             batch = [self._pending[i] for i in range(min(self.batch_size, len(self._pending)))]
-            args: list[Any] = [self.max_lines + 100, self._head]
+            args: list[Any] = [self.max_lines + 100, self._head, self._publish]
             for seq, event, _emitted in batch:
                 args += [seq, event]
             try:
                 await self._append(
-                    keys=[keys.log_stream(self.dep_id), keys.channel(self.project)], args=args
+                    keys=[keys.log_stream(self.project, self.dep_id), keys.channel(self.project)],
+                    args=args,
                 )
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("log publish failed (%s); retrying in %.1fs", exc, backoff)
@@ -211,11 +216,12 @@ class LogPublisher:
 
 
 async def read_events(
-    redis: Redis, dep_id: str, after: int = 0, count: int = 5000, until: int | None = None
+    redis: Redis, project: str, dep_id: str, after: int = 0, count: int = 5000,
+    until: int | None = None,
 ) -> list[str]:
     """Raw event JSON strings with `after` < seq <= `until` (or the end), oldest first."""
     entries = await redis.xrange(
-        keys.log_stream(dep_id), min=f"{after + 1}-0", max="+" if until is None else f"{until}-0",
+        keys.log_stream(project, dep_id), min=f"{after + 1}-0", max="+" if until is None else f"{until}-0",
         count=count,
     )
     return [_field(fields) for _id, fields in entries or [] if fields]

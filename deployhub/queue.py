@@ -104,8 +104,9 @@ class BuildQueue:
             pipe.zadd(keys.QUEUE, {dep.id: dep.created_at}, nx=True)
             if self.home:
                 pipe.hset(keys.QUEUE_HOMES, dep.id, self.home)
-            pipe.publish(keys.QUEUE_WAKE, "1")
             await pipe.execute()
+        # After the MULTI, not in it: a cluster client refuses PUBLISH (no key) in one.
+        await self.redis.publish(keys.QUEUE_WAKE, "1")
 
     async def claim(self) -> str | None:
         """The next deployment to build, now holding a slot; None when all slots are taken
@@ -126,10 +127,8 @@ class BuildQueue:
 
     async def release(self, dep_id: str) -> None:
         """Free a slot whatever the deployment's status (its build is gone)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(keys.SLOTS, dep_id)
-            pipe.publish(keys.QUEUE_WAKE, "1")
-            await pipe.execute()
+        await self.redis.zrem(keys.SLOTS, dep_id)
+        await self.redis.publish(keys.QUEUE_WAKE, "1")  # not in a MULTI: see enqueue
 
     async def alive(self, living: bool = True) -> None:
         """Say this replica takes the deployments homed here (or, `living=False`, that it

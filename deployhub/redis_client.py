@@ -4,6 +4,11 @@ Every call survives a reconnect: a managed Redis that fails over, or a restart, 
 connections in the pool, and the first command on each would fail ("Connection closed by
 server"). The retry policy below is set on the pool, so every connection it hands out (and
 every command on it) retries connection errors with backoff on a fresh connection.
+
+`connect_redis` asks the server whether it is a cluster (`INFO cluster`), so the URL a user
+gives is the same either way: a standalone server's, or a cluster's configuration endpoint
+(any node). A cluster gets a `RedisCluster` client, which sends each command to the shard
+that holds its key.
 """
 
 from __future__ import annotations
@@ -11,13 +16,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .migrate import migrate_keys
 
 # A failed command is retried this many times, waiting 0.05, 0.1, 0.2 ... up to 1 s between
 # tries: about 2 s in all, so a request during an outage still gets its 503 quickly.
@@ -66,3 +74,50 @@ def open_redis(url: str, *, max_connections: int = 64) -> Redis:
         retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
+
+
+async def connect_redis(url: str, *, max_connections: int = 64) -> Redis:
+    """`open_redis(url)`, or a cluster client when the server at `url` runs in cluster mode.
+    Raises what the first command raises when the server cannot be reached."""
+    redis = open_redis(url, max_connections=max_connections)
+    try:
+        info = await redis.info("cluster")
+    except BaseException:
+        await redis.aclose()
+        raise
+    if not int(info.get("cluster_enabled", 0)):
+        try:
+            await migrate_keys(redis)
+        except BaseException:
+            await redis.aclose()
+            raise
+        return redis
+    await redis.aclose()
+    cluster = RedisCluster.from_url(
+        url,
+        max_connections=max_connections,  # per node
+        decode_responses=True,
+        health_check_interval=HEALTH_CHECK_SECONDS,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        socket_keepalive=True,
+        retry=Retry(ExponentialBackoff(cap=BACKOFF_CAP, base=BACKOFF_BASE), RETRIES),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
+    )
+    try:
+        await cluster.initialize()
+    except BaseException:
+        await cluster.aclose()
+        raise
+    # Typed as Redis: the cluster client has the same commands, scripts and pipelines, so
+    # the code is one path; the few places that must differ (sharded pub/sub) ask is_cluster.
+    return cast(Redis, cluster)
+
+
+def is_cluster(redis: Redis) -> bool:
+    return isinstance(redis, RedisCluster)
+
+
+def publish_command(redis: Redis) -> str:
+    """The command that publishes a project's log frames: SPUBLISH on a cluster, to the
+    channel's shard only, instead of PUBLISH, which a cluster copies to every node."""
+    return "SPUBLISH" if is_cluster(redis) else "PUBLISH"

@@ -24,17 +24,19 @@ PHASE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800)
 
 # Moves a deployment to a new status unless it is already final, records when, keeps the
 # active set and the production pointer right, and publishes the new state, all in one step
-# so watchers see states in the order they happened.
+# so watchers see states in the order they happened. The project's channel is an argument, not
+# a key: it is in the project's hash tag (see keys.py), and a script's keys share one slot;
+# a classic PUBLISH reaches its subscribers on every node of a cluster.
 _TRANSITION = """
 local FINAL = """ + lua_set(FINAL) + """
-local dep, active, channel = KEYS[1], KEYS[2], KEYS[3]
+local dep, active, channel = KEYS[1], KEYS[2], ARGV[6]
 local status, reason, now, id = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local current = redis.call('HGET', dep, 'status')
 if not current then return -1 end
 if FINAL[current] then return 0 end
 -- Metrics for every replica's /metrics: how long the phase being left took, and how
 -- deployments end (a histogram as cumulative bucket counts, a sum and a count).
-local metrics = KEYS[6]
+local metrics = KEYS[5]
 local started = tonumber(redis.call('HGET', dep, 't_' .. current) or '')
 if started and current ~= status then
   local took = math.max(0, tonumber(now) - started)
@@ -47,15 +49,15 @@ end
 if FINAL[status] then redis.call('HINCRBY', metrics, 'final:' .. status, 1) end
 redis.call('HSET', dep, 'status', status, 'updated_at', now, 't_' .. status, now)
 if reason ~= '' then redis.call('HSET', dep, 'reason', reason) end
-local project_key = KEYS[4]
+local project_key = KEYS[3]
 if FINAL[status] then
   redis.call('SREM', active, id)
-  redis.call('DEL', KEYS[5])
+  redis.call('DEL', KEYS[4])
   -- An ended deployment leaves the shared queue and frees its build slot at once, so the
   -- next one starts without waiting for a slot lease to run out.
-  redis.call('ZREM', KEYS[7], id)
-  redis.call('HDEL', KEYS[10], id)
-  if redis.call('ZREM', KEYS[8], id) == 1 then redis.call('PUBLISH', KEYS[9], '1') end
+  redis.call('ZREM', KEYS[6], id)
+  redis.call('HDEL', KEYS[9], id)
+  if redis.call('ZREM', KEYS[7], id) == 1 then redis.call('PUBLISH', KEYS[8], '1') end
 end
 if status == '""" + Status.READY + """' then
   local production = redis.call('HGET', project_key, 'production')
@@ -82,7 +84,7 @@ return 1
 
 # Points a project's production at one of its ready deployments (rollback or promote).
 _PROMOTE = """
-local project_key, dep, channel = KEYS[1], KEYS[2], KEYS[3]
+local project_key, dep, channel = KEYS[1], KEYS[2], ARGV[3]
 local fields = redis.call('HMGET', dep, 'project', 'status')
 if fields[1] ~= ARGV[1] then return -1 end
 if fields[2] ~= '""" + Status.READY + """' then return 0 end
@@ -94,7 +96,8 @@ return 1
 """
 
 # Forgets one final, non-production deployment of a project, atomically with the check, so a
-# rollback can never point production at a deployment whose files are being deleted.
+# rollback can never point production at a deployment whose files are being deleted. Its log
+# stream is in the project's hash tag, not the records' (see keys.py): deleted just after.
 _DELETE_DEPLOYMENT = """
 local FINAL = """ + lua_set(FINAL) + """
 local dep, project_key, project_deps, sites_channel = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -102,18 +105,19 @@ local fields = redis.call('HMGET', dep, 'project', 'status')
 if fields[1] ~= ARGV[1] then return -1 end
 if not FINAL[fields[2]] then return -2 end
 if redis.call('HGET', project_key, 'production') == ARGV[2] then return -3 end
-redis.call('DEL', dep, KEYS[5])
+redis.call('DEL', dep)
 redis.call('ZREM', project_deps, ARGV[2])
 redis.call('PUBLISH', sites_channel, cjson.encode({type = 'deleted', project = ARGV[1],
                                                    deployments = {ARGV[2]}}))
 return 1
 """
 
-# Forgets a project and all its deployments unless one is still building; returns the ids.
+# Forgets a project and all its deployments unless one is still building; returns the ids
+# (their log streams, in the project's hash tag, are deleted just after).
 _DELETE_PROJECT = """
 local project_key, project_deps, env, projects, sites_channel = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local project_settings, credential = KEYS[6], KEYS[7]
-local name, dep_prefix, logs_prefix = ARGV[1], ARGV[2], ARGV[3]
+local name, dep_prefix = ARGV[1], ARGV[2]
 if redis.call('EXISTS', project_key) == 0 then return false end
 local ids = redis.call('ZRANGE', project_deps, 0, -1)
 local FINAL = """ + lua_set(FINAL) + """
@@ -122,8 +126,8 @@ for _, id in ipairs(ids) do
   if status and not FINAL[status] then return {'busy', id} end
 end
 local owner = redis.call('HGET', project_key, 'owner')
-if owner then redis.call('SREM', ARGV[4] .. owner .. ARGV[5], name) end
-for _, id in ipairs(ids) do redis.call('DEL', dep_prefix .. id, logs_prefix .. id) end
+if owner then redis.call('SREM', ARGV[3] .. owner .. ARGV[4], name) end
+for _, id in ipairs(ids) do redis.call('DEL', dep_prefix .. id) end
 redis.call('DEL', project_key, project_deps, env, project_settings, credential)
 redis.call('SREM', projects, name)
 redis.call('PUBLISH', sites_channel, cjson.encode({type = 'production', project = name,
@@ -524,7 +528,6 @@ class Store:
             keys=[
                 keys.deployment(dep.id),
                 keys.ACTIVE,
-                keys.channel(dep.project),
                 keys.project(dep.project),
                 keys.lease(dep.id),
                 keys.METRICS,
@@ -533,7 +536,8 @@ class Store:
                 keys.QUEUE_WAKE,
                 keys.QUEUE_HOMES,
             ],
-            args=[status.value, reason, repr(time.time()), dep.id, keys.deployment("")],
+            args=[status.value, reason, repr(time.time()), dep.id, keys.deployment(""),
+                  keys.channel(dep.project)],
         )
         if result == -1:
             raise NotFound(f"no deployment {dep.id!r}")
@@ -542,8 +546,8 @@ class Store:
     async def promote(self, project: str, dep_id: str) -> bool:
         """Point production at a ready deployment; False if it is not ready."""
         result = await self._promote(
-            keys=[keys.project(project), keys.deployment(dep_id), keys.channel(project)],
-            args=[project, dep_id],
+            keys=[keys.project(project), keys.deployment(dep_id)],
+            args=[project, dep_id, keys.channel(project)],
         )
         if result == -1:
             raise NotFound(f"project {project!r} has no deployment {dep_id!r}")
@@ -553,9 +557,11 @@ class Store:
         """Remove a final deployment's records; Conflict while it serves or still builds."""
         result = await self._delete_deployment(
             keys=[keys.deployment(dep_id), keys.project(project), keys.project_deployments(project),
-                  keys.SITES_CHANNEL, keys.log_stream(dep_id)],
+                  keys.SITES_CHANNEL],
             args=[project, dep_id],
         )
+        if result == 1:
+            await self.redis.delete(keys.log_stream(project, dep_id))
         if result == -1:
             raise NotFound(f"project {project!r} has no deployment {dep_id!r}")
         if result == -2:
@@ -573,13 +579,19 @@ class Store:
             keys=[keys.project(name), keys.project_deployments(name), keys.project_env(name),
                   keys.PROJECTS, keys.SITES_CHANNEL, keys.project_settings(name),
                   keys.project_credential(name)],
-            args=[name, keys.deployment(""), keys.log_stream(""), *keys.token_projects("\0").split("\0")],
+            args=[name, keys.deployment(""), *keys.token_projects("\0").split("\0")],
         )
         if not result:
             raise NotFound(f"no project {name!r}")
         if result[0] == "busy":
             raise Conflict(f"deployment {result[1]} of {name} is still building; cancel it first")
-        return [str(dep_id) for dep_id in result[1:]]
+        dep_ids = [str(dep_id) for dep_id in result[1:]]
+        if dep_ids:  # one DEL per key: a cluster client splits a multi-key DEL by slot anyway
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for dep_id in dep_ids:
+                    pipe.delete(keys.log_stream(name, dep_id))
+                await pipe.execute()
+        return dep_ids
 
     async def refresh_leases(self, dep_ids: Iterable[str], holder: str) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -638,12 +650,16 @@ class Store:
             keys.deployment(dep_id), mapping={"commit": sha, "commit_message": message}
         )
 
-    async def record_log_end(self, dep_id: str, last_seq: int, keep_seconds: int) -> None:
+    async def record_log_end(
+        self, project: str, dep_id: str, last_seq: int, keep_seconds: int
+    ) -> None:
         """The build's log is complete at `last_seq`; its stream expires after `keep_seconds`
         (the full log is in storage by then). Watchers compare `log_seq` with what they got
-        to know whether to read the stream once more."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.expire(keys.log_stream(dep_id), keep_seconds)
+        to know whether to read the stream once more. Not one MULTI: the stream and the
+        record are in different hash tags (see keys.py); a retry after a lost reply just
+        sets both again."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.expire(keys.log_stream(project, dep_id), keep_seconds)
             pipe.hset(keys.deployment(dep_id), "log_seq", last_seq)
             await pipe.execute()
 

@@ -18,7 +18,7 @@ import time
 
 from .auth import Tokens
 from .embedded_redis import embedded_redis
-from .redis_client import open_redis
+from .redis_client import connect_redis
 from .settings import Secret, Settings
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ async def supervise(settings: Settings) -> int:
         url = settings.redis_url
         if url is None:
             url = await stack.enter_async_context(embedded_redis(settings.data_dir))
-        redis = open_redis(url.reveal(), max_connections=2)
+        redis = await connect_redis(url.reveal(), max_connections=2)
         try:
             await first_login(Tokens(redis), settings)
         finally:

@@ -8,7 +8,7 @@ import time
 import aiohttp
 import pytest
 
-from deployhub import cli, get_tokens
+from deployhub import cli, get_tokens, keys
 from deployhub.auth import client_address
 from tests.support.infra import TINY_APP, GitServer, RedisServer, unique_name
 from tests.support.service import Service, StartService
@@ -75,7 +75,7 @@ async def test_revoked_token_stops_working(service: Service) -> None:
     assert await tokens.revoke(token.id)
     async with service.http.get(service.url + "/api/projects", headers=headers) as r:
         assert r.status == 401
-    stored = await tokens.redis.hgetall("dh:tokens")
+    stored = await tokens.redis.hgetall(keys.TOKENS)
     assert secret not in str(stored)  # only a digest is kept
 
 
@@ -100,7 +100,7 @@ async def test_last_used_is_written_once_a_minute_not_per_call(service: Service)
     for _ in range(5):
         async with service.http.get(service.url + "/api/projects") as r:
             assert r.status == 200
-        stamps.append(await tokens.redis.hget("dh:token-last-used", service.token_id))
+        stamps.append(await tokens.redis.hget(keys.TOKEN_LAST_USED, service.token_id))
     assert len(set(stamps)) == 1 and float(stamps[0]) >= before  # one write, then none
     listed = {t.id: t for t in await tokens.list()}[service.token_id]
     assert listed.last_used_at == float(stamps[0])

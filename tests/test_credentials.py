@@ -16,7 +16,7 @@ import pytest
 from cryptography.fernet import Fernet
 from redis.asyncio import Redis
 
-from deployhub import get_storage, get_store, get_tokens
+from deployhub import get_storage, get_store, get_tokens, keys
 from deployhub.logs import LogPublisher
 from deployhub.secretbox import SecretBox
 from deployhub.storage import log_key
@@ -111,11 +111,11 @@ async def test_bad_credentials_are_refused_with_a_reason(
 async def test_the_token_is_encrypted_at_rest_and_goes_with_the_project(service: Service) -> None:
     store = get_store(service.app)
     await put_credential(service, "sealedcred", {"token": "plain-canary-token-77"})
-    raw = await store.redis.hgetall("dh:project:sealedcred:credential")
+    raw = await store.redis.hgetall(keys.project_credential("sealedcred"))
     assert "plain-canary-token-77" not in json.dumps(raw) and raw["sealed"].startswith("gAAAAA")
     async with service.http.delete(f"{service.url}/api/projects/sealedcred") as r:
         assert r.status == 200, await r.text()
-    assert not await store.redis.exists("dh:project:sealedcred:credential")
+    assert not await store.redis.exists(keys.project_credential("sealedcred"))
 
 
 async def redis_dump(service: Service) -> str:
@@ -174,7 +174,7 @@ async def test_a_deploy_fails_clearly_when_a_secret_cannot_be_decrypted(
     name = unique_name("rekeyed")
     url = private_repo(private_git, name)
     await put_credential(service, name, {"token": token_of(private_git)})
-    await store.redis.hset(f"dh:project:{name}:credential", "sealed", stranger.seal("x" * 20))
+    await store.redis.hset(keys.project_credential(name), "sealed", stranger.seal("x" * 20))
     final = await service.wait_final((await service.deploy(url, project=name))["id"])
     assert final["status"] == "failed"
     assert final["reason"].startswith(f"the repository credential of {name} cannot be decrypted")
@@ -191,7 +191,7 @@ async def test_a_webhook_whose_secret_cannot_be_decrypted_says_to_set_it_again(
     name = unique_name("rekeyedhook")
     secret = await new_secret(service, name)
     stranger = SecretBox(Fernet.generate_key())
-    await get_store(service.app).redis.hset(f"dh:project:{name}:settings", "webhook_secret",
+    await get_store(service.app).redis.hset(keys.project_settings(name), "webhook_secret",
                                             stranger.seal(secret))
     status, answer = await hook(service, {"zen": "hi"}, secret, event="ping", query=f"?project={name}")
     assert status == 409 and "cannot be decrypted" in answer["error"]

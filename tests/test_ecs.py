@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from deployhub import get_store
+from deployhub import get_store, keys
 from deployhub.runners.ecs import EcsRunner
 from deployhub.settings import Settings, SettingsError
 from deployhub.store import Deployment, Store
@@ -140,11 +140,11 @@ async def test_a_restart_leaves_running_tasks_to_the_next_server(
     assert task["lastStatus"] == "RUNNING"  # the shutdown stopped nothing
     second = await start_service(first.settings)
     store = get_store(second.app)
-    await store.redis.expire(f"dh:lease:{dep.id}", 2)  # as if the first had gone long ago
+    await store.redis.expire(keys.lease(dep.id), 2)  # as if the first had gone long ago
     await asyncio.sleep(7)  # > the lease left, > one reconcile round
     assert await store.reap() == []
     assert (await store.get_deployment(dep.id)).status == "queued"
-    assert await store.redis.ttl(f"dh:lease:{dep.id}") > 20  # the new server holds it
+    assert await store.redis.ttl(keys.lease(dep.id)) > 20  # the new server holds it
 
 
 async def test_a_shutdown_while_run_task_waits_puts_the_deployment_back_in_the_queue(

@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from deployhub import get_store
+from deployhub import get_store, keys
 from deployhub.store import Store
 from tests.support.infra import TINY_APP, GitServer, RedisServer, unique_name
 from tests.support.served import Served
@@ -73,7 +73,7 @@ def test_leftovers_of_a_previous_run_are_failed_on_start(tmp_path, git_server: G
 async def test_reaper_fails_deployments_nobody_holds(service: Service) -> None:
     store: Store = get_store(service.app)
     dep = await store.create_deployment("orphan", "http://127.0.0.1:9/x.git", "")
-    await store.redis.delete(f"dh:lease:{dep.id}")
+    await store.redis.delete(keys.lease(dep.id))
     assert await store.reap() == [dep.id]
     final = await store.get_deployment(dep.id)
     assert final.status == "failed" and "stopped reporting" in final.reason

@@ -9,14 +9,14 @@ from tests.support.infra import TINY_APP, GitServer, unique_name
 from tests.support.service import Service, Watch
 
 
-async def log_complete(service: Service, dep_id: str) -> None:
+async def log_complete(service: Service, dep_id: str, project: str) -> None:
     """`ready` is recorded once the site is live; the worker then stores the log copy and
     gives the stream its expiry: wait for that."""
     from deployhub import get_store, keys
 
     redis = get_store(service.app).redis
     for _ in range(200):
-        if await redis.ttl(keys.log_stream(dep_id)) > 0:
+        if await redis.ttl(keys.log_stream(project, dep_id)) > 0:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"the log of {dep_id} was never completed")
@@ -127,9 +127,9 @@ async def test_log_comes_from_storage_once_redis_forgot_it(service: Service, git
     redis = get_store(service.app).redis
     # `ready` is recorded when the site is live; the worker stores the log copy just after,
     # then gives the stream its expiry (the stream expires; storage keeps it).
-    await log_complete(service, dep["id"])
+    await log_complete(service, dep["id"], dep["project"])
     from_redis = await service.logs(dep["id"])
-    await redis.delete(keys.log_stream(dep["id"]))
+    await redis.delete(keys.log_stream(dep["project"], dep["id"]))
     assert await service.logs(dep["id"]) == from_redis
     assert await service.logs(dep["id"], after=3) == from_redis[3:]
 
@@ -142,9 +142,9 @@ async def test_a_watcher_gets_the_log_from_storage_once_redis_forgot_it(
     url = git_server.add_repo(unique_name("tiny"), files_dir=TINY_APP)
     dep = await service.deploy(url)
     await service.wait_final(dep["id"])
-    await log_complete(service, dep["id"])
+    await log_complete(service, dep["id"], dep["project"])
     stored = await service.logs(dep["id"])
-    await get_store(service.app).redis.delete(keys.log_stream(dep["id"]))
+    await get_store(service.app).redis.delete(keys.log_stream(dep["project"], dep["id"]))
     watch = await Watch(service).open(dep["project"])  # the newest deployment: its history first
     await watch.wait_for(lambda: watch.seqs(dep["id"]) == [e["seq"] for e in stored], timeout=20)
     await watch.close()

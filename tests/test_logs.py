@@ -20,7 +20,7 @@ async def publish(redis_server: RedisServer, lines: list[str], **caps: int) -> l
     for line in lines:
         publisher.emit("stdout", line)
     await publisher.close(timeout=10)
-    events = [json.loads(e) for e in await read_events(redis, "dep000000001")]
+    events = [json.loads(e) for e in await read_events(redis, "p", "dep000000001")]
     await redis.aclose()
     return events
 
@@ -56,9 +56,9 @@ async def test_lines_emitted_while_redis_is_down_arrive_once(redis_server: Redis
     assert publisher.pending > 0
     redis_server.start()
     await publisher.close(timeout=30)
-    events = await read_events(redis, "dep000000002")
+    events = await read_events(redis, "p", "dep000000002")
     assert [json.loads(e)["seq"] for e in events] == list(range(1, 201))
-    assert await redis.xlen(keys.log_stream("dep000000002")) == 200
+    assert await redis.xlen(keys.log_stream("p", "dep000000002")) == 200
     await redis.aclose()
 
 
@@ -66,7 +66,7 @@ async def test_a_full_batch_goes_out_without_waiting_for_the_timer(redis_server:
     """A busy build must not build a standing backlog: reaching the batch size flushes at once,
     even while the publisher is waiting for its timer (it used to sleep the whole interval)."""
     redis = Redis.from_url(redis_server.url, decode_responses=True)
-    stream = keys.log_stream("dep000000003")
+    stream = keys.log_stream("p", "dep000000003")
     publisher = LogPublisher(
         redis, "p", "dep000000003", max_lines=10_000, line_max_bytes=100, interval=3.0, batch_size=500
     )

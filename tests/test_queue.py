@@ -9,6 +9,7 @@ import pytest
 
 from redis.asyncio import Redis
 
+from deployhub import keys
 from deployhub.queue import BuildQueue, Dispatcher
 from deployhub.status import Status
 from deployhub.store import Store
@@ -71,7 +72,7 @@ async def test_a_lapsed_slot_is_free_and_ended_deployments_leave_the_queue(redis
     assert await queue.claim() == deps[0].id and await queue.claim() is None
     await store.transition(deps[1], Status.CANCELED, "Canceled by user.")
     assert await queue.waiting() == [deps[2].id]
-    await redis.zadd("dh:slots", {deps[0].id: 0})  # its replica died: the lease ran out
+    await redis.zadd(keys.SLOTS, {deps[0].id: 0})  # its replica died: the lease ran out
     assert await queue.claim() == deps[2].id
     await queue.hold([deps[0].id])  # still not final: a late refresh takes its slot back
     assert sorted(await queue.running()) == sorted([deps[0].id, deps[2].id])
@@ -85,9 +86,9 @@ async def test_queued_deployments_keep_their_lease_while_they_wait(redis_server:
     store, queue = Store(redis), BuildQueue(redis, limit=1)
     dep = await store.create_deployment("wait", REPO, "")
     await queue.enqueue(dep)
-    await redis.expire(f"dh:lease:{dep.id}", 1)
+    await redis.expire(keys.lease(dep.id), 1)
     assert await queue.keep_queued() == 1
-    assert await redis.ttl(f"dh:lease:{dep.id}") > 20
+    assert await redis.ttl(keys.lease(dep.id)) > 20
     assert (await store.get_deployment(dep.id)).queue_position == 1
     assert await store.reap() == []
     await redis.aclose()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from deployhub import Settings, get_store
+from deployhub import Settings, get_store, keys
 from deployhub.secretbox import SecretBox, SecretUnreadable, load_or_create_key, secret_box
 from deployhub.settings import SettingsError
 from tests.support.infra import TINY_APP, GitServer, RedisServer, unique_name
@@ -54,7 +54,7 @@ async def test_secrets_are_encrypted_at_rest_and_the_key_file_is_private(service
                           "TITLE": {"value": "shown-canary", "secret": False}}}
     async with service.http.patch(service.url + "/api/projects/vault/variables", json=body) as r:
         assert r.status == 200
-    raw = await get_store(service.app).redis.hgetall("dh:project:vault:env")
+    raw = await get_store(service.app).redis.hgetall(keys.project_env("vault"))
     assert "plain-canary-51d2" not in str(raw)  # a copy of Redis alone reveals nothing
     assert json.loads(raw["API_KEY"])["sealed"].startswith("gAAAAA")  # a Fernet token, version 0x80
     assert json.loads(raw["TITLE"]) == {"value": "shown-canary", "secret": False}  # plain: not secret
@@ -71,14 +71,14 @@ async def test_secrets_are_encrypted_at_rest_and_the_key_file_is_private(service
 async def test_plaintext_secrets_from_earlier_versions_still_work(service: Service) -> None:
     store = get_store(service.app)
     await store.claim_project("legacy", service.token_id)
-    await store.redis.hset("dh:project:legacy:env", "OLD", json.dumps({"value": "old-plain", "secret": True}))
+    await store.redis.hset(keys.project_env("legacy"), "OLD", json.dumps({"value": "old-plain", "secret": True}))
     assert await store.build_variables("legacy", secret_box(service.settings)) == {"OLD": ("old-plain", True)}
     status, listed = await service.get_json("/api/projects/legacy/variables")
     assert listed["variables"] == {"OLD": {"value": None, "secret": True}}
     async with service.http.patch(service.url + "/api/projects/legacy/variables",
                                   json={"variables": {"OLD": {"value": "old-plain", "secret": True}}}) as r:
         assert r.status == 200  # set again: now sealed
-    assert "old-plain" not in str(await store.redis.hgetall("dh:project:legacy:env"))
+    assert "old-plain" not in str(await store.redis.hgetall(keys.project_env("legacy")))
 
 
 def test_key_file_is_made_once_and_shared(tmp_path: Path) -> None:

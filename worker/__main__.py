@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 
-from deployhub.redis_client import open_redis, through_outage
+from deployhub.redis_client import connect_redis, through_outage
 from deployhub.settings import Settings, SettingsError
 from deployhub.status import Status
 from deployhub.storage import open_storage
@@ -57,7 +57,8 @@ async def main(dep_id: str, watch_stdin: bool, lease_holder: str) -> int:
     settings = Settings.from_env()
     if settings.redis_url is None:
         raise SettingsError("the worker needs DEPLOYHUB_REDIS_URL")
-    redis = open_redis(settings.redis_url.reveal(), max_connections=8)
+    url = settings.redis_url.reveal()
+    redis = await through_outage(lambda: connect_redis(url, max_connections=8), deadline=30)
     try:
         store = Store(redis)
         try:

@@ -558,7 +558,7 @@ class Build:
         except Exception:
             log.exception("could not store the log of %s", self.dep.id)
         with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
-            await retry(lambda: self.store.record_log_end(self.dep.id, self.logs.seq, LOG_TTL_SECONDS))
+            await retry(lambda: self.store.record_log_end(self.dep.project, self.dep.id, self.logs.seq, LOG_TTL_SECONDS))
         await retry(lambda: self.store.transition(self.dep, status, reason))
 
     # -- environment -----------------------------------------------------------------------

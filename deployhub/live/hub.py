@@ -8,16 +8,18 @@ import json
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from .. import keys
 from ..connections import REDIS, STORAGE, STORE
 from ..logs import event_seq, logs_frame, read_events
+from ..redis_client import is_cluster
 from ..settings import Settings
 from ..status import Status
 from ..storage import Storage, log_key
@@ -26,6 +28,7 @@ from ..store import Store, decode_status_message, dumps
 from ..views import deployment_json
 from .frames import LogFrame, StatusFrame, wire_frame
 from .recent import RECENT_DEPLOYMENTS, Recent
+from .sharded import ShardedPubSub
 from .watcher import PING, RESYNC, Backlog, Item, Reply, Resync, Subscribe, Watcher
 
 log = logging.getLogger(__name__)
@@ -58,7 +61,7 @@ class Hub:
         # memory", "catch-ups from Redis", "log lines relayed"): logged at shutdown, exported
         # at /metrics.
         self.stats: Counter[str] = Counter()
-        self._pubsub: PubSub | None = None
+        self._pubsub: PubSub | ShardedPubSub | None = None
         self._confirmed: dict[str, asyncio.Future[None]] = {}
         self._connected = asyncio.Event()
 
@@ -119,7 +122,7 @@ class Hub:
         first = True
         while True:
             try:
-                async with self.redis.pubsub() as pubsub:
+                async with self._open_pubsub() as pubsub:
                     self._pubsub = pubsub
                     await pubsub.ping()
                     channels = [keys.channel(p) for p in self.watchers]
@@ -149,17 +152,22 @@ class Hub:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RECONNECT_BACKOFF[1])
 
+    def _open_pubsub(self) -> PubSub | ShardedPubSub:
+        if is_cluster(self.redis):
+            return ShardedPubSub(cast(RedisCluster, self.redis), self._reconnected)
+        return self.redis.pubsub()
+
     async def _reconnected(self, connection: object) -> None:
         log.info("Redis subscriber reconnected; every socket catches up from the streams")
         for members in self.watchers.values():
             for watcher in members:
                 watcher.offer(RESYNC)
 
-    async def _listen(self, pubsub: PubSub) -> None:
+    async def _listen(self, pubsub: PubSub | ShardedPubSub) -> None:
         async for message in pubsub.listen():
             kind = message["type"]
             channel: str = message["channel"]  # the client decodes responses
-            project = channel[len(keys.channel("")):]
+            project = keys.channel_project(channel)
             if kind == "subscribe":
                 future = self._confirmed.get(project)
                 if future is not None and not future.done():
@@ -289,7 +297,7 @@ class Hub:
             after = watcher.seqs.get(dep_id, 0)
             if until is not None and after >= until:
                 return
-            events = await read_events(self.redis, dep_id, after, HISTORY_CHUNK, until)
+            events = await read_events(self.redis, project, dep_id, after, HISTORY_CHUNK, until)
             if not events:
                 return
             await watcher.send(wire_frame(logs_frame(project, dep_id, events).encode()))
@@ -326,7 +334,7 @@ class Hub:
     async def _from_storage(self, watcher: Watcher, project: str, dep_id: str) -> None:
         """A finished deployment whose stream Redis no longer has (it expires after 7 days):
         the full log written to storage when the build ended is the history."""
-        if await self.redis.exists(keys.log_stream(dep_id)):
+        if await self.redis.exists(keys.log_stream(project, dep_id)):
             return  # the stream is there; there was just nothing new in it
         if await self.store.project_of(dep_id) != project:
             return  # not this project's (the resume names came from the client)
