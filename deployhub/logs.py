@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import keys
-from .redis_client import publish_command
+from .redis_client import publish_command, stop_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +206,7 @@ class LogPublisher:
                     args=args,
                 )
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                stop_if_cancelled()
                 log.warning("log publish failed (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from redis.asyncio import Redis
 
 from . import keys
+from .redis_client import stop_if_cancelled
 from .status import FINAL, Status, lua_set
 from .store import LEASE_SECONDS, Deployment
 
@@ -172,6 +173,7 @@ class Dispatcher:
         next_keep = 0.0
         try:
             while True:
+                stop_if_cancelled()  # a cancel a library turned into an error ends us too
                 self._wake.clear()
                 try:
                     if time.monotonic() >= next_keep:
@@ -219,6 +221,7 @@ class Dispatcher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                stop_if_cancelled()
                 log.debug("queue wake-ups lost for now: %s", exc)
                 await asyncio.sleep(POLL_INTERVAL)
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from .connections import STORE
+from .redis_client import stop_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ async def reaper_ctx(app: web.Application) -> AsyncIterator[None]:
                 for dep_id in await store.reap():
                     log.warning("deployment %s stopped reporting: marked failed", dep_id)
             except Exception as exc:  # Redis away: try again next round
+                stop_if_cancelled()
                 log.warning("reaper could not run: %s", exc)
             await asyncio.sleep(REAP_INTERVAL)
 

@@ -43,6 +43,17 @@ OUTAGE_DEADLINE = 120.0  # seconds a build's Redis call waits out a restart befo
 T = TypeVar("T")
 
 
+def stop_if_cancelled() -> None:
+    """Raise CancelledError when the running task was asked to stop: for the loops that
+    retry after an error. A cancel can come back as another error (on Python 3.11 a timeout
+    inside a library racing it, as redis-py's and aiohttp's connection code can), and a loop
+    that retried would outlive the shutdown that cancelled it, which then waits forever.
+    The request still counts in `Task.cancelling()`, whatever became of its exception."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def through_outage(call: Callable[[], Awaitable[T]], *, deadline: float = OUTAGE_DEADLINE) -> T:
     """`call()`, made again through a Redis outage (a restart, a failover) for up to
     `deadline` seconds: for the worker's records and an upload's leases, which must not fail
@@ -53,6 +64,7 @@ async def through_outage(call: Callable[[], Awaitable[T]], *, deadline: float = 
         try:
             return await call()
         except (RedisConnectionError, RedisTimeoutError, OSError):
+            stop_if_cancelled()
             if time.monotonic() > give_up:
                 raise
             await asyncio.sleep(delay)

@@ -36,7 +36,7 @@ from . import keys
 from .collector import Collector
 from .connections import STORAGE, STORE
 from .manifest import Entry, Manifest, parse
-from .redis_client import CONNECTION_ERRORS
+from .redis_client import CONNECTION_ERRORS, stop_if_cancelled
 from .settings import Settings
 from .state import SETTINGS, require
 from .storage import Storage, manifest_key
@@ -405,6 +405,7 @@ class Sites:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
+                stop_if_cancelled()
                 log.warning("site events lost their Redis connection (%s); sites seen keep "
                             "serving; retrying in %.1fs", exc, backoff)
             finally:

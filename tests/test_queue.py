@@ -122,3 +122,26 @@ async def test_a_dispatcher_woken_as_it_is_canceled_still_stops(redis_server: Re
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 5)
     await redis.aclose()
+
+
+async def test_a_dispatcher_stops_when_its_cancel_comes_back_as_another_error(redis_server: RedisServer) -> None:
+    # Python 3.11 and the libraries under us can turn a cancel that races a timeout into a
+    # timeout error; a retrying loop must still stop, or the server never shuts down.
+    redis = Redis.from_url(redis_server.url, decode_responses=True)
+    store, queue = Store(redis), BuildQueue(redis, limit=1)
+    started = asyncio.Event()
+
+    async def start(dep_id: str) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise TimeoutError("Timeout reading from socket") from None
+
+    await queue.enqueue(await store.create_deployment("cancel", REPO, ""))
+    task = asyncio.create_task(Dispatcher(queue, start, list).run())
+    await asyncio.wait_for(started.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    await redis.aclose()

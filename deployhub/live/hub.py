@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from .. import keys
 from ..connections import REDIS, STORAGE, STORE
 from ..logs import event_seq, logs_frame, read_events
-from ..redis_client import is_cluster
+from ..redis_client import is_cluster, stop_if_cancelled
 from ..settings import Settings
 from ..status import Status
 from ..storage import Storage, log_key
@@ -145,6 +145,7 @@ class Hub:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
+                stop_if_cancelled()
                 log.warning("Redis subscriber lost its connection (%s); retrying in %.1fs", exc, backoff)
             finally:
                 self._connected.clear()

@@ -20,6 +20,7 @@ from typing import Any
 
 from .. import keys
 from ..queue import BuildQueue, Dispatcher, dispatching
+from ..redis_client import stop_if_cancelled
 from ..settings import Settings, env_name
 from ..status import Status
 from ..store import Deployment, Store
@@ -261,6 +262,7 @@ class EcsRunner:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # ECS or Redis away: leases have slack, try next round
+                stop_if_cancelled()
                 log.warning("could not reconcile the ECS tasks: %s", exc)
             await asyncio.sleep(RECONCILE_INTERVAL)
 

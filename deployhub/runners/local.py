@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 from ..queue import BuildQueue, Dispatcher, dispatching
+from ..redis_client import stop_if_cancelled
 from ..settings import Secret, Settings
 from ..status import Status
 from ..store import Deployment, NotFound, Store
@@ -189,6 +190,7 @@ class LocalRunner:
                 try:
                     await self.store.refresh_leases(list(self.owned), self.holder)
                 except Exception as exc:  # the lease has slack; the next refresh may succeed
+                    stop_if_cancelled()
                     log.warning("could not refresh the build leases: %s", exc)
 
     async def fail_leftovers(self) -> list[str]:
