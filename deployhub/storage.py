@@ -285,7 +285,7 @@ class S3Storage:
     def __init__(
         self, client: Any, bucket: str, prefix: str = "", *,
         multipart_threshold: int = MULTIPART_THRESHOLD, part_size: int = PART_SIZE,
-        parts_in_flight: int = PARTS_IN_FLIGHT,
+        parts_in_flight: int = PARTS_IN_FLIGHT, list_page: int = 1000,
     ) -> None:
         self.client = client
         self.bucket = bucket
@@ -293,6 +293,7 @@ class S3Storage:
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
         self._parts = asyncio.Semaphore(parts_in_flight)
+        self.list_page = list_page  # keys per ListObjectsV2 page (1,000 is S3's most)
         self.requests: Counter[str] = Counter()
 
     async def check(self) -> None:
@@ -448,7 +449,7 @@ class S3Storage:
         for _ in range(max_pages):
             self.requests["list"] += 1
             page = await self.client.list_objects_v2(
-                Bucket=self.bucket, Prefix=self.prefix + within, MaxKeys=1000, **token
+                Bucket=self.bucket, Prefix=self.prefix + within, MaxKeys=self.list_page, **token
             )
             for item in page.get("Contents", []):
                 last = str(item["Key"])[len(self.prefix):]

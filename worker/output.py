@@ -5,10 +5,12 @@ anywhere (the output directory, a parent of it, a file) can never lead outside t
 
 Storage is content-addressed: a file's bytes go to `blobs/<sha256>` once, whatever deploys
 them; a redeploy uploads only the files that changed. Text assets get brotli and gzip variants
-beside them, written before the blob itself, so a blob that exists has its variants. We use
-the `brotli` package (Google's own bindings to the reference C library, wheels everywhere):
-the standard library has gzip but no brotli, and brotli at quality 11 makes JavaScript and
-CSS some 15-25% smaller than gzip -9, computed once per blob at upload, never per request.
+beside them, written before the blob itself, so a blob that exists has its variants (see
+worker/variants.py for how they are made, and at what quality).
+
+An upload hashes every file first (streamed), leases the blobs, asks storage once which it
+holds (`Storage.stat_many`: on S3 one listing of `blobs/`, not a HeadObject per blob), then
+reads, compresses and uploads only the missing ones, the manifest last.
 """
 
 from __future__ import annotations
@@ -16,17 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import gzip
 import hashlib
 import mimetypes
+import multiprocessing
 import os
 import stat
 from collections.abc import AsyncIterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import brotli
 from redis.asyncio import Redis
 
 from deployhub import manifest as manifests
@@ -36,6 +37,7 @@ from deployhub.storage import BLOBS, Storage, blob_key, manifest_key
 
 from .detect import BuildError
 from .proc import Emit
+from .variants import ENCODINGS, brotli_qualities, make_variants
 
 # Files uploaded at once: each upload mostly waits on S3's round trips (a HeadObject, then up
 # to three PutObjects), so many in flight hide the latency; the connection pool of
@@ -46,7 +48,6 @@ UPLOAD_CONCURRENCY = 64
 IN_MEMORY = 8 * 1024 * 1024
 # Bytes of files held in memory at once by the uploads in flight, whatever their number.
 MEMORY_BUDGET = 64 * 1024 * 1024
-BROTLI_BEST_UP_TO = 2 * 1024 * 1024  # quality 11 is slow; above this, quality 9
 VARIANT_WORTH = 0.9  # keep a variant only when it is at most 90% of the original
 RULE_FILES = ("_redirects", "_headers")
 
@@ -93,7 +94,8 @@ async def upload_site(
         out_fd = open_beneath(src, rel_dir, directory=True)
     except OSError as exc:
         raise BuildError(f"The output directory {rel_dir}/ cannot be read: {exc.strerror}") from None
-    compressor = ThreadPoolExecutor(min(usable_cpus(), concurrency), thread_name_prefix="compress")
+    cpus = usable_cpus()
+    pool = compressor(min(cpus, concurrency))
     try:
         files = collect_files(out_fd, emit, max_files=max_files, max_bytes=max_bytes)
         if not files:
@@ -116,6 +118,9 @@ async def upload_site(
         )
         missing = sorted((b for b in blobs.values() if blob_key(b.digest) not in stored),
                          key=lambda b: -b.size)  # the longest to compress start first
+        to_compress = [b for b in missing if b.variants and b.size <= IN_MEMORY]
+        quality = dict(zip((b.digest for b in to_compress),
+                           brotli_qualities([b.size for b in to_compress], cpus)))
         encodings: dict[str, dict[str, int]] = {
             digest: {e: stored[blob_key(digest, e)].size for e in ENCODINGS if blob_key(digest, e) in stored}
             for digest in blobs
@@ -138,7 +143,7 @@ async def upload_site(
                     data = await asyncio.to_thread(_read_verified, fd, blob) if in_memory else None
                     variants: dict[str, bytes] = {}
                     if data is not None and blob.variants:
-                        variants = await _compress(compressor, data)
+                        variants = await _compress(pool, data, quality[blob.digest])
                         compressed += 1
                     # The variants first: a blob that exists has its variants.
                     await asyncio.gather(*(
@@ -157,7 +162,8 @@ async def upload_site(
         await asyncio.gather(*(upload_one(blob) for blob in missing))
     finally:
         os.close(out_fd)
-        compressor.shutdown(wait=False, cancel_futures=True)
+        # A process still compressing finishes that one file, then exits.
+        pool.shutdown(wait=False, cancel_futures=True)
     manifest: dict[str, dict[str, object]] = {}
     for rel in served:
         digest, size = digests[rel]
@@ -259,24 +265,17 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def brotli_variant(data: bytes) -> bytes:
-    return brotli.compress(data, quality=11 if len(data) <= BROTLI_BEST_UP_TO else 9)
+def compressor(workers: int) -> ProcessPoolExecutor:
+    """Processes that make variants (see worker/variants.py), forked from a server process
+    that holds no event loop or threads of ours."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
 
 
-def gzip_variant(data: bytes) -> bytes:
-    return gzip.compress(data, compresslevel=9, mtime=0)
-
-
-VARIANTS = {"br": brotli_variant, "gzip": gzip_variant}
-ENCODINGS = tuple(VARIANTS)
-
-
-async def _compress(pool: Executor, data: bytes) -> dict[str, bytes]:
-    """The variants worth keeping, each made in `pool` (brotli and zlib let go of the GIL, so
-    threads use every core): at most VARIANT_WORTH of the original's size."""
-    loop = asyncio.get_running_loop()
-    made = await asyncio.gather(*(loop.run_in_executor(pool, make, data) for make in VARIANTS.values()))
-    return {name: body for name, body in zip(VARIANTS, made) if len(body) <= len(data) * VARIANT_WORTH}
+async def _compress(pool: Executor, data: bytes, quality: int) -> dict[str, bytes]:
+    """The variants worth keeping, made in `pool`: at most VARIANT_WORTH of the original's
+    size."""
+    made = await asyncio.get_running_loop().run_in_executor(pool, make_variants, data, quality)
+    return {name: body for name, body in made.items() if len(body) <= len(data) * VARIANT_WORTH}
 
 
 def _read_rules(out_fd: int, names: set[str], emit: Emit) -> tuple[list[Redirect], list[HeaderRule]]:
