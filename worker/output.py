@@ -160,10 +160,13 @@ async def upload_site(
                     os.close(fd)
 
         await asyncio.gather(*(upload_one(blob) for blob in missing))
-    finally:
-        os.close(out_fd)
+    except BaseException:
         # A process still compressing finishes that one file, then exits.
         pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        os.close(out_fd)
+    await asyncio.to_thread(pool.shutdown)  # idle by now: its processes exit at once
     manifest: dict[str, dict[str, object]] = {}
     for rel in served:
         digest, size = digests[rel]
