@@ -23,7 +23,7 @@ import mimetypes
 import multiprocessing
 import os
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,35 +129,43 @@ async def upload_site(
         budget = _Budget(MEMORY_BUDGET)
         compressed = 0
 
+        # Files waiting to be compressed hold memory but no network slot: the uploads of
+        # the others go on meanwhile. A few more than the processes keep every one busy.
+        compressing = asyncio.Semaphore(2 * min(cpus, concurrency))
+
+        def open_file(rel: str) -> int:
+            try:
+                return open_beneath(out_fd, rel)
+            except OSError as exc:
+                raise BuildError(f"Could not read {rel_dir}/{rel}: {exc.strerror}") from None
+
         async def upload_one(blob: _Blob) -> None:
             nonlocal compressed
-            # A file read whole weighs its size (its variants are smaller); a larger one is
-            # streamed, and the storage bounds the memory of its parts.
-            in_memory = blob.size <= IN_MEMORY
-            async with gate, budget.take(blob.size if in_memory else 0):
-                try:
-                    fd = open_beneath(out_fd, blob.rel)
-                except OSError as exc:
-                    raise BuildError(f"Could not read {rel_dir}/{blob.rel}: {exc.strerror}") from None
-                try:
-                    data = await asyncio.to_thread(_read_verified, fd, blob) if in_memory else None
-                    variants: dict[str, bytes] = {}
-                    if data is not None and blob.variants:
+            if blob.size > IN_MEMORY:  # streamed; the storage bounds the memory of its parts
+                async with gate:
+                    fd = open_file(blob.rel)
+                    try:
+                        # The open file itself, whatever its name points at by now.
+                        await storage.put_file(blob_key(blob.digest), Path(f"/proc/self/fd/{fd}"), blob.type)
+                    finally:
+                        os.close(fd)
+                return
+            # A file read whole weighs its size (its variants are smaller).
+            async with budget.take(blob.size):
+                data = await asyncio.to_thread(_read_file, open_file, blob)
+                variants: dict[str, bytes] = {}
+                if blob.variants:
+                    async with compressing:
                         variants = await _compress(pool, data, quality[blob.digest])
-                        compressed += 1
+                    compressed += 1
+                async with gate:
                     # The variants first: a blob that exists has its variants.
                     await asyncio.gather(*(
                         storage.put_bytes(blob_key(blob.digest, e), body, blob.type)
                         for e, body in variants.items()
                     ))
                     encodings[blob.digest] = {e: len(body) for e, body in variants.items()}
-                    if data is not None:
-                        await storage.put_bytes(blob_key(blob.digest), data, blob.type)
-                    else:
-                        # The open file itself, whatever its name points at by now.
-                        await storage.put_file(blob_key(blob.digest), Path(f"/proc/self/fd/{fd}"), blob.type)
-                finally:
-                    os.close(fd)
+                    await storage.put_bytes(blob_key(blob.digest), data, blob.type)
 
         await asyncio.gather(*(upload_one(blob) for blob in missing))
     except BaseException:
@@ -247,6 +255,14 @@ def _hash_fd(fd: int) -> tuple[str, int]:
         digest.update(chunk)
         total += len(chunk)
     return digest.hexdigest(), total
+
+
+def _read_file(open_file: Callable[[str], int], blob: _Blob) -> bytes:
+    fd = open_file(blob.rel)
+    try:
+        return _read_verified(fd, blob)
+    finally:
+        os.close(fd)
 
 
 def _read_verified(fd: int, blob: _Blob) -> bytes:
