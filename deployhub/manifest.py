@@ -80,7 +80,9 @@ _COMPRESSIBLE = (
     "font/ttf", "font/otf", "application/vnd.ms-fontobject", "image/x-icon",
     "image/vnd.microsoft.icon",
 )
-MIN_COMPRESS = 512  # below this a variant saves less than its headers cost
+# Below this a variant is not worth its object and PutObject: the file and its headers go in
+# one TCP segment compressed or not, so a visitor waits no round trip less.
+MIN_COMPRESS = 1024
 
 
 def compressible(content_type: str, size: int) -> bool:

@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import os
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -91,6 +91,13 @@ class Storage(Protocol):
     async def stat(self, key: str) -> ObjectInfo | None:
         """Size and age of an object, or None when there is none."""
 
+    async def stat_many(
+        self, keys: Mapping[str, Collection[str]], within: str = ""
+    ) -> dict[str, ObjectInfo]:
+        """The objects among `keys` that exist and, of each that does, those of its dependent
+        keys (`keys[key]`) that exist. `within`: a prefix every key has, which the backend may
+        list instead of asking for each key."""
+
     async def delete(self, keys: Iterable[str]) -> None:
         """Delete objects; missing ones are no error."""
 
@@ -151,6 +158,25 @@ class FileStorage:
         except FileNotFoundError:
             return None
         return ObjectInfo(st.st_size, st.st_mtime)
+
+    async def stat_many(
+        self, keys: Mapping[str, Collection[str]], within: str = ""
+    ) -> dict[str, ObjectInfo]:
+        self.requests["stat"] += len(keys)
+        return await asyncio.to_thread(self._stat_many, keys)  # one thread, no round trips
+
+    def _stat_many(self, keys: Mapping[str, Collection[str]]) -> dict[str, ObjectInfo]:
+        found = {}
+        for key, dependents in keys.items():
+            for name in (key, *dependents):
+                try:
+                    st = os.stat(self._path(name))
+                except FileNotFoundError:
+                    if name == key:
+                        break
+                    continue
+                found[name] = ObjectInfo(st.st_size, st.st_mtime)
+        return found
 
     async def delete(self, keys: Iterable[str]) -> None:
         paths = [self._path(key) for key in keys]
@@ -240,6 +266,12 @@ MAX_PARTS = 10_000
 # files' sizes or how many go at once.
 PARTS_IN_FLIGHT = 4
 IMMUTABLE = "public, max-age=31536000, immutable"
+# stat_many lists the prefix rather than asking for each key while that takes at most one
+# ListObjectsV2 page per this many keys asked for: a page names up to 1,000 keys in one round
+# trip, and costs (on AWS) what about a dozen HeadObjects do. A larger store is listed no
+# further than that, and the keys past the listed part are asked for one by one.
+KEYS_PER_LIST_PAGE = 100
+STATS_IN_FLIGHT = 64
 
 
 def object_cache_control(key: str) -> str:
@@ -253,7 +285,7 @@ class S3Storage:
     def __init__(
         self, client: Any, bucket: str, prefix: str = "", *,
         multipart_threshold: int = MULTIPART_THRESHOLD, part_size: int = PART_SIZE,
-        parts_in_flight: int = PARTS_IN_FLIGHT,
+        parts_in_flight: int = PARTS_IN_FLIGHT, list_page: int = 1000,
     ) -> None:
         self.client = client
         self.bucket = bucket
@@ -261,6 +293,7 @@ class S3Storage:
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
         self._parts = asyncio.Semaphore(parts_in_flight)
+        self.list_page = list_page  # keys per ListObjectsV2 page (1,000 is S3's most)
         self.requests: Counter[str] = Counter()
 
     async def check(self) -> None:
@@ -367,6 +400,65 @@ class S3Storage:
                 return None
             raise
         return ObjectInfo(int(head["ContentLength"]), head["LastModified"].timestamp())
+
+    async def stat_many(
+        self, keys: Mapping[str, Collection[str]], within: str = ""
+    ) -> dict[str, ObjectInfo]:
+        found: dict[str, ObjectInfo] = {}
+        known_to = ""  # every key up to this one (in key order) was listed
+        if within and keys:
+            wanted = set(keys).union(*keys.values())
+            pages = -(-len(keys) // KEYS_PER_LIST_PAGE)
+            listed_to = await self._list_into(found, wanted, within, pages)
+            if listed_to is None:
+                return found  # all of it
+            known_to = listed_to
+        gate = asyncio.Semaphore(STATS_IN_FLIGHT)
+
+        async def stat_one(key: str) -> None:
+            if key > known_to:
+                async with gate:
+                    info = await self.stat(key)
+                if info is None:
+                    return
+                found[key] = info
+            elif key not in found:
+                return
+            for dependent in keys[key]:
+                if dependent > known_to:
+                    async with gate:
+                        info = await self.stat(dependent)
+                    if info is not None:
+                        found[dependent] = info
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for key in keys:
+                    group.create_task(stat_one(key))
+        except ExceptionGroup as failed:  # the first error, not a group of one
+            raise failed.exceptions[0] from None
+        return found
+
+    async def _list_into(
+        self, found: dict[str, ObjectInfo], wanted: set[str], within: str, max_pages: int
+    ) -> str | None:
+        """List `within` into `found` (the keys in `wanted`), at most `max_pages` pages; None
+        when every key was listed, else the last key listed."""
+        token: dict[str, str] = {}
+        last = ""
+        for _ in range(max_pages):
+            self.requests["list"] += 1
+            page = await self.client.list_objects_v2(
+                Bucket=self.bucket, Prefix=self.prefix + within, MaxKeys=self.list_page, **token
+            )
+            for item in page.get("Contents", []):
+                last = str(item["Key"])[len(self.prefix):]
+                if last in wanted:
+                    found[last] = ObjectInfo(int(item["Size"]), item["LastModified"].timestamp())
+            if not page.get("IsTruncated"):
+                return None
+            token = {"ContinuationToken": str(page["NextContinuationToken"])}
+        return last
 
     async def delete(self, keys: Iterable[str]) -> None:
         batch = [{"Key": self.prefix + key} for key in keys]

@@ -5,10 +5,12 @@ anywhere (the output directory, a parent of it, a file) can never lead outside t
 
 Storage is content-addressed: a file's bytes go to `blobs/<sha256>` once, whatever deploys
 them; a redeploy uploads only the files that changed. Text assets get brotli and gzip variants
-beside them, written before the blob itself, so a blob that exists has its variants. We use
-the `brotli` package (Google's own bindings to the reference C library, wheels everywhere):
-the standard library has gzip but no brotli, and brotli at quality 11 makes JavaScript and
-CSS some 15-25% smaller than gzip -9, computed once per blob at upload, never per request.
+beside them, written before the blob itself, so a blob that exists has its variants (see
+worker/variants.py for how they are made, and at what quality).
+
+An upload hashes every file first (streamed), leases the blobs, asks storage once which it
+holds (`Storage.stat_many`: on S3 one listing of `blobs/`, not a HeadObject per blob), then
+reads, compresses and uploads only the missing ones, the manifest last.
 """
 
 from __future__ import annotations
@@ -16,25 +18,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import gzip
 import hashlib
 import mimetypes
+import multiprocessing
 import os
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import brotli
 from redis.asyncio import Redis
 
 from deployhub import manifest as manifests
 from deployhub.collector import BlobLeases
 from deployhub.rules import HeaderRule, Redirect, parse_headers, parse_redirects
-from deployhub.storage import Storage, blob_key, manifest_key
+from deployhub.storage import BLOBS, Storage, blob_key, manifest_key
 
 from .detect import BuildError
 from .proc import Emit
+from .variants import ENCODINGS, brotli_qualities, make_variants
 
 # Files uploaded at once: each upload mostly waits on S3's round trips (a HeadObject, then up
 # to three PutObjects), so many in flight hide the latency; the connection pool of
@@ -45,7 +48,6 @@ UPLOAD_CONCURRENCY = 64
 IN_MEMORY = 8 * 1024 * 1024
 # Bytes of files held in memory at once by the uploads in flight, whatever their number.
 MEMORY_BUDGET = 64 * 1024 * 1024
-BROTLI_BEST_UP_TO = 2 * 1024 * 1024  # quality 11 is slow; above this, quality 9
 VARIANT_WORTH = 0.9  # keep a variant only when it is at most 90% of the original
 RULE_FILES = ("_redirects", "_headers")
 
@@ -54,13 +56,16 @@ RULE_FILES = ("_redirects", "_headers")
 class Uploaded:
     files: int
     new_blobs: int  # blobs this deployment stored; the rest existed already
+    compressed: int = 0  # blobs it made variants of (only new ones)
 
 
 @dataclass
 class _Blob:
     digest: str
     size: int
-    data: bytes | None  # None: larger than IN_MEMORY
+    rel: str  # a file holding it (one of them when several do)
+    type: str  # its Content-Type, stored on the objects
+    variants: bool = False  # a text asset: precompressed
 
 
 async def upload(
@@ -82,11 +87,15 @@ async def upload_site(
     max_files: int = 0, max_bytes: int = 0, leases: BlobLeases | None = None,
     concurrency: int = UPLOAD_CONCURRENCY,
 ) -> Uploaded:
+    """Hash every file, lease the blobs, ask storage once which of them (and their variants)
+    it holds, then compress and upload only the missing ones, the manifest last."""
     rel_dir = output.relative_to(src).as_posix()
     try:
         out_fd = open_beneath(src, rel_dir, directory=True)
     except OSError as exc:
         raise BuildError(f"The output directory {rel_dir}/ cannot be read: {exc.strerror}") from None
+    cpus = usable_cpus()
+    pool = compressor(min(cpus, concurrency))
     try:
         files = collect_files(out_fd, emit, max_files=max_files, max_bytes=max_bytes)
         if not files:
@@ -94,47 +103,106 @@ async def upload_site(
         redirects, headers = _read_rules(out_fd, {rel for rel, _ in files}, emit)
         served = [rel for rel, _ in files if rel not in RULE_FILES]
         emit("system", f"Uploading {len(served)} files from {rel_dir}/")
-        manifest: dict[str, dict[str, object]] = {}
-        new_blobs = 0
+        digests = await _hash_files(out_fd, rel_dir, served)
+        # Files with the same bytes share one blob; it gets variants if any of them is text.
+        blobs: dict[str, _Blob] = {}
+        for rel in served:
+            digest, size = digests[rel]
+            blob = blobs.setdefault(digest, _Blob(digest, size, rel, guess_type(rel)))
+            blob.variants = blob.variants or manifests.compressible(guess_type(rel), size)
+        if leases is not None:  # before the blobs are looked for: see deployhub/collector.py
+            await leases.hold(blobs)
+        stored = await storage.stat_many(
+            {blob_key(d): [blob_key(d, e) for e in ENCODINGS] if b.variants else [] for d, b in blobs.items()},
+            within=BLOBS,
+        )
+        missing = sorted((b for b in blobs.values() if blob_key(b.digest) not in stored),
+                         key=lambda b: -b.size)  # the longest to compress start first
+        to_compress = [b for b in missing if b.variants and b.size <= IN_MEMORY]
+        quality = dict(zip((b.digest for b in to_compress),
+                           brotli_qualities([b.size for b in to_compress], cpus)))
+        encodings: dict[str, dict[str, int]] = {
+            digest: {e: stored[blob_key(digest, e)].size for e in ENCODINGS if blob_key(digest, e) in stored}
+            for digest in blobs
+        }
         gate = asyncio.Semaphore(concurrency)
         budget = _Budget(MEMORY_BUDGET)
-        sizes = dict(files)
+        compressed = 0
 
-        async def upload_one(rel: str) -> None:
-            nonlocal new_blobs
-            content_type = guess_type(rel)
-            # A file read whole weighs its size (its variants are smaller); a larger one is
-            # streamed, and the storage bounds the memory of its parts.
-            weight = sizes[rel] if sizes[rel] <= IN_MEMORY else 0
-            async with gate, budget.take(weight):
-                try:
-                    fd = open_beneath(out_fd, rel)
-                except OSError as exc:
-                    raise BuildError(f"Could not read {rel_dir}/{rel}: {exc.strerror}") from None
-                try:
-                    blob = await asyncio.to_thread(_read_blob, fd)
-                    if leases is not None:
-                        await leases.hold([blob.digest])
-                    encodings, stored = await _store_blob(storage, blob, fd, content_type)
-                finally:
-                    os.close(fd)
-            new_blobs += stored
-            manifest[rel] = {
-                "hash": blob.digest, "size": blob.size, "type": content_type,
-                "cache_control": manifests.cache_control(rel), "encodings": encodings,
-            }
+        # Files waiting to be compressed hold memory but no network slot: the uploads of
+        # the others go on meanwhile. A few more than the processes keep every one busy.
+        compressing = asyncio.Semaphore(2 * min(cpus, concurrency))
 
-        await asyncio.gather(*(upload_one(rel) for rel in served))
+        def open_file(rel: str) -> int:
+            try:
+                return open_beneath(out_fd, rel)
+            except OSError as exc:
+                raise BuildError(f"Could not read {rel_dir}/{rel}: {exc.strerror}") from None
+
+        async def upload_one(blob: _Blob) -> None:
+            nonlocal compressed
+            if blob.size > IN_MEMORY:  # streamed; the storage bounds the memory of its parts
+                async with gate:
+                    fd = open_file(blob.rel)
+                    try:
+                        # The open file itself, whatever its name points at by now.
+                        await storage.put_file(blob_key(blob.digest), Path(f"/proc/self/fd/{fd}"), blob.type)
+                    finally:
+                        os.close(fd)
+                return
+            # A file read whole weighs its size (its variants are smaller).
+            async with budget.take(blob.size):
+                data = await asyncio.to_thread(_read_file, open_file, blob)
+                variants: dict[str, bytes] = {}
+                if blob.variants:
+                    async with compressing:
+                        variants = await _compress(pool, data, quality[blob.digest])
+                    compressed += 1
+                async with gate:
+                    # The variants first: a blob that exists has its variants.
+                    await asyncio.gather(*(
+                        storage.put_bytes(blob_key(blob.digest, e), body, blob.type)
+                        for e, body in variants.items()
+                    ))
+                    encodings[blob.digest] = {e: len(body) for e, body in variants.items()}
+                    await storage.put_bytes(blob_key(blob.digest), data, blob.type)
+
+        await asyncio.gather(*(upload_one(blob) for blob in missing))
+    except BaseException:
+        # A process still compressing finishes that one file, then exits.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
     finally:
         os.close(out_fd)
+    await asyncio.to_thread(pool.shutdown)  # idle by now: its processes exit at once
+    manifest: dict[str, dict[str, object]] = {}
+    for rel in served:
+        digest, size = digests[rel]
+        content_type = guess_type(rel)
+        manifest[rel] = {
+            "hash": digest, "size": size, "type": content_type,
+            "cache_control": manifests.cache_control(rel),
+            "encodings": encodings[digest] if manifests.compressible(content_type, size) else {},
+        }
     # The manifest goes last: a site is served only from a complete upload.
     await storage.put_bytes(
         manifest_key(dep_id), manifests.dumps(manifest, redirects, headers), "application/json"
     )
     if leases is not None:
         await leases.release()  # the manifest keeps the blobs from now on
+    new_blobs = len(missing)
     emit("system", f"Stored {new_blobs} new files; {len(served) - new_blobs} were stored already")
-    return Uploaded(len(served), new_blobs)
+    return Uploaded(len(served), new_blobs, compressed)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on, and no more than its cgroup's CPU quota allows."""
+    count = len(os.sched_getaffinity(0))
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            count = min(count, max(1, -(-int(quota) // int(period))))
+    return count
 
 
 class _Budget:
@@ -159,18 +227,52 @@ class _Budget:
                 self._changed.notify_all()
 
 
-def _read_blob(fd: int) -> _Blob:
-    size = os.fstat(fd).st_size
+async def _hash_files(out_fd: int, rel_dir: str, rels: list[str]) -> dict[str, tuple[str, int]]:
+    """(sha256, size) of each file, read as a stream, in a few threads (hashlib lets go of
+    the GIL): the bytes are not kept, only what storage needs to be asked about them."""
+    def hash_some(some: list[str]) -> dict[str, tuple[str, int]]:
+        found = {}
+        for rel in some:
+            try:
+                fd = open_beneath(out_fd, rel)
+            except OSError as exc:
+                raise BuildError(f"Could not read {rel_dir}/{rel}: {exc.strerror}") from None
+            try:
+                found[rel] = _hash_fd(fd)
+            finally:
+                os.close(fd)
+        return found
+
+    threads = min(usable_cpus(), 8)
+    parts = await asyncio.gather(*(asyncio.to_thread(hash_some, rels[i::threads]) for i in range(threads)))
+    return {rel: found for part in parts for rel, found in part.items()}
+
+
+def _hash_fd(fd: int) -> tuple[str, int]:
     digest = hashlib.sha256()
-    if size <= IN_MEMORY:
-        data = _read_all(fd)
-        digest.update(data)
-        return _Blob(digest.hexdigest(), len(data), data)
     total = 0
     while chunk := os.pread(fd, 1024 * 1024, total):
         digest.update(chunk)
         total += len(chunk)
-    return _Blob(digest.hexdigest(), total, None)
+    return digest.hexdigest(), total
+
+
+def _read_file(open_file: Callable[[str], int], blob: _Blob) -> bytes:
+    fd = open_file(blob.rel)
+    try:
+        return _read_verified(fd, blob)
+    finally:
+        os.close(fd)
+
+
+def _read_verified(fd: int, blob: _Blob) -> bytes:
+    """The file's bytes, which must still be those it was hashed as: a blob is named by its
+    bytes and shared by every deployment of them, so a file rewritten after it was hashed
+    must not be stored under the old name."""
+    data = _read_all(fd)
+    if hashlib.sha256(data).hexdigest() != blob.digest:
+        raise BuildError(f"{blob.rel} changed while it was uploaded.")
+    return data
 
 
 def _read_all(fd: int) -> bytes:
@@ -182,42 +284,17 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _compress(data: bytes) -> dict[str, bytes]:
-    quality = 11 if len(data) <= BROTLI_BEST_UP_TO else 9
-    variants = {
-        "br": brotli.compress(data, quality=quality),
-        "gzip": gzip.compress(data, compresslevel=9, mtime=0),
-    }
-    return {name: body for name, body in variants.items() if len(body) <= len(data) * VARIANT_WORTH}
+def compressor(workers: int) -> ProcessPoolExecutor:
+    """Processes that make variants (see worker/variants.py), forked from a server process
+    that holds no event loop or threads of ours."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
 
 
-async def _store_blob(
-    storage: Storage, blob: _Blob, fd: int, content_type: str
-) -> tuple[dict[str, int], int]:
-    """The blob's variants (encoding -> size), and 1 when it was stored now, 0 when it was
-    there already (then its variants are too: they are written first)."""
-    wants_variants = blob.data is not None and manifests.compressible(content_type, blob.size)
-    if await storage.stat(blob_key(blob.digest)) is not None:
-        if not wants_variants:
-            return {}, 0
-        found = {}
-        for encoding in ("br", "gzip"):
-            info = await storage.stat(blob_key(blob.digest, encoding))
-            if info is not None:
-                found[encoding] = info.size
-        return found, 0
-    variants: dict[str, bytes] = {}
-    if wants_variants:
-        assert blob.data is not None
-        variants = await asyncio.to_thread(_compress, blob.data)
-    for encoding, body in variants.items():
-        await storage.put_bytes(blob_key(blob.digest, encoding), body, content_type)
-    if blob.data is not None:
-        await storage.put_bytes(blob_key(blob.digest), blob.data, content_type)
-    else:
-        # The open file itself, whatever its name points at by now.
-        await storage.put_file(blob_key(blob.digest), Path(f"/proc/self/fd/{fd}"), content_type)
-    return {encoding: len(body) for encoding, body in variants.items()}, 1
+async def _compress(pool: Executor, data: bytes, quality: int) -> dict[str, bytes]:
+    """The variants worth keeping, made in `pool`: at most VARIANT_WORTH of the original's
+    size."""
+    made = await asyncio.get_running_loop().run_in_executor(pool, make_variants, data, quality)
+    return {name: body for name, body in made.items() if len(body) <= len(data) * VARIANT_WORTH}
 
 
 def _read_rules(out_fd: int, names: set[str], emit: Emit) -> tuple[list[Redirect], list[HeaderRule]]:

@@ -1,0 +1,116 @@
+"""Uploading a build's output: what storage is asked, what is compressed, what goes up."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployhub.storage import S3Storage, s3_config
+from tests.support.infra import S3Server
+from tests.support.sites import Publisher
+from worker.detect import BuildError
+from worker.output import _Blob, _read_verified, usable_cpus
+from worker.variants import brotli_qualities
+
+CSS = "body { color: red; }\n" * 200  # compressible: gets .br and .gz variants
+JS = "export const answer = () => 42;\n" * 100
+SITE = {"index.html": "<h1>one</h1>" * 100, "assets/app.css": CSS, "assets/copy.css": CSS,
+        "assets/app.js": JS, "assets/logo.png": os.urandom(4000)}
+
+
+async def test_a_redeploy_asks_storage_once_and_uploads_and_compresses_nothing_stored(
+    site_service: Publisher,
+) -> None:
+    requests = site_service.storage.requests
+    _, _, first = await site_service.publish("again", SITE)
+    assert first.new_blobs == 4 and first.compressed == 3  # the two copies of the css are one blob
+    before = requests.copy()
+    _, log, second = await site_service.publish("again", {**SITE, "assets/app.js": JS + "//2\n"})
+    asked = requests - before
+    assert second.new_blobs == 1 and second.compressed == 1  # only the changed script
+    assert asked["put"] == 4  # its .br, .gz and bytes, then the manifest
+    if isinstance(site_service.storage, S3Storage):
+        assert asked["list"] == 1 and asked["stat"] == 0  # one ListObjectsV2, no HeadObject
+    assert "Stored 1 new files" in log[-1]
+    status, headers, body = await site_service.get("again", "/assets/copy.css", Accept_Encoding="br")
+    assert status == 200 and headers["Content-Encoding"] == "br"
+    status, headers, body = await site_service.get("again", "/assets/app.js", Accept_Encoding="gzip")
+    assert status == 200 and headers["Content-Encoding"] == "gzip"
+
+
+async def test_a_deploy_of_stored_files_uploads_only_the_manifest(site_service: Publisher) -> None:
+    await site_service.publish("one", SITE)
+    before = site_service.storage.requests.copy()
+    _, _, uploaded = await site_service.publish("two", SITE)  # another project, the same bytes
+    assert uploaded.new_blobs == 0 and uploaded.compressed == 0
+    assert (site_service.storage.requests - before)["put"] == 1
+    status, headers, _ = await site_service.get("two", "/assets/app.css", Accept_Encoding="gzip, br")
+    assert status == 200 and headers["Content-Encoding"] == "br"
+
+
+@pytest.fixture
+async def s3_client(s3_server: S3Server) -> AsyncIterator[Any]:
+    from aiobotocore.session import get_session
+
+    async with get_session().create_client(
+        "s3", config=s3_config(), **s3_server.client_kwargs()
+    ) as client:
+        yield client
+
+
+async def test_keys_past_the_listed_pages_are_asked_for_one_by_one(
+    s3_client: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A store larger than the listing budget: what was listed counts, the rest is HEADed
+    (a dependent past the listed part too)."""
+    storage = S3Storage(s3_client, s3_bucket, "dh", list_page=2)
+    for key in ("blobs/a", "blobs/a.br", "blobs/a.gz", "blobs/b", "blobs/c", "blobs/c.gz"):
+        await storage.put_bytes(key, key.encode(), "text/plain")
+    monkeypatch.setattr("deployhub.storage.KEYS_PER_LIST_PAGE", 10)  # one page for these keys
+    asked = {"blobs/a": ["blobs/a.br", "blobs/a.gz"], "blobs/c": ["blobs/c.br", "blobs/c.gz"],
+             "blobs/e": ["blobs/e.br"]}
+    before = storage.requests.copy()
+    found = await storage.stat_many(asked, within="blobs/")
+    assert {k: v.size for k, v in found.items()} == {
+        "blobs/a": 7, "blobs/a.br": 10, "blobs/a.gz": 10, "blobs/c": 7, "blobs/c.gz": 10}
+    # Listed: a, a.br. Asked: a.gz, c, c.br, c.gz, e (not e.br: e is missing).
+    assert storage.requests - before == {"list": 1, "stat": 5}
+    monkeypatch.setattr("deployhub.storage.KEYS_PER_LIST_PAGE", 1)  # pages enough for all
+    before = storage.requests.copy()
+    assert await storage.stat_many(asked, within="blobs/") == found
+    assert storage.requests - before == {"list": 3}
+
+
+def test_a_file_rewritten_after_it_was_hashed_is_not_stored_under_the_old_hash(tmp_path: Path) -> None:
+    path = tmp_path / "app.js"
+    path.write_bytes(b"the bytes it was hashed as")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    path.write_bytes(b"other bytes")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(BuildError, match="app.js changed while it was uploaded"):
+            _read_verified(fd, _Blob(digest, 26, "app.js", "text/javascript"))
+    finally:
+        os.close(fd)
+
+
+def test_compression_uses_the_cpus_the_build_may_use() -> None:
+    assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
+
+
+
+def test_brotli_is_at_its_best_while_it_fits_the_cpu_budget() -> None:
+    MiB = 1024 * 1024
+    assert brotli_qualities([MiB // 2, MiB // 4], cpus=1) == [11, 11]  # a redeploy
+    assert brotli_qualities([MiB, MiB], cpus=1) == [10, 10]  # 2 MiB at 10 costs 0.86 MiB at 11
+    assert brotli_qualities([MiB, MiB // 4], cpus=2) == [11, 11]
+    # 3 MiB at 10 takes 1.29 of 2 MiB; 1 MiB more at 11 costs 0.57 more: the largest first.
+    assert brotli_qualities([MiB, MiB, MiB], cpus=2) == [11, 10, 10]
+    # 10 MiB: quality 8 (0.4 MiB of the budget), and 10 for the files what is left allows.
+    assert brotli_qualities([4 * MiB, 3 * MiB, 2 * MiB, MiB], cpus=1) == [8, 8, 8, 10]
+    assert brotli_qualities([3 * MiB], cpus=8) == [10]  # never 11 above BROTLI_BEST_UP_TO
