@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from redis.exceptions import RedisError
 
-from ..api import client_of
+from ..api import client_of, error_response, long_lived
 from ..auth import TooManyAttempts, Tokens, Unauthorized, bearer
 from ..connections import TOKENS
 from ..state import SETTINGS
@@ -137,14 +137,21 @@ def _check_resume(raw: object) -> dict[str, int]:
     return resume
 
 
-async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
-    hub = request.config_dict[HUB]
-    # No permessage-deflate: it would compress every frame once per socket (its context is per
-    # connection), the single largest cost of fanning one log out to many watchers.
-    # The hub pings quiet sockets and drops dead ones (Hub.heartbeat), so no heartbeat= here;
-    # pings and pongs come to this loop (autoping=False), and any message shows the peer lives.
-    ws = web.WebSocketResponse(autoping=False, max_msg_size=MAX_BODY, compress=False)
-    stream = await ws.prepare(request)
+@long_lived
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    # long_lived: the API's error middleware does not wrap this handler (its frame would wait
+    # with every idle socket), so a refusal before the upgrade becomes its JSON error here.
+    try:
+        hub = request.config_dict[HUB]
+        # No permessage-deflate: it would compress every frame once per socket (its context is
+        # per connection), the single largest cost of fanning one log out to many watchers.
+        # The hub pings quiet sockets and drops dead ones (Hub.heartbeat), so no heartbeat=
+        # here; pings and pongs come to this loop (autoping=False), and any message shows the
+        # peer lives.
+        ws = web.WebSocketResponse(autoping=False, max_msg_size=MAX_BODY, compress=False)
+        stream = await ws.prepare(request)
+    except Exception as exc:
+        return error_response(request, exc)
     assert request.transport is not None  # prepare() fails on a closed connection
     watcher = Watcher(ws, request.transport, stream, hub.write)
     watcher.owner = await _header_owner(request)
