@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sys
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -58,6 +59,11 @@ class Hub:
         # memory", "catch-ups from Redis", "log lines relayed"): logged at shutdown, exported
         # at /metrics.
         self.stats: Counter[str] = Counter()
+        # deployment -> its project, for the deployments the sockets of this process follow
+        # (one entry per deployment, not per socket); dropped with the project's last socket.
+        self.projects_of: dict[str, str] = {}
+        # Every socket's writer is started through this one bound method (see Watcher.spawn).
+        self.spawn_writer = self.write
         self._pubsub: PubSub | None = None
         self._confirmed: dict[str, asyncio.Future[None]] = {}
         self._connected = asyncio.Event()
@@ -85,6 +91,8 @@ class Hub:
         if members:
             return
         del self.watchers[project]
+        for dep_id in [d for d, p in self.projects_of.items() if p == project]:
+            del self.projects_of[dep_id]
         for dep_id in [d for d, r in self.recent.items() if r.frames and r.frames[0].project == project]:
             del self.recent[dep_id]
         future = self._confirmed.pop(project, None)
@@ -186,6 +194,7 @@ class Hub:
                 wire_frame(raw),
             )
             self._remember(frame)
+            self.projects_of[frame.deployment] = project
             written = 0
             for watcher in members:
                 written += watcher.deliver(frame)
@@ -259,7 +268,8 @@ class Hub:
         """Bring a socket that fell behind up to `backlog.upto`: from the shared recent frames
         while they reach back far enough, else from the deployment's stream."""
         dep_id = backlog.deployment
-        watcher.deployment_project[dep_id] = backlog.project
+        self.projects_of[dep_id] = backlog.project
+        watcher.seqs.setdefault(dep_id, 0)  # tracked from now on (see _resync)
         while (after := watcher.seqs.get(dep_id, 0)) < backlog.upto:
             recent = self.recent.get(dep_id)
             frame = recent.since(after, backlog.upto) if recent is not None else None
@@ -317,8 +327,10 @@ class Hub:
         # Those still running certainly have their stream; the others may have outlived it.
         running = {d["id"] for d in deployments if not Status(d["status"]).final}
         for dep_id, after in wanted.items():
+            # Interned: thousands of sockets following one deployment share its id.
+            dep_id = sys.intern(dep_id)
             watcher.seqs[dep_id] = max(after, 0)
-            watcher.deployment_project[dep_id] = sub.project
+            self.projects_of[dep_id] = sub.project
             await self._catch_up(watcher, sub.project, dep_id)
             if watcher.seqs[dep_id] == max(after, 0) and dep_id not in running:
                 await self._from_storage(watcher, sub.project, dep_id)
@@ -347,16 +359,28 @@ class Hub:
         production = (await self.store.get_project(project)).production
         return [deployment_json(self.settings, d, production) for d in deployments]
 
+    async def _project_of(self, dep_id: str) -> str | None:
+        """The project of a deployment a socket follows: known here while its project has a
+        socket in this process, else (a socket that unsubscribed and came back) from Redis."""
+        project = self.projects_of.get(dep_id)
+        if project is None:
+            project = await self.store.project_of(dep_id)
+            if project is not None and project in self.watchers:
+                self.projects_of[dep_id] = project
+        return project
+
     async def _resync(self, watcher: Watcher) -> None:
         await watcher.send_json({"type": "resync"})
         for project in sorted(watcher.projects):
             deployments = await self._snapshot(project)
             for body in reversed(deployments):
                 await watcher.send_json({"type": "status", "deployment": body})
-            tracked = [d for d, p in watcher.deployment_project.items() if p == project]
+            tracked = [d for d in list(watcher.seqs) if await self._project_of(d) == project]
             if deployments and deployments[0]["id"] not in tracked:
-                tracked.append(deployments[0]["id"])
-                watcher.deployment_project[deployments[0]["id"]] = project
+                newest = sys.intern(deployments[0]["id"])
+                tracked.append(newest)
+                watcher.seqs.setdefault(newest, 0)
+                self.projects_of[newest] = project
             for dep_id in tracked:
                 await self._catch_up(watcher, project, dep_id)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import sys
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -51,7 +52,8 @@ class Auth:
         )
 
     async def check(self, secret: str | None) -> str:
-        return await self.tokens.check(secret, client=self.client, max_failures=self.max_failures)
+        token_id = await self.tokens.check(secret, client=self.client, max_failures=self.max_failures)
+        return sys.intern(token_id)  # the sockets of one token share its id (Watcher.owner)
 
 
 async def handle_message(
@@ -84,13 +86,13 @@ async def handle_message(
                         f"a socket may watch at most {MAX_PROJECTS_PER_SOCKET} projects"
                     )
                 await hub.store.owned_project(project, watcher.owner)
-            watcher.projects.add(project)
+            watcher.watch(project)
             ready = await hub.add(project, watcher)
             watcher.offer(Subscribe(project, resume, ready))
             return None
         if kind == "unsubscribe":
             project = check_project(message.get("project"))
-            watcher.projects.discard(project)
+            watcher.unwatch(project)
             await hub.remove(project, watcher)
             return None
         if kind == "ping":
@@ -153,7 +155,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     except Exception as exc:
         return error_response(request, exc)
     assert request.transport is not None  # prepare() fails on a closed connection
-    watcher = Watcher(ws, request.transport, stream, hub.write)
+    watcher = Watcher(ws, request.transport, stream, hub.spawn_writer)
     watcher.owner = await _header_owner(request)
     hub.sockets.add(watcher)
     try:

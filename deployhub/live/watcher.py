@@ -63,7 +63,7 @@ class Watcher:
     """
 
     __slots__ = ("ws", "transport", "stream", "spawn", "items", "writer", "projects", "seqs",
-                 "deployment_project", "queued_bytes", "owner", "closed", "quiet")
+                 "queued_bytes", "owner", "closed", "quiet")
 
     def __init__(
         self, ws: web.WebSocketResponse, transport: asyncio.Transport, stream: AbstractStreamWriter,
@@ -72,12 +72,15 @@ class Watcher:
         self.ws = ws
         self.transport = transport
         self.stream = stream
-        self.spawn = spawn  # the writer's coroutine for this socket, started when items wait
+        # The writer's coroutine for this socket, started when items wait: one callable the
+        # hub shares between all its sockets (a bound method made per socket costs 64 bytes).
+        self.spawn = spawn
         self.items: deque[Item] | None = None  # control items waiting, while any do
         self.writer: asyncio.Task[None] | None = None  # the writer task, while it runs
-        self.projects: set[str] = set()
-        self.seqs: dict[str, int] = {}  # deployment -> last seq sent
-        self.deployment_project: dict[str, str] = {}
+        # The projects watched: a tuple, as most sockets watch one (a set costs 216 bytes).
+        self.projects: tuple[str, ...] = ()
+        # deployment -> last seq sent (the hub knows each deployment's project: Hub.projects_of)
+        self.seqs: dict[str, int] = {}
         self.queued_bytes = 0
         self.owner: str | None = None  # the token id, once authenticated
         self.closed = False  # the handler has ended: nothing more is queued or written
@@ -127,7 +130,6 @@ class Watcher:
             return False
         transport.write(frame.wire)
         self.seqs[frame.deployment] = frame.last
-        self.deployment_project[frame.deployment] = frame.project
         return True
 
     async def send(self, wire: bytes) -> None:
@@ -159,6 +161,13 @@ class Watcher:
         item = items.popleft()
         self.queued_bytes -= _size(item)
         return item
+
+    def watch(self, project: str) -> None:
+        if project not in self.projects:
+            self.projects = (*self.projects, project)
+
+    def unwatch(self, project: str) -> None:
+        self.projects = tuple(p for p in self.projects if p != project)
 
     async def close(self) -> None:
         """The handler's end: stop queueing, and cancel and await the writer, if one runs."""
