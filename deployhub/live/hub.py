@@ -260,7 +260,7 @@ class Hub:
             await self._send_backlog(watcher, item)
         else:
             await watcher.send(item.wire)
-            if item.final and watcher.seqs.get(item.deployment, 0) < (item.log_seq or 1 << 62):
+            if item.final and watcher.last_seq(item.deployment) < (item.log_seq or 1 << 62):
                 # Lines published in a window this socket missed: read them before it closes.
                 await self._catch_up(watcher, item.project, item.deployment)
 
@@ -269,8 +269,8 @@ class Hub:
         while they reach back far enough, else from the deployment's stream."""
         dep_id = backlog.deployment
         self.projects_of[dep_id] = backlog.project
-        watcher.seqs.setdefault(dep_id, 0)  # tracked from now on (see _resync)
-        while (after := watcher.seqs.get(dep_id, 0)) < backlog.upto:
+        watcher.follow(dep_id)  # tracked from now on (see _resync)
+        while (after := watcher.last_seq(dep_id)) < backlog.upto:
             recent = self.recent.get(dep_id)
             frame = recent.since(after, backlog.upto) if recent is not None else None
             if frame is None:
@@ -281,7 +281,7 @@ class Hub:
                 await self._catch_up(
                     watcher, backlog.project, dep_id, until=start - 1 if start > after + 1 else None
                 )
-                if watcher.seqs.get(dep_id, 0) > after:
+                if watcher.last_seq(dep_id) > after:
                     continue
                 # Neither holds these lines any more (the stream expired): go on from memory.
                 if recent is None or not recent.frames or recent.frames[0].last <= after:
@@ -289,21 +289,21 @@ class Hub:
                 frame = recent.frames[0]
             self.stats["frames from memory"] += 1
             await watcher.send(frame.wire)
-            watcher.seqs[dep_id] = max(after, frame.last)
+            watcher.set_seq(dep_id, max(after, frame.last))
 
     async def _catch_up(
         self, watcher: Watcher, project: str, dep_id: str, until: int | None = None
     ) -> None:
         """Send every stored line after the last one this socket got (up to `until`)."""
         while True:
-            after = watcher.seqs.get(dep_id, 0)
+            after = watcher.last_seq(dep_id)
             if until is not None and after >= until:
                 return
             events = await read_events(self.redis, dep_id, after, HISTORY_CHUNK, until)
             if not events:
                 return
             await watcher.send(wire_frame(logs_frame(project, dep_id, events).encode()))
-            watcher.seqs[dep_id] = event_seq(events[-1])
+            watcher.set_seq(dep_id, event_seq(events[-1]))
             if len(events) < HISTORY_CHUNK:
                 return
 
@@ -329,10 +329,10 @@ class Hub:
         for dep_id, after in wanted.items():
             # Interned: thousands of sockets following one deployment share its id.
             dep_id = sys.intern(dep_id)
-            watcher.seqs[dep_id] = max(after, 0)
+            watcher.set_seq(dep_id, max(after, 0))
             self.projects_of[dep_id] = sub.project
             await self._catch_up(watcher, sub.project, dep_id)
-            if watcher.seqs[dep_id] == max(after, 0) and dep_id not in running:
+            if watcher.last_seq(dep_id) == max(after, 0) and dep_id not in running:
                 await self._from_storage(watcher, sub.project, dep_id)
 
     async def _from_storage(self, watcher: Watcher, project: str, dep_id: str) -> None:
@@ -343,13 +343,13 @@ class Hub:
         if await self.store.project_of(dep_id) != project:
             return  # not this project's (the resume names came from the client)
         stored = await self.storage.get_bytes(log_key(dep_id))
-        after = watcher.seqs.get(dep_id, 0)
+        after = watcher.last_seq(dep_id)
         events = [line for line in (stored or b"").decode(errors="replace").splitlines()
                   if line.strip() and event_seq(line) > after]
         for start in range(0, len(events), HISTORY_CHUNK):
             chunk = events[start:start + HISTORY_CHUNK]
             await watcher.send(wire_frame(logs_frame(project, dep_id, chunk).encode()))
-            watcher.seqs[dep_id] = event_seq(chunk[-1])
+            watcher.set_seq(dep_id, event_seq(chunk[-1]))
         if events:
             self.stats["logs read from storage"] += 1
 
@@ -375,11 +375,11 @@ class Hub:
             deployments = await self._snapshot(project)
             for body in reversed(deployments):
                 await watcher.send_json({"type": "status", "deployment": body})
-            tracked = [d for d in list(watcher.seqs) if await self._project_of(d) == project]
+            tracked = [d for d in watcher.followed() if await self._project_of(d) == project]
             if deployments and deployments[0]["id"] not in tracked:
                 newest = sys.intern(deployments[0]["id"])
                 tracked.append(newest)
-                watcher.seqs.setdefault(newest, 0)
+                watcher.follow(newest)
                 self.projects_of[newest] = project
             for dep_id in tracked:
                 await self._catch_up(watcher, project, dep_id)

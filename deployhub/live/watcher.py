@@ -62,8 +62,8 @@ class Watcher:
     one project, so everything here is slotted and made on first use.
     """
 
-    __slots__ = ("ws", "transport", "stream", "spawn", "items", "writer", "projects", "seqs",
-                 "queued_bytes", "owner", "closed", "quiet")
+    __slots__ = ("ws", "transport", "stream", "spawn", "items", "writer", "projects", "dep", "seq",
+                 "more", "queued_bytes", "owner", "closed", "quiet")
 
     def __init__(
         self, ws: web.WebSocketResponse, transport: asyncio.Transport, stream: AbstractStreamWriter,
@@ -79,8 +79,12 @@ class Watcher:
         self.writer: asyncio.Task[None] | None = None  # the writer task, while it runs
         # The projects watched: a tuple, as most sockets watch one (a set costs 216 bytes).
         self.projects: tuple[str, ...] = ()
-        # deployment -> last seq sent (the hub knows each deployment's project: Hub.projects_of)
-        self.seqs: dict[str, int] = {}
+        # The last seq sent of each deployment followed (`last_seq`; the hub knows each one's
+        # project: Hub.projects_of). Most sockets follow one deployment at a time: it lives in
+        # two slots, any others in `more` (a dict of one entry alone is 184 bytes).
+        self.dep: str | None = None
+        self.seq = 0
+        self.more: dict[str, int] | None = None
         self.queued_bytes = 0
         self.owner: str | None = None  # the token id, once authenticated
         self.closed = False  # the handler has ended: nothing more is queued or written
@@ -124,13 +128,38 @@ class Watcher:
         the queue and the writer task, which know how to catch up."""
         transport = self.transport
         if (self.writer is not None or self.closed
-                or frame.first != self.seqs.get(frame.deployment, 0) + 1
+                or frame.first != self.last_seq(frame.deployment) + 1
                 or self.ws.closed or transport.is_closing()
                 or transport.get_write_buffer_size() > DIRECT_BUFFER):
             return False
         transport.write(frame.wire)
-        self.seqs[frame.deployment] = frame.last
+        self.set_seq(frame.deployment, frame.last)
         return True
+
+    def last_seq(self, deployment: str) -> int:
+        """The last seq this socket was sent of `deployment` (0: none yet)."""
+        if deployment == self.dep:
+            return self.seq
+        more = self.more
+        return more.get(deployment, 0) if more else 0
+
+    def set_seq(self, deployment: str, seq: int) -> None:
+        if self.dep is None or deployment == self.dep:
+            self.dep = deployment
+            self.seq = seq
+        elif self.more is None:
+            self.more = {deployment: seq}
+        else:
+            self.more[deployment] = seq
+
+    def follow(self, deployment: str) -> None:
+        """Track `deployment` from seq 0 unless it is already tracked (see Hub._resync)."""
+        if deployment != self.dep and not (self.more and deployment in self.more):
+            self.set_seq(deployment, 0)
+
+    def followed(self) -> list[str]:
+        """The deployments this socket tracks."""
+        return ([] if self.dep is None else [self.dep]) + list(self.more or ())
 
     async def send(self, wire: bytes) -> None:
         """Write one encoded frame and wait while the peer is slow to read.
