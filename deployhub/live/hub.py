@@ -40,6 +40,10 @@ RECONNECT_BACKOFF = (0.1, 5.0)  # first and longest wait between subscriber reco
 # one still silent two rounds after its ping is dropped: pinged after 10-20 s of silence,
 # dropped after 30-40 s, much as aiohttp's heartbeat=20 (ping after 20 s, drop 10 s later).
 HEARTBEAT_ROUND = 10.0
+# Redis calls the sockets' handshakes and catch-ups make at once. Without a bound, a storm of
+# thousands of sockets subscribing grows the server's pool to its limit (each connection
+# is some 30-40 KB the process keeps); one core is busy long before 16 calls are in flight.
+REDIS_SLOTS = 16
 PING_AFTER_ROUNDS = 2
 DROP_AFTER_ROUNDS = 4
 
@@ -64,6 +68,7 @@ class Hub:
         self.projects_of: dict[str, str] = {}
         # Every socket's writer is started through this one bound method (see Watcher.spawn).
         self.spawn_writer = self.write
+        self.redis_slots = asyncio.Semaphore(REDIS_SLOTS)  # see REDIS_SLOTS
         self._pubsub: PubSub | None = None
         self._confirmed: dict[str, asyncio.Future[None]] = {}
         self._connected = asyncio.Event()
@@ -299,7 +304,8 @@ class Hub:
             after = watcher.last_seq(dep_id)
             if until is not None and after >= until:
                 return
-            events = await read_events(self.redis, dep_id, after, HISTORY_CHUNK, until)
+            async with self.redis_slots:
+                events = await read_events(self.redis, dep_id, after, HISTORY_CHUNK, until)
             if not events:
                 return
             await watcher.send(wire_frame(logs_frame(project, dep_id, events).encode()))
@@ -320,7 +326,9 @@ class Hub:
         # deployment id must not read its log.
         named = set(wanted) - {d["id"] for d in deployments}
         if named:
-            for dep_id in named - await self.store.deployments_of(sub.project, named):
+            async with self.redis_slots:
+                theirs = await self.store.deployments_of(sub.project, named)
+            for dep_id in named - theirs:
                 del wanted[dep_id]
         if deployments:
             wanted.setdefault(deployments[0]["id"], 0)
@@ -338,10 +346,11 @@ class Hub:
     async def _from_storage(self, watcher: Watcher, project: str, dep_id: str) -> None:
         """A finished deployment whose stream Redis no longer has (it expires after 7 days):
         the full log written to storage when the build ended is the history."""
-        if await self.redis.exists(keys.log_stream(dep_id)):
-            return  # the stream is there; there was just nothing new in it
-        if await self.store.project_of(dep_id) != project:
-            return  # not this project's (the resume names came from the client)
+        async with self.redis_slots:
+            if await self.redis.exists(keys.log_stream(dep_id)):
+                return  # the stream is there; there was just nothing new in it
+            if await self.store.project_of(dep_id) != project:
+                return  # not this project's (the resume names came from the client)
         stored = await self.storage.get_bytes(log_key(dep_id))
         after = watcher.last_seq(dep_id)
         events = [line for line in (stored or b"").decode(errors="replace").splitlines()
@@ -355,8 +364,9 @@ class Hub:
 
     async def _snapshot(self, project: str) -> list[dict[str, Any]]:
         """The project's newest deployments as the API shows them, newest first."""
-        deployments = await self.store.list_deployments(project, SNAPSHOT_DEPLOYMENTS)
-        production = (await self.store.get_project(project)).production
+        async with self.redis_slots:
+            deployments = await self.store.list_deployments(project, SNAPSHOT_DEPLOYMENTS)
+            production = (await self.store.get_project(project)).production
         return [deployment_json(self.settings, d, production) for d in deployments]
 
     async def _project_of(self, dep_id: str) -> str | None:
@@ -364,7 +374,8 @@ class Hub:
         socket in this process, else (a socket that unsubscribed and came back) from Redis."""
         project = self.projects_of.get(dep_id)
         if project is None:
-            project = await self.store.project_of(dep_id)
+            async with self.redis_slots:
+                project = await self.store.project_of(dep_id)
             if project is not None and project in self.watchers:
                 self.projects_of[dep_id] = project
         return project

@@ -70,7 +70,8 @@ async def handle_message(
     try:
         if kind == "auth":
             token = message.get("token")
-            watcher.owner = await Auth.of(request).check(token if isinstance(token, str) else None)
+            async with hub.redis_slots:
+                watcher.owner = await Auth.of(request).check(token if isinstance(token, str) else None)
             return {"type": "authenticated"}
         if kind == "subscribe":
             if watcher.owner is None:
@@ -85,7 +86,8 @@ async def handle_message(
                     raise InvalidInput(
                         f"a socket may watch at most {MAX_PROJECTS_PER_SOCKET} projects"
                     )
-                await hub.store.owned_project(project, watcher.owner)
+                async with hub.redis_slots:
+                    await hub.store.owned_project(project, watcher.owner)
             watcher.watch(project)
             ready = await hub.add(project, watcher)
             watcher.offer(Subscribe(project, resume, ready))
@@ -110,14 +112,15 @@ async def handle_message(
     }
 
 
-async def _header_owner(request: web.Request) -> str | None:
+async def _header_owner(hub: Hub, request: web.Request) -> str | None:
     """The token id of the request's Authorization header, if it holds a good one; else the
     client sends an auth message, and too many bad tokens shows at its first subscribe (4401)."""
     header = bearer(request.headers.get("Authorization"))
     if header is None:
         return None
     with contextlib.suppress(Unauthorized, TooManyAttempts, RedisError, OSError):
-        return await Auth.of(request).check(header)
+        async with hub.redis_slots:
+            return await Auth.of(request).check(header)
     return None
 
 
@@ -156,7 +159,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         return error_response(request, exc)
     assert request.transport is not None  # prepare() fails on a closed connection
     watcher = Watcher(ws, request.transport, stream, hub.spawn_writer)
-    watcher.owner = await _header_owner(request)
+    watcher.owner = await _header_owner(hub, request)
     hub.sockets.add(watcher)
     try:
         async for msg in ws:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -192,7 +193,9 @@ class Watcher:
         return item
 
     def watch(self, project: str) -> None:
-        if project not in self.projects:
+        if not self.projects:
+            self.projects = _only(project)
+        elif project not in self.projects:
             self.projects = (*self.projects, project)
 
     def unwatch(self, project: str) -> None:
@@ -207,6 +210,12 @@ class Watcher:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
+
+
+@functools.lru_cache(maxsize=1024)
+def _only(project: str) -> tuple[str]:
+    """One shared `(project,)` for the sockets that watch just `project`."""
+    return (project,)
 
 
 def _size(item: Item) -> int:
