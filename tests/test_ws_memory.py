@@ -34,6 +34,8 @@ async def test_an_idle_socket_waits_under_no_middleware_of_ours(service: Service
     # aiohttp's own frames (the request handler, the app, its current-app fix-up, the
     # WebSocket's receive) are there as in any aiohttp app; of DeployHub's only the handler.
     assert ours == ["live:websocket_handler"], chains[0]
+    # It awaits the socket's receive() itself: an `async for` adds the iterator's frame.
+    assert not any(n.endswith("__anext__") for n in chains[0]), chains[0]
     await watch.close()
 
 

@@ -31,6 +31,7 @@ from .watcher import Reply, Subscribe, Watcher
 log = logging.getLogger(__name__)
 
 MAX_PROJECTS_PER_SOCKET = 50
+_CLOSED = frozenset((WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED))  # as ws.__anext__
 CLOSE_REASON_BYTES = 120  # a close frame's reason may hold at most 123 bytes
 
 
@@ -162,7 +163,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     watcher.owner = await _header_owner(hub, request)
     hub.sockets.add(watcher)
     try:
-        async for msg in ws:
+        # `await ws.receive()`, not `async for msg in ws`: the iterator's __anext__ would be one
+        # more coroutine frame (216 bytes) waiting with every idle socket.
+        while (msg := await ws.receive()).type not in _CLOSED:
             watcher.quiet = 0
             if msg.type == WSMsgType.PING:
                 await ws.pong(msg.data)
