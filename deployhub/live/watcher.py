@@ -128,13 +128,17 @@ class Watcher:
         one this socket needs. Anything else (a gap, a backlog, a full buffer) goes through
         the queue and the writer task, which know how to catch up."""
         transport = self.transport
+        mine = frame.deployment == self.dep  # the usual case, inline: this runs per socket per frame
         if (self.writer is not None or self.closed
-                or frame.first != self.last_seq(frame.deployment) + 1
+                or frame.first != (self.seq if mine else self.last_seq(frame.deployment)) + 1
                 or self.ws.closed or transport.is_closing()
                 or transport.get_write_buffer_size() > DIRECT_BUFFER):
             return False
         transport.write(frame.wire)
-        self.set_seq(frame.deployment, frame.last)
+        if mine:
+            self.seq = frame.last
+        else:
+            self.set_seq(frame.deployment, frame.last)
         return True
 
     def last_seq(self, deployment: str) -> int:
