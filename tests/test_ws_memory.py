@@ -57,3 +57,23 @@ async def test_an_app_request_through_the_middlewares_still_gets_json_errors(ser
     async with service.http.get(service.url + "/api/no-such-endpoint") as r:
         assert r.status == 404
         assert "no API endpoint" in (await r.json())["error"]
+
+
+def test_a_watchers_seqs_behave_as_a_dict_whether_one_deployment_or_several() -> None:
+    from deployhub.live.watcher import Watcher
+
+    watcher = Watcher.__new__(Watcher)  # no socket needed for its seq bookkeeping
+    watcher.dep, watcher.seq, watcher.more = None, 0, None
+    model: dict[str, int] = {}
+    steps = [("set", "a", 5), ("follow", "b", 0), ("set", "a", 9), ("follow", "a", 0),
+             ("set", "b", 3), ("set", "c", 1), ("follow", "d", 0), ("set", "d", 7)]
+    for op, dep, seq in steps:
+        if op == "set":
+            watcher.set_seq(dep, seq)
+            model[dep] = seq
+        else:
+            watcher.follow(dep)
+            model.setdefault(dep, 0)
+        assert {d: watcher.last_seq(d) for d in "abcdz"} == {d: model.get(d, 0) for d in "abcdz"}
+        assert sorted(watcher.followed()) == sorted(model)
+    assert watcher.more is not None and "a" not in watcher.more  # the first one lives in slots

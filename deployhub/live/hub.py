@@ -40,12 +40,12 @@ RECONNECT_BACKOFF = (0.1, 5.0)  # first and longest wait between subscriber reco
 # one still silent two rounds after its ping is dropped: pinged after 10-20 s of silence,
 # dropped after 30-40 s, much as aiohttp's heartbeat=20 (ping after 20 s, drop 10 s later).
 HEARTBEAT_ROUND = 10.0
+PING_AFTER_ROUNDS = 2
+DROP_AFTER_ROUNDS = 4
 # Redis calls the sockets' handshakes and catch-ups make at once. Without a bound, a storm of
 # thousands of sockets subscribing grows the server's pool to its limit (each connection
 # is some 30-40 KB the process keeps); one core is busy long before 16 calls are in flight.
 REDIS_SLOTS = 16
-PING_AFTER_ROUNDS = 2
-DROP_AFTER_ROUNDS = 4
 
 
 class Hub:
