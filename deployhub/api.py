@@ -75,48 +75,72 @@ async def read_json(request: web.Request) -> Any:
     return loads_json(await read_body(request))
 
 
+_LONG_LIVED: set[Callable[..., Any]] = set()
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def long_lived(handler: Handler) -> Handler:
+    """Mark a handler that runs for a connection's lifetime (the WebSocket's): `api_errors`
+    hands its coroutine on as it is, so no middleware frame stays suspended with each of
+    thousands of idle sockets. Such a handler answers its own failures (`error_response`)."""
+    _LONG_LIVED.add(handler)
+    return handler
+
+
 @web.middleware
-async def api_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
+def api_errors(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+    """The API's failures as JSON errors (`error_response`). A plain function: see `long_lived`."""
+    if request.match_info.handler in _LONG_LIVED:
+        return handler(request)
+    return _api_errors(request, handler)
+
+
+async def _api_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except InvalidInput as exc:
+    except Exception as exc:
+        return error_response(request, exc)
+
+
+def error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The error response for a handler's failure `exc`; re-raises one the API does not answer."""
+    if isinstance(exc, InvalidInput):
         return error(400, str(exc))
-    except NotFound as exc:
+    if isinstance(exc, NotFound):
         return error(404, str(exc))
-    except ProjectTaken as exc:
+    if isinstance(exc, ProjectTaken):
         return error(409, str(exc))
-    except TooManyActive as exc:
+    if isinstance(exc, TooManyActive):
         return error(429, str(exc))
-    except SecretUnreadable as exc:
+    if isinstance(exc, SecretUnreadable):
         # The key changed under a stored secret: not a bug, and only setting it again helps.
         log.error("%s %s: %s", request.method, request.path, exc)
         return error(409, str(exc))
-    except TooManyAttempts as exc:
+    if isinstance(exc, TooManyAttempts):
         response = error(429, str(exc))
         response.headers["Retry-After"] = str(exc.retry_after)
         return response
-    except Unauthorized as exc:
+    if isinstance(exc, Unauthorized):
         response = error(401, str(exc))
         response.headers["WWW-Authenticate"] = 'Bearer realm="deployhub"'
         return response
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         # The router's own 404 and 405 (and aiohttp's other refusals) are text/plain; an API
         # client gets the one error shape every handler answers with.
         if exc.status < 400 or not request.path.startswith("/api/"):
-            raise
+            raise exc
         response = error(exc.status, _refusal(request, exc))
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
         return response
-    except (RedisError, *CONNECTION_ERRORS) as exc:
+    if isinstance(exc, (RedisError, *CONNECTION_ERRORS)):
         # The pool has already retried with backoff: Redis is away (a restart, a failover).
         log.warning("%s %s: Redis unavailable: %s", request.method, request.path, exc)
         response = error(503, "DeployHub's database (Redis) is unreachable right now; "
                               f"try again in {RETRY_AFTER_SECONDS} s")
         response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return response
+    raise exc
 
 
 def _refusal(request: web.Request, exc: web.HTTPException) -> str:

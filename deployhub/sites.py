@@ -748,16 +748,24 @@ def add_routes(app: web.Application) -> None:
 
 
 @web.middleware
-async def site_middleware(
+def site_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """A request whose Host is `<label>.<domain>` is a site's; the rest go to the app."""
+) -> Awaitable[web.StreamResponse]:
+    """A request whose Host is `<label>.<domain>` is a site's; the rest go to the app.
+
+    A plain function, not a coroutine: for the app's requests it hands on the handler's own
+    awaitable, so no frame of this middleware stays suspended for as long as the handler
+    runs (a WebSocket's handler runs for the socket's lifetime; thousands idle at once)."""
     # The app whose middleware this is holds SITES (setup() or a mounted create_app()); the
     # lookup through config_dict builds a ChainMap per request.
     sites = request.app.get(SITES) or request.config_dict[SITES]
     label = sites.site_label(request.host)
     if label is None:
-        return await handler(request)
+        return handler(request)
+    return _site_response(request, sites, label)
+
+
+async def _site_response(request: web.Request, sites: Sites, label: str) -> web.StreamResponse:
     response: web.StreamResponse
     if request.method not in ("GET", "HEAD"):
         response = web.Response(status=405, text="Sites answer GET and HEAD only.\n",

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sys
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -44,6 +45,10 @@ RECONNECT_BACKOFF = (0.1, 5.0)  # first and longest wait between subscriber reco
 HEARTBEAT_ROUND = 10.0
 PING_AFTER_ROUNDS = 2
 DROP_AFTER_ROUNDS = 4
+# Redis calls the sockets' handshakes and catch-ups make at once. Without a bound, a storm of
+# thousands of sockets subscribing grows the server's pool to its limit (each connection
+# is some 30-40 KB the process keeps); one core is busy long before 16 calls are in flight.
+REDIS_SLOTS = 16
 
 
 class Hub:
@@ -61,6 +66,12 @@ class Hub:
         # memory", "catch-ups from Redis", "log lines relayed"): logged at shutdown, exported
         # at /metrics.
         self.stats: Counter[str] = Counter()
+        # deployment -> its project, for the deployments the sockets of this process follow
+        # (one entry per deployment, not per socket); dropped with the project's last socket.
+        self.projects_of: dict[str, str] = {}
+        # Every socket's writer is started through this one bound method (see Watcher.spawn).
+        self.spawn_writer = self.write
+        self.redis_slots = asyncio.Semaphore(REDIS_SLOTS)  # see REDIS_SLOTS
         self._pubsub: PubSub | ShardedPubSub | None = None
         self._confirmed: dict[str, asyncio.Future[None]] = {}
         self._connected = asyncio.Event()
@@ -88,6 +99,8 @@ class Hub:
         if members:
             return
         del self.watchers[project]
+        for dep_id in [d for d, p in self.projects_of.items() if p == project]:
+            del self.projects_of[dep_id]
         for dep_id in [d for d, r in self.recent.items() if r.frames and r.frames[0].project == project]:
             del self.recent[dep_id]
         future = self._confirmed.pop(project, None)
@@ -195,6 +208,7 @@ class Hub:
                 wire_frame(raw),
             )
             self._remember(frame)
+            self.projects_of[frame.deployment] = project
             written = 0
             for watcher in members:
                 written += watcher.deliver(frame)
@@ -260,7 +274,7 @@ class Hub:
             await self._send_backlog(watcher, item)
         else:
             await watcher.send(item.wire)
-            if item.final and watcher.seqs.get(item.deployment, 0) < (item.log_seq or 1 << 62):
+            if item.final and watcher.last_seq(item.deployment) < (item.log_seq or 1 << 62):
                 # Lines published in a window this socket missed: read them before it closes.
                 await self._catch_up(watcher, item.project, item.deployment)
 
@@ -268,8 +282,9 @@ class Hub:
         """Bring a socket that fell behind up to `backlog.upto`: from the shared recent frames
         while they reach back far enough, else from the deployment's stream."""
         dep_id = backlog.deployment
-        watcher.deployment_project[dep_id] = backlog.project
-        while (after := watcher.seqs.get(dep_id, 0)) < backlog.upto:
+        self.projects_of[dep_id] = backlog.project
+        watcher.follow(dep_id)  # tracked from now on (see _resync)
+        while (after := watcher.last_seq(dep_id)) < backlog.upto:
             recent = self.recent.get(dep_id)
             frame = recent.since(after, backlog.upto) if recent is not None else None
             if frame is None:
@@ -280,7 +295,7 @@ class Hub:
                 await self._catch_up(
                     watcher, backlog.project, dep_id, until=start - 1 if start > after + 1 else None
                 )
-                if watcher.seqs.get(dep_id, 0) > after:
+                if watcher.last_seq(dep_id) > after:
                     continue
                 # Neither holds these lines any more (the stream expired): go on from memory.
                 if recent is None or not recent.frames or recent.frames[0].last <= after:
@@ -288,21 +303,22 @@ class Hub:
                 frame = recent.frames[0]
             self.stats["frames from memory"] += 1
             await watcher.send(frame.wire)
-            watcher.seqs[dep_id] = max(after, frame.last)
+            watcher.set_seq(dep_id, max(after, frame.last))
 
     async def _catch_up(
         self, watcher: Watcher, project: str, dep_id: str, until: int | None = None
     ) -> None:
         """Send every stored line after the last one this socket got (up to `until`)."""
         while True:
-            after = watcher.seqs.get(dep_id, 0)
+            after = watcher.last_seq(dep_id)
             if until is not None and after >= until:
                 return
-            events = await read_events(self.redis, project, dep_id, after, HISTORY_CHUNK, until)
+            async with self.redis_slots:
+                events = await read_events(self.redis, project, dep_id, after, HISTORY_CHUNK, until)
             if not events:
                 return
             await watcher.send(wire_frame(logs_frame(project, dep_id, events).encode()))
-            watcher.seqs[dep_id] = event_seq(events[-1])
+            watcher.set_seq(dep_id, event_seq(events[-1]))
             if len(events) < HISTORY_CHUNK:
                 return
 
@@ -319,42 +335,59 @@ class Hub:
         # deployment id must not read its log.
         named = set(wanted) - {d["id"] for d in deployments}
         if named:
-            for dep_id in named - await self.store.deployments_of(sub.project, named):
+            async with self.redis_slots:
+                theirs = await self.store.deployments_of(sub.project, named)
+            for dep_id in named - theirs:
                 del wanted[dep_id]
         if deployments:
             wanted.setdefault(deployments[0]["id"], 0)
         # Those still running certainly have their stream; the others may have outlived it.
         running = {d["id"] for d in deployments if not Status(d["status"]).final}
         for dep_id, after in wanted.items():
-            watcher.seqs[dep_id] = max(after, 0)
-            watcher.deployment_project[dep_id] = sub.project
+            # Interned: thousands of sockets following one deployment share its id.
+            dep_id = sys.intern(dep_id)
+            watcher.set_seq(dep_id, max(after, 0))
+            self.projects_of[dep_id] = sub.project
             await self._catch_up(watcher, sub.project, dep_id)
-            if watcher.seqs[dep_id] == max(after, 0) and dep_id not in running:
+            if watcher.last_seq(dep_id) == max(after, 0) and dep_id not in running:
                 await self._from_storage(watcher, sub.project, dep_id)
 
     async def _from_storage(self, watcher: Watcher, project: str, dep_id: str) -> None:
         """A finished deployment whose stream Redis no longer has (it expires after 7 days):
         the full log written to storage when the build ended is the history."""
-        if await self.redis.exists(keys.log_stream(project, dep_id)):
-            return  # the stream is there; there was just nothing new in it
-        if await self.store.project_of(dep_id) != project:
-            return  # not this project's (the resume names came from the client)
+        async with self.redis_slots:
+            if await self.redis.exists(keys.log_stream(project, dep_id)):
+                return  # the stream is there; there was just nothing new in it
+            if await self.store.project_of(dep_id) != project:
+                return  # not this project's (the resume names came from the client)
         stored = await self.storage.get_bytes(log_key(dep_id))
-        after = watcher.seqs.get(dep_id, 0)
+        after = watcher.last_seq(dep_id)
         events = [line for line in (stored or b"").decode(errors="replace").splitlines()
                   if line.strip() and event_seq(line) > after]
         for start in range(0, len(events), HISTORY_CHUNK):
             chunk = events[start:start + HISTORY_CHUNK]
             await watcher.send(wire_frame(logs_frame(project, dep_id, chunk).encode()))
-            watcher.seqs[dep_id] = event_seq(chunk[-1])
+            watcher.set_seq(dep_id, event_seq(chunk[-1]))
         if events:
             self.stats["logs read from storage"] += 1
 
     async def _snapshot(self, project: str) -> list[dict[str, Any]]:
         """The project's newest deployments as the API shows them, newest first."""
-        deployments = await self.store.list_deployments(project, SNAPSHOT_DEPLOYMENTS)
-        production = (await self.store.get_project(project)).production
+        async with self.redis_slots:
+            deployments = await self.store.list_deployments(project, SNAPSHOT_DEPLOYMENTS)
+            production = (await self.store.get_project(project)).production
         return [deployment_json(self.settings, d, production) for d in deployments]
+
+    async def _project_of(self, dep_id: str) -> str | None:
+        """The project of a deployment a socket follows: known here while its project has a
+        socket in this process, else (a socket that unsubscribed and came back) from Redis."""
+        project = self.projects_of.get(dep_id)
+        if project is None:
+            async with self.redis_slots:
+                project = await self.store.project_of(dep_id)
+            if project is not None and project in self.watchers:
+                self.projects_of[dep_id] = project
+        return project
 
     async def _resync(self, watcher: Watcher) -> None:
         await watcher.send_json({"type": "resync"})
@@ -362,10 +395,12 @@ class Hub:
             deployments = await self._snapshot(project)
             for body in reversed(deployments):
                 await watcher.send_json({"type": "status", "deployment": body})
-            tracked = [d for d, p in watcher.deployment_project.items() if p == project]
+            tracked = [d for d in watcher.followed() if await self._project_of(d) == project]
             if deployments and deployments[0]["id"] not in tracked:
-                tracked.append(deployments[0]["id"])
-                watcher.deployment_project[deployments[0]["id"]] = project
+                newest = sys.intern(deployments[0]["id"])
+                tracked.append(newest)
+                watcher.follow(newest)
+                self.projects_of[newest] = project
             for dep_id in tracked:
                 await self._catch_up(watcher, project, dep_id)
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import sys
 from typing import Any
 
 from aiohttp import WSMsgType, web
 from redis.exceptions import RedisError
 
-from ..api import client_of
+from ..api import client_of, error_response, long_lived
 from ..auth import TooManyAttempts, Tokens, Unauthorized, bearer
 from ..connections import TOKENS
 from ..state import SETTINGS
@@ -30,6 +31,7 @@ from .watcher import Reply, Subscribe, Watcher
 log = logging.getLogger(__name__)
 
 MAX_PROJECTS_PER_SOCKET = 50
+_CLOSED = frozenset((WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED))  # as ws.__anext__
 CLOSE_REASON_BYTES = 120  # a close frame's reason may hold at most 123 bytes
 
 
@@ -51,7 +53,8 @@ class Auth:
         )
 
     async def check(self, secret: str | None) -> str:
-        return await self.tokens.check(secret, client=self.client, max_failures=self.max_failures)
+        token_id = await self.tokens.check(secret, client=self.client, max_failures=self.max_failures)
+        return sys.intern(token_id)  # the sockets of one token share its id (Watcher.owner)
 
 
 async def handle_message(
@@ -68,7 +71,8 @@ async def handle_message(
     try:
         if kind == "auth":
             token = message.get("token")
-            watcher.owner = await Auth.of(request).check(token if isinstance(token, str) else None)
+            async with hub.redis_slots:
+                watcher.owner = await Auth.of(request).check(token if isinstance(token, str) else None)
             return {"type": "authenticated"}
         if kind == "subscribe":
             if watcher.owner is None:
@@ -83,14 +87,15 @@ async def handle_message(
                     raise InvalidInput(
                         f"a socket may watch at most {MAX_PROJECTS_PER_SOCKET} projects"
                     )
-                await hub.store.owned_project(project, watcher.owner)
-            watcher.projects.add(project)
+                async with hub.redis_slots:
+                    await hub.store.owned_project(project, watcher.owner)
+            watcher.watch(project)
             ready = await hub.add(project, watcher)
             watcher.offer(Subscribe(project, resume, ready))
             return None
         if kind == "unsubscribe":
             project = check_project(message.get("project"))
-            watcher.projects.discard(project)
+            watcher.unwatch(project)
             await hub.remove(project, watcher)
             return None
         if kind == "ping":
@@ -108,14 +113,15 @@ async def handle_message(
     }
 
 
-async def _header_owner(request: web.Request) -> str | None:
+async def _header_owner(hub: Hub, request: web.Request) -> str | None:
     """The token id of the request's Authorization header, if it holds a good one; else the
     client sends an auth message, and too many bad tokens shows at its first subscribe (4401)."""
     header = bearer(request.headers.get("Authorization"))
     if header is None:
         return None
     with contextlib.suppress(Unauthorized, TooManyAttempts, RedisError, OSError):
-        return await Auth.of(request).check(header)
+        async with hub.redis_slots:
+            return await Auth.of(request).check(header)
     return None
 
 
@@ -137,20 +143,29 @@ def _check_resume(raw: object) -> dict[str, int]:
     return resume
 
 
-async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
-    hub = request.config_dict[HUB]
-    # No permessage-deflate: it would compress every frame once per socket (its context is per
-    # connection), the single largest cost of fanning one log out to many watchers.
-    # The hub pings quiet sockets and drops dead ones (Hub.heartbeat), so no heartbeat= here;
-    # pings and pongs come to this loop (autoping=False), and any message shows the peer lives.
-    ws = web.WebSocketResponse(autoping=False, max_msg_size=MAX_BODY, compress=False)
-    stream = await ws.prepare(request)
+@long_lived
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    # long_lived: the API's error middleware does not wrap this handler (its frame would wait
+    # with every idle socket), so a refusal before the upgrade becomes its JSON error here.
+    try:
+        hub = request.config_dict[HUB]
+        # No permessage-deflate: it would compress every frame once per socket (its context is
+        # per connection), the single largest cost of fanning one log out to many watchers.
+        # The hub pings quiet sockets and drops dead ones (Hub.heartbeat), so no heartbeat=
+        # here; pings and pongs come to this loop (autoping=False), and any message shows the
+        # peer lives.
+        ws = web.WebSocketResponse(autoping=False, max_msg_size=MAX_BODY, compress=False)
+        stream = await ws.prepare(request)
+    except Exception as exc:
+        return error_response(request, exc)
     assert request.transport is not None  # prepare() fails on a closed connection
-    watcher = Watcher(ws, request.transport, stream, hub.write)
-    watcher.owner = await _header_owner(request)
+    watcher = Watcher(ws, request.transport, stream, hub.spawn_writer)
+    watcher.owner = await _header_owner(hub, request)
     hub.sockets.add(watcher)
     try:
-        async for msg in ws:
+        # `await ws.receive()`, not `async for msg in ws`: the iterator's __anext__ would be one
+        # more coroutine frame (216 bytes) waiting with every idle socket.
+        while (msg := await ws.receive()).type not in _CLOSED:
             watcher.quiet = 0
             if msg.type == WSMsgType.PING:
                 await ws.pong(msg.data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -62,8 +63,8 @@ class Watcher:
     one project, so everything here is slotted and made on first use.
     """
 
-    __slots__ = ("ws", "transport", "stream", "spawn", "items", "writer", "projects", "seqs",
-                 "deployment_project", "queued_bytes", "owner", "closed", "quiet")
+    __slots__ = ("ws", "transport", "stream", "spawn", "items", "writer", "projects", "dep", "seq",
+                 "more", "queued_bytes", "owner", "closed", "quiet")
 
     def __init__(
         self, ws: web.WebSocketResponse, transport: asyncio.Transport, stream: AbstractStreamWriter,
@@ -72,12 +73,19 @@ class Watcher:
         self.ws = ws
         self.transport = transport
         self.stream = stream
-        self.spawn = spawn  # the writer's coroutine for this socket, started when items wait
+        # The writer's coroutine for this socket, started when items wait: one callable the
+        # hub shares between all its sockets (a bound method made per socket costs 64 bytes).
+        self.spawn = spawn
         self.items: deque[Item] | None = None  # control items waiting, while any do
         self.writer: asyncio.Task[None] | None = None  # the writer task, while it runs
-        self.projects: set[str] = set()
-        self.seqs: dict[str, int] = {}  # deployment -> last seq sent
-        self.deployment_project: dict[str, str] = {}
+        # The projects watched: a tuple, as most sockets watch one (a set costs 216 bytes).
+        self.projects: tuple[str, ...] = ()
+        # The last seq sent of each deployment followed (`last_seq`; the hub knows each one's
+        # project: Hub.projects_of). Most sockets follow one deployment at a time: it lives in
+        # two slots, any others in `more` (a dict of one entry alone is 184 bytes).
+        self.dep: str | None = None
+        self.seq = 0
+        self.more: dict[str, int] | None = None
         self.queued_bytes = 0
         self.owner: str | None = None  # the token id, once authenticated
         self.closed = False  # the handler has ended: nothing more is queued or written
@@ -120,15 +128,43 @@ class Watcher:
         one this socket needs. Anything else (a gap, a backlog, a full buffer) goes through
         the queue and the writer task, which know how to catch up."""
         transport = self.transport
+        mine = frame.deployment == self.dep  # the usual case, inline: this runs per socket per frame
         if (self.writer is not None or self.closed
-                or frame.first != self.seqs.get(frame.deployment, 0) + 1
+                or frame.first != (self.seq if mine else self.last_seq(frame.deployment)) + 1
                 or self.ws.closed or transport.is_closing()
                 or transport.get_write_buffer_size() > DIRECT_BUFFER):
             return False
         transport.write(frame.wire)
-        self.seqs[frame.deployment] = frame.last
-        self.deployment_project[frame.deployment] = frame.project
+        if mine:
+            self.seq = frame.last
+        else:
+            self.set_seq(frame.deployment, frame.last)
         return True
+
+    def last_seq(self, deployment: str) -> int:
+        """The last seq this socket was sent of `deployment` (0: none yet)."""
+        if deployment == self.dep:
+            return self.seq
+        more = self.more
+        return more.get(deployment, 0) if more else 0
+
+    def set_seq(self, deployment: str, seq: int) -> None:
+        if self.dep is None or deployment == self.dep:
+            self.dep = deployment
+            self.seq = seq
+        elif self.more is None:
+            self.more = {deployment: seq}
+        else:
+            self.more[deployment] = seq
+
+    def follow(self, deployment: str) -> None:
+        """Track `deployment` from seq 0 unless it is already tracked (see Hub._resync)."""
+        if deployment != self.dep and not (self.more and deployment in self.more):
+            self.set_seq(deployment, 0)
+
+    def followed(self) -> list[str]:
+        """The deployments this socket tracks."""
+        return ([] if self.dep is None else [self.dep]) + list(self.more or ())
 
     async def send(self, wire: bytes) -> None:
         """Write one encoded frame and wait while the peer is slow to read.
@@ -160,6 +196,15 @@ class Watcher:
         self.queued_bytes -= _size(item)
         return item
 
+    def watch(self, project: str) -> None:
+        if not self.projects:
+            self.projects = _only(project)
+        elif project not in self.projects:
+            self.projects = (*self.projects, project)
+
+    def unwatch(self, project: str) -> None:
+        self.projects = tuple(p for p in self.projects if p != project)
+
     async def close(self) -> None:
         """The handler's end: stop queueing, and cancel and await the writer, if one runs."""
         self.closed = True
@@ -169,6 +214,12 @@ class Watcher:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
+
+
+@functools.lru_cache(maxsize=1024)
+def _only(project: str) -> tuple[str]:
+    """One shared `(project,)` for the sockets that watch just `project`."""
+    return (project,)
 
 
 def _size(item: Item) -> int:
