@@ -251,6 +251,7 @@ class Hub:
                 except (RedisError, OSError) as exc:
                     if isinstance(exc, ConnectionResetError):
                         raise
+                    stop_if_cancelled()
                     # Redis is away: try again shortly, from the stream, losing nothing.
                     log.warning("live delivery paused: %s", exc)
                     await asyncio.sleep(REDIS_RETRY_DELAY)
@@ -417,6 +418,9 @@ async def running_hub(
     finally:
         if hub.stats:
             log.info("live logs: %s", ", ".join(f"{n} {what}" for what, n in hub.stats.items()))
+        # Sockets' writer tasks too: one still catching up from Redis after the client is
+        # closed would open a new connection on a loop about to close.
+        tasks += [w.writer for w in hub.sockets if w.writer is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
