@@ -174,6 +174,11 @@ class LocalRunner:
             code = await proc.wait()
         finally:
             self.procs.pop(dep.id, None)
+            # The worker is gone, but its stdin pipe may not be: a process it started (the
+            # upload's multiprocessing forkserver and resource tracker) inherits fd 0 and
+            # outlives it for a moment. Close our end rather than leave it to the GC.
+            if proc.stdin is not None:
+                proc.stdin.close()
         current = await self.store.get_deployment(dep.id)
         if not current.final:
             detail = "\n".join(tail)
