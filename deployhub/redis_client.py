@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
@@ -71,6 +71,18 @@ async def through_outage(call: Callable[[], Awaitable[T]], *, deadline: float = 
             delay = min(delay * 2, 2.0)
 
 
+def _client_options() -> dict[str, Any]:
+    """What every connection of ours has, in a standalone pool or a cluster client's."""
+    return {
+        "decode_responses": True,
+        "health_check_interval": HEALTH_CHECK_SECONDS,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "socket_keepalive": True,
+        "retry": Retry(ExponentialBackoff(cap=BACKOFF_CAP, base=BACKOFF_BASE), RETRIES),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError, ConnectionResetError],
+    }
+
+
 def open_redis(url: str, *, max_connections: int = 64) -> Redis:
     """A client over a blocking pool (a burst waits for a connection instead of failing with
     "Too many connections"), decoding responses, retrying connection errors."""
@@ -78,12 +90,7 @@ def open_redis(url: str, *, max_connections: int = 64) -> Redis:
         url,
         max_connections=max_connections,
         timeout=POOL_TIMEOUT,
-        decode_responses=True,
-        health_check_interval=HEALTH_CHECK_SECONDS,
-        socket_connect_timeout=CONNECT_TIMEOUT,
-        socket_keepalive=True,
-        retry=Retry(ExponentialBackoff(cap=BACKOFF_CAP, base=BACKOFF_BASE), RETRIES),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
+        **_client_options(),
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
 
@@ -108,12 +115,7 @@ async def connect_redis(url: str, *, max_connections: int = 64) -> Redis:
     cluster = RedisCluster.from_url(
         url,
         max_connections=max_connections,  # per node
-        decode_responses=True,
-        health_check_interval=HEALTH_CHECK_SECONDS,
-        socket_connect_timeout=CONNECT_TIMEOUT,
-        socket_keepalive=True,
-        retry=Retry(ExponentialBackoff(cap=BACKOFF_CAP, base=BACKOFF_BASE), RETRIES),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
+        **_client_options(),
     )
     try:
         await cluster.initialize()

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .workspaces import workspace_of
+from .workspaces import real_dir, workspace_of
 
 OUTPUT_DIRS = ("dist", "build", "out", ".output/public", "_site")
 PACKAGE_JSON_MAX = 1024 * 1024
@@ -110,7 +110,7 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
     overrides = overrides or Overrides()
     rel = _relative(overrides.root_directory or "", "the root directory")
     root = repo / rel if rel else repo
-    if rel and not _real_dirs(repo, rel):
+    if rel and not real_dir(repo, rel):
         raise BuildError(
             f"The root directory {rel} (project setting) is not a directory in the repository "
             "at this commit (or it, or a directory on the way, is a symlink): set the root "
@@ -437,12 +437,12 @@ def locate_output(root: Path, plan: Plan | None = None, *, built_after: float | 
     known one, else the shallowest directory holding an index.html written by the build."""
     expected = plan.output if plan else None
     if expected is not None:
-        if _real_dirs(root, expected) and any((root / expected).iterdir()):
+        if real_dir(root, expected) and any((root / expected).iterdir()):
             source = (f"{plan.framework.name}'s output directory" if plan and plan.framework
                       and plan.framework.output == expected else "the output directory setting")
             return Output(root / expected, source)
         if plan and plan.framework and plan.framework.output == expected:
-            if plan.framework.hint and not any(_real_dirs(root, n) for n in OUTPUT_DIRS):
+            if plan.framework.hint and not any(real_dir(root, n) for n in OUTPUT_DIRS):
                 raise BuildError(
                     f"The build finished but {plan.framework.name} wrote no {expected}/: "
                     f"{plan.framework.hint}."
@@ -455,7 +455,7 @@ def locate_output(root: Path, plan: Plan | None = None, *, built_after: float | 
     for name in OUTPUT_DIRS:
         # A symlinked output dir, or a symlinked parent of it (.output -> /etc), could point
         # anywhere on the machine: never follow one.
-        if _real_dirs(root, name) and any((root / name).iterdir()):
+        if real_dir(root, name) and any((root / name).iterdir()):
             return Output(root / name, "a usual output directory")
     if built_after is not None and (found := _written_index(root, built_after)):
         return Output(found, "holds the index.html the build wrote")
@@ -496,16 +496,3 @@ def _written_index(root: Path, since: float) -> Path | None:
             return found[0]
         level = below
     return None
-
-
-def _real_dirs(root: Path, rel: str) -> bool:
-    """Every component of `rel` under `root` is a directory and none is a symlink."""
-    path = root
-    for part in rel.split("/"):
-        path = path / part
-        try:
-            if not stat.S_ISDIR(path.lstat().st_mode):
-                return False
-        except OSError:
-            return False
-    return True
