@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deployhub.children import close_child
+
 Emit = Callable[[str, str], None]  # (stream, text)
 
 READ_SIZE = 64 * 1024
@@ -109,8 +111,7 @@ async def _reap(proc: asyncio.subprocess.Process, readers: asyncio.Future[Any]) 
     readers.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await readers
-    with contextlib.suppress(ProcessLookupError):
-        await asyncio.shield(proc.wait())
+    await close_child(proc)  # a process that left the group may still hold the pipes
 
 
 def kill_tree(pgid: int) -> None:

@@ -12,6 +12,7 @@ import sys
 from collections import deque
 from collections.abc import AsyncIterator
 
+from ..children import close_child
 from ..queue import BuildQueue, Dispatcher, dispatching
 from ..redis_client import stop_if_cancelled
 from ..settings import Secret, Settings
@@ -72,8 +73,6 @@ class LocalRunner:
         try:
             out, err = await asyncio.wait_for(proc.communicate(), SANDBOX_CHECK_TIMEOUT)
         except TimeoutError:
-            proc.kill()
-            await proc.wait()
             self.refused = f"The build sandbox check did not answer within {SANDBOX_CHECK_TIMEOUT:.0f} s."
         else:
             if proc.returncode == 1 and out.strip():
@@ -82,6 +81,8 @@ class LocalRunner:
                 detail = err.decode(errors="replace").strip().splitlines()[-WORKER_TAIL_LINES:]
                 self.refused = (f"The build sandbox check failed (exit code {proc.returncode}): "
                                 + " / ".join(detail))
+        finally:
+            await close_child(proc)
         if self.refused:
             log.error("builds are refused: %s", self.refused)
 
@@ -94,8 +95,9 @@ class LocalRunner:
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), SANDBOX_CHECK_TIMEOUT)
         except TimeoutError:
-            proc.kill()
-            out = (await proc.communicate())[0] or b"the limits check did not answer"
+            out = b"the limits check did not answer"
+        finally:
+            await close_child(proc)
         if missing := out.decode(errors="replace").strip():
             log.warning("build limits NOT enforced on this machine: %s", missing)
             policy = self.settings.build_without_limits
@@ -174,11 +176,7 @@ class LocalRunner:
             code = await proc.wait()
         finally:
             self.procs.pop(dep.id, None)
-            # The worker is gone, but its stdin pipe may not be: a process it started (the
-            # upload's multiprocessing forkserver and resource tracker) inherits fd 0 and
-            # outlives it for a moment. Close our end rather than leave it to the GC.
-            if proc.stdin is not None:
-                proc.stdin.close()
+            await close_child(proc)
         current = await self.store.get_deployment(dep.id)
         if not current.final:
             detail = "\n".join(tail)
