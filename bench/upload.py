@@ -10,8 +10,9 @@ One command: starts SeaweedFS (S3) and Redis on 127.0.0.1, writes a build output
                   deploy script does; no variants, so it does less work than DeployHub)
   deployhub       worker.output.upload_site, exactly as the build worker runs it: hash
                   every file, lease the blobs, one ListObjectsV2 of what is stored,
-                  brotli/gzip variants of text assets in a process per CPU, concurrent
-                  PutObjects (multipart above 8 MiB), the manifest last
+                  concurrent PutObjects (multipart above 8 MiB), a first manifest (the
+                  site is live: "live s"), then brotli/gzip variants of text assets in a
+                  process per CPU and the manifest again ("all s")
   deployhub-serial the same path with one file at a time: the same work and requests, so
                   what concurrency alone buys
 
@@ -178,22 +179,30 @@ async def one_at_a_time(client: Any, bucket: str, out: Path) -> int:
 
 async def deployhub(
     client: Any, bucket: str, out: Path, redis_url: str, concurrency: int,
-) -> tuple[int, dict[str, int]]:
+) -> tuple[int, dict[str, int], float]:
+    """As the build worker uploads: the site is live (`on_stored`) before the compressed
+    copies are made; returns the files, the requests and when (perf_counter) it was live."""
     from redis.asyncio import Redis
 
     from deployhub.collector import BlobLeases
     from deployhub.storage import S3Storage
-    from worker.output import upload_site
+    from worker.output import Uploaded, upload_site
+
+    live: list[float] = []
+
+    async def stored(_: Uploaded) -> None:
+        live.append(time.perf_counter())
 
     redis = Redis.from_url(redis_url, decode_responses=True)
     try:
         storage = S3Storage(client, bucket)
         dep_id = f"bench-{bucket}"
         uploaded = await upload_site(storage, dep_id, out.parent, out, lambda stream, text: None,
-                                     leases=BlobLeases(redis, 3600, dep_id), concurrency=concurrency)
+                                     leases=BlobLeases(redis, 3600, dep_id), concurrency=concurrency,
+                                     on_stored=stored)
     finally:
         await redis.aclose()
-    return uploaded.files, dict(storage.requests)
+    return uploaded.files, dict(storage.requests), live[0]
 
 
 def variants_cpu(out: Path) -> float:
@@ -207,12 +216,6 @@ def variants_cpu(out: Path) -> float:
         if path.is_file() and manifest.compressible(guess_type(path.name), path.stat().st_size):
             make_variants(path.read_bytes(), 11)
     return time.process_time() - start
-
-
-async def timed(run: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    result = await run()
-    return time.perf_counter() - start, result
 
 
 async def measure(
@@ -229,17 +232,21 @@ async def measure(
         for round_ in range(rounds):
             for name in uploaders:
                 bucket = s3.create_bucket("upload")  # empty: nothing is stored already
+                start = time.perf_counter()
                 if name == "one-at-a-time":
-                    wall, files = await timed(lambda: one_at_a_time(client, bucket, out))
+                    files = await one_at_a_time(client, bucket, out)
                     requests = {"put": files}
+                    live = wall = time.perf_counter() - start
                 else:
                     concurrency = 1 if name == "deployhub-serial" else UPLOAD_CONCURRENCY
-                    wall, (files, requests) = await timed(
-                        lambda: deployhub(client, bucket, out, redis_url, concurrency))
+                    files, requests, live_at = await deployhub(client, bucket, out, redis_url, concurrency)
+                    wall, live = time.perf_counter() - start, live_at - start
                 s3.delete_bucket(bucket)
-                print(f"  round {round_ + 1} {name:16} {files:>5} files in {wall:6.2f} s", flush=True)
-                if name not in best or wall < best[name]["wall_s"]:
-                    best[name] = {"files": files, "wall_s": round(wall, 3), "requests": requests}
+                print(f"  round {round_ + 1} {name:16} {files:>5} files live in {live:6.2f} s, "
+                      f"all in {wall:6.2f} s", flush=True)
+                if name not in best or live < best[name]["live_s"]:
+                    best[name] = {"files": files, "live_s": round(live, 3), "wall_s": round(wall, 3),
+                                  "requests": requests}
     return best
 
 
@@ -300,27 +307,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Upload of {args.files} files ({mb:.1f} MB), best of {args.rounds}; DeployHub's "
           f"variants of them take {compress_s:.1f} s of CPU; load average {load[0]:.1f} "
           f"on {os.cpu_count()} CPUs (other processes slow the CPU-bound part)")
-    print(f"{'latency':>8} {'uploader':>16} {'wall s':>8} {'files/s':>9} {'MB/s':>7} {'requests':>9} "
-          f"{'vs one-at-a-time':>16}")
+    print("live: until the site is served (DeployHub's first manifest); all: until the last "
+          "request (DeployHub's compressed copies and second manifest)")
+    print(f"{'latency':>8} {'uploader':>16} {'live s':>8} {'all s':>8} {'files/s':>9} {'MB/s':>7} "
+          f"{'requests':>9} {'live vs one-at-a-time':>22} {'all vs':>7}")
     verdicts = []
     for r in results:
         base_wall = r["one-at-a-time"]["wall_s"]
         for name in uploaders:
             m = r[name]
-            m["files_per_s"] = round(m["files"] / m["wall_s"], 1)
-            m["mb_per_s"] = round(mb / m["wall_s"], 2)
-            ratio = base_wall / m["wall_s"]
-            print(f"{r['latency_ms']:>6g}ms {name:>16} {m['wall_s']:>8.2f} {m['files_per_s']:>9,.0f} "
-                  f"{m['mb_per_s']:>7.1f} {sum(m['requests'].values()):>9,} {ratio:>15.1f}x")
-        r["ratio"] = round(base_wall / r["deployhub"]["wall_s"], 1)
+            m["files_per_s"] = round(m["files"] / m["live_s"], 1)
+            m["mb_per_s"] = round(mb / m["live_s"], 2)
+            print(f"{r['latency_ms']:>6g}ms {name:>16} {m['live_s']:>8.2f} {m['wall_s']:>8.2f} "
+                  f"{m['files_per_s']:>9,.0f} {m['mb_per_s']:>7.1f} {sum(m['requests'].values()):>9,} "
+                  f"{base_wall / m['live_s']:>21.1f}x {base_wall / m['wall_s']:>6.1f}x")
+        r["ratio"] = round(base_wall / r["deployhub"]["live_s"], 1)
+        r["ratio_all"] = round(base_wall / r["deployhub"]["wall_s"], 1)
         if "deployhub-serial" in r:
-            r["ratio_vs_own_serial"] = round(r["deployhub-serial"]["wall_s"] / r["deployhub"]["wall_s"], 1)
-        verdicts.append((r["latency_ms"], r["ratio"], r.get("ratio_vs_own_serial")))
+            r["ratio_vs_own_serial"] = round(r["deployhub-serial"]["live_s"] / r["deployhub"]["live_s"], 1)
+        verdicts.append((r["latency_ms"], r["ratio"], r["ratio_all"], r.get("ratio_vs_own_serial")))
     print()
-    for latency, ratio, own in verdicts:
+    for latency, ratio, ratio_all, own in verdicts:
         status = "MET" if ratio >= TARGET_RATIO else "MISS"
-        print(f"  [{status:>4}] >= {TARGET_RATIO:g}x one-at-a-time, {latency:g} ms added latency: "
-              f"{ratio}x" + (f" ({own}x its own path run one file at a time)" if own else ""))
+        print(f"  [{status:>4}] >= {TARGET_RATIO:g}x one-at-a-time to a live site, {latency:g} ms added "
+              f"latency: {ratio}x; {ratio_all}x with the compressed copies stored"
+              + (f" ({own}x its own path run one file at a time)" if own else ""))
     report = {"load_average": load[0], "files": args.files, "bytes": total, "variants_cpu_s": round(compress_s, 2), "git": git_state(ROOT), "results": results}
     results_dir = ROOT / "bench" / "results"
     results_dir.mkdir(exist_ok=True)

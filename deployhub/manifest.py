@@ -12,7 +12,10 @@ immutable) by the site server. On storage it is JSON:
      "headers": [{"for": "/assets/*", "values": {"X-Robots-Tag": "noindex"}}]}
 
 `encodings` maps a Content-Encoding to the size of the precompressed variant at
-`blobs/<hash>.br` / `.gz`. Manifests written before content addressing have no `version`
+`blobs/<hash>.br` / `.gz`. A first deploy stores its manifest once the files are stored, so
+the site is served at once, and again with the variants once they are made: until then the
+manifest says `"variants_pending_until": <unix time>` and the site server reads it again
+every second or so (until that time, in case the worker died meanwhile). Manifests written before content addressing have no `version`
 and no `hash`: their files live at `sites/<deployment>/<path>`, and are served from there.
 """
 
@@ -111,6 +114,8 @@ class Manifest:
     redirects: tuple[Redirect, ...] = ()
     headers: tuple[HeaderRule, ...] = ()
     legacy: bool = False  # files under sites/<deployment>/, no hashes
+    # Until this unix time, while its variants are made, a newer manifest may replace it.
+    pending_until: float = 0.0
 
     @property
     def has_client_routing(self) -> bool:
@@ -151,15 +156,18 @@ def parse(dep_id: str, raw: bytes) -> Manifest:
         dep_id, files,
         tuple(Redirect.from_json(r) for r in data.get("redirects", [])),
         tuple(HeaderRule.from_json(h) for h in data.get("headers", [])),
+        pending_until=float(data.get("variants_pending_until", 0)),
     )
 
 
 def dumps(
-    files: dict[str, dict[str, Any]], redirects: list[Redirect], headers: list[HeaderRule]
+    files: dict[str, dict[str, Any]], redirects: list[Redirect], headers: list[HeaderRule],
+    pending_until: float = 0.0,
 ) -> bytes:
     return json.dumps({
         "version": VERSION,
         "files": dict(sorted(files.items())),
         "redirects": [r.to_json() for r in redirects],
         "headers": [h.to_json() for h in headers],
+        **({"variants_pending_until": round(pending_until, 3)} if pending_until else {}),
     }, separators=(",", ":")).encode()

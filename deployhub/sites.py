@@ -45,6 +45,7 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 MANIFEST_CACHE = 512  # manifests kept parsed in memory (deployments served from this process)
+PENDING_RECHECK = 1.0  # seconds between reads of a manifest whose variants are being made
 HOST_CACHE = 10_000  # host labels remembered (with "no site here" too, for project hosts)
 ROUTE_CACHE = 20_000  # (deployment, request path) -> how it is answered
 SMALL_FILE = 1024 * 1024  # files up to this size are cached in memory whole
@@ -176,6 +177,8 @@ class Sites:
         self._live = False
         self._generation = 0
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()
+        # Deployment -> when (loop time) to read its manifest again: its variants are coming.
+        self._recheck: dict[str, float] = {}
         self._routes: dict[tuple[str, str], Route] = {}
         self.bodies = ByteCache(settings.site_cache_mb * 1024 * 1024)
         self._loading: dict[str, asyncio.Task[bytes | None]] = {}
@@ -218,7 +221,7 @@ class Sites:
             return _text(f"No site is deployed at {label}{self.suffix}.", 404)
         assert isinstance(dep_id, str)
         manifest = self._manifests.get(dep_id)
-        if manifest is None:
+        if manifest is None or (self._recheck and self._due(dep_id)):
             manifest = await self._manifest(dep_id)
             if manifest is None:
                 return _text(f"No site is deployed at {label}{self.suffix}.", 404)
@@ -259,10 +262,28 @@ class Sites:
             return None
         self.stats["manifest reads"] += 1
         manifest = parse(dep_id, raw)
+        if dep_id in self._recheck:  # read again: its routes may name new variants
+            for route_key in [k for k in self._routes if k[0] == dep_id]:
+                del self._routes[route_key]
+        if manifest.pending_until > time.time():
+            self._recheck[dep_id] = asyncio.get_running_loop().time() + PENDING_RECHECK
+        else:
+            self._recheck.pop(dep_id, None)
         self._manifests[dep_id] = manifest
         if len(self._manifests) > MANIFEST_CACHE:
-            self._manifests.popitem(last=False)
+            gone, _ = self._manifests.popitem(last=False)
+            self._recheck.pop(gone, None)
         return manifest
+
+    def _due(self, dep_id: str) -> bool:
+        """Whether the manifest of `dep_id` was stored before its variants and it is time to
+        look for the one stored after (one request does; the others go on meanwhile)."""
+        due = self._recheck.get(dep_id)
+        now = asyncio.get_running_loop().time()
+        if due is None or now < due:
+            return False
+        self._recheck[dep_id] = now + PENDING_RECHECK
+        return True
 
     async def _load(self, key: str, *, cache: bool = True) -> bytes | None:
         """An object's bytes, read once however many requests want it at the same time (in
@@ -438,6 +459,7 @@ class Sites:
             for dep_id in event["deployments"]:
                 self._hosts.pop(f"{project}--{dep_id}", None)
                 self._manifests.pop(str(dep_id), None)
+                self._recheck.pop(str(dep_id), None)
                 for route_key in [k for k in self._routes if k[0] == dep_id]:
                     del self._routes[route_key]
 

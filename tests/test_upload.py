@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import brotli
 import pytest
 
-from deployhub.storage import S3Storage, s3_config
+from deployhub.sites import PENDING_RECHECK, get_sites
+from deployhub.storage import S3Storage, manifest_key, s3_config
 from tests.support.infra import S3Server
 from tests.support.sites import Publisher
 from worker.detect import BuildError
@@ -51,6 +56,45 @@ async def test_a_deploy_of_stored_files_uploads_only_the_manifest(site_service: 
     assert (site_service.storage.requests - before)["put"] == 1
     status, headers, _ = await site_service.get("two", "/assets/app.css", Accept_Encoding="gzip, br")
     assert status == 200 and headers["Content-Encoding"] == "br"
+
+
+async def test_a_first_deploy_is_served_at_once_then_with_its_compressed_copies(
+    site_service: Publisher,
+) -> None:
+    during: list[tuple[int, Any, bytes]] = []
+
+    async def while_compressing(dep_id: str) -> None:
+        during.append(await site_service.get("early", "/assets/app.css", Accept_Encoding="br"))
+
+    _, log, uploaded = await site_service.publish("early", SITE, on_stored=while_compressing)
+    ((status, headers, body),) = during
+    assert status == 200 and "Content-Encoding" not in headers and body == CSS.encode()
+    assert uploaded.compressed == 3 and log[-1].startswith("Stored compressed copies of 3 files")
+    sites = get_sites(site_service.service.app)
+    reads = sites.stats["manifest reads"]
+    async with asyncio.timeout(5):  # the site server reads the manifest again within a second
+        while headers.get("Content-Encoding") != "br":
+            await asyncio.sleep(0.1)
+            status, headers, body = await site_service.get("early", "/assets/app.css", Accept_Encoding="br")
+    assert status == 200 and brotli.decompress(body) == CSS.encode()
+    assert sites.stats["manifest reads"] == reads + 1  # once, not on every request
+    await asyncio.sleep(PENDING_RECHECK + 0.2)
+    await site_service.get("early", "/assets/app.js", Accept_Encoding="br")
+    assert sites.stats["manifest reads"] == reads + 1  # the second manifest is final
+
+
+async def test_a_manifest_whose_variants_never_came_is_final_after_its_time(site_service: Publisher) -> None:
+    dep_id, _, _ = await site_service.publish("died", SITE)
+    raw = json.loads(await site_service.storage.get_bytes(manifest_key(dep_id)) or b"")
+    raw["variants_pending_until"] = time.time() - 1  # the worker died before the variants
+    await site_service.storage.put_bytes(manifest_key(dep_id), json.dumps(raw).encode(), "application/json")
+    sites = get_sites(site_service.service.app)
+    reads = sites.stats["manifest reads"]
+    for _ in range(2):
+        status, _, _ = await site_service.get("died", "/assets/app.css", Accept_Encoding="br")
+        assert status == 200
+        await asyncio.sleep(PENDING_RECHECK + 0.1)
+    assert sites.stats["manifest reads"] == reads + 1
 
 
 @pytest.fixture

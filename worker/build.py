@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from deployhub.collector import BlobLeases
 from deployhub.logs import LogPublisher
 from deployhub.redis_client import through_outage as retry
 from deployhub.secretbox import SecretUnreadable, secret_box
@@ -30,7 +31,7 @@ from deployhub.validation import InvalidInput, check_repo_url
 from . import cache, node, proc, workspaces
 from .detect import BuildError, Overrides, Plan, locate_output, plan
 from .install import Installed, install
-from .output import upload
+from .output import Uploaded, upload_site
 from .sandbox import Sandbox
 
 log = logging.getLogger(__name__)
@@ -172,9 +173,6 @@ class Build:
         self.logs.emit("system", f"Output: {output.path.relative_to(self.src)} ({output.why})")
         await self._step(Status.UPLOADING)
         await self._upload(output.path)
-        # Ready the moment the manifest is stored; the log copy and cleanup come after.
-        if not await retry(lambda: self.store.transition(self.dep, Status.READY)):
-            raise Canceled("Canceled while running.")
 
     async def _step(self, status: Status) -> None:
         if not await retry(lambda: self.store.transition(self.dep, status)):
@@ -534,14 +532,21 @@ class Build:
     # -- output ----------------------------------------------------------------------------
 
     async def _upload(self, output: Path) -> None:
-        count = await upload(
+        async def live(uploaded: Uploaded) -> None:
+            url = self.settings.site_url_for(self.dep.project)
+            self.logs.emit("system", f"Deployed {uploaded.files} files. Live at {url}")
+            # Ready the moment the manifest is stored; compressed copies of new files, the
+            # log copy and cleanup come after.
+            if not await retry(lambda: self.store.transition(self.dep, Status.READY)):
+                raise Canceled("Canceled while running.")
+
+        await upload_site(
             self.storage, self.dep.id, self.src, output, self.logs.emit,
             max_files=self.settings.build_max_output_files,
             max_bytes=self.settings.build_max_output_mb * 1024 * 1024,
-            redis=self.store.redis, grace_seconds=self.settings.blob_grace_seconds,
+            leases=BlobLeases(self.store.redis, self.settings.blob_grace_seconds, self.dep.id),
+            on_stored=live,
         )
-        url = self.settings.site_url_for(self.dep.project)
-        self.logs.emit("system", f"Deployed {count} files. Live at {url}")
 
     # -- ending ----------------------------------------------------------------------------
 

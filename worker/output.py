@@ -5,8 +5,11 @@ anywhere (the output directory, a parent of it, a file) can never lead outside t
 
 Storage is content-addressed: a file's bytes go to `blobs/<sha256>` once, whatever deploys
 them; a redeploy uploads only the files that changed. Text assets get brotli and gzip variants
-beside them, written before the blob itself, so a blob that exists has its variants (see
-worker/variants.py for how they are made, and at what quality).
+beside them (see worker/variants.py for how they are made, and at what quality). A build
+does not wait for them: it stores the new blobs and a first manifest, is ready, then makes
+the variants and stores the manifest again. So a blob that exists has its variants, except
+for the seconds between: another deployment that finds the blob then (or after a worker
+died in between) serves it uncompressed.
 
 An upload hashes every file first (streamed), leases the blobs, asks storage once which it
 holds (`Storage.stat_many`: on S3 one listing of `blobs/`, not a HeadObject per blob), then
@@ -19,16 +22,16 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import logging
 import mimetypes
 import multiprocessing
 import os
 import stat
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-from redis.asyncio import Redis
 
 from deployhub import manifest as manifests
 from deployhub.collector import BlobLeases
@@ -38,6 +41,8 @@ from deployhub.storage import BLOBS, Storage, blob_key, manifest_key
 from .detect import BuildError
 from .proc import Emit
 from .variants import ENCODINGS, brotli_qualities, make_variants
+
+log = logging.getLogger(__name__)
 
 # Files uploaded at once: each upload mostly waits on S3's round trips (a HeadObject, then up
 # to three PutObjects), so many in flight hide the latency; the connection pool of
@@ -49,6 +54,9 @@ IN_MEMORY = 8 * 1024 * 1024
 # Bytes of files held in memory at once by the uploads in flight, whatever their number.
 MEMORY_BUDGET = 64 * 1024 * 1024
 VARIANT_WORTH = 0.9  # keep a variant only when it is at most 90% of the original
+# How long after the first manifest site servers look for the one with the variants (past
+# it, a worker that died meanwhile leaves the first as final).
+VARIANTS_PENDING_FOR = 600.0
 RULE_FILES = ("_redirects", "_headers")
 
 
@@ -68,27 +76,18 @@ class _Blob:
     variants: bool = False  # a text asset: precompressed
 
 
-async def upload(
-    storage: Storage, dep_id: str, src: Path, output: Path, emit: Emit, *,
-    max_files: int = 0, max_bytes: int = 0, redis: Redis | None = None,
-    grace_seconds: float = 3600.0,
-) -> int:
-    """Upload the regular files under `output` (inside the repository `src`) as the site of
-    `dep_id`, the manifest last; returns how many. Past `max_files` or `max_bytes`: BuildError.
-    With `redis`, every blob is leased while it is uploaded (see deployhub/collector.py)."""
-    return (await upload_site(
-        storage, dep_id, src, output, emit, max_files=max_files, max_bytes=max_bytes,
-        leases=BlobLeases(redis, grace_seconds, dep_id) if redis is not None else None,
-    )).files
-
-
 async def upload_site(
     storage: Storage, dep_id: str, src: Path, output: Path, emit: Emit, *,
     max_files: int = 0, max_bytes: int = 0, leases: BlobLeases | None = None,
     concurrency: int = UPLOAD_CONCURRENCY,
+    on_stored: Callable[[Uploaded], Awaitable[None]] | None = None,
 ) -> Uploaded:
     """Hash every file, lease the blobs, ask storage once which of them (and their variants)
-    it holds, then compress and upload only the missing ones, the manifest last."""
+    it holds, then compress and upload only the missing ones, the manifest last.
+
+    With `on_stored`, the site does not wait for its variants: the blobs go first, then a
+    manifest without the new variants (`on_stored` is called once it is stored: the site is
+    served from then on), then the variants are made and the manifest is stored again."""
     rel_dir = output.relative_to(src).as_posix()
     try:
         out_fd = open_beneath(src, rel_dir, directory=True)
@@ -139,7 +138,10 @@ async def upload_site(
             except OSError as exc:
                 raise BuildError(f"Could not read {rel_dir}/{rel}: {exc.strerror}") from None
 
-        async def upload_one(blob: _Blob) -> None:
+        async def upload_one(
+            blob: _Blob, *, bytes_too: bool = True, variants_too: bool = True,
+            memory: _Budget = budget, after: asyncio.Event | None = None,
+        ) -> None:
             nonlocal compressed
             if blob.size > IN_MEMORY:  # streamed; the storage bounds the memory of its parts
                 async with gate:
@@ -151,23 +153,88 @@ async def upload_site(
                         os.close(fd)
                 return
             # A file read whole weighs its size (its variants are smaller).
-            async with budget.take(blob.size):
+            async with memory.take(blob.size):
                 data = await asyncio.to_thread(_read_file, open_file, blob)
                 variants: dict[str, bytes] = {}
-                if blob.variants:
+                if blob.variants and variants_too:
                     async with compressing:
                         variants = await _compress(pool, data, quality[blob.digest])
                     compressed += 1
+                if after is not None:
+                    await after.wait()
                 async with gate:
-                    # The variants first: a blob that exists has its variants.
+                    # Made together, the variants go first: a blob found stored has them.
                     await asyncio.gather(*(
                         storage.put_bytes(blob_key(blob.digest, e), body, blob.type)
                         for e, body in variants.items()
                     ))
                     encodings[blob.digest] = {e: len(body) for e, body in variants.items()}
-                    await storage.put_bytes(blob_key(blob.digest), data, blob.type)
+                    if bytes_too:
+                        await storage.put_bytes(blob_key(blob.digest), data, blob.type)
 
-        await asyncio.gather(*(upload_one(blob) for blob in missing))
+        async def store_manifest(pending_until: float = 0.0) -> None:
+            manifest: dict[str, dict[str, object]] = {}
+            for rel in served:
+                digest, size = digests[rel]
+                content_type = guess_type(rel)
+                manifest[rel] = {
+                    "hash": digest, "size": size, "type": content_type,
+                    "cache_control": manifests.cache_control(rel),
+                    "encodings": encodings[digest] if manifests.compressible(content_type, size) else {},
+                }
+            await storage.put_bytes(
+                manifest_key(dep_id), manifests.dumps(manifest, redirects, headers, pending_until),
+                "application/json",
+            )
+
+        new_blobs = len(missing)
+        uploaded = Uploaded(len(served), new_blobs)
+        stored_line = f"Stored {new_blobs} new files; {len(served) - new_blobs} were stored already"
+        if on_stored is None or not to_compress:
+            await asyncio.gather(*(upload_one(blob) for blob in missing))
+            # The manifest goes last: a site is served only from a complete upload.
+            await store_manifest()
+            uploaded.compressed = compressed
+            emit("system", stored_line)
+            if on_stored is not None:
+                await on_stored(uploaded)
+        else:
+            # The variants are made meanwhile, by processes that yield the CPU to the uploads
+            # (see compressor()), and stored once the site is live; each half of the memory.
+            live = asyncio.Event()
+            first, then = _Budget(MEMORY_BUDGET // 2), _Budget(MEMORY_BUDGET // 2)
+            failed: list[str] = []
+
+            async def variants_of(blob: _Blob) -> None:
+                try:
+                    await upload_one(blob, bytes_too=False, memory=then, after=live)
+                except Exception as exc:  # the site is live: this costs bytes, not the deploy
+                    log.warning("deployment %s: no compressed copies of %s", dep_id, blob.rel, exc_info=True)
+                    failed.append(f"{blob.rel}: {exc}")
+
+            making = asyncio.gather(*(variants_of(blob) for blob in to_compress))
+            try:
+                await asyncio.gather(*(upload_one(blob, variants_too=False, memory=first) for blob in missing))
+                await store_manifest(pending_until=time.time() + VARIANTS_PENDING_FOR)
+                emit("system", stored_line)
+                await on_stored(uploaded)
+                started = time.monotonic()
+                live.set()
+                await making
+            finally:
+                making.cancel()
+            uploaded.compressed = len(to_compress) - len(failed)
+            if failed:
+                emit("system", f"Compressed copies of {len(failed)} files not stored (first: "
+                               f"{failed[0]}); they are served uncompressed.")
+            try:
+                await store_manifest()
+            except Exception as exc:
+                log.warning("deployment %s: manifest with compressed copies not stored", dep_id, exc_info=True)
+                emit("system", f"Compressed copies not listed ({exc}): the new files are served uncompressed.")
+            else:
+                emit("system", f"Stored compressed copies of {uploaded.compressed} files "
+                               f"{time.monotonic() - started:.1f} s after the site went live")
     except BaseException:
         # A process still compressing finishes that one file, then exits.
         pool.shutdown(wait=False, cancel_futures=True)
@@ -175,24 +242,9 @@ async def upload_site(
     finally:
         os.close(out_fd)
     await asyncio.to_thread(pool.shutdown)  # idle by now: its processes exit at once
-    manifest: dict[str, dict[str, object]] = {}
-    for rel in served:
-        digest, size = digests[rel]
-        content_type = guess_type(rel)
-        manifest[rel] = {
-            "hash": digest, "size": size, "type": content_type,
-            "cache_control": manifests.cache_control(rel),
-            "encodings": encodings[digest] if manifests.compressible(content_type, size) else {},
-        }
-    # The manifest goes last: a site is served only from a complete upload.
-    await storage.put_bytes(
-        manifest_key(dep_id), manifests.dumps(manifest, redirects, headers), "application/json"
-    )
     if leases is not None:
         await leases.release()  # the manifest keeps the blobs from now on
-    new_blobs = len(missing)
-    emit("system", f"Stored {new_blobs} new files; {len(served) - new_blobs} were stored already")
-    return Uploaded(len(served), new_blobs, compressed)
+    return uploaded
 
 
 def usable_cpus() -> int:
@@ -286,8 +338,10 @@ def _read_all(fd: int) -> bytes:
 
 def compressor(workers: int) -> ProcessPoolExecutor:
     """Processes that make variants (see worker/variants.py), forked from a server process
-    that holds no event loop or threads of ours."""
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+    that holds no event loop or threads of ours. At the lowest priority: they work while the
+    uploads wait on the network, and give way to them (and to the next build) when not."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
+                               initializer=os.nice, initargs=(19,))
 
 
 async def _compress(pool: Executor, data: bytes, quality: int) -> dict[str, bytes]:

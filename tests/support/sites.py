@@ -9,7 +9,7 @@ deployment to ready the way a worker does; it returns the deployment id and the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,11 @@ class Publisher:
 
     async def publish(
         self, project: str, files: Mapping[str, str | bytes], *, ready: bool = True,
-        status: Status = Status.READY,
+        status: Status = Status.READY, on_stored: Callable[[str], Awaitable[None]] | None = None,
     ) -> tuple[str, list[str], Uploaded]:
-        """With `ready=False` the deployment stays `queued`, as if still building."""
+        """With `ready=False` the deployment stays `queued`, as if still building. With
+        `on_stored`, it is ready once the first manifest is stored, as a build makes it, and
+        `on_stored(deployment id)` runs then, before the compressed copies are made."""
         store = get_store(self.service.app)
         dep = await store.create_deployment(project, "http://127.0.0.1/x.git", "", self.service.token_id)
         out = self.root / dep.id / "dist"
@@ -51,11 +53,17 @@ class Publisher:
             target.write_bytes(content.encode() if isinstance(content, str) else content)
         lines: list[str] = []
         leases = BlobLeases(store.redis, self.service.settings.blob_grace_seconds, dep.id)
+
+        async def stored(_: Uploaded) -> None:
+            await store.transition(dep, status)
+            assert on_stored is not None
+            await on_stored(dep.id)
+
         uploaded = await upload_site(
             self.storage, dep.id, out.parent, out, lambda stream, text: lines.append(text),
-            leases=leases,
+            leases=leases, on_stored=stored if on_stored is not None else None,
         )
-        if ready:
+        if ready and on_stored is None:
             await store.transition(dep, status)
         return dep.id, lines, uploaded
 
