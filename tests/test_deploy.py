@@ -26,10 +26,10 @@ async def test_ready_is_recorded_before_the_log_copy_and_cleanup(service: Servic
     final = await service.wait_final(dep["id"])
     assert final["status"] == "ready", final["reason"]
     data = service.settings.data_dir
+    log_copy = data / "storage" / "logs" / f"{dep['id']}.ndjson"
     for _ in range(100):  # the log copy and the cleanup come after ready
-        stored = list(data.rglob(f"logs/{dep['id']}.ndjson"))
-        if stored and not (data / "builds" / dep["id"]).exists():
+        if log_copy.exists() and not (data / "builds" / dep["id"]).exists():
             break
         await asyncio.sleep(0.1)
-    assert stored and not (data / "builds" / dep["id"]).exists()
-    assert final["timestamps"]["ready"] <= stored[0].stat().st_mtime
+    assert log_copy.exists() and not (data / "builds" / dep["id"]).exists()
+    assert final["timestamps"]["ready"] <= log_copy.stat().st_mtime

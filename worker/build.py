@@ -69,6 +69,7 @@ class Build:
         self.detected_env: dict[str, str] = {}  # what the plan sets (PUBLIC_URL=/ for CRA)
         self.node_home: Path | None = None  # a fetched Node release, first on PATH
         self._stopped: tuple[Status, str] | None = None
+        self._live = False  # ready recorded: what is left (compressed copies) cannot fail it
         self._git_config: list[str] = []  # -c options every git command against the remote gets
         self._remote_env: dict[str, str] = {}  # what only git against the remote gets (a credential)
         # The build cache (worker/cache.py): where this project's lives, and the key of what
@@ -112,6 +113,8 @@ class Build:
         except BuildError as exc:
             return Status.FAILED, str(exc)
         except TimeoutError:
+            if self._live:
+                return self._live_anyway("the build's time ran out")
             return Status.FAILED, self._timeout_reason()
         except Canceled as exc:
             return Status.CANCELED, str(exc)
@@ -121,10 +124,17 @@ class Build:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
+            if self._live:
+                return self._live_anyway(self._stopped[1].rstrip("."))
             return self._stopped
         except Exception as exc:
             log.exception("build %s crashed", self.dep.id)
             return Status.FAILED, f"DeployHub hit an internal error while building: {exc!r}"
+
+    def _live_anyway(self, why: str) -> tuple[Status, str]:
+        self.logs.emit("system", f"Compressed copies not stored ({why}): the new files are "
+                                 "served uncompressed.")
+        return Status.READY, ""
 
     async def _steps(self) -> None:
         box = secret_box(self.settings)  # DEPLOYHUB_SECRETS_KEY or the data directory's key file
@@ -539,6 +549,7 @@ class Build:
             # log copy and cleanup come after.
             if not await retry(lambda: self.store.transition(self.dep, Status.READY)):
                 raise Canceled("Canceled while running.")
+            self._live = True
 
         await upload_site(
             self.storage, self.dep.id, self.src, output, self.logs.emit,
