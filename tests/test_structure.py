@@ -101,5 +101,6 @@ def test_a_build_process_loads_only_the_shared_core() -> None:
             "deployhub.secretbox",  # the worker decrypts secret build variables
             # what the upload shares with the site server: the manifest, its rules, the leases
             "deployhub.manifest", "deployhub.rules", "deployhub.collector",
-            "deployhub.migrate"}  # connect_redis: old key names move before any use
+            "deployhub.migrate",  # connect_redis: old key names move before any use
+            "deployhub.children"}  # closing a child's pipes, for the runner and worker/proc alike
     assert loaded <= core, sorted(loaded - core)
