@@ -1,7 +1,7 @@
 """A deployment's manifest: every path it serves -> the blob holding its bytes, and its rules.
 
-Written by the worker after every blob is stored, read (once, then cached: deployments are
-immutable) by the site server. On storage it is JSON:
+Written by the worker after every blob is stored, read once by the site server and cached
+(deployments are immutable, but for their variants: see below). On storage it is JSON:
 
     {"version": 2,
      "files": {"assets/app-3f9a1c2b.js": {"hash": "<sha256 hex>", "size": 1234,
@@ -12,11 +12,12 @@ immutable) by the site server. On storage it is JSON:
      "headers": [{"for": "/assets/*", "values": {"X-Robots-Tag": "noindex"}}]}
 
 `encodings` maps a Content-Encoding to the size of the precompressed variant at
-`blobs/<hash>.br` / `.gz`. A first deploy stores its manifest once the files are stored, so
-the site is served at once, and again with the variants once they are made: until then the
-manifest says `"variants_pending_until": <unix time>` and the site server reads it again
-every second or so (until that time, in case the worker died meanwhile). Manifests written before content addressing have no `version`
-and no `hash`: their files live at `sites/<deployment>/<path>`, and are served from there.
+`blobs/<hash>.br` / `.gz`. A build stores its manifest once the files are stored, so the
+site is served at once, and again with the new variants once they are made. Until then the
+manifest says `"variants_pending_until": <unix time>`, and the site server reads it again
+about every second up to that time (past it, a worker that died meanwhile left it final).
+Manifests written before content addressing have no `version` and no `hash`: their files
+live at `sites/<deployment>/<path>`, and are served from there.
 """
 
 from __future__ import annotations

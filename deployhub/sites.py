@@ -221,10 +221,19 @@ class Sites:
             return _text(f"No site is deployed at {label}{self.suffix}.", 404)
         assert isinstance(dep_id, str)
         manifest = self._manifests.get(dep_id)
-        if manifest is None or (self._recheck and self._due(dep_id)):
+        if manifest is None:
             manifest = await self._manifest(dep_id)
             if manifest is None:
                 return _text(f"No site is deployed at {label}{self.suffix}.", 404)
+        elif self._recheck and self._due(dep_id):
+            try:
+                found = await self._manifest(dep_id)
+            except Exception as exc:  # the one we have serves: without the new variants
+                log.warning("could not read the manifest of %s again: %s", dep_id, exc)
+            else:
+                if found is None:  # gone meanwhile (its deletion's event tells): no more reads
+                    self._recheck.pop(dep_id, None)
+                manifest = found or manifest
         route = self._routes.get((dep_id, request.path))
         if route is None:
             rel = _clean_path(request.path)

@@ -83,6 +83,20 @@ async def test_a_first_deploy_is_served_at_once_then_with_its_compressed_copies(
     assert sites.stats["manifest reads"] == reads + 1  # the second manifest is final
 
 
+async def test_a_failed_second_read_keeps_serving_the_first_manifest(site_service: Publisher) -> None:
+    async def while_compressing(dep_id: str) -> None:
+        assert (await site_service.get("keep", "/assets/app.css", Accept_Encoding="br"))[0] == 200
+
+    dep_id, _, _ = await site_service.publish("keep", SITE, on_stored=while_compressing)
+    await site_service.storage.delete([manifest_key(dep_id)])  # the second read finds nothing
+    await asyncio.sleep(PENDING_RECHECK + 0.1)
+    sites = get_sites(site_service.service.app)
+    reads = sites.stats["manifest reads"]
+    status, headers, body = await site_service.get("keep", "/assets/app.css", Accept_Encoding="br")
+    assert status == 200 and "Content-Encoding" not in headers and body == CSS.encode()
+    assert sites.stats["manifest reads"] == reads  # it was looked for, not found: none read
+
+
 async def test_a_manifest_whose_variants_never_came_is_final_after_its_time(site_service: Publisher) -> None:
     dep_id, _, _ = await site_service.publish("died", SITE)
     raw = json.loads(await site_service.storage.get_bytes(manifest_key(dep_id)) or b"")
