@@ -271,9 +271,9 @@ class Sites:
             return None
         self.stats["manifest reads"] += 1
         manifest = parse(dep_id, raw)
-        if dep_id in self._recheck:  # read again: its routes may name new variants
-            for route_key in [k for k in self._routes if k[0] == dep_id]:
-                del self._routes[route_key]
+        before = self._manifests.get(dep_id)
+        if before is not None and before.pending_until != manifest.pending_until:
+            self._drop_routes(dep_id)  # the final one: its routes name the new variants
         if manifest.pending_until > time.time():
             self._recheck[dep_id] = asyncio.get_running_loop().time() + PENDING_RECHECK
         else:
@@ -281,8 +281,13 @@ class Sites:
         self._manifests[dep_id] = manifest
         if len(self._manifests) > MANIFEST_CACHE:
             gone, _ = self._manifests.popitem(last=False)
-            self._recheck.pop(gone, None)
+            if self._recheck.pop(gone, None) is not None:
+                self._drop_routes(gone)  # made from a manifest without its variants
         return manifest
+
+    def _drop_routes(self, dep_id: str) -> None:
+        for route_key in [k for k in self._routes if k[0] == dep_id]:
+            del self._routes[route_key]
 
     def _due(self, dep_id: str) -> bool:
         """Whether the manifest of `dep_id` was stored before its variants and it is time to
@@ -469,8 +474,7 @@ class Sites:
                 self._hosts.pop(f"{project}--{dep_id}", None)
                 self._manifests.pop(str(dep_id), None)
                 self._recheck.pop(str(dep_id), None)
-                for route_key in [k for k in self._routes if k[0] == dep_id]:
-                    del self._routes[route_key]
+                self._drop_routes(dep_id)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)

@@ -27,8 +27,6 @@ from worker.cache import owner_digest
 MONOREPO = FIXTURES_DIR / "monorepo"
 PNP = FIXTURES_DIR / "pnp"
 pytestmark = pytest.mark.timeout(300)
-# Cold and warm install seconds of each fixture, printed at the end of the session (-s).
-TIMES: dict[str, list[float]] = {}
 
 
 async def build(service: Service, url: str, **extra: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -52,14 +50,6 @@ def texts(events: list[dict[str, Any]]) -> list[str]:
 
 def line(events: list[dict[str, Any]], start: str) -> str:
     return next(t for t in texts(events) if t.startswith(start))
-
-
-def install_seconds(events: list[dict[str, Any]]) -> float:
-    """From the install command's line to the build step's."""
-    begin = next(e["ts"] for e in events if e["text"].startswith("$ ") and " install" in e["text"]
-                 or e["text"] == "$ npm ci")
-    end = next(e["ts"] for e in events if e["text"] == "--- building")
-    return float(end - begin)
 
 
 def printed(events: list[dict[str, Any]], name: str) -> str:
@@ -98,7 +88,6 @@ async def test_npm_workspaces_restore_every_node_modules(service: Service, git_s
         assert printed(second, name) == printed(first, name)
     status, _, body = await service.site(warm["project"])
     assert status == 200 and b"greet true is-number@7.0.0, web is-number@6.0.0" in body
-    TIMES[f"npm workspaces ({layout})"] = [install_seconds(first), install_seconds(second)]
 
 
 async def test_yarn_berry_pnp_restores_its_install_state(service: Service, git_server: GitServer) -> None:
@@ -120,7 +109,6 @@ async def test_yarn_berry_pnp_restores_its_install_state(service: Service, git_s
     assert not any("must be built" in t for t in texts(second)), texts(second)
     status, _, body = await service.site(warm["project"])
     assert status == 200 and b"pnp says built at install" in body
-    TIMES["yarn berry pnp"] = [install_seconds(first), install_seconds(second)]
 
 
 # -- an entry tampered with ---------------------------------------------------------------------
@@ -316,9 +304,3 @@ def test_unpack_refuses_a_member_out_of_its_paths(tmp_path: Path, member: dict[s
     with pytest.raises(cache.CacheError, match=why):
         cache.unpack(archive, tmp_path / "src", ["node_modules"], ["node_modules"], tmp_path / "work")
     assert not any((tmp_path / "src").iterdir()) and not (tmp_path / "x").exists()
-
-
-def test_zz_report_install_times() -> None:
-    """Not a check: the install seconds measured above, cold then warm (run with -s)."""
-    for name, (cold, warm) in TIMES.items():
-        print(f"\ninstall seconds, {name}: cold {cold:.2f}, warm {warm:.2f} ({cold - warm:+.2f} s saved)")

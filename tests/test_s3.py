@@ -7,7 +7,7 @@ import hashlib
 import io
 import random
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +55,6 @@ async def test_deploy_to_s3_and_serve_from_it(
 # -- uploads at scale: multipart, aborts, bounded memory --------------------------------------
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-async def s3_client(s3_server: S3Server) -> AsyncIterator[Any]:
-    from aiobotocore.session import get_session
-
-    async with get_session().create_client(
-        "s3", config=s3_config(), **s3_server.client_kwargs()
-    ) as client:
-        yield client
 
 
 def random_file(path: Path, size: int) -> str:

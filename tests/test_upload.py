@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,7 @@ import brotli
 import pytest
 
 from deployhub.sites import PENDING_RECHECK, get_sites
-from deployhub.storage import S3Storage, manifest_key, s3_config
-from tests.support.infra import S3Server
+from deployhub.storage import S3Storage, manifest_key
 from tests.support.sites import Publisher
 from worker.detect import BuildError
 from worker.output import _Blob, _read_verified, usable_cpus
@@ -109,16 +107,6 @@ async def test_a_manifest_whose_variants_never_came_is_final_after_its_time(site
         assert status == 200
         await asyncio.sleep(PENDING_RECHECK + 0.1)
     assert sites.stats["manifest reads"] == reads + 1
-
-
-@pytest.fixture
-async def s3_client(s3_server: S3Server) -> AsyncIterator[Any]:
-    from aiobotocore.session import get_session
-
-    async with get_session().create_client(
-        "s3", config=s3_config(), **s3_server.client_kwargs()
-    ) as client:
-        yield client
 
 
 async def test_keys_past_the_listed_pages_are_asked_for_one_by_one(

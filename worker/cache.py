@@ -269,7 +269,7 @@ class LocalCache:
                                      "after it was saved, or cut short)")
             except BaseException:
                 for tmp, _ in placed:
-                    _remove(tmp)
+                    remove(tmp)
                 raise
             for tmp, target in placed:
                 os.rename(tmp, target)
@@ -400,7 +400,8 @@ def _walk(top: Path, rel: str) -> Iterator[tuple[str, os.stat_result, str]]:
             yield f"{rel}/{sub}", child, link
 
 
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
+    """A file, link or tree (rmtree never follows links); nothing when it is not there."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -509,7 +510,7 @@ def unpack(archive: Path, repo: Path, listed: object, allowed: Sequence[str], wo
         return files, paths
     except BaseException:
         for target in placed:
-            _remove(target)
+            remove(target)
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

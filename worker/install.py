@@ -20,11 +20,11 @@ error. The committed lockfile is put back either way.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cache import remove
 from .detect import (
     BuildError,
     Install,
@@ -152,7 +152,4 @@ def _remove_node_modules(project: Path, cached: Sequence[Path] = ()) -> None:
     """What the failed manager left, and what the cache restored: the next one starts clean
     (rmtree never follows links)."""
     for target in (project / "node_modules", *cached):
-        if target.is_symlink() or target.is_file():
-            target.unlink()
-        else:
-            shutil.rmtree(target, ignore_errors=True)
+        remove(target)

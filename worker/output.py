@@ -102,13 +102,14 @@ async def upload_site(
         redirects, headers = _read_rules(out_fd, {rel for rel, _ in files}, emit)
         served = [rel for rel, _ in files if rel not in RULE_FILES]
         emit("system", f"Uploading {len(served)} files from {rel_dir}/")
-        digests = await _hash_files(out_fd, rel_dir, served)
+        digests = await _hash_files(out_fd, rel_dir, served, threads=min(cpus, 8))
         # Files with the same bytes share one blob; it gets variants if any of them is text.
         blobs: dict[str, _Blob] = {}
         for rel in served:
             digest, size = digests[rel]
-            blob = blobs.setdefault(digest, _Blob(digest, size, rel, guess_type(rel)))
-            blob.variants = blob.variants or manifests.compressible(guess_type(rel), size)
+            content_type = guess_type(rel)
+            blob = blobs.setdefault(digest, _Blob(digest, size, rel, content_type))
+            blob.variants = blob.variants or manifests.compressible(content_type, size)
         if leases is not None:  # before the blobs are looked for: see deployhub/collector.py
             await leases.hold(blobs)
         stored = await storage.stat_many(
@@ -126,7 +127,6 @@ async def upload_site(
         }
         gate = asyncio.Semaphore(concurrency)
         budget = _Budget(MEMORY_BUDGET)
-        compressed = 0
 
         # Files waiting to be compressed hold memory but no network slot: the uploads of
         # the others go on meanwhile. A few more than the processes keep every one busy.
@@ -142,7 +142,6 @@ async def upload_site(
             blob: _Blob, *, bytes_too: bool = True, variants_too: bool = True,
             memory: _Budget = budget, after: asyncio.Event | None = None,
         ) -> None:
-            nonlocal compressed
             if blob.size > IN_MEMORY:  # streamed; the storage bounds the memory of its parts
                 async with gate:
                     fd = open_file(blob.rel)
@@ -159,7 +158,6 @@ async def upload_site(
                 if blob.variants and variants_too:
                     async with compressing:
                         variants = await _compress(pool, data, quality[blob.digest])
-                    compressed += 1
                 if after is not None:
                     await after.wait()
                 async with gate:
@@ -194,7 +192,7 @@ async def upload_site(
             await asyncio.gather(*(upload_one(blob) for blob in missing))
             # The manifest goes last: a site is served only from a complete upload.
             await store_manifest()
-            uploaded.compressed = compressed
+            uploaded.compressed = len(to_compress)
             emit("system", stored_line)
             if on_stored is not None:
                 await on_stored(uploaded)
@@ -279,7 +277,7 @@ class _Budget:
                 self._changed.notify_all()
 
 
-async def _hash_files(out_fd: int, rel_dir: str, rels: list[str]) -> dict[str, tuple[str, int]]:
+async def _hash_files(out_fd: int, rel_dir: str, rels: list[str], threads: int) -> dict[str, tuple[str, int]]:
     """(sha256, size) of each file, read as a stream, in a few threads (hashlib lets go of
     the GIL): the bytes are not kept, only what storage needs to be asked about them."""
     def hash_some(some: list[str]) -> dict[str, tuple[str, int]]:
@@ -295,7 +293,6 @@ async def _hash_files(out_fd: int, rel_dir: str, rels: list[str]) -> dict[str, t
                 os.close(fd)
         return found
 
-    threads = min(usable_cpus(), 8)
     parts = await asyncio.gather(*(asyncio.to_thread(hash_some, rels[i::threads]) for i in range(threads)))
     return {rel: found for part in parts for rel, found in part.items()}
 

@@ -392,11 +392,12 @@ class Hub:
 
     async def _resync(self, watcher: Watcher) -> None:
         await watcher.send_json({"type": "resync"})
+        project_of = {d: await self._project_of(d) for d in watcher.followed()}  # once each
         for project in sorted(watcher.projects):
             deployments = await self._snapshot(project)
             for body in reversed(deployments):
                 await watcher.send_json({"type": "status", "deployment": body})
-            tracked = [d for d in watcher.followed() if await self._project_of(d) == project]
+            tracked = [d for d, p in project_of.items() if p == project]
             if deployments and deployments[0]["id"] not in tracked:
                 newest = sys.intern(deployments[0]["id"])
                 tracked.append(newest)

@@ -94,8 +94,9 @@ class LocalRunner:
         )
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), SANDBOX_CHECK_TIMEOUT)
-        except TimeoutError:
-            out = b"the limits check did not answer"
+        except TimeoutError:  # what it said before it stopped answering still counts
+            proc.kill()
+            out = (await proc.communicate())[0] or b"the limits check did not answer"
         finally:
             await close_child(proc)
         if missing := out.decode(errors="replace").strip():

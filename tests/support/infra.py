@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
@@ -704,6 +704,19 @@ def s3_bucket(s3_server: S3Server) -> Iterator[str]:
     yield name
     with contextlib.suppress(Exception):
         s3_server.delete_bucket(name)
+
+
+@pytest.fixture
+async def s3_client(s3_server: S3Server) -> AsyncIterator[Any]:
+    """An aiobotocore S3 client of that server, with DeployHub's client settings."""
+    from aiobotocore.session import get_session
+
+    from deployhub.storage import s3_config
+
+    async with get_session().create_client(
+        "s3", config=s3_config(), **s3_server.client_kwargs()
+    ) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")
