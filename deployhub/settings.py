@@ -171,6 +171,12 @@ class Settings:
         "only, through the worker's HTTP(S) proxy) or `host` (UNSAFE: the host's network, "
         "with its loopback, private networks and metadata services).",
     )
+    build_allow_hosts: tuple[str, ...] = setting(
+        (),
+        "Comma-separated hosts or IPs an isolated build may reach although they are "
+        "loopback/private addresses (e.g. a private npm registry or mirror on your network), "
+        "matched as the build names them.",
+    )
     build_max_disk_mb: int = setting(
         8192, "Disk a build command may fill in MiB (its directory and its growth of the npm cache)."
     )

@@ -139,7 +139,8 @@ class Sandbox:
                 # the data directory can be deep.
                 _remove_dead_egress_dirs()
                 egress = Path(tempfile.mkdtemp(prefix=f"{EGRESS_PREFIX}{os.getpid()}-"))
-                proxy = EgressProxy(self.emit, resolver=self.resolver)
+                proxy = EgressProxy(self.emit, resolver=self.resolver,
+                                    allow_hosts=self.settings.build_allow_hosts)
                 await proxy.start(egress / "proxy.sock")
                 argv = forwarder_argv(list(argv))
             if self.isolated:
@@ -235,8 +236,10 @@ class Sandbox:
             self.emit("system", f"Sandbox: bubblewrap; the repository is at {INSIDE_SRC}, "
                                 "the rest of this machine is not visible")
             if self.own_network:
-                self.emit("system", "Network: public internet only, through the build's "
-                                    "HTTP(S) proxy (HTTP_PROXY/HTTPS_PROXY)")
+                also = ", ".join(self.settings.build_allow_hosts)
+                self.emit("system", "Network: public internet only"
+                                    + (f", and {also} (DEPLOYHUB_BUILD_ALLOW_HOSTS)" if also else "")
+                                    + ", through the build's HTTP(S) proxy (HTTP_PROXY/HTTPS_PROXY)")
             else:
                 self.emit("system", "Warning: DEPLOYHUB_BUILD_NETWORK=host: build commands "
                                     "share this machine's network, its loopback and private "
