@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -24,9 +25,12 @@ from tests.support.infra import VITE_REACT_APP, GitServer, unique_name
 from tests.support.served import Served
 
 
-def plain_build(url: str, cache: Path) -> float:
+def plain_build(url: str, cache: Path, cpu: dict[str, float] | None = None) -> float:
+    """Seconds of `git clone && npm ci && npm run build`; `cpu` gets the user and system
+    CPU seconds its commands took."""
     work = Path(tempfile.mkdtemp(prefix="dh-plain-"))
     env = {**os.environ, "npm_config_cache": str(cache), "CI": "1"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         started = time.monotonic()
         subprocess.run(["git", "clone", "-q", "--depth", "1", url, str(work / "src")], check=True, env=env)
@@ -34,7 +38,11 @@ def plain_build(url: str, cache: Path) -> float:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         subprocess.run(["npm", "run", "build"], cwd=work / "src", check=True, env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return time.monotonic() - started
+        seconds = time.monotonic() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if cpu is not None:
+            cpu.update(user=after.ru_utime - before.ru_utime, system=after.ru_stime - before.ru_stime)
+        return seconds
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -59,13 +67,13 @@ def deployhub_build(served: Served, url: str, project: str = "bench",
 
 
 @contextlib.contextmanager
-def loopback_deployhub(prefix: str) -> Iterator[tuple[Path, GitServer, Served]]:
+def loopback_deployhub(prefix: str, *serve_args: str) -> Iterator[tuple[Path, GitServer, Served]]:
     """A scratch directory, a git server on 127.0.0.1 and `deployhub serve` on its embedded
-    defaults; all gone afterwards."""
+    defaults (and `serve_args`); all gone afterwards."""
     root = Path(tempfile.mkdtemp(prefix=prefix))
     git = GitServer(root / "git")
     git.start()
-    served = Served(root / "data")
+    served = Served(root / "data", *serve_args)
     try:
         served.start()
         yield root, git, served

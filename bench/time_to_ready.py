@@ -1,7 +1,7 @@
 """Time from POST to `ready` for the Vite fixture and a Create React App, with a cold and a
 warm build cache, against a plain build of the same repository in the same run.
 
-    python -m bench.time_to_ready [--runs N] [--only vite|cra]
+    python -m bench.time_to_ready [--runs N] [--only vite|cra] [--registry mirror|public]
 
 DeployHub: `deployhub serve` on its embedded defaults (bench/deploy_time.py's setup). Cold:
 a new project (no node_modules to restore, empty package manager caches). Warm: the same
@@ -9,16 +9,32 @@ project deployed again, once the previous build has saved its cache. Baseline:
 `git clone --depth 1 && npm ci && npm run build` from the same loopback git server, cold with
 an empty npm cache, warm with the npm cache of the cold run before it. The four kinds of run
 alternate within each round, so load from other work on the machine falls on all of them.
+
+Registry: by default every install, plain and DeployHub's, reads from bench/registry_mirror.py
+on 127.0.0.1 (the repository's `.npmrc` names it by this machine's name, which must resolve
+to 127.0.0.1; DeployHub's build reaches it through its proxy, as `DEPLOYHUB_BUILD_ALLOW_HOSTS`
+allows). One unmeasured install first fills
+the mirror, and the figures say how many requests went upstream after it (0 when the
+registry's speed is out of the figures). `--registry public` measures against
+registry.npmjs.org instead, whose speed varied by a factor of two here within an hour.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import shutil
+import socket
 import statistics
+import subprocess
+import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
+from bench.registry_mirror import STATS
 from bench.deploy_time import deployhub_build, loopback_deployhub, plain_build
 from tests.support.infra import VITE_REACT_APP, unique_name
 from tests.support.served import Served
@@ -46,7 +62,12 @@ def restored_line(served: Served, project: str) -> str:
 
 def one_round(served: Served, url: str, root: Path, name: str) -> dict[str, float]:
     cache = root / f"plain-npm-{unique_name()}"
-    times = {"plain cold": plain_build(url, cache)}
+    cpu: dict[str, float] = {}
+    times = {"plain cold": plain_build(url, cache, cpu)}
+    # The same commands' system time moved between 8 and 50 s from run to run on the machine
+    # this was written on (a gVisor sandbox), their user time by a few seconds: printed so a
+    # reader can tell the machine's noise from DeployHub's.
+    print(f"  {name} plain cold: CPU user {cpu['user']:.1f} s, system {cpu['system']:.1f} s", flush=True)
     project = unique_name(name)
     cold: dict[str, float] = {}
     warm: dict[str, float] = {}
@@ -62,22 +83,84 @@ def one_round(served: Served, url: str, root: Path, name: str) -> dict[str, floa
     return times
 
 
+@contextlib.contextmanager
+def registry_mirror() -> Iterator[int]:
+    """bench/registry_mirror.py in a process of its own; yields its port and prints its
+    counts when done."""
+    proc = subprocess.Popen([sys.executable, "-m", "bench.registry_mirror"], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("port "):
+            raise RuntimeError(f"the registry mirror did not start: {line!r}")
+        yield int(line.split()[1])
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+        print(f"registry mirror: {out.strip()}")
+
+
+def mirror_stats(port: int) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{STATS}", timeout=10) as response:
+        return dict(json.load(response))
+
+
+def mirror_host() -> str:
+    """A name for the mirror that resolves to 127.0.0.1 only. Not 127.0.0.1 itself: in
+    DeployHub's sandbox that is the build's own loopback, which NO_PROXY sends npm to directly
+    (npm 11 ignores its `noproxy` setting where NO_PROXY is set). This machine's name does,
+    where /etc/hosts says so (Debian's default is 127.0.1.1, which is not used here)."""
+    name = socket.gethostname()
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(name, 80, type=socket.SOCK_STREAM)}
+    except OSError:
+        found = set()
+    if found != {"127.0.0.1"}:
+        raise SystemExit(f"this machine's name {name!r} resolves to {sorted(found)}, not to 127.0.0.1 only, "
+                         "so DeployHub's builds cannot be pointed at the mirror: use --registry public")
+    return name
+
+
+def npmrc(host: str, port: int) -> str:
+    return f"registry=http://{host}:{port}/\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--only", choices=sorted(FIXTURES))
+    parser.add_argument("--registry", choices=("mirror", "public"), default="mirror")
     args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        port = stack.enter_context(registry_mirror()) if args.registry == "mirror" else 0
+        run(args, port)
+
+
+def run(args: argparse.Namespace, port: int) -> None:
     results: dict[str, dict[str, list[float]]] = {}
-    with loopback_deployhub("dh-ttr-") as (root, git, served):
-        urls = {name: git.add_repo(unique_name(name), files_dir=path)
+    host = mirror_host() if port else ""
+    serve_args = ("--build-allow-hosts", host) if port else ()
+    with loopback_deployhub("dh-ttr-", *serve_args) as (root, git, served):
+        extra = {".npmrc": npmrc(host, port)} if port else None
+        urls = {name: git.add_repo(unique_name(name), files_dir=path, files=extra)
                 for name, path in FIXTURES.items() if args.only in (None, name)}
-        for run in range(args.runs):
+        if port:
+            for name, url in urls.items():  # fills the mirror; not measured
+                seconds = plain_build(url, root / f"prime-{name}")
+                print(f"  {name}: mirror primed by one plain build ({seconds:.1f} s)", flush=True)
+            primed = mirror_stats(port)
+        for number in range(args.runs):
             for name, url in urls.items():  # the fixtures alternate too
                 times = one_round(served, url, root, name)
-                print(f"run {run + 1} {name}: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()),
+                print(f"run {number + 1} {name}: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()),
                       flush=True)
                 for kind, seconds in times.items():
                     results.setdefault(name, {}).setdefault(kind, []).append(seconds)
+    if port:
+        now = mirror_stats(port)
+        print(f"\nregistry mirror while measured: {now['from_disk'] - primed['from_disk']} requests from "
+              f"disk, {now['fetched'] - primed['fetched']} fetched upstream")
     print(f"\n{'':22}{'median s':>10}{'min s':>8}{'max s':>8}")
     for name, by_kind in results.items():
         for kind in KINDS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +53,17 @@ def default_build_memory_mb() -> int:
     except (ValueError, OSError):
         return 2048
     return max(512, min(8192, total // 2))
+
+
+def _loopback(host: str) -> bool:
+    """True for `localhost` and loopback addresses: names a sandboxed build resolves to itself."""
+    name = host.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def setting(default: Any, help: str, *, factory: Any = None, shown: str = "") -> Any:
@@ -287,6 +299,12 @@ class Settings:
                 "DEPLOYHUB_SANDBOX=user cannot give builds a network of their own (that needs "
                 "bubblewrap): set DEPLOYHUB_BUILD_NETWORK=host, and limit what the build can "
                 "reach with the task's security group"
+            )
+        if loopback := [h for h in self.build_allow_hosts if _loopback(h)]:
+            raise SettingsError(
+                f"DEPLOYHUB_BUILD_ALLOW_HOSTS cannot hold {loopback[0]!r}: inside the build's sandbox "
+                "that is the build's own loopback, which it reaches without the proxy. Name this "
+                "machine's service by a host name that resolves to it (e.g. this machine's name)"
             )
         if self.build_network not in ("isolated", "host"):
             raise SettingsError(f"build_network must be 'isolated' or 'host', not {self.build_network!r}")

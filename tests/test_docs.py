@@ -38,6 +38,11 @@ def test_bad_settings_are_clear_errors() -> None:
         Settings.from_env({"DEPLOYHUB_PORT": "eighty"})
     with pytest.raises(SettingsError, match="DEPLOYHUB_S3_BUCKET"):
         Settings.from_env({"DEPLOYHUB_STORAGE": "s3"})
+    for loopback in ("127.0.0.1", "localhost", "[::1]", "127.1.2.3"):
+        with pytest.raises(SettingsError, match="the build's own loopback"):
+            Settings.from_env({"DEPLOYHUB_BUILD_ALLOW_HOSTS": f"registry.internal,{loopback}"})
+    allowed = Settings.from_env({"DEPLOYHUB_BUILD_ALLOW_HOSTS": "registry.internal,10.0.0.8"})
+    assert allowed.build_allow_hosts == ("registry.internal", "10.0.0.8")
 
 
 def test_secrets_never_print() -> None:

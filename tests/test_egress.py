@@ -159,25 +159,25 @@ async def test_allowed_hosts_reach_inside_as_named_and_nothing_else(tmp_path: Pa
 
     server = await asyncio.start_server(echo, "127.0.0.1", 0)
     upstream = Upstream(server.sockets[0].getsockname()[1])
-    names = {"registry.internal": ["10.0.0.7"], "alias.example": ["127.0.0.1"]}
+    names = {"registry.internal": ["10.0.0.7"], "alias.example": ["10.0.0.8"]}
 
     async def resolver(host: str, port: int) -> list[str]:
         return names.get(host, [host])
 
     lines: list[str] = []
     egress = EgressProxy(lambda _s, text: lines.append(text), resolver=resolver, connect=upstream,
-                         local=frozenset(), allow_hosts=["Registry.Internal", "127.0.0.1"])
+                         local=frozenset(), allow_hosts=["Registry.Internal", "10.0.0.8"])
     await egress.start(tmp_path / "proxy.sock")
     try:
         sock = tmp_path / "proxy.sock"
-        for target in ("registry.internal:4873", "127.0.0.1:4873"):
+        for target in ("registry.internal:4873", "10.0.0.8:4873"):
             answer = await ask(sock, f"CONNECT {target} HTTP/1.1\r\n\r\n", b"ping\n")
             assert answer.endswith(b"mirror: ping\n"), answer
         # A name that resolves to an allowed address is not the allowed host; neither is
         # another spelling of the address.
-        for target in ("alias.example:4873", "10.0.0.7:4873", "[::ffff:127.0.0.1]:4873"):
+        for target in ("alias.example:4873", "10.0.0.7:4873", "[::ffff:10.0.0.8]:4873"):
             assert (await ask(sock, f"CONNECT {target} HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 403 ")
-        assert upstream.calls == [("10.0.0.7", 4873), ("127.0.0.1", 4873)]
+        assert upstream.calls == [("10.0.0.7", 4873), ("10.0.0.8", 4873)]
         assert len(lines) == 3
     finally:
         await egress.close()
