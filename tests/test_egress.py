@@ -253,6 +253,37 @@ async def test_a_build_cannot_reach_this_machine_but_npm_ci_works(
            "only the public internet" in texts
 
 
+def loopback_name() -> str | None:
+    """This machine's name, if it resolves to 127.0.0.1 and nothing else (so a test may
+    connect to it)."""
+    name = socket.gethostname()
+    try:
+        found = {str(info[4][0]) for info in socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)}
+    except OSError:
+        return None
+    return name if found == {"127.0.0.1"} else None
+
+
+async def test_a_host_the_operator_allows_is_reached_through_the_proxy(
+    redis_server: RedisServer, start_service: StartService, git_server: GitServer
+) -> None:
+    name = loopback_name()
+    if name is None:
+        pytest.skip(f"{socket.gethostname()} does not resolve to 127.0.0.1 alone, so no allowed "
+                    "name can stand for a service on this machine here")
+    service = await start_service(redis=redis_server, build_allow_hosts=(name,))
+    canary = Canary()
+    port = await canary.listen("127.0.0.1")
+    try:
+        found, texts = await probe(service, git_server, tcp=[[name, port], ["127.0.0.1", port]])
+    finally:
+        await canary.close()
+    assert found[f"proxy {name}:{port}"] == "HTTP-200"
+    assert found[f"proxy 127.0.0.1:{port}"] == "HTTP-403"  # the address itself is not named
+    assert canary.hits == 1  # the allowed tunnel, and nothing direct
+    assert any(f"and {name} (DEPLOYHUB_BUILD_ALLOW_HOSTS)" in t for t in texts if t.startswith("Network: "))
+
+
 def own_public_address() -> str | None:
     """This machine's address by its name, if it is neither loopback nor private."""
     try:
