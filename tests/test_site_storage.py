@@ -27,7 +27,7 @@ async def test_a_redeploy_that_changed_one_file_uploads_one_file(site_service: P
     assert len(first) == 5  # three blobs, and the stylesheet's two variants
     puts = site_service.storage.requests["put"]
     _, log, uploaded = await site_service.publish("dedup", {**V1, "index.html": "<h1>two</h1>"})
-    assert uploaded.new_blobs == 1 and "Stored 1 new files; 2 were stored already" in log
+    assert uploaded.new_blobs == 1 and "Stored 1 new file; 2 were stored already" in log
     assert len(await site_service.blob_keys() - first) == 1
     assert site_service.storage.requests["put"] - puts == 2  # the blob, then the manifest
     assert (await site_service.get("dedup", "/"))[2] == b"<h1>two</h1>"

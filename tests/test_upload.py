@@ -39,7 +39,7 @@ async def test_a_redeploy_asks_storage_once_and_uploads_and_compresses_nothing_s
     assert asked["put"] == 4  # its .br, .gz and bytes, then the manifest
     if isinstance(site_service.storage, S3Storage):
         assert asked["list"] == 1 and asked["stat"] == 0  # one ListObjectsV2, no HeadObject
-    assert "Stored 1 new files" in log[-1]
+    assert "Stored 1 new file;" in log[-1]
     status, headers, body = await site_service.get("again", "/assets/copy.css", Accept_Encoding="br")
     assert status == 200 and headers["Content-Encoding"] == "br"
     status, headers, body = await site_service.get("again", "/assets/app.js", Accept_Encoding="gzip")

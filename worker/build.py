@@ -31,7 +31,7 @@ from deployhub.validation import InvalidInput, check_repo_url
 from . import cache, node, proc, workspaces
 from .detect import BuildError, Overrides, Plan, locate_output, plan
 from .install import Installed, install
-from .output import Uploaded, upload_site
+from .output import Uploaded, file_count, upload_site
 from .sandbox import Sandbox
 
 log = logging.getLogger(__name__)
@@ -544,7 +544,7 @@ class Build:
     async def _upload(self, output: Path) -> None:
         async def live(uploaded: Uploaded) -> None:
             url = self.settings.site_url_for(self.dep.project)
-            self.logs.emit("system", f"Deployed {uploaded.files} files. Live at {url}")
+            self.logs.emit("system", f"Deployed {file_count(uploaded.files)}. Live at {url}")
             # Ready the moment the manifest is stored; compressed copies of new files, the
             # log copy and cleanup come after.
             if not await retry(lambda: self.store.transition(self.dep, Status.READY)):

@@ -89,7 +89,7 @@ class EgressProxy:
                  allow_hosts: Iterable[str] = ()) -> None:
         self.emit = emit
         # As for the clone's URL (validation.check_repo_url): the host as the build names
-        # it, never what it resolves to, so allowing 127.0.0.1 lets no name pointing there in.
+        # it, never what it resolves to, so allowing 10.0.0.8 lets no name pointing there in.
         self.allowed = frozenset(h.lower() for h in allow_hosts)
         self.local = local_addresses() if local is None else local
         self.resolver = resolver
@@ -162,9 +162,9 @@ class EgressProxy:
             raise Refused(502, f"{host} could not be resolved") from None
         if not addresses:
             raise Refused(502, f"{host} could not be resolved")
-        for address in addresses:
-            if host.lower() in self.allowed:
-                break
+        # A host the operator allows is reached wherever it leads; the rest only outside.
+        checked = () if host.lower() in self.allowed else addresses
+        for address in checked:
             if why := refusal(address, local=self.local):
                 self._report(f"Network: refused {host}:{port}: {address} is a {why} address; "
                              "builds reach only the public internet")

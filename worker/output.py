@@ -44,6 +44,11 @@ from .variants import ENCODINGS, brotli_qualities, make_variants
 
 log = logging.getLogger(__name__)
 
+
+def file_count(count: int) -> str:
+    """"1 file", "2 files": for the build log's lines."""
+    return f"{count} file" if count == 1 else f"{count} files"
+
 # Files uploaded at once: each upload mostly waits on S3's round trips (a HeadObject, then up
 # to three PutObjects), so many in flight hide the latency; the connection pool of
 # deployhub.storage.s3_config holds as many.
@@ -101,7 +106,7 @@ async def upload_site(
             raise BuildError(f"The output directory {rel_dir}/ holds no files.")
         redirects, headers = _read_rules(out_fd, {rel for rel, _ in files}, emit)
         served = [rel for rel, _ in files if rel not in RULE_FILES]
-        emit("system", f"Uploading {len(served)} files from {rel_dir}/")
+        emit("system", f"Uploading {file_count(len(served))} from {rel_dir}/")
         digests = await _hash_files(out_fd, rel_dir, served, threads=min(cpus, 8))
         # Files with the same bytes share one blob; it gets variants if any of them is text.
         blobs: dict[str, _Blob] = {}
@@ -187,7 +192,9 @@ async def upload_site(
 
         new_blobs = len(missing)
         uploaded = Uploaded(len(served), new_blobs)
-        stored_line = f"Stored {new_blobs} new files; {len(served) - new_blobs} were stored already"
+        already = len(served) - new_blobs
+        stored_line = (f"Stored {new_blobs} new {'file' if new_blobs == 1 else 'files'}; {already} "
+                       f"{'was' if already == 1 else 'were'} stored already")
         if on_stored is None or not to_compress:
             await asyncio.gather(*(upload_one(blob) for blob in missing))
             # The manifest goes last: a site is served only from a complete upload.
@@ -223,7 +230,7 @@ async def upload_site(
                 making.cancel()
             uploaded.compressed = len(to_compress) - len(failed)
             if failed:
-                emit("system", f"Compressed copies of {len(failed)} files not stored (first: "
+                emit("system", f"Compressed copies of {file_count(len(failed))} not stored (first: "
                                f"{failed[0]}); they are served uncompressed.")
             try:
                 await store_manifest()
@@ -231,7 +238,7 @@ async def upload_site(
                 log.warning("deployment %s: manifest with compressed copies not stored", dep_id, exc_info=True)
                 emit("system", f"Compressed copies not listed ({exc}): the new files are served uncompressed.")
             else:
-                emit("system", f"Stored compressed copies of {uploaded.compressed} files "
+                emit("system", f"Stored compressed copies of {file_count(uploaded.compressed)} "
                                f"{time.monotonic() - started:.1f} s after the site went live")
     except BaseException:
         # A process still compressing finishes that one file, then exits.
