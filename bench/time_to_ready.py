@@ -13,10 +13,10 @@ alternate within each round, so load from other work on the machine falls on all
 Registry: by default every install, plain and DeployHub's, reads from bench/registry_mirror.py
 on 127.0.0.1 (the repository's `.npmrc` names it by this machine's name, which must resolve
 to 127.0.0.1; DeployHub's build reaches it through its proxy, as `DEPLOYHUB_BUILD_ALLOW_HOSTS`
-allows). One unmeasured install first fills
-the mirror, and the figures say how many requests went upstream after it (0 when the
-registry's speed is out of the figures). `--registry public` measures against
-registry.npmjs.org instead, whose speed varied by a factor of two here within an hour.
+allows). One unmeasured install first fills the mirror, and the figures say how many requests
+went upstream after it (0 when the registry's speed is out of the figures). `--registry
+public` measures against registry.npmjs.org instead, whose speed varied by a factor of two
+here within an hour.
 """
 
 from __future__ import annotations
@@ -109,8 +109,9 @@ def mirror_stats(port: int) -> dict[str, int]:
 def mirror_host() -> str:
     """A name for the mirror that resolves to 127.0.0.1 only. Not 127.0.0.1 itself: in
     DeployHub's sandbox that is the build's own loopback, which NO_PROXY sends npm to directly
-    (npm 11 ignores its `noproxy` setting where NO_PROXY is set). This machine's name does,
-    where /etc/hosts says so (Debian's default is 127.0.1.1, which is not used here)."""
+    (npm 11 ignores its `noproxy` setting where NO_PROXY is set). This machine's name, where
+    /etc/hosts maps it to 127.0.0.1; Debian maps it to 127.0.1.1, and there the bench stops
+    and says so."""
     name = socket.gethostname()
     try:
         found = {info[4][0] for info in socket.getaddrinfo(name, 80, type=socket.SOCK_STREAM)}
