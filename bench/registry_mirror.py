@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import os
 import signal
@@ -107,8 +106,7 @@ async def serve(root: Path, port: int) -> None:
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
     print(f"served {mirror.hits} from disk, fetched {mirror.fetched}", flush=True)
-    with contextlib.suppress(Exception):
-        await mirror.close()
+    await mirror.close()
     await runner.cleanup()
 
 

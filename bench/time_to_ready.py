@@ -133,8 +133,7 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(FIXTURES))
     parser.add_argument("--registry", choices=("mirror", "public"), default="mirror")
     args = parser.parse_args()
-    with contextlib.ExitStack() as stack:
-        port = stack.enter_context(registry_mirror()) if args.registry == "mirror" else 0
+    with registry_mirror() if args.registry == "mirror" else contextlib.nullcontext(0) as port:
         run(args, port)
 
 

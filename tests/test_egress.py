@@ -5,12 +5,14 @@ the proxy); other addresses are only ever answers of an injected resolver."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,17 +80,20 @@ class Upstream:
         return await asyncio.open_connection("127.0.0.1", self.port)
 
 
-@pytest.fixture
-async def proxy(tmp_path: Path) -> AsyncIterator[tuple[Path, Upstream, list[str]]]:
+@contextlib.asynccontextmanager
+async def running_proxy(
+    sock: Path, names: dict[str, list[str]], greeting: bytes = b"hello from upstream: ", **options: Any,
+) -> AsyncIterator[tuple[Path, Upstream, list[str]]]:
+    """An EgressProxy on `sock` whose resolver knows `names` (and IP literals), relaying to an
+    echo server that answers `greeting` and the first line it got; yields (sock, the injected
+    connect, the build log's lines)."""
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"hello from upstream: " + await reader.readline())
+        writer.write(greeting + await reader.readline())
         await writer.drain()
         writer.close()
 
     server = await asyncio.start_server(echo, "127.0.0.1", 0)
     upstream = Upstream(server.sockets[0].getsockname()[1])
-    names = {"public.example": ["93.184.215.14"], "inside.example": ["10.0.0.7"],
-             "mixed.example": ["93.184.215.14", "169.254.169.254"], "v6.example": ["fd00::5"]}
 
     async def resolver(host: str, port: int) -> list[str]:
         try:
@@ -97,13 +102,23 @@ async def proxy(tmp_path: Path) -> AsyncIterator[tuple[Path, Upstream, list[str]
             return names[host]
 
     lines: list[str] = []
-    egress = EgressProxy(lambda _s, text: lines.append(text), resolver=resolver, connect=upstream,
-                         local=frozenset({"198.51.100.9", "2001:db8::9"}))
-    await egress.start(tmp_path / "proxy.sock")
-    yield tmp_path / "proxy.sock", upstream, lines
-    await egress.close()
-    server.close()
-    await server.wait_closed()
+    egress = EgressProxy(lambda _s, text: lines.append(text), resolver=resolver, connect=upstream, **options)
+    await egress.start(sock)
+    try:
+        yield sock, upstream, lines
+    finally:
+        await egress.close()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.fixture
+async def proxy(tmp_path: Path) -> AsyncIterator[tuple[Path, Upstream, list[str]]]:
+    names = {"public.example": ["93.184.215.14"], "inside.example": ["10.0.0.7"],
+             "mixed.example": ["93.184.215.14", "169.254.169.254"], "v6.example": ["fd00::5"]}
+    async with running_proxy(tmp_path / "proxy.sock", names,
+                             local=frozenset({"198.51.100.9", "2001:db8::9"})) as running:
+        yield running
 
 
 async def ask(sock: Path, head: str, then: bytes = b"") -> bytes:
@@ -152,24 +167,9 @@ async def test_a_public_name_is_tunnelled_to_the_checked_address(
 
 
 async def test_allowed_hosts_reach_inside_as_named_and_nothing_else(tmp_path: Path) -> None:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"mirror: " + await reader.readline())
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    upstream = Upstream(server.sockets[0].getsockname()[1])
     names = {"registry.internal": ["10.0.0.7"], "alias.example": ["10.0.0.8"]}
-
-    async def resolver(host: str, port: int) -> list[str]:
-        return names.get(host, [host])
-
-    lines: list[str] = []
-    egress = EgressProxy(lambda _s, text: lines.append(text), resolver=resolver, connect=upstream,
-                         local=frozenset(), allow_hosts=["Registry.Internal", "10.0.0.8"])
-    await egress.start(tmp_path / "proxy.sock")
-    try:
-        sock = tmp_path / "proxy.sock"
+    async with running_proxy(tmp_path / "proxy.sock", names, b"mirror: ", local=frozenset(),
+                             allow_hosts=["Registry.Internal", "10.0.0.8"]) as (sock, upstream, lines):
         for target in ("registry.internal:4873", "10.0.0.8:4873"):
             answer = await ask(sock, f"CONNECT {target} HTTP/1.1\r\n\r\n", b"ping\n")
             assert answer.endswith(b"mirror: ping\n"), answer
@@ -179,10 +179,6 @@ async def test_allowed_hosts_reach_inside_as_named_and_nothing_else(tmp_path: Pa
             assert (await ask(sock, f"CONNECT {target} HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 403 ")
         assert upstream.calls == [("10.0.0.7", 4873), ("10.0.0.8", 4873)]
         assert len(lines) == 3
-    finally:
-        await egress.close()
-        server.close()
-        await server.wait_closed()
 
 
 @pytest.mark.parametrize("head", ["GET / HTTP/1.1", "CONNECT nohost HTTP/1.1", "CONNECT a:0 HTTP/1.1",

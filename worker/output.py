@@ -49,6 +49,7 @@ def file_count(count: int) -> str:
     """"1 file", "2 files": for the build log's lines."""
     return f"{count} file" if count == 1 else f"{count} files"
 
+
 # Files uploaded at once: each upload mostly waits on S3's round trips (a HeadObject, then up
 # to three PutObjects), so many in flight hide the latency; the connection pool of
 # deployhub.storage.s3_config holds as many.
