@@ -10,6 +10,12 @@ project deployed again, once the previous build has saved its cache. Baseline:
 an empty npm cache, warm with the npm cache of the cold run before it. The four kinds of run
 alternate within each round, so load from other work on the machine falls on all of them.
 
+Page cache: before every measured run the bench writes dirty pages out and drops the
+kernel's page, dentry and inode caches (root only; otherwise it says so once). On the machine
+this was written on, the same `npm ci` took 26-30 s with 5-6 s of system time right after a
+drop, and 41-46 s with 25-30 s of system time after an earlier install's tree had been
+deleted; which of the two a run got decided more than DeployHub did.
+
 Registry: by default every install, plain and DeployHub's, reads from bench/registry_mirror.py
 on 127.0.0.1 (the repository's `.npmrc` names it by this machine's name, which must resolve
 to 127.0.0.1; DeployHub's build reaches it through its proxy, as `DEPLOYHUB_BUILD_ALLOW_HOSTS`
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -60,24 +67,42 @@ def restored_line(served: Served, project: str) -> str:
                  if e["text"].startswith("Build cache: ")), "(no cache line)")
 
 
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+_told: list[str] = []
+
+
+def settle() -> None:
+    """Every run from the same start: dirty pages written, the page, dentry and inode caches
+    dropped (see the module's docstring); said once where that is not allowed."""
+    os.sync()
+    try:
+        DROP_CACHES.write_text("3\n")
+    except OSError as exc:
+        if not _told:
+            _told.append(str(exc))
+            print(f"  (caches not dropped before runs: {exc}; figures vary with the page cache's state)", flush=True)
+
+
 def one_round(served: Served, url: str, root: Path, name: str) -> dict[str, float]:
     cache = root / f"plain-npm-{unique_name()}"
     cpu: dict[str, float] = {}
+    settle()
     times = {"plain cold": plain_build(url, cache, cpu)}
-    # The same commands' system time moved between 8 and 50 s from run to run on the machine
-    # this was written on (a gVisor sandbox), their user time by a few seconds: printed so a
-    # reader can tell the machine's noise from DeployHub's.
+    # Printed so a reader can tell the machine's noise (system time) from DeployHub's.
     print(f"  {name} plain cold: CPU user {cpu['user']:.1f} s, system {cpu['system']:.1f} s", flush=True)
     project = unique_name(name)
     cold: dict[str, float] = {}
     warm: dict[str, float] = {}
+    settle()
     times["DeployHub cold"] = deployhub_build(served, url, project, cold)
     saved = wait_cache_saved(served, project)
+    settle()
     times["DeployHub warm"] = deployhub_build(served, url, project, warm)
     for kind, phases in (("cold", cold), ("warm", warm)):
         print(f"  {name} {kind} phases: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     print(f"  {name}: {saved}\n  {name}: {restored_line(served, project)}", flush=True)
     wait_cache_saved(served, project)
+    settle()
     times["plain warm"] = plain_build(url, cache)
     shutil.rmtree(cache, ignore_errors=True)
     return times
