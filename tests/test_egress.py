@@ -210,21 +210,23 @@ async def http_through(sock: Path, requests: list[tuple[str, str, bytes]], half_
             if half_close and number == len(requests) - 1:
                 writer.write_eof()
             status, got, chunks = 0, {}, []
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await asyncio.wait_for(reader.read(65536), 10))
-                elif isinstance(event, h11.Response):
-                    status, got = event.status_code, {k.decode(): v.decode() for k, v in event.headers}
-                elif isinstance(event, h11.Data):
-                    chunks.append(bytes(event.data))
-                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                    break
+            try:
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        conn.receive_data(await asyncio.wait_for(reader.read(65536), 10))
+                    elif isinstance(event, h11.Response):
+                        status, got = event.status_code, {k.decode(): v.decode() for k, v in event.headers}
+                    elif isinstance(event, h11.Data):
+                        chunks.append(bytes(event.data))
+                    elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                        break
+            except h11.RemoteProtocolError:  # the proxy closed mid-answer: what came, and no more
+                answers.append((status, got, b"".join(chunks)))
+                break
             answers.append((status, got, b"".join(chunks)))
             if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                 conn.start_next_cycle()
-    except h11.RemoteProtocolError:
-        pass  # the proxy closed mid-answer: the answers so far tell
     finally:
         writer.close()
     return answers
@@ -325,6 +327,30 @@ async def test_a_kept_upstream_connection_the_server_closed_is_replaced(tmp_path
     assert [(a[0], a[2]) for a in first + answers] == [(200, b"ok")] * 3
     # The last request found its kept connection closed and went on a new one.
     assert len(served) == 3 and len(upstream.calls) == 3
+
+
+async def test_an_upstream_that_breaks_mid_answer_ends_the_clients_connection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(short, "127.0.0.1", 0)
+    async with running_proxy(tmp_path / "p.sock", {"public.example": ["93.184.215.14"]},
+                             local=frozenset()) as (sock, upstream, _):
+        upstream.port = server.sockets[0].getsockname()[1]
+        answers = await http_through(sock, [("GET", "http://public.example/1", b""),
+                                            ("GET", "http://public.example/2", b"")])
+    server.close()
+    await server.wait_closed()
+    # The client learns the body was cut short (the connection ends before it), and the
+    # connection is not used again.
+    assert [(a[0], a[1]["content-length"], a[2]) for a in answers] == [(200, "100", b"only ten b")]
+    assert len(upstream.calls) == 1
+    assert [r for r in caplog.records if r.levelname == "ERROR"] == []
 
 
 class Canary:
