@@ -279,6 +279,9 @@ async def test_plain_http_is_relayed_on_kept_connections(tmp_path: Path) -> None
         assert answers[3][2] == b"x" * 2 * 1024 * 1024
         # One connection per host, each to the address checked for it, kept between requests.
         assert upstream.calls == [("93.184.215.14", 8080), ("93.184.215.15", 80)]
+        # HTTP/1.0 may leave Host out; the request upstream (HTTP/1.1) names it.
+        old = await ask(sock, "GET http://public.example:8080/e HTTP/1.0\r\n\r\n")
+        assert old.startswith(b"HTTP/1.1 200 ") and b'"Host": "public.example:8080"' in old
 
 
 async def test_a_kept_connection_checks_each_new_host(proxy: tuple[Path, Upstream, list[str]]) -> None:

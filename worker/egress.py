@@ -211,6 +211,9 @@ class EgressProxy:
         """One request and its response; the upstream connection to keep, or None when
         the client connection must end."""
         headers = [(k, v) for k, v in request.headers.raw_items() if k.lower() not in HOP_BY_HOP]
+        if not any(k.lower() == b"host" for k, _ in headers):  # HTTP/1.0 may leave it out; 1.1 may not
+            host, port = upstream.key
+            headers.append((b"Host", (host if port == 80 else f"{host}:{port}").encode("idna")))
         forward = h11.Request(method=request.method, target=path, headers=headers)
         if client.client_is_waiting_for_100_continue:
             await _send(writer, client, h11.InformationalResponse(status_code=100, headers=[]))
