@@ -13,8 +13,9 @@ alternate within each round, so load from other work on the machine falls on all
 Page cache: before every measured run the bench writes dirty pages out and drops the
 kernel's page, dentry and inode caches (root only; otherwise it says so once). On the machine
 this was written on, the same `npm ci` took 26-30 s with 5-6 s of system time right after a
-drop, and 41-46 s with 25-30 s of system time after an earlier install's tree had been
-deleted; which of the two a run got decided more than DeployHub did.
+drop, and 41-46 s with 25-30 s of system time when it came straight after another install
+(whose tree had just been deleted); which of the two a run got decided more than DeployHub
+did.
 
 Registry: by default every install, plain and DeployHub's, reads from bench/registry_mirror.py
 on 127.0.0.1 (the repository's `.npmrc` names it by this machine's name, which must resolve
