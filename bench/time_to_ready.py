@@ -13,7 +13,7 @@ alternate within each round, so load from other work on the machine falls on all
 Page cache: before every measured run the bench writes dirty pages out and drops the
 kernel's page, dentry and inode caches (root only; otherwise it says so once). On the machine
 this was written on, the same `npm ci` took 26-30 s with 5-6 s of system time right after a
-drop, and 41-46 s with 25-30 s of system time when it came straight after another install
+drop, and 41-46 s with 25-31 s of system time when it came straight after another install
 (whose tree had just been deleted); which of the two a run got decided more than DeployHub
 did.
 
@@ -69,18 +69,19 @@ def restored_line(served: Served, project: str) -> str:
 
 
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
-_told: list[str] = []
+_told = False
 
 
 def settle() -> None:
     """Every run from the same start: dirty pages written, the page, dentry and inode caches
     dropped (see the module's docstring); said once where that is not allowed."""
+    global _told
     os.sync()
     try:
         DROP_CACHES.write_text("3\n")
     except OSError as exc:
         if not _told:
-            _told.append(str(exc))
+            _told = True
             print(f"  (caches not dropped before runs: {exc}; figures vary with the page cache's state)", flush=True)
 
 

@@ -189,6 +189,7 @@ async def test_malformed_requests_are_refused(proxy: tuple[Path, Upstream, list[
 
 
 Answer = tuple[int, dict[str, str], bytes]
+PUBLIC = {"public.example": ["93.184.215.14"]}
 
 
 async def http_through(sock: Path, requests: list[tuple[str, str, bytes]], half_close: bool = False) -> list[Answer]:
@@ -300,33 +301,41 @@ async def test_a_kept_connection_checks_each_new_host(proxy: tuple[Path, Upstrea
 async def test_the_whole_answer_reaches_a_client_that_half_closes(tmp_path: Path) -> None:
     # aiohttp, like many servers, drops a response when its client half-closes: the proxy
     # must not pass a client's end of writing on to the upstream mid-answer.
-    async with http_upstream() as port, running_proxy(tmp_path / "p.sock", {"public.example": ["93.184.215.14"]},
-                                                      local=frozenset()) as (sock, upstream, _):
+    async with http_upstream() as port, running_proxy(tmp_path / "p.sock", PUBLIC, local=frozenset()) as (sock, upstream, _):
         upstream.port = port
         answers = await http_through(sock, [("GET", "http://public.example/big", b"")], half_close=True)
     assert [(a[0], len(a[2])) for a in answers] == [(200, 2 * 1024 * 1024)]
 
 
-async def test_a_kept_upstream_connection_the_server_closed_is_replaced(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def raw_upstream(answer: bytes) -> AsyncIterator[tuple[int, list[int]]]:
+    """A server on 127.0.0.1 that answers each connection's first request head with `answer`
+    as it stands, then closes; yields its port and a list that grows by one per answer."""
     served: list[int] = []
 
-    async def once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # Answers one request as keep-alive, then closes, as a server whose idle timeout ran out.
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         served.append(1)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        writer.write(answer)
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(once, "127.0.0.1", 0)
-    async with running_proxy(tmp_path / "p.sock", {"public.example": ["93.184.215.14"]},
-                             local=frozenset()) as (sock, upstream, _):
-        upstream.port = server.sockets[0].getsockname()[1]
+    server = await asyncio.start_server(reply, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1]), served
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_kept_upstream_connection_the_server_closed_is_replaced(tmp_path: Path) -> None:
+    # Answers as keep-alive, then closes: a server whose idle timeout ran out.
+    async with raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok") as (port, served), \
+            running_proxy(tmp_path / "p.sock", PUBLIC, local=frozenset()) as (sock, upstream, _):
+        upstream.port = port
         first = await http_through(sock, [("GET", "http://public.example/1", b"")])
         answers = await http_through(sock, [("GET", "http://public.example/1", b""),
                                             ("GET", "http://public.example/2", b"")])
-    server.close()
-    await server.wait_closed()
     assert [(a[0], a[2]) for a in first + answers] == [(200, b"ok")] * 3
     # The last request found its kept connection closed and went on a new one.
     assert len(served) == 3 and len(upstream.calls) == 3
@@ -335,20 +344,11 @@ async def test_a_kept_upstream_connection_the_server_closed_is_replaced(tmp_path
 async def test_an_upstream_that_breaks_mid_answer_ends_the_clients_connection(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(short, "127.0.0.1", 0)
-    async with running_proxy(tmp_path / "p.sock", {"public.example": ["93.184.215.14"]},
-                             local=frozenset()) as (sock, upstream, _):
-        upstream.port = server.sockets[0].getsockname()[1]
+    async with raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b") as (port, _), \
+            running_proxy(tmp_path / "p.sock", PUBLIC, local=frozenset()) as (sock, upstream, _):
+        upstream.port = port
         answers = await http_through(sock, [("GET", "http://public.example/1", b""),
                                             ("GET", "http://public.example/2", b"")])
-    server.close()
-    await server.wait_closed()
     # The client learns the body was cut short (the connection ends before it), and the
     # connection is not used again.
     assert [(a[0], a[1]["content-length"], a[2]) for a in answers] == [(200, "100", b"only ten b")]

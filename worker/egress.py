@@ -212,8 +212,7 @@ class EgressProxy:
         the client connection must end."""
         headers = [(k, v) for k, v in request.headers.raw_items() if k.lower() not in HOP_BY_HOP]
         if not any(k.lower() == b"host" for k, _ in headers):  # HTTP/1.0 may leave it out; 1.1 may not
-            host, port = upstream.key
-            headers.append((b"Host", (host if port == 80 else f"{host}:{port}").encode("idna")))
+            headers.append((b"Host", urlsplit(request.target).netloc.rpartition(b"@")[2]))
         forward = h11.Request(method=request.method, target=path, headers=headers)
         if client.client_is_waiting_for_100_continue:
             await _send(writer, client, h11.InformationalResponse(status_code=100, headers=[]))
@@ -320,6 +319,8 @@ class _Upstream:
     fresh: bool = True  # no request has been answered on it yet
 
     def reusable(self) -> bool:
+        """Whether the next request may go on this connection; starts h11's next cycle when
+        the last exchange ended cleanly."""
         if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
             self.conn.start_next_cycle()
         return self.conn.our_state is h11.IDLE and not self.writer.is_closing()
