@@ -90,6 +90,9 @@ async def test_rollback_moves_production_back(service: Service, git_server: GitS
     _, project = await service.get_json(f"/api/projects/{name}")
     assert project["production"] == second["id"]
     watch = await Watch(service).open(name)
+    # Roll back only once the socket is subscribed: a rollback before that is in the snapshot
+    # (is_production), not in a "production" frame, which is what this test watches for.
+    await watch.wait_for(lambda: any(f["type"] == "subscribed" for f in watch.frames), timeout=10)
     status, body = await service.post_json(f"/api/projects/{name}/rollback", {"deployment": first["id"]})
     assert status == 200 and body["production"] == first["id"]
     await watch.wait_for(lambda: any(f.get("production") == first["id"] for f in watch.frames))
