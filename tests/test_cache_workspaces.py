@@ -254,9 +254,11 @@ def test_workspace_packages_are_bounded_to_the_tree(tmp_path: Path) -> None:
     ({"package.json": "{}", "pnpm-workspace.yaml": "packages:\n  - apps/*\n",
       "pnpm-lock.yaml": "lockfileVersion: '9.0'\n"},
      "../../pnpm-lock.yaml", ["npx", "--yes", "pnpm@9", "install", "--frozen-lockfile"]),
+    ({"package.json": "\ufeff" + json.dumps({"workspaces": ["apps/*"]}), "package-lock.json": "{}"},
+     "../../package-lock.json", ["npm", "ci"]),  # a byte-order mark, as npm reads past it
     ({"package.json": json.dumps({"workspaces": ["libs/*"]}), "package-lock.json": "{}"},
      "", ["npm", "install"]),  # apps/web is no package of that workspace: no lockfile of its own
-], ids=["npm", "pnpm", "not-a-workspace-package"])
+], ids=["npm", "pnpm", "npm-bom", "not-a-workspace-package"])
 def test_a_workspace_package_installs_from_the_workspace_root_lockfile(
     tmp_path: Path, files: dict[str, str], lockfile: str, install: list[str]
 ) -> None:

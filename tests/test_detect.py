@@ -68,6 +68,19 @@ def test_bad_package_json_is_a_build_error(tmp_path: Path) -> None:
         plan(tmp_path)
 
 
+def test_byte_order_marks_are_read_past_as_npm_does(tmp_path: Path) -> None:
+    # Windows editors write a UTF-8 byte-order mark; npm and Node skip it, so must detection.
+    bom = "\ufeff"
+    (tmp_path / "package.json").write_text(bom + json.dumps(
+        {"scripts": {"build": "vite build"}, "devDependencies": {"vite": "7"}}), encoding="utf-8")
+    (tmp_path / ".nvmrc").write_text(bom + "v20.11.0\r\n", encoding="utf-8")
+    (tmp_path / "yarn.lock").write_text(bom + YARN_LOCK, encoding="utf-8")
+    result = plan(tmp_path)
+    assert result.framework is not None and result.framework.name == "Vite"
+    assert result.node is not None and result.node.spec == "v20.11.0"
+    assert result.install[:3] == ["npx", "--yes", "yarn@1"]
+
+
 def test_output_directory_order(tmp_path: Path) -> None:
     for name in ("out", "build"):
         (tmp_path / name).mkdir()

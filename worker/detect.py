@@ -97,7 +97,8 @@ def read_package_json(root: Path, where: str = "the repository root") -> dict[st
     if path.stat().st_size > PACKAGE_JSON_MAX:
         raise BuildError("package.json is larger than 1 MiB")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: a byte-order mark (Windows editors write one) is skipped, as npm does.
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BuildError(f"package.json is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -295,7 +296,7 @@ def _head(path: Path, size: int) -> str:
     except OSError:
         return ""
     try:
-        return os.read(fd, size).decode(errors="replace")
+        return os.read(fd, size).decode("utf-8-sig", errors="replace")  # without a BOM
     finally:
         os.close(fd)
 

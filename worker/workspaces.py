@@ -67,7 +67,7 @@ def _read(path: Path) -> str:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return ""
-        return os.read(fd, MANIFEST_MAX).decode(errors="replace")
+        return os.read(fd, MANIFEST_MAX).decode("utf-8-sig", errors="replace")  # without a BOM
     finally:
         os.close(fd)
 
