@@ -82,3 +82,34 @@ async def test_failure_reason_is_also_in_the_log(service: Service, git_server: G
     await service.wait_final(dep["id"])
     texts = [e["text"] for e in await service.logs(dep["id"])]
     assert any(t.startswith("Error: No package.json") for t in texts)
+
+
+async def test_webpack4_md4_on_new_node_says_how_to_build_and_the_advice_works(
+    service: Service, git_server: GitServer
+) -> None:
+    # webpack 4 (react-scripts 4 and older) hashes with MD4, which Node 17+ lost: the real
+    # error, from this machine's Node, then the variable the advice names makes it build.
+    md4 = ("node -e \"require('crypto').createHash('md4').update('x').digest('hex')\""
+           " && mkdir -p dist && echo ok > dist/index.html")
+    package = {**TINY_PACKAGE, "scripts": {"build": md4}}
+    name = unique_name("md4")
+    url = git_server.add_repo(name, files={"package.json": json.dumps(package)})
+    dep = await service.deploy(url, project=name)
+    final = await service.wait_final(dep["id"])
+    assert final["status"] == "failed"
+    assert "ERR_OSSL_EVP_UNSUPPORTED" in final["reason"] and "ask for Node 16" in final["reason"]
+    assert "NODE_OPTIONS=--openssl-legacy-provider" in final["reason"]
+    body = {"variables": {"NODE_OPTIONS": {"value": "--openssl-legacy-provider"}}}
+    async with service.http.patch(f"{service.url}/api/projects/{name}/variables", json=body) as r:
+        assert r.status == 200
+    again = await service.deploy(url, project=name)
+    final = await service.wait_final(again["id"])
+    assert final["status"] == "ready", final["reason"]
+
+
+async def test_a_failure_with_no_known_cause_gets_no_advice(service: Service, git_server: GitServer) -> None:
+    url = git_server.add_repo(
+        unique_name("failing"), files_dir=TINY_APP, files={"tiny.json": '{"fail": 1}'}
+    )
+    reason = await failed_reason(service, url)
+    assert reason.startswith("`npm run build` exited with code 1. Last lines:")

@@ -10,6 +10,7 @@ import pytest
 from worker.detect import (
     BuildError,
     Overrides,
+    failure_advice,
     find_output,
     locate_output,
     plan,
@@ -66,6 +67,24 @@ def test_bad_package_json_is_a_build_error(tmp_path: Path) -> None:
     (tmp_path / "package.json").write_text("{not json")
     with pytest.raises(BuildError, match="not valid JSON"):
         plan(tmp_path)
+
+
+@pytest.mark.parametrize("line, advice", [
+    # Each line as the tool prints it.
+    ("Treating warnings as errors because process.env.CI = true.", "build variable CI=false"),
+    ("Error: error:0308010C:digital envelope routines::unsupported", "NODE_OPTIONS=--openssl-legacy-provider"),
+    ("  code: 'ERR_OSSL_EVP_UNSUPPORTED'", "Node 16"),
+    ("FATAL ERROR: Reached heap limit Allocation failed - JavaScript heap out of memory",
+     "NODE_OPTIONS=--max-old-space-size"),
+    ("npm error code ERESOLVE", "legacy-peer-deps=true"),
+    ("npm ERR! code ERESOLVE", "npm ci --legacy-peer-deps"),
+])
+def test_known_failures_say_what_to_change(line: str, advice: str) -> None:
+    assert advice in failure_advice(["some output", line, "more output"])
+
+
+def test_output_that_names_no_known_cause_gets_no_advice() -> None:
+    assert failure_advice(["Module not found: Error: Can't resolve './App'", "ERESOLVED 3 things"]) == ""
 
 
 def test_byte_order_marks_are_read_past_as_npm_does(tmp_path: Path) -> None:

@@ -29,8 +29,8 @@ from deployhub.store import Deployment, Store
 from deployhub.validation import InvalidInput, check_repo_url
 
 from . import cache, node, proc, workspaces
-from .detect import BuildError, Overrides, Plan, locate_output, plan
-from .install import Installed, install
+from .detect import BuildError, Overrides, Plan, failure_advice, locate_output, plan
+from .install import Installed, event_texts, install
 from .output import Uploaded, file_count, upload_site
 from .sandbox import Sandbox
 
@@ -359,6 +359,7 @@ class Build:
         remaining = self.settings.build_timeout - (time.monotonic() - self.started)
         async with self.sandbox.prepare(argv, self._build_env()) as command:
             self.logs.emit("system", "$ " + " ".join(argv))
+            mark = len(self.logs.events)
             try:
                 result = await proc.run(
                     command.argv, cwd=command.cwd, env=command.env, emit=self.logs.emit,
@@ -373,9 +374,9 @@ class Build:
                 if limit := self.sandbox.limit_reason(command):
                     raise BuildError(limit)
                 last = "\n".join(result.tail[-10:])
-                raise BuildError(
-                    f"`{' '.join(argv)}` exited with code {result.code}. Last lines:\n{last}"
-                )
+                advice = failure_advice(event_texts(self.logs.events[mark:]))
+                raise BuildError(f"`{' '.join(argv)}` exited with code {result.code}. "
+                                 + (advice + " " if advice else "") + f"Last lines:\n{last}")
 
     # -- the build cache -------------------------------------------------------------------
 

@@ -281,6 +281,32 @@ def stale_advice(install: Install) -> str:
             f"install from it. Run `{update}` and commit the updated {install.lockfile}.")
 
 
+# Failures whose cause is known from a line of the command's output, with what to change.
+KNOWN_FAILURES = (
+    (re.compile(r"Treating warnings as errors because process\.env\.CI = true"),
+     "Create React App treats lint warnings as errors when CI is set, and DeployHub sets CI=1 "
+     "as Vercel does: fix the warnings above, or add the build variable CI=false."),
+    (re.compile(r"ERR_OSSL_EVP_UNSUPPORTED|digital envelope routines::unsupported"),
+     "webpack 4 (react-scripts 4 and older) hashes with MD4, which Node 17 and later no "
+     'longer have: ask for Node 16 ("engines": {"node": "16.x"}, an .nvmrc or the project\'s '
+     "Node version setting), move to webpack 5 (react-scripts 5), or add the build variable "
+     "NODE_OPTIONS=--openssl-legacy-provider."),
+    (re.compile(r"JavaScript heap out of memory"),
+     "Node's heap filled up before the build's memory limit did: raise the heap with the build "
+     "variable NODE_OPTIONS=--max-old-space-size=<MiB>, below the memory limit."),
+    (re.compile(r"\bERESOLVE\b"),
+     "npm could not resolve the peer dependencies (npm 7 and later check them): align the "
+     "versions, or install with legacy peer dependencies: commit an .npmrc holding "
+     "legacy-peer-deps=true, or set the install command to `npm ci --legacy-peer-deps`."),
+)
+
+
+def failure_advice(lines: Sequence[str]) -> str:
+    """What to change, for each known cause that a failed command's output shows."""
+    return " ".join(advice for pattern, advice in KNOWN_FAILURES
+                    if any(pattern.search(line) for line in lines))
+
+
 def _regular(path: Path) -> bool:
     """A regular file, not a symlink: a repository's symlink may point anywhere on the host."""
     try:

@@ -77,7 +77,7 @@ async def install(
         try:
             await command(argv)
         except BuildError:
-            if not attempt.lockfile or not stale_lockfile(_texts(events[mark:])):
+            if not attempt.lockfile or not stale_lockfile(event_texts(events[mark:])):
                 raise
             stale.append(stale_advice(attempt))
             if number + 1 == len(attempts):
@@ -138,7 +138,7 @@ def _npm_tree(lockfile: bytes) -> object:
     return tree
 
 
-def _texts(events: Sequence[str]) -> list[str]:
+def event_texts(events: Sequence[str]) -> list[str]:
     texts = []
     for event in events:
         try:
