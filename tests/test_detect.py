@@ -87,6 +87,37 @@ def test_output_that_names_no_known_cause_gets_no_advice() -> None:
     assert failure_advice(["Module not found: Error: Can't resolve './App'", "ERESOLVED 3 things"]) == ""
 
 
+@pytest.mark.parametrize("files, overrides, output, why", [
+    ({"index.html": "<h1>hi</h1>"}, Overrides(), "", "there is no package.json"),
+    ({"index.html": "root", "public/index.html": "public"}, Overrides(), "public", "there is no package.json"),
+    ({"package.json": json.dumps({"scripts": {"start": "serve ."}}), "index.html": "hi"}, Overrides(), "",
+     'package.json has no "build" script'),
+    ({"site/page.html": "no index"}, Overrides(output_directory="site"), "site", "there is no package.json"),
+])
+def test_a_site_without_a_build_is_published_as_it_is(
+    tmp_path: Path, files: dict[str, str], overrides: Overrides, output: str, why: str
+) -> None:
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    result = plan(tmp_path, overrides)
+    assert result.static and result.output == output and (result.install, result.build) == ([], [])
+    assert result.notes[0].startswith(f"Static site: {why}, so nothing is installed or built")
+
+
+def test_no_build_and_no_index_html_says_both_ways_out(tmp_path: Path) -> None:
+    (tmp_path / "package.json").write_text(json.dumps({"scripts": {"start": "x"}}))
+    (tmp_path / "public").mkdir()
+    (tmp_path / "public" / "index.html").symlink_to("/etc/passwd")  # never followed
+    with pytest.raises(BuildError, match='no "build" script.*commit an index.html'):
+        plan(tmp_path)
+    with pytest.raises(BuildError, match="not a directory in the repository"):
+        plan(tmp_path, Overrides(output_directory="missing"))
+    # An install command setting asks for an install: no static site then.
+    with pytest.raises(BuildError, match='no "build" script'):
+        plan(tmp_path, Overrides(install_command=("npm", "ci"), output_directory="public"))
+
+
 def test_byte_order_marks_are_read_past_as_npm_does(tmp_path: Path) -> None:
     # Windows editors write a UTF-8 byte-order mark; npm and Node skip it, so must detection.
     bom = "\ufeff"

@@ -1,4 +1,4 @@
-"""Frameworks and their output, end to end: a Next-style static export, a custom output
+"""Frameworks and their output, end to end: a site without a build, a Next-style static export, a custom output
 directory, a Vite app with a sub-path base and a VITE_ variable, a CRA app with a sub-path
 homepage and a REACT_APP_ variable."""
 
@@ -30,6 +30,31 @@ async def deploy(service: Service, git_server: GitServer, variables: dict[str, s
     texts = [e["text"] for e in await service.logs(dep["id"])]
     assert final["status"] == "ready", (final["reason"], texts[-15:])
     return final, texts
+
+
+async def test_a_site_without_a_build_is_published_without_its_hidden_files(
+    service: Service, git_server: GitServer
+) -> None:
+    private = {".env": "API_SECRET=do-not-publish\n", ".github/workflows/ci.yml": "on: push\n",
+               "node_modules/left-pad/index.js": "module.exports = 'left-pad';\n"}
+    final, texts = await deploy(service, git_server, files_dir=FIXTURES_DIR / "static-site",
+                                files=private)
+    assert any(t.startswith("Static site: there is no package.json, so nothing is installed") for t in texts)
+    assert "Output: the repository root (a static site, published as it is)" in texts
+    assert not any(t.startswith("$ ") for t in texts if "git clone" not in t)  # nothing ran
+    left_out = next(t for t in texts if t.startswith("Not published (hidden, or node_modules): "))
+    for name in (".env", ".git", ".github", "node_modules"):
+        assert name in left_out
+    project = final["project"]
+    for path, expected in (("/", b"Hello from a static site"), ("/about/", b"About this static site"),
+                           ("/css/site.css", b"font-family"), ("/.well-known/security.txt", b"Contact:")):
+        status, _, body = await service.site(project, path)
+        assert status == 200 and expected in body, (path, status, body[:200])
+    for path, secret in (("/.env", b"do-not-publish"), ("/.git/config", b"[core]"), ("/.git/HEAD", b"ref:"),
+                         ("/.github/workflows/ci.yml", b"on: push"),
+                         ("/node_modules/left-pad/index.js", b"module.exports")):
+        status, _, body = await service.site(project, path)
+        assert secret not in body, (path, status)
 
 
 async def test_next_static_export_publishes_out(service: Service, git_server: GitServer) -> None:

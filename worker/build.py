@@ -160,6 +160,16 @@ class Build:
         self.sandbox.root = build_plan.root
         for note in build_plan.notes:
             self.logs.emit("system", note)
+        if build_plan.static:
+            await self._step(Status.BUILDING)
+            self.logs.emit("system", "Nothing to build")
+            site = root / (build_plan.output or "")
+            shown = site.relative_to(self.src).as_posix()
+            self.logs.emit("system", f"Output: {shown if shown != '.' else 'the repository root'} "
+                                     "(a static site, published as it is)")
+            await self._step(Status.UPLOADING)
+            await self._upload(site, as_is=True)
+            return
         self.detected_env = dict(build_plan.env)
         chosen = await node.choose(
             build_plan.node, self.settings.data_dir / "cache" / "node", self._node_fetch_env()
@@ -542,7 +552,9 @@ class Build:
 
     # -- output ----------------------------------------------------------------------------
 
-    async def _upload(self, output: Path) -> None:
+    async def _upload(self, output: Path, *, as_is: bool = False) -> None:
+        """Publish `output`; `as_is`: files from the repository itself (no build wrote them),
+        so its hidden files and node_modules are left out."""
         async def live(uploaded: Uploaded) -> None:
             url = self.settings.site_url_for(self.dep.project)
             self.logs.emit("system", f"Deployed {file_count(uploaded.files)}. Live at {url}")
@@ -557,7 +569,7 @@ class Build:
             max_files=self.settings.build_max_output_files,
             max_bytes=self.settings.build_max_output_mb * 1024 * 1024,
             leases=BlobLeases(self.store.redis, self.settings.blob_grace_seconds, self.dep.id),
-            on_stored=live,
+            on_stored=live, as_is=as_is,
         )
 
     # -- ending ----------------------------------------------------------------------------

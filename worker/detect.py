@@ -85,6 +85,9 @@ class Plan:
     node: NodeRequest | None = None
     root: str = ""  # the root directory, relative to the repository ("" for its top)
     notes: tuple[str, ...] = ()  # what was chosen and why, for the build log
+    # Nothing to install or build: `output` (relative to the root directory, "" for it) is
+    # published as it is, without its hidden files (.git, .env) and node_modules.
+    static: bool = False
 
 
 def read_package_json(root: Path, where: str = "the repository root") -> dict[str, object]:
@@ -117,13 +120,25 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
             "at this commit (or it, or a directory on the way, is a symlink): set the root "
             "directory to the folder that holds the app's package.json."
         )
-    package = read_package_json(root, f"the root directory {rel} (project setting)" if rel else
-                                "the repository root")
+    where = f"the root directory {rel} (project setting)" if rel else "the repository root"
+    has_package = _regular(root / "package.json")
+    package = read_package_json(root, where) if has_package else {}
     scripts = package.get("scripts")
     build_script = scripts.get("build") if isinstance(scripts, dict) else None
     if not isinstance(build_script, str) and overrides.build_command is None:
+        # As on Vercel and Netlify: a site with no build is published as it is.
+        if overrides.install_command is None and (static := _static_site(root, overrides)):
+            site, why = static
+            shown = "/".join(p for p in (rel, site) if p) + "/" if rel or site else where
+            return Plan(manager="", install=[], build=[], output=site, root=rel, static=True,
+                        notes=(f"Static site: {why}, so nothing is installed or built; "
+                               f"{shown} is published as it is (without hidden files such as "
+                               ".git and .env, and without node_modules)",))
+        if not has_package:
+            read_package_json(root, where)  # says what is missing
         raise BuildError(
-            'package.json has no "build" script. Add one, e.g. "scripts": {"build": "vite build"}.'
+            'package.json has no "build" script. Add one, e.g. "scripts": {"build": "vite build"}, '
+            "or commit an index.html to publish the files as they are."
         )
     notes: list[str] = []
     installs = _installs(root, package, notes)
@@ -163,6 +178,24 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
         framework=framework, output=output, env=env,
         node=node_request(root, package, overrides), root=rel, notes=tuple(notes),
     )
+
+
+def _static_site(root: Path, overrides: Overrides) -> tuple[str, str] | None:
+    """The directory of a site without a build (relative to `root`) and why, or None when
+    there is no index.html to publish: the output directory setting, else public/ (Vercel's
+    choice when it exists), else `root` itself."""
+    why = ("there is no package.json" if not _regular(root / "package.json")
+           else 'package.json has no "build" script')
+    if overrides.output_directory is not None:
+        site = _relative(overrides.output_directory, "the output directory")
+        if not real_dir(root, site):
+            raise BuildError(f"The output directory {site} (project setting) is not a directory "
+                             "in the repository (or it, or a directory on the way, is a symlink).")
+        return site, why
+    for site in ("public", ""):
+        if real_dir(root, site) and _regular(root / site / "index.html"):
+            return site, why
+    return None
 
 
 def _relative(path: str, what: str) -> str:

@@ -64,6 +64,7 @@ VARIANT_WORTH = 0.9  # keep a variant only when it is at most 90% of the origina
 # it, a worker that died meanwhile leaves the first as final).
 VARIANTS_PENDING_FOR = 600.0
 RULE_FILES = ("_redirects", "_headers")
+LEFT_OUT_SHOWN = 5  # of the hidden files a static site leaves out, named in the log
 
 
 @dataclass
@@ -86,7 +87,7 @@ async def upload_site(
     storage: Storage, dep_id: str, src: Path, output: Path, emit: Emit, *,
     max_files: int = 0, max_bytes: int = 0, leases: BlobLeases | None = None,
     concurrency: int = UPLOAD_CONCURRENCY,
-    on_stored: Callable[[Uploaded], Awaitable[None]] | None = None,
+    on_stored: Callable[[Uploaded], Awaitable[None]] | None = None, as_is: bool = False,
 ) -> Uploaded:
     """Hash every file, lease the blobs, ask storage once which of them (and their variants)
     it holds, then compress and upload only the missing ones, the manifest last.
@@ -102,7 +103,8 @@ async def upload_site(
     cpus = usable_cpus()
     pool = compressor(min(cpus, concurrency))
     try:
-        files = collect_files(out_fd, emit, max_files=max_files, max_bytes=max_bytes)
+        files = collect_files(out_fd, emit, max_files=max_files, max_bytes=max_bytes,
+                              without_hidden=as_is)
         if not files:
             raise BuildError(f"The output directory {rel_dir}/ holds no files.")
         redirects, headers = _read_rules(out_fd, {rel for rel, _ in files}, emit)
@@ -408,16 +410,25 @@ def open_beneath(base: Path | int, rel: str, *, directory: bool = False) -> int:
 
 
 def collect_files(
-    out_fd: int, emit: Emit, *, max_files: int = 0, max_bytes: int = 0
+    out_fd: int, emit: Emit, *, max_files: int = 0, max_bytes: int = 0,
+    without_hidden: bool = False,
 ) -> list[tuple[str, int]]:
     """(path, size) of the regular files under the directory `out_fd`; symlinks and other
-    special files are skipped, never followed. Past `max_files` or `max_bytes`: BuildError."""
+    special files are skipped, never followed. Past `max_files` or `max_bytes`: BuildError.
+
+    `without_hidden` (a repository published as it is): names starting with a dot (.git,
+    .env, .github), but for .well-known, and node_modules are left out, and the log says so."""
     files: list[tuple[str, int]] = []
     total = 0
+    left_out: list[str] = []
     try:
         walk = os.fwalk(".", dir_fd=out_fd, follow_symlinks=False)
         for dirpath, dirnames, filenames, dir_fd in walk:
             base = dirpath.removeprefix(".").lstrip("/")
+            if without_hidden:
+                left_out += [_join(base, n) for n in sorted(dirnames + filenames) if _hidden(n)]
+                dirnames[:] = [n for n in dirnames if not _hidden(n)]
+                filenames = [n for n in filenames if not _hidden(n)]
             for name in sorted(dirnames):
                 if stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode):
                     emit("system", f"Skipped symlinked directory {_join(base, name)}")
@@ -442,7 +453,15 @@ def collect_files(
                     )
     except OSError as exc:
         raise BuildError(f"Could not read the build output: {exc}") from None
+    if left_out:
+        shown = ", ".join(left_out[:LEFT_OUT_SHOWN]) + (
+            f" and {len(left_out) - LEFT_OUT_SHOWN} more" if len(left_out) > LEFT_OUT_SHOWN else "")
+        emit("system", f"Not published (hidden, or node_modules): {shown}")
     return sorted(files)
+
+
+def _hidden(name: str) -> bool:
+    return (name.startswith(".") and name != ".well-known") or name == "node_modules"
 
 
 def _join(base: str, name: str) -> str:
