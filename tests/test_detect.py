@@ -215,6 +215,22 @@ def test_vite_base_sub_path_builds_for_the_root(tmp_path: Path) -> None:
     assert result.build == ["npm", "run", "build", "--", "--base=/"]
 
 
+@pytest.mark.parametrize("config, fixed", [
+    ("export default defineConfig({\n  plugins: [react()],\n  base: '/my-repo/',\n})", True),
+    ("export default defineConfig(({ mode }) => ({\n  base: mode === 'production' ? '/my-repo/' : '/',\n}))", True),
+    ('export default {\n  base: process.env.NODE_ENV === "production" ? "/gh-pages-app/" : "/",\n}', True),
+    ("export default { base: 'https://example.github.io/app/' }", True),
+    ("export default defineConfig({ base: './', plugins: [react()] })", False),
+    ("export default defineConfig({\n  // base: '/old-path/',\n  plugins: [react()],\n})", False),
+    ("/* base: '/old/' */ export default { server: { port: 3000 }, database: '/x/' }", False),
+    ("export default { base: process.env.BASE ?? '/', build: { outDir: 'dist' } }", False),
+])
+def test_vite_base_is_read_from_the_configs_people_write(tmp_path: Path, config: str, fixed: bool) -> None:
+    package = json.dumps({"scripts": {"build": "vite build"}, "devDependencies": {"vite": "7"}})
+    result = plan(repo(tmp_path, {"package.json": package, "vite.config.js": config}))
+    assert (result.build[-1] == "--base=/") == fixed, result.build
+
+
 def test_index_html_the_build_wrote_is_the_output(tmp_path: Path) -> None:
     (tmp_path / "public").mkdir()
     (tmp_path / "public" / "index.html").write_text("old")  # committed, not built

@@ -408,7 +408,11 @@ FRAMEWORKS = (
 )
 VITE_CONFIGS = ("vite.config.js", "vite.config.mjs", "vite.config.ts", "vite.config.mts",
                 "vite.config.cjs", "vite.config.cts")
-VITE_BASE = re.compile(r"""\bbase\s*:\s*(['"`])(?P<base>[^'"`]*)\1""")
+# `base: <expression>` up to the end of the property; the string literals in it that look
+# like a base (a path or a URL) are what it may be: `base: mode === 'production' ? '/app/' : '/'`.
+VITE_BASE = re.compile(r"""(?<![\w$.])base\s*:\s*(?P<expr>[^,\n}]*)""")
+STRING_LITERAL = re.compile(r"""(['"`])(?P<text>[^'"`\n]*)\1""")
+JS_COMMENT = re.compile(r"/\*.*?\*/|^\s*//[^\n]*", re.DOTALL | re.MULTILINE)
 
 
 def detect_framework(package: Mapping[str, object]) -> Framework | None:
@@ -436,22 +440,32 @@ def _root_path_fixes(
     if framework.name != "Vite":
         return []
     for name in VITE_CONFIGS:
-        match = VITE_BASE.search(_head(root / name, 64 * 1024))
-        if match and _sub_path(match.group("base")):
+        base = _vite_base(_head(root / name, 64 * 1024))
+        if base is not None and _sub_path(base):
             scripts = package.get("scripts")
             script = scripts.get("build") if isinstance(scripts, dict) else None
             if isinstance(script, str) and re.search(r"(^|&&|;)\s*vite build[^&;|]*$", script):
                 # Vite reads no variable for its base; the CLI flag beats the config file.
-                notes.append(f"{name} sets base {match.group('base')!r}, a sub-path; the site "
+                notes.append(f"{name} sets base {base!r}, a sub-path; the site "
                              "is served at the root of its host name, so the build runs with "
                              "--base=/")
                 return ["--base=/"]
-            notes.append(f"Warning: {name} sets base {match.group('base')!r}, a sub-path, and "
+            notes.append(f"Warning: {name} sets base {base!r}, a sub-path, and "
                          "the build script is not a plain `vite build`: assets will be "
                          "linked under that sub-path. Set base to '/'.")
-        if match:
+        if base is not None:
             break
     return []
+
+
+def _vite_base(config: str) -> str | None:
+    """The base a Vite config sets: its sub-path one when it names several (a base for
+    production, another for the dev server), None when it sets none this can read."""
+    bases: list[str] = []
+    for match in VITE_BASE.finditer(JS_COMMENT.sub("", config)):
+        bases += [m.group("text") for m in STRING_LITERAL.finditer(match.group("expr"))
+                  if m.group("text").startswith(("/", "./")) or "://" in m.group("text")]
+    return next((b for b in bases if _sub_path(b)), bases[0] if bases else None)
 
 
 def _sub_path(url: str) -> bool:
