@@ -21,7 +21,7 @@ from deployhub.logs import LogPublisher
 from deployhub.secretbox import SecretBox
 from deployhub.storage import log_key
 from tests.support.infra import TINY_APP, GitServer, RedisServer, unique_name
-from tests.support.service import Service
+from tests.support.service import Service, StartService
 from tests.test_hooks import hook, new_secret
 
 TINY_PACKAGE = json.loads((TINY_APP / "package.json").read_text())
@@ -234,3 +234,36 @@ async def test_a_missing_repository_with_a_credential_may_be_a_refusal(
     final = await service.wait_final(dep["id"])
     assert "the repository refused the credential, or does not exist" in final["reason"]
     assert token_of(private_git) not in final["reason"]
+
+
+async def test_private_submodules_get_the_credential_on_the_repositorys_own_host_only(
+    start_service: StartService, redis_server: RedisServer, private_git: GitServer
+) -> None:
+    # localhost names the same git server by another host: a credential must not go there.
+    service = await start_service(redis=redis_server, allow_hosts=("127.0.0.1", "localhost"))
+    token = token_of(private_git)
+    ui = unique_name("privui")
+    private_git.add_repo(ui, files={"banner.txt": "private banner\n"}, private=True)
+    pin = private_git.head_sha(ui, private=True)
+    package = {**TINY_PACKAGE, "scripts": {"build": "node build.js && cp vendor/ui/banner.txt dist/"}}
+
+    async def deploy(sub_url: str) -> dict[str, Any]:
+        name = unique_name("privsub")
+        modules = f'[submodule "vendor/ui"]\n\tpath = vendor/ui\n\turl = {sub_url}\n'
+        private_git.add_repo(name, files_dir=TINY_APP, private=True, gitlinks={"vendor/ui": pin},
+                             files={"package.json": json.dumps(package), ".gitmodules": modules})
+        await put_credential(service, name, {"token": token})
+        dep = await service.deploy(private_git.url_for(name, private=True), project=name)
+        return await service.wait_final(dep["id"])
+
+    final = await deploy(f"../{ui}.git")  # the repository's own host
+    assert final["status"] == "ready", final["reason"]
+    status, _, body = await service.site(final["project"], "/banner.txt")
+    assert status == 200 and body == b"private banner\n"
+    assert {user for _, _, user in private_git.requests_for(ui)} == {"x-access-token"}
+
+    before = len(private_git.requests_for(ui))
+    final = await deploy(private_git.url_for(ui, private=True).replace("127.0.0.1", "localhost"))
+    assert final["status"] == "failed" and "it asks for a credential" in final["reason"]
+    later = private_git.requests_for(ui)[before:]
+    assert later and all(user is None for _, _, user in later)

@@ -26,9 +26,9 @@ from deployhub.settings import Settings
 from deployhub.storage import Storage, log_key
 from deployhub.status import Status
 from deployhub.store import Deployment, Store
-from deployhub.validation import InvalidInput, check_repo_url
+from deployhub.validation import InvalidInput, RepoURL, check_repo_url
 
-from . import cache, node, proc, workspaces
+from . import cache, node, proc, submodules, workspaces
 from .detect import BuildError, Overrides, Plan, failure_advice, locate_output, plan
 from .install import Installed, event_texts, install
 from .output import Uploaded, file_count, upload_site
@@ -44,6 +44,24 @@ COMMIT_MESSAGE_MAX = 200  # characters of a commit message's first line kept on 
 
 class Canceled(Exception):
     pass
+
+
+def remote_config(repo: RepoURL) -> list[str]:
+    """The -c options of every git command that talks to `repo`'s host."""
+    pinned = ",".join(f"[{a}]" if ":" in a else a for a in repo.addresses)
+    return [
+        # The host was checked when the URL came in; pin the addresses that were checked so
+        # a DNS answer that changes in between cannot point the clone inside our network.
+        "-c", f"http.curloptResolve={repo.host}:{repo.port}:{pinned}",
+        "-c", "http.followRedirects=false",
+        "-c", "protocol.allow=never",
+        "-c", "protocol.http.allow=always",
+        "-c", "protocol.https.allow=always",
+        "-c", "credential.helper=",
+        "-c", "core.hooksPath=/dev/null",
+        "-c", "http.lowSpeedLimit=1000",
+        "-c", "http.lowSpeedTime=30",
+    ]
 
 
 class Build:
@@ -206,22 +224,7 @@ class Build:
             raise BuildError(f"could not clone: {exc}") from None
         credential = await self._credential()
         self.src.parent.mkdir(parents=True, exist_ok=True)
-        pinned = ",".join(
-            f"[{a}]" if ":" in a else a for a in repo.addresses
-        )
-        self._git_config = [
-            # The host was checked when the URL came in; pin the addresses that were checked so
-            # a DNS answer that changes in between cannot point the clone inside our network.
-            "-c", f"http.curloptResolve={repo.host}:{repo.port}:{pinned}",
-            "-c", "http.followRedirects=false",
-            "-c", "protocol.allow=never",
-            "-c", "protocol.http.allow=always",
-            "-c", "protocol.https.allow=always",
-            "-c", "credential.helper=",
-            "-c", "core.hooksPath=/dev/null",
-            "-c", "http.lowSpeedLimit=1000",
-            "-c", "http.lowSpeedTime=30",
-        ]
+        self._git_config = remote_config(repo)
         argv = ["git", *self._git_config, "clone", "--depth", "1", "--single-branch", "--no-tags"]
         if self.dep.branch:
             argv += ["--branch", self.dep.branch]
@@ -257,6 +260,92 @@ class Build:
         if sha:
             self.logs.emit("system", f"Cloned commit {sha[:12]} {message}")
             await retry(lambda: self.store.record_commit(self.dep.id, sha, message))
+        await self._submodules(self.src, "", repo, budget=[submodules.SUBMODULES_MAX])
+
+    async def _submodules(self, checkout: Path, prefix: str, parent: RepoURL, *,
+                          budget: list[int], depth: int = 1) -> None:
+        """Check out the submodules `checkout` pins (`prefix`: its path in the repository),
+        each from a URL checked and pinned as the repository's own, the credential sent only
+        to the repository's own host; then theirs, DEPTH_MAX deep."""
+        # Also without a .gitmodules: a repository committed inside the repository is a
+        # gitlink with no URL, and the log should say why that directory is empty.
+        stage = await self._git_bytes(["ls-files", "--stage", "-z"], checkout)
+        if submodules.GITLINK_MODE not in stage:
+            return
+        size = submodules.gitmodules_size(checkout)
+        listing = b""
+        if size is not None and size <= submodules.GITMODULES_MAX:
+            listing = await self._git_bytes(["config", "-f", ".gitmodules", "-z", "--list"], checkout)
+        for sub in submodules.pinned(stage, listing):
+            where = f"{prefix}{sub.path}"
+            if not sub.url:
+                self.logs.emit("system", f"Warning: {where} is a repository inside the repository "
+                               "(a gitlink) that .gitmodules gives no URL for: it stays empty. "
+                               "Commit its files instead, or add it with `git submodule add <url>`.")
+                continue
+            if depth > submodules.DEPTH_MAX or budget[0] <= 0:
+                raise BuildError(f"could not fetch the submodule {where}: more than "
+                                 f"{submodules.SUBMODULES_MAX} submodules, or nested deeper than "
+                                 f"{submodules.DEPTH_MAX}")
+            budget[0] -= 1
+            url, why = submodules.fetch_url(sub.url, parent.url)
+            try:
+                repo = await check_repo_url(url, allow_hosts=self.settings.allow_hosts)
+            except InvalidInput as exc:
+                raise BuildError(f"could not fetch the submodule {where} ({sub.url}): "
+                                 + str(exc).replace("repo_url", "its URL")) from None
+            dest = checkout / sub.path
+            if not workspaces.real_dir(checkout, sub.path) or any(dest.iterdir()):
+                raise BuildError(f"could not fetch the submodule {where}: its path is not an "
+                                 "empty directory of the checkout")
+            self.logs.emit("system", f"Submodule {where}: {url} at {sub.sha[:12]}"
+                           + (f" ({why})" if why else ""))
+            await self._fetch_submodule(dest, repo, sub.sha, where,
+                                        own_host=(repo.host, repo.port) == (parent.host, parent.port))
+            await self._submodules(dest, f"{where}/", repo, budget=budget, depth=depth + 1)
+
+    async def _fetch_submodule(self, dest: Path, repo: RepoURL, sha: str, where: str, *,
+                               own_host: bool) -> None:
+        config = remote_config(repo)
+        code, detail = await self._git(["git", "init", "--quiet", "--template=", str(dest)],
+                                       cwd=self.work)
+        fetch = ["git", *config, "-C", str(dest), "fetch", "--no-tags", "--quiet"]
+        if code == 0:
+            code, detail = await self._git([*fetch, "--depth", "1", repo.url, sha], cwd=self.work,
+                                           remote=own_host)
+        if code != 0 and not _refused_auth(detail):
+            # A server that serves no commit by its SHA alone: its branches' history.
+            code, detail = await self._git([*fetch, repo.url, "+refs/heads/*:refs/remotes/origin/*"],
+                                           cwd=self.work, remote=own_host)
+        if code == 0:
+            code, detail = await self._git(
+                ["git", "-c", "core.hooksPath=/dev/null", "-C", str(dest), "checkout", "--quiet",
+                 "--detach", sha], cwd=self.work)
+        if code != 0:
+            auth = " (it asks for a credential: DeployHub fetches public submodules, and the " \
+                   "project's credential only from the repository's own host)" \
+                if _refused_auth(detail) else ""
+            raise BuildError(f"could not fetch the submodule {where} from {repo.url} at "
+                             f"{sha[:12]}: {detail}{auth}")
+
+    async def _git_bytes(self, args: list[str], cwd: Path) -> bytes:
+        """What a local git command prints (it reads the checkout, never the network)."""
+        child = await asyncio.create_subprocess_exec(
+            "git", "-C", str(cwd), *args, cwd=self.work, env=self._base_env(),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with asyncio.timeout(60):
+                out, err = await child.communicate()
+        except TimeoutError:
+            child.kill()
+            await child.wait()
+            raise BuildError(f"`git {args[0]}` on the checkout did not finish within 60 s") from None
+        if child.returncode != 0:
+            raise BuildError(f"`git {' '.join(args)}` failed on the checkout: "
+                             f"{err.decode(errors='replace').strip()[:300]}")
+        return out
 
     async def _fetch_commit(self, url: str, sha: str) -> None:
         """Check out `sha`, which the shallow clone of the branch head does not hold.

@@ -501,11 +501,14 @@ class GitServer:
         *,
         private: bool = False,
         message: str | None = None,
+        gitlinks: Mapping[str, str] | None = None,
     ) -> str:
         """Create a bare repo with one commit on ``branch`` and return its clone URL.
 
         ``files_dir`` is copied first (without .git and node_modules; its .gitignore
         applies), then ``files`` (relative path -> content) are written over it.
+        ``gitlinks`` (path -> commit id) are submodule entries, as `git submodule add`
+        records them (the .gitmodules that names their URLs is one of ``files``).
         """
         if files_dir is None and files is None:
             raise ValueError("add_repo needs files_dir or files")
@@ -525,6 +528,8 @@ class GitServer:
                 _write_files(work, files)
             self._git("init", "-q", "-b", branch, cwd=work)
             self._git("add", "-A", cwd=work)
+            for path, sha in (gitlinks or {}).items():
+                self._git("update-index", "--add", "--cacheinfo", f"160000,{sha},{path}", cwd=work)
             self._git("commit", "-q", "--allow-empty", "-m", message or f"Add {name}", cwd=work)
             bare.parent.mkdir(parents=True, exist_ok=True)
             self._git("init", "-q", "--bare", "-b", branch, str(bare), cwd=work)

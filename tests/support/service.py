@@ -103,8 +103,7 @@ def make_settings(data_dir: Path, redis_url: str | None, port: int = 0, **overri
         redis_url=redis_url,
         port=port or free_port(),
         domain=DOMAIN,
-        allow_hosts=("127.0.0.1",),
-        **overrides,
+        **{"allow_hosts": ("127.0.0.1",), **overrides},
     )
 
 
