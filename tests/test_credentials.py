@@ -247,10 +247,10 @@ async def test_private_submodules_get_the_credential_on_the_repositorys_own_host
     pin = private_git.head_sha(ui, private=True)
     package = {**TINY_PACKAGE, "scripts": {"build": "node build.js && cp vendor/ui/banner.txt dist/"}}
 
-    async def deploy(sub_url: str) -> dict[str, Any]:
+    async def deploy(sub_url: str, sha: str = pin) -> dict[str, Any]:
         name = unique_name("privsub")
         modules = f'[submodule "vendor/ui"]\n\tpath = vendor/ui\n\turl = {sub_url}\n'
-        private_git.add_repo(name, files_dir=TINY_APP, private=True, gitlinks={"vendor/ui": pin},
+        private_git.add_repo(name, files_dir=TINY_APP, private=True, gitlinks={"vendor/ui": sha},
                              files={"package.json": json.dumps(package), ".gitmodules": modules})
         await put_credential(service, name, {"token": token})
         dep = await service.deploy(private_git.url_for(name, private=True), project=name)
@@ -267,3 +267,18 @@ async def test_private_submodules_get_the_credential_on_the_repositorys_own_host
     assert final["status"] == "failed" and "it asks for a credential" in final["reason"]
     later = private_git.requests_for(ui)[before:]
     assert later and all(user is None for _, _, user in later)
+
+    # A public submodule elsewhere naming a private repository, on the repository's own host
+    # or on its own: neither fetch gets the credential.
+    for host in ("127.0.0.1", "localhost"):
+        third = unique_name("thirdparty")
+        inner = private_git.url_for(ui, private=True).replace("127.0.0.1", host)
+        private_git.add_repo(third, gitlinks={"inner": pin}, files={
+            ".gitmodules": f'[submodule "inner"]\n\tpath = inner\n\turl = {inner}\n'})
+        before = len(private_git.requests_for(ui))
+        final = await deploy(private_git.url_for(third).replace("127.0.0.1", "localhost"),
+                             private_git.head_sha(third))
+        assert final["status"] == "failed", final["reason"]
+        assert "could not fetch the submodule vendor/ui/inner" in final["reason"]
+        later = private_git.requests_for(ui)[before:]
+        assert later and all(user is None for _, _, user in later)

@@ -260,13 +260,15 @@ class Build:
         if sha:
             self.logs.emit("system", f"Cloned commit {sha[:12]} {message}")
             await retry(lambda: self.store.record_commit(self.dep.id, sha, message))
-        await self._submodules(self.src, "", repo, budget=[submodules.SUBMODULES_MAX])
+        await self._submodules(self.src, "", repo, origin=repo, budget=[submodules.SUBMODULES_MAX])
 
     async def _submodules(self, checkout: Path, prefix: str, parent: RepoURL, *,
-                          budget: list[int], depth: int = 1) -> None:
+                          origin: RepoURL | None, budget: list[int], depth: int = 1) -> None:
         """Check out the submodules `checkout` pins (`prefix`: its path in the repository),
-        each from a URL checked and pinned as the repository's own, the credential sent only
-        to the repository's own host; then theirs, DEPTH_MAX deep."""
+        each from a URL checked and pinned as the repository's own; then theirs, DEPTH_MAX
+        deep. The credential goes only to `origin`'s host (the repository's), and only for
+        submodules that a repository fetched with it names (None: `checkout` was not), so a
+        third party's submodule cannot have it fetch another of the owner's repositories."""
         # Also without a .gitmodules: a repository committed inside the repository is a
         # gitlink with no URL, and the log should say why that directory is empty.
         stage = await self._git_bytes(["ls-files", "--stage", "-z"], checkout)
@@ -300,9 +302,10 @@ class Build:
                                  "empty directory of the checkout")
             self.logs.emit("system", f"Submodule {where}: {url} at {sub.sha[:12]}"
                            + (f" ({why})" if why else ""))
-            await self._fetch_submodule(dest, repo, sub.sha, where,
-                                        own_host=(repo.host, repo.port) == (parent.host, parent.port))
-            await self._submodules(dest, f"{where}/", repo, budget=budget, depth=depth + 1)
+            trusted = origin is not None and (repo.host, repo.port) == (origin.host, origin.port)
+            await self._fetch_submodule(dest, repo, sub.sha, where, own_host=trusted)
+            await self._submodules(dest, f"{where}/", repo, origin=origin if trusted else None,
+                                   budget=budget, depth=depth + 1)
 
     async def _fetch_submodule(self, dest: Path, repo: RepoURL, sha: str, where: str, *,
                                own_host: bool) -> None:
