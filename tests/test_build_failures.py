@@ -113,3 +113,11 @@ async def test_a_failure_with_no_known_cause_gets_no_advice(service: Service, gi
     )
     reason = await failed_reason(service, url)
     assert reason.startswith("`npm run build` exited with code 1. Last lines:")
+
+
+async def test_a_build_tool_that_is_not_installed_is_named(service: Service, git_server: GitServer) -> None:
+    package = {**TINY_PACKAGE, "scripts": {"build": "vite build"}}  # vite in no dependencies
+    url = git_server.add_repo(unique_name("notool"), files={"package.json": json.dumps(package)})
+    reason = await failed_reason(service, url)
+    assert "vite is not installed: add the package that provides it to package.json" in reason
+    assert reason.endswith("sh: 1: vite: not found")

@@ -78,6 +78,8 @@ def test_bad_package_json_is_a_build_error(tmp_path: Path) -> None:
      "NODE_OPTIONS=--max-old-space-size"),
     ("npm error code ERESOLVE", "legacy-peer-deps=true"),
     ("npm ERR! code ERESOLVE", "npm ci --legacy-peer-deps"),
+    ("sh: 1: vite: not found", "vite is not installed: add the package that provides it"),
+    ("sh: 1: react-scripts: not found", "unless the build variable NODE_ENV=production"),
 ])
 def test_known_failures_say_what_to_change(line: str, advice: str) -> None:
     assert advice in failure_advice(["some output", line, "more output"])

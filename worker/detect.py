@@ -321,12 +321,16 @@ KNOWN_FAILURES = (
      "as Vercel does: fix the warnings above, or add the build variable CI=false."),
     (re.compile(r"ERR_OSSL_EVP_UNSUPPORTED|digital envelope routines::unsupported"),
      "webpack 4 (react-scripts 4 and older) hashes with MD4, which Node 17 and later no "
-     'longer have: ask for Node 16 ("engines": {"node": "16.x"}, an .nvmrc or the project\'s '
+     'longer have: ask for Node 16 ("engines": {{"node": "16.x"}}, an .nvmrc or the project\'s '
      "Node version setting), move to webpack 5 (react-scripts 5), or add the build variable "
      "NODE_OPTIONS=--openssl-legacy-provider."),
     (re.compile(r"JavaScript heap out of memory"),
      "Node's heap filled up before the build's memory limit did: raise the heap with the build "
      "variable NODE_OPTIONS=--max-old-space-size=<MiB>, below the memory limit."),
+    (re.compile(r"^sh: \d+: (?P<command>[\w@./+-]+): not found$"),
+     "{command} is not installed: add the package that provides it to package.json "
+     "(devDependencies are installed too, unless the build variable NODE_ENV=production "
+     "is set: then npm, yarn 1 and pnpm leave them out)."),
     (re.compile(r"\bERESOLVE\b"),
      "npm could not resolve the peer dependencies (npm 7 and later check them): align the "
      "versions, or install with legacy peer dependencies: commit an .npmrc holding "
@@ -336,8 +340,12 @@ KNOWN_FAILURES = (
 
 def failure_advice(lines: Sequence[str]) -> str:
     """What to change, for each known cause that a failed command's output shows."""
-    return " ".join(advice for pattern, advice in KNOWN_FAILURES
-                    if any(pattern.search(line) for line in lines))
+    found: list[str] = []
+    for pattern, advice in KNOWN_FAILURES:
+        match = next((m for line in lines if (m := pattern.search(line))), None)
+        if match is not None:
+            found.append(advice.format_map(match.groupdict()))
+    return " ".join(found)
 
 
 def _regular(path: Path) -> bool:
