@@ -109,7 +109,8 @@ async def upload_site(
             raise BuildError(f"The output directory {rel_dir}/ holds no files.")
         redirects, headers = _read_rules(out_fd, {rel for rel, _ in files}, emit)
         served = [rel for rel, _ in files if rel not in RULE_FILES]
-        emit("system", f"Uploading {file_count(len(served))} from {rel_dir}/")
+        shown = "the repository root" if rel_dir == "." else f"{rel_dir}/"
+        emit("system", f"Uploading {file_count(len(served))} from {shown}")
         digests = await _hash_files(out_fd, rel_dir, served, threads=min(cpus, 8))
         # Files with the same bytes share one blob; it gets variants if any of them is text.
         blobs: dict[str, _Blob] = {}
