@@ -191,14 +191,23 @@ def parse_headers(text: str) -> tuple[list[HeaderRule], list[str]]:
             problems.append(f"{where}: a header before any path pattern; ignored")
         elif not colon or not _TOKEN_RE.match(name):
             problems.append(f"{where}: expected `Name: value`, got {line!r}; ignored")
-        elif name.lower() in RESERVED_HEADERS:
-            problems.append(f"{where}: {name} is set by the server; ignored")
-        elif any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in value):
-            problems.append(f"{where}: the value of {name} has control characters; ignored")
+        elif problem := header_problem(name, value):
+            problems.append(f"{where}: {problem}; ignored")
         else:
             values.append((name, value))
     close()
     return rules, problems
+
+
+def header_problem(name: str, value: str) -> str:
+    """Why a rule may not set this header ("" when it may)."""
+    if not _TOKEN_RE.match(name):
+        return f"{name!r} is not a header name"
+    if name.lower() in RESERVED_HEADERS:
+        return f"{name} is set by the server"
+    if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in value):
+        return f"the value of {name} has control characters"
+    return ""
 
 
 def _lines(

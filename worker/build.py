@@ -28,7 +28,7 @@ from deployhub.status import Status
 from deployhub.store import Deployment, Store
 from deployhub.validation import InvalidInput, RepoURL, check_repo_url
 
-from . import cache, node, proc, submodules, workspaces
+from . import cache, hosted_config, node, proc, submodules, workspaces
 from .detect import BuildError, Overrides, Plan, failure_advice, locate_output, plan
 from .install import Installed, event_texts, install
 from .output import Uploaded, file_count, upload_site
@@ -186,7 +186,7 @@ class Build:
             self.logs.emit("system", f"Output: {shown if shown != '.' else 'the repository root'} "
                                      "(a static site, published as it is)")
             await self._step(Status.UPLOADING)
-            await self._upload(site, as_is=True)
+            await self._upload(site, root, as_is=True)
             return
         self.detected_env = dict(build_plan.env)
         chosen = await node.choose(
@@ -210,7 +210,7 @@ class Build:
         output = locate_output(root, build_plan, built_after=built_after)
         self.logs.emit("system", f"Output: {output.path.relative_to(self.src)} ({output.why})")
         await self._step(Status.UPLOADING)
-        await self._upload(output.path)
+        await self._upload(output.path, root)
 
     async def _step(self, status: Status) -> None:
         if not await retry(lambda: self.store.transition(self.dep, status)):
@@ -644,9 +644,13 @@ class Build:
 
     # -- output ----------------------------------------------------------------------------
 
-    async def _upload(self, output: Path, *, as_is: bool = False) -> None:
-        """Publish `output`; `as_is`: files from the repository itself (no build wrote them),
-        so its hidden files and node_modules are left out."""
+    async def _upload(self, output: Path, root: Path, *, as_is: bool = False) -> None:
+        """Publish `output`, with the routing of `root`'s netlify.toml / vercel.json; `as_is`:
+        files from the repository itself (no build wrote them), so its hidden files and
+        node_modules are left out."""
+        hosted = await asyncio.to_thread(hosted_config.read, root)
+        for note in hosted.notes:
+            self.logs.emit("system", note)
         async def live(uploaded: Uploaded) -> None:
             url = self.settings.site_url_for(self.dep.project)
             self.logs.emit("system", f"Deployed {file_count(uploaded.files)}. Live at {url}")
@@ -661,7 +665,7 @@ class Build:
             max_files=self.settings.build_max_output_files,
             max_bytes=self.settings.build_max_output_mb * 1024 * 1024,
             leases=BlobLeases(self.store.redis, self.settings.blob_grace_seconds, self.dep.id),
-            on_stored=live, as_is=as_is,
+            on_stored=live, as_is=as_is, rules=(hosted.redirects, hosted.headers),
         )
 
     # -- ending ----------------------------------------------------------------------------

@@ -88,6 +88,7 @@ async def upload_site(
     max_files: int = 0, max_bytes: int = 0, leases: BlobLeases | None = None,
     concurrency: int = UPLOAD_CONCURRENCY,
     on_stored: Callable[[Uploaded], Awaitable[None]] | None = None, as_is: bool = False,
+    rules: tuple[list[Redirect], list[HeaderRule]] = ([], []),
 ) -> Uploaded:
     """Hash every file, lease the blobs, ask storage once which of them (and their variants)
     it holds, then compress and upload only the missing ones, the manifest last.
@@ -108,6 +109,9 @@ async def upload_site(
         if not files:
             raise BuildError(f"The output directory {rel_dir}/ holds no files.")
         redirects, headers = _read_rules(out_fd, {rel for rel, _ in files}, emit)
+        # Then those of the repository's netlify.toml / vercel.json (`rules`), as Netlify
+        # reads _redirects before netlify.toml.
+        redirects, headers = redirects + rules[0], headers + rules[1]
         served = [rel for rel, _ in files if rel not in RULE_FILES]
         shown = "the repository root" if rel_dir == "." else f"{rel_dir}/"
         emit("system", f"Uploading {file_count(len(served))} from {shown}")

@@ -1,0 +1,155 @@
+"""A repository's vercel.json and netlify.toml routing: read into the site's rules, what
+cannot be followed said in the build log, and served end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.support.infra import TINY_APP, GitServer, unique_name
+from tests.support.service import DOMAIN, Service
+from worker.hosted_config import read
+
+VERCEL = {
+    "redirects": [
+        {"source": "/old-blog/:slug", "destination": "/blog/:slug"},
+        {"source": "/moved/:path*", "destination": "https://new.example/:path*", "permanent": False},
+        {"source": "/only-admins", "destination": "/", "has": [{"type": "cookie", "key": "admin"}]},
+    ],
+    "rewrites": [{"source": "/app/(.*)", "destination": "/index.html"},
+                 {"source": "/api/(.*)", "destination": "https://api.example/$1"}],
+    "headers": [{"source": "/(.*)", "headers": [{"key": "X-From-Vercel", "value": "yes"},
+                                                {"key": "Content-Length", "value": "1"}]}],
+    "cleanUrls": True,
+}
+NETLIFY = """
+[build]
+  publish = "dist"
+
+[[redirects]]
+  from = "/docs/*"
+  to = "https://docs.example/:splat"
+  status = 302
+  force = true
+
+[[redirects]]
+  from = "/de/*"
+  to = "/de/index.html"
+  status = 200
+  conditions = {Language = ["de"]}
+
+[[headers]]
+  for = "/*"
+  [headers.values]
+    X-From-Netlify = "yes"
+    Permissions-Policy = '''
+      camera=(),
+      microphone=()'''
+"""
+
+
+def write(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).write_text(text)
+    return root
+
+
+def test_vercel_json_becomes_rules_and_says_what_it_left_out(tmp_path: Path) -> None:
+    found = read(write(tmp_path, {"vercel.json": json.dumps(VERCEL)}))
+    assert [(r.source, r.target, r.status, r.force) for r in found.redirects] == [
+        ("/old-blog/:slug", "/blog/:slug", 308, True),
+        ("/moved/*", "https://new.example/:splat", 307, True),
+        ("/app/*", "/index.html", 200, False),
+    ]
+    assert [(h.pattern, h.values) for h in found.headers] == [("/*", (("X-From-Vercel", "yes"),))]
+    notes = "\n".join(found.notes)
+    assert "vercel.json cleanUrls is not supported" in notes
+    assert "vercel.json redirects #3: has / missing conditions are not supported; ignored" in notes
+    assert "vercel.json rewrites #2:" in notes and "proxying to other sites is not supported" in notes
+    assert "Content-Length is set by the server" in notes
+    assert "Read 3 redirect and rewrite rules and 1 header rules from vercel.json" in notes
+
+
+def test_netlify_toml_becomes_rules_and_says_what_it_left_out(tmp_path: Path) -> None:
+    found = read(write(tmp_path, {"netlify.toml": NETLIFY}))
+    assert [(r.source, r.target, r.status, r.force) for r in found.redirects] == [
+        ("/docs/*", "https://docs.example/:splat", 302, True)]
+    assert found.headers[0].pattern == "/*"
+    assert dict(found.headers[0].values) == {"X-From-Netlify": "yes", "Permissions-Policy": "camera=(), microphone=()"}
+    assert any("netlify.toml redirects #2: conditions not supported; ignored" in n for n in found.notes)
+
+
+@pytest.mark.parametrize("source, destination, expected", [
+    ("/", "/home", ("/", "/home")),
+    ("/blog/:slug", "/posts/:slug", ("/blog/:slug", "/posts/:slug")),
+    ("/docs/:path*", "/guide/:path*", ("/docs/*", "/guide/:splat")),
+    ("/docs/:path(.*)", "/guide/:path", ("/docs/*", "/guide/:splat")),
+    ("/(.*)", "/index.html", ("/*", "/index.html")),
+    ("/assets/(.*)", "/static/$1", ("/assets/*", "/static/:splat")),
+    ("/user/:id(\\d+)", "/u/:id", "uses a pattern this server does not read"),
+    ("/a/:b?", "/c", "uses a pattern this server does not read"),
+    ("/a/(.*)/b", "/c/$1", "uses a pattern this server does not read"),
+    ("/a/:b", "/c/$2", "uses a group the source does not have"),
+])
+def test_vercel_sources_translate_or_say_why_not(source: str, destination: str, expected: object) -> None:
+    from worker.hosted_config import _vercel_rule
+
+    got = _vercel_rule(source, destination)
+    if isinstance(expected, str):
+        assert isinstance(got, str) and expected in got
+    else:
+        assert got == expected
+
+
+@pytest.mark.parametrize("name, text, note", [
+    ("vercel.json", "{not json", "vercel.json could not be read"),
+    ("netlify.toml", "[[redirects]\nfrom=", "netlify.toml could not be read"),
+    ("vercel.json", "[1, 2]", "vercel.json does not hold a table of settings"),
+    ("vercel.json", json.dumps({"redirects": {"source": "/a"}}), "vercel.json redirects must be a list"),
+    ("vercel.json", json.dumps({"redirects": ["/a"]}), "vercel.json redirects #1 is not a table"),
+    ("vercel.json", json.dumps({"redirects": [{"source": 1, "destination": "/b"}]}), "must be strings"),
+    ("vercel.json", json.dumps({"redirects": [{"source": "/a", "destination": "/b", "statusCode": "x"}]}),
+     "status -1 is not one of"),
+    ("netlify.toml", "[[redirects]]\nfrom = '/a'\nto = '/b'\nstatus = 418\n", "status 418 is not one of"),
+    ("netlify.toml", "[[headers]]\nfor = '/*'\nvalues = 'x'\n", "values must be a table"),
+    ("vercel.json", "x" * 300_000, "vercel.json is larger than 256 KiB"),
+])
+def test_config_that_cannot_be_used_is_a_warning_never_an_error(tmp_path: Path, name: str, text: str, note: str) -> None:
+    found = read(write(tmp_path, {name: text}))
+    assert (found.redirects, found.headers) == ([], [])
+    assert any(note in n for n in found.notes), found.notes
+
+
+def test_a_symlinked_config_is_not_read(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere.json").write_text(json.dumps(VERCEL))
+    (tmp_path / "vercel.json").symlink_to(tmp_path / "elsewhere.json")
+    found = read(tmp_path)
+    assert (found.redirects, found.headers, found.notes) == ([], [], [])
+
+
+async def test_vercel_and_netlify_routing_is_served(service: Service, git_server: GitServer) -> None:
+    url = git_server.add_repo(unique_name("hosted"), files_dir=TINY_APP,
+                              files={"vercel.json": json.dumps(VERCEL), "netlify.toml": NETLIFY})
+    dep = await service.deploy(url)
+    final = await service.wait_final(dep["id"])
+    assert final["status"] == "ready", final["reason"]
+    texts = [e["text"] for e in await service.logs(dep["id"])]
+    assert "Read 1 redirect and rewrite rules and 1 header rules from netlify.toml" in texts, texts[-12:]
+    assert any(t.startswith("Warning: vercel.json redirects #3: has / missing") for t in texts)
+    project = final["project"]
+
+    async def get(path: str) -> tuple[int, dict[str, str], bytes]:  # redirects are not followed
+        host = {"Host": f"{project}.{DOMAIN}:{service.server.port}"}
+        async with service.http.get(service.url + path, headers=host, allow_redirects=False) as r:
+            return r.status, dict(r.headers), await r.read()
+
+    status, headers, _ = await get("/old-blog/hello")
+    assert status == 308 and headers["Location"] == "/blog/hello"
+    status, headers, _ = await get("/docs/intro/setup")
+    assert status == 302 and headers["Location"] == "https://docs.example/intro/setup"
+    status, headers, body = await get("/app/settings/profile.json")  # a rewrite, not the shell
+    _, _, index = await get("/")
+    assert status == 200 and body == index
+    assert headers["X-From-Vercel"] == "yes" and headers["X-From-Netlify"] == "yes"

@@ -1,0 +1,220 @@
+"""The routing a repository wrote for the hosted platforms: `netlify.toml` (`[[redirects]]`,
+`[[headers]]`) and `vercel.json` (`redirects`, `rewrites`, `headers`), read from the root
+directory and turned into the site's rules (deployhub/rules.py), after those of the output's
+own `_redirects` and `_headers`.
+
+Netlify's tables are the `_redirects` / `_headers` rules written in TOML. Vercel's sources
+are path-to-regexp patterns: the ones a site writes (`/about`, `/blog/:slug`, `/:path*`,
+`/(.*)`, `/docs/:path(.*)`) are translated; a pattern with other regular expressions, and a
+rule with `has` / `missing` conditions, is left out with a warning. Vercel applies redirects
+before the files and rewrites after them, so redirects become forced rules and rewrites
+status-200 ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deployhub.rules import MAX_FILE_BYTES, MAX_RULES, HeaderRule, Redirect, RuleError, header_problem
+
+CONFIG_FILES = ("netlify.toml", "vercel.json")
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+_SPLAT = re.compile(rf"(?::(?P<name>{_NAME})(?:\*|\(\.\*\))|\(\.\*\)|\*)")
+_PARAM = re.compile(rf":{_NAME}")
+
+
+@dataclass
+class HostedRules:
+    redirects: list[Redirect] = field(default_factory=list)
+    headers: list[HeaderRule] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # for the build log: what was read, what not
+
+
+def read(root: Path) -> HostedRules:
+    """The rules of the config files at `root` (regular files only, never through a symlink)."""
+    found = HostedRules()
+    for name in CONFIG_FILES:
+        raw = _read(root / name)
+        if raw is None:
+            continue
+        if len(raw) > MAX_FILE_BYTES:
+            found.notes.append(f"Warning: {name} is larger than {MAX_FILE_BYTES // 1024} KiB; "
+                               "its rules are ignored")
+            continue
+        text = raw.decode("utf-8-sig", errors="replace")
+        before = (len(found.redirects), len(found.headers))
+        try:
+            data = tomllib.loads(text) if name.endswith(".toml") else json.loads(text)
+        except (tomllib.TOMLDecodeError, ValueError) as exc:
+            found.notes.append(f"Warning: {name} could not be read ({exc}); its rules are ignored")
+            continue
+        if not isinstance(data, dict):
+            found.notes.append(f"Warning: {name} does not hold a table of settings; ignored")
+            continue
+        (_netlify if name == "netlify.toml" else _vercel)(data, found)
+        redirects, headers = len(found.redirects) - before[0], len(found.headers) - before[1]
+        if redirects or headers:
+            found.notes.append(f"Read {redirects} redirect and rewrite rules and {headers} header "
+                               f"rules from {name}")
+    return found
+
+
+def _read(path: Path) -> bytes | None:
+    """A regular file's bytes (one more than MAX_FILE_BYTES at most), None when there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, MAX_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+
+
+def _add_redirect(found: HostedRules, where: str, source: object, target: object, status: int,
+                  force: bool) -> None:
+    if len(found.redirects) >= MAX_RULES:
+        found.notes.append(f"Warning: {where}: more than {MAX_RULES} rules; ignored")
+        return
+    if not isinstance(source, str) or not isinstance(target, str):
+        found.notes.append(f"Warning: {where}: the source and destination must be strings; ignored")
+        return
+    try:
+        found.redirects.append(Redirect(source, target, status, force))
+    except RuleError as exc:
+        found.notes.append(f"Warning: {where}: {exc}; ignored")
+
+
+def _add_headers(found: HostedRules, where: str, pattern: object, values: list[tuple[object, object]]) -> None:
+    if not isinstance(pattern, str):
+        found.notes.append(f"Warning: {where}: the path pattern must be a string; ignored")
+        return
+    kept: list[tuple[str, str]] = []
+    for name, value in values:
+        if not isinstance(name, str) or not isinstance(value, (str, int, float)):
+            found.notes.append(f"Warning: {where}: header {name!r} needs a name and a value; ignored")
+            continue
+        text = " ".join(str(value).split())  # a multi-line TOML value is one header line
+        if problem := header_problem(name, text):
+            found.notes.append(f"Warning: {where}: {problem}; ignored")
+            continue
+        kept.append((name, text))
+    if not kept:
+        return
+    if len(found.headers) >= MAX_RULES:
+        found.notes.append(f"Warning: {where}: more than {MAX_RULES} rules; ignored")
+        return
+    try:
+        found.headers.append(HeaderRule(pattern, tuple(kept)))
+    except RuleError as exc:
+        found.notes.append(f"Warning: {where}: {exc}; ignored")
+
+
+def _tables(data: dict[str, Any], key: str, name: str, found: HostedRules) -> list[tuple[str, dict[str, Any]]]:
+    items = data.get(key, [])
+    if not isinstance(items, list):
+        found.notes.append(f"Warning: {name} {key} must be a list; ignored")
+        return []
+    out = []
+    for number, item in enumerate(items, 1):
+        where = f"{name} {key} #{number}"
+        if isinstance(item, dict):
+            out.append((where, item))
+        else:
+            found.notes.append(f"Warning: {where} is not a table; ignored")
+    return out
+
+
+# -- Netlify ---------------------------------------------------------------------------------
+
+
+def _netlify(data: dict[str, Any], found: HostedRules) -> None:
+    for where, rule in _tables(data, "redirects", "netlify.toml", found):
+        unsupported = sorted(set(rule) & {"conditions", "query", "signed", "headers"})
+        if unsupported:
+            found.notes.append(f"Warning: {where}: {', '.join(unsupported)} not supported; ignored")
+            continue
+        status = rule.get("status", 301)
+        if not isinstance(status, int):
+            found.notes.append(f"Warning: {where}: status must be a number; ignored")
+            continue
+        _add_redirect(found, where, rule.get("from"), rule.get("to"), status, rule.get("force") is True)
+    for where, rule in _tables(data, "headers", "netlify.toml", found):
+        values = rule.get("values", {})
+        if not isinstance(values, dict):
+            found.notes.append(f"Warning: {where}: values must be a table; ignored")
+            continue
+        _add_headers(found, where, rule.get("for"), list(values.items()))
+
+
+# -- Vercel ----------------------------------------------------------------------------------
+
+
+def _vercel(data: dict[str, Any], found: HostedRules) -> None:
+    for key in ("routes", "cleanUrls", "trailingSlash"):
+        if key in data:
+            found.notes.append(f"Warning: vercel.json {key} is not supported; ignored"
+                               + (" (path.html already answers /path)" if key == "cleanUrls" else ""))
+    for key, forced in (("redirects", True), ("rewrites", False)):
+        for where, rule in _tables(data, key, "vercel.json", found):
+            if "has" in rule or "missing" in rule:
+                found.notes.append(f"Warning: {where}: has / missing conditions are not supported; ignored")
+                continue
+            translated = _vercel_rule(rule.get("source"), rule.get("destination"))
+            if isinstance(translated, str):
+                found.notes.append(f"Warning: {where}: {translated}; ignored")
+                continue
+            if forced:
+                code = rule.get("statusCode", 308 if rule.get("permanent", True) else 307)
+                status = code if isinstance(code, int) else -1
+            else:
+                status = 200
+            _add_redirect(found, where, *translated, status, forced)
+    for where, rule in _tables(data, "headers", "vercel.json", found):
+        if "has" in rule or "missing" in rule:
+            found.notes.append(f"Warning: {where}: has / missing conditions are not supported; ignored")
+            continue
+        translated = _vercel_rule(rule.get("source"), "/")
+        pairs = rule.get("headers", [])
+        if isinstance(translated, str) or not isinstance(pairs, list):
+            found.notes.append(f"Warning: {where}: "
+                               + (translated if isinstance(translated, str) else "headers must be a list")
+                               + "; ignored")
+            continue
+        values = [(p.get("key"), p.get("value")) if isinstance(p, dict) else (None, None) for p in pairs]
+        _add_headers(found, where, translated[0], values)
+
+
+def _vercel_rule(source: object, destination: object) -> tuple[str, str] | str:
+    """A Vercel source and destination as a rule's pattern and target, or why they cannot be."""
+    if not isinstance(source, str) or not isinstance(destination, str):
+        return "source and destination must be strings"
+    segments = source.strip("/").split("/") if source.strip("/") else []
+    parts: list[str] = []
+    splat: str | None = None
+    for number, segment in enumerate(segments):
+        whole = _SPLAT.fullmatch(segment)
+        if whole and number == len(segments) - 1:
+            parts.append("*")
+            splat = whole.group("name") or "$1"
+        elif _PARAM.fullmatch(segment) or re.fullmatch(r"[\w.~%@-]+", segment):
+            parts.append(segment)
+        else:
+            return f"the source {source!r} uses a pattern this server does not read"
+    target = destination
+    if splat == "$1":
+        target = target.replace("$1", ":splat")
+    elif splat is not None:
+        target = re.sub(rf":{splat}\b\*?", ":splat", target)
+    if re.search(r"\$\d", target):
+        return f"the destination {destination!r} uses a group the source does not have"
+    return "/" + "/".join(parts), target
