@@ -153,3 +153,59 @@ async def test_vercel_and_netlify_routing_is_served(service: Service, git_server
     _, _, index = await get("/")
     assert status == 200 and body == index
     assert headers["X-From-Vercel"] == "yes" and headers["X-From-Netlify"] == "yes"
+
+
+def test_build_settings_from_vercel_json_and_netlify_toml(tmp_path: Path) -> None:
+    from worker.hosted_config import build_settings
+
+    write(tmp_path, {
+        "vercel.json": json.dumps({"buildCommand": "npm run build:prod", "outputDirectory": "web/out",
+                                   "installCommand": 42}),
+        "netlify.toml": NETLIFY + '\n[build.environment]\n  NODE_VERSION = "18"\n  CI = false\n'
+                        '  VITE_API = "https://api.example"\n  PATH = "/evil"\n  "bad name" = "x"\n'
+                        '\n[build.processing]\n  skip_processing = true\n',
+    })
+    # NETLIFY's [build] publish = "dist" loses to vercel.json's outputDirectory.
+    found = build_settings(tmp_path)
+    assert found.values == {"build_command": "npm run build:prod", "output_directory": "web/out",
+                            "node_version": "18"}
+    assert found.sources == {"build_command": "vercel.json buildCommand",
+                             "output_directory": "vercel.json outputDirectory",
+                             "node_version": "netlify.toml NODE_VERSION"}
+    assert found.environment == {"CI": "false", "VITE_API": "https://api.example"}
+    notes = "\n".join(found.notes)
+    assert "vercel.json installCommand must be a non-empty string" in notes
+    assert "PATH is set by DeployHub; ignored" in notes and "'bad name' is not a variable" in notes
+
+
+def test_a_project_setting_wins_over_what_the_repository_wrote(tmp_path: Path) -> None:
+    from worker.detect import Overrides, plan
+
+    write(tmp_path, {"package.json": json.dumps({"scripts": {"build": "vite build"}}),
+                     "netlify.toml": '[build]\n  command = "npm run build:site"\n  publish = "site"\n'})
+    chosen = plan(tmp_path)
+    assert chosen.build == ["sh", "-c", "npm run build:site"] and chosen.output == "site"
+    assert "Build command: sh -c npm run build:site (netlify.toml [build] command)" in chosen.notes
+    assert chosen.output_source == "netlify.toml [build] publish"
+    chosen = plan(tmp_path, Overrides(build_command=("sh", "-c", "make"), output_directory="public"))
+    assert chosen.build == ["sh", "-c", "make"] and chosen.output == "public"
+    assert "Build command: sh -c make (project setting)" in chosen.notes
+
+
+async def test_a_repository_moved_from_netlify_builds_with_its_netlify_toml(
+    service: Service, git_server: GitServer
+) -> None:
+    # An unusual output directory and command, as netlify.toml names them.
+    package = {"name": "moved", "version": "1.0.0", "scripts": {"build": "node build.js"}}
+    toml = ('[build]\n  command = "node build.js && mkdir -p site && cp -r dist/. site/ && echo $GREETING > site/greeting.txt"\n'
+            '  publish = "site"\n[build.environment]\n  GREETING = "from netlify.toml"\n')
+    url = git_server.add_repo(unique_name("moved"), files_dir=TINY_APP,
+                              files={"package.json": json.dumps(package), "netlify.toml": toml})
+    dep = await service.deploy(url)
+    final = await service.wait_final(dep["id"])
+    texts = [e["text"] for e in await service.logs(dep["id"])]
+    assert final["status"] == "ready", (final["reason"], texts[-10:])
+    assert "Output: site (netlify.toml [build] publish)" in texts
+    assert "Build variables from netlify.toml [build.environment]: GREETING (the project's variables win)" in texts
+    status, _, body = await service.site(final["project"], "/greeting.txt")
+    assert status == 200 and body == b"from netlify.toml\n"

@@ -715,7 +715,7 @@ class Build:
             **base,
             # As Vercel and Netlify set it; a project may say CI=false (CRA then lets
             # warnings pass).
-            "CI": self.variables.get("CI", "1"),
+            "CI": self.variables.get("CI", self.detected_env.get("CI", "1")),
             "NO_COLOR": "1",
             **cache.manager_env(str(self.sandbox.cache)),  # the sandbox's view replaces these
             "npm_config_update_notifier": "false",

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .hosted_config import RepoSettings, build_settings
 from .workspaces import real_dir, workspace_of
 
 OUTPUT_DIRS = ("dist", "build", "out", ".output/public", "_site")
@@ -81,6 +82,7 @@ class Plan:
     build_args: tuple[str, ...] = ()  # appended to `<manager> run build` (e.g. --base=/)
     framework: Framework | None = None
     output: str | None = None  # the directory to take first (a setting, else the framework's)
+    output_source: str = "project setting"  # where `output` was set, when not the framework's
     env: Mapping[str, str] = field(default_factory=dict)  # e.g. PUBLIC_URL for CRA
     node: NodeRequest | None = None
     root: str = ""  # the root directory, relative to the repository ("" for its top)
@@ -121,31 +123,33 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
             "directory to the folder that holds the app's package.json."
         )
     where = f"the root directory {rel} (project setting)" if rel else "the repository root"
+    written = build_settings(root)
+    overrides, sources = _with_written(overrides, written)
     has_package = _regular(root / "package.json")
     package = read_package_json(root, where) if has_package else {}
     scripts = package.get("scripts")
     build_script = scripts.get("build") if isinstance(scripts, dict) else None
     if not isinstance(build_script, str) and overrides.build_command is None:
         # As on Vercel and Netlify: a site with no build is published as it is.
-        if overrides.install_command is None and (static := _static_site(root, overrides)):
+        if overrides.install_command is None and (static := _static_site(root, overrides, sources)):
             site, why = static
             shown = "/".join(p for p in (rel, site) if p) + "/" if rel or site else where
             return Plan(manager="", install=[], build=[], output=site, root=rel, static=True,
-                        notes=(f"Static site: {why}, so nothing is installed or built; "
-                               f"{shown} is published as it is (without hidden files such as "
-                               ".git and .env, and without node_modules)",))
+                        notes=(*written.notes, f"Static site: {why}, so nothing is installed or "
+                               f"built; {shown} is published as it is (without hidden files "
+                               "such as .git and .env, and without node_modules)"))
         if not has_package:
             read_package_json(root, where)  # says what is missing
         raise BuildError(
             'package.json has no "build" script. Add one, e.g. "scripts": {"build": "vite build"}, '
             "or commit an index.html to publish the files as they are."
         )
-    notes: list[str] = []
+    notes: list[str] = list(written.notes)
     installs = _installs(root, package, notes)
     if rel and not installs[0].lockfile and (workspace := workspace_of(repo, rel)) is not None:
         # A package of a monorepo: its lockfile (and packageManager) is the workspace root's,
         # and the install there (the managers find it from the package) installs them all.
-        notes = [f"Workspace: {rel} is a workspace package of "
+        notes = [*written.notes, f"Workspace: {rel} is a workspace package of "
                  + (f"{workspace}/" if workspace else "the repository root")
                  + ", whose lockfile installs it"]
         up = "../" * (rel.count("/") - (workspace.count("/") + 1 if workspace else 0) + 1)
@@ -155,7 +159,10 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
     chosen = installs[0]
     install = list(overrides.install_command or chosen.argv)
     framework = detect_framework(package)
-    env: dict[str, str] = {}
+    env: dict[str, str] = dict(written.environment)  # below the project's own variables
+    if written.environment:
+        notes.append("Build variables from netlify.toml [build.environment]: "
+                     + ", ".join(sorted(written.environment)) + " (the project's variables win)")
     args: list[str] = []
     if framework is not None:
         notes.append(f"Framework: {framework.name} (from package.json dependencies); "
@@ -163,10 +170,10 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
         args = _root_path_fixes(root, package, framework, env, notes)
     build = build_command(chosen, args)
     if overrides.install_command is not None:
-        notes.append("Install command: " + " ".join(install) + " (project setting)")
+        notes.append("Install command: " + " ".join(install) + f" ({sources['install_command']})")
     if overrides.build_command is not None:
         build = list(overrides.build_command)
-        notes.append("Build command: " + " ".join(build) + " (project setting)")
+        notes.append("Build command: " + " ".join(build) + f" ({sources['build_command']})")
     output = framework.output if framework else None
     if overrides.output_directory is not None:
         output = _relative(overrides.output_directory, "the output directory")
@@ -176,11 +183,29 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
         fallbacks=tuple(installs[1:]) if overrides.install_command is None else (),
         build_args=tuple(args),
         framework=framework, output=output, env=env,
-        node=node_request(root, package, overrides), root=rel, notes=tuple(notes),
+        output_source=sources.get("output_directory", "project setting"),
+        node=node_request(root, package, overrides, sources.get("node_version")), root=rel,
+        notes=tuple(notes),
     )
 
 
-def _static_site(root: Path, overrides: Overrides) -> tuple[str, str] | None:
+def _with_written(overrides: Overrides, written: RepoSettings) -> tuple[Overrides, dict[str, str]]:
+    """The project's settings, each one it leaves unset taken from the repository's
+    vercel.json / netlify.toml (a command runs as `sh -c`, as a setting's does); and where
+    each setting that is set came from."""
+    sources: dict[str, str] = {}
+    changes: dict[str, object] = {}
+    for name in ("install_command", "build_command", "output_directory", "node_version"):
+        if getattr(overrides, name) is not None:
+            sources[name] = "project setting"
+        elif name in written.values:
+            value = written.values[name]
+            changes[name] = ("sh", "-c", value) if name.endswith("_command") else value
+            sources[name] = written.sources[name]
+    return replace(overrides, **changes), sources  # type: ignore[arg-type]
+
+
+def _static_site(root: Path, overrides: Overrides, sources: Mapping[str, str]) -> tuple[str, str] | None:
     """The directory of a site without a build (relative to `root`) and why, or None when
     there is no index.html to publish: the output directory setting, else public/ (Vercel's
     choice when it exists), else `root` itself."""
@@ -189,7 +214,7 @@ def _static_site(root: Path, overrides: Overrides) -> tuple[str, str] | None:
     if overrides.output_directory is not None:
         site = _relative(overrides.output_directory, "the output directory")
         if not real_dir(root, site):
-            raise BuildError(f"The output directory {site} (project setting) is not a directory "
+            raise BuildError(f"The output directory {site} ({sources['output_directory']}) is not a directory "
                              "in the repository (or it, or a directory on the way, is a symlink).")
         return site, why
     for site in ("public", ""):
@@ -485,11 +510,15 @@ def _sub_path(url: str) -> bool:
 # -- Node ----------------------------------------------------------------------------------
 
 
-def node_request(root: Path, package: Mapping[str, object], overrides: Overrides) -> NodeRequest | None:
-    """The Node version the repository asks for: a setting, else .node-version / .nvmrc (a
-    version manager's pin), else engines.node (the range the package says it works with)."""
+def node_request(root: Path, package: Mapping[str, object], overrides: Overrides,
+                 source: str | None = None) -> NodeRequest | None:
+    """The Node version the repository asks for: a setting (`source`: where it was set, when
+    not the project's settings), else .node-version / .nvmrc (a version manager's pin), else
+    engines.node (the range the package says it works with)."""
     if overrides.node_version:
-        return NodeRequest(overrides.node_version.strip(), "the project's Node version setting")
+        return NodeRequest(overrides.node_version.strip(),
+                           "the project's Node version setting" if source in (None, "project setting")
+                           else source)
     for name in (".node-version", ".nvmrc"):
         if _regular(root / name):
             lines = [ln.split("#", 1)[0].strip() for ln in _head(root / name, 200).splitlines()]
@@ -521,7 +550,9 @@ def locate_output(root: Path, plan: Plan | None = None, *, built_after: float | 
     if expected is not None:
         if real_dir(root, expected) and any((root / expected).iterdir()):
             source = (f"{plan.framework.name}'s output directory" if plan and plan.framework
-                      and plan.framework.output == expected else "the output directory setting")
+                      and plan.framework.output == expected else
+                      "the output directory setting" if plan is None or plan.output_source == "project setting"
+                      else plan.output_source)
             return Output(root / expected, source)
         if plan and plan.framework and plan.framework.output == expected:
             if plan.framework.hint and not any(real_dir(root, n) for n in OUTPUT_DIRS):
@@ -531,7 +562,7 @@ def locate_output(root: Path, plan: Plan | None = None, *, built_after: float | 
                 )
         else:
             raise BuildError(
-                f"The build finished but the output directory {expected} (project setting) "
+                f"The build finished but the output directory {expected} ({plan.output_source if plan else 'project setting'}) "
                 "is missing or empty."
             )
     for name in OUTPUT_DIRS:

@@ -1,7 +1,8 @@
-"""The routing a repository wrote for the hosted platforms: `netlify.toml` (`[[redirects]]`,
-`[[headers]]`) and `vercel.json` (`redirects`, `rewrites`, `headers`), read from the root
-directory and turned into the site's rules (deployhub/rules.py), after those of the output's
-own `_redirects` and `_headers`.
+"""The routing and build settings a repository wrote for the hosted platforms, read from the
+root directory: `netlify.toml` (`[[redirects]]`, `[[headers]]`) and `vercel.json`
+(`redirects`, `rewrites`, `headers`) become the site's rules (deployhub/rules.py), after
+those of the output's own `_redirects` and `_headers`; their build settings
+(`build_settings`) stand in for the project's settings it leaves unset.
 
 Netlify's tables are the `_redirects` / `_headers` rules written in TOML. Vercel's sources
 are path-to-regexp patterns: the ones a site writes (`/about`, `/blog/:slug`, `/:path*`,
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from deployhub.rules import MAX_FILE_BYTES, MAX_RULES, HeaderRule, Redirect, RuleError, header_problem
+from deployhub.validation import RESERVED_VARIABLES, VARIABLE_NAME_RE
 
 CONFIG_FILES = ("netlify.toml", "vercel.json")
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
@@ -41,29 +43,98 @@ def read(root: Path) -> HostedRules:
     """The rules of the config files at `root` (regular files only, never through a symlink)."""
     found = HostedRules()
     for name in CONFIG_FILES:
-        raw = _read(root / name)
-        if raw is None:
+        data = _load(root, name, found.notes)
+        if data is None:
             continue
-        if len(raw) > MAX_FILE_BYTES:
-            found.notes.append(f"Warning: {name} is larger than {MAX_FILE_BYTES // 1024} KiB; "
-                               "its rules are ignored")
-            continue
-        text = raw.decode("utf-8-sig", errors="replace")
         before = (len(found.redirects), len(found.headers))
-        try:
-            data = tomllib.loads(text) if name.endswith(".toml") else json.loads(text)
-        except (tomllib.TOMLDecodeError, ValueError) as exc:
-            found.notes.append(f"Warning: {name} could not be read ({exc}); its rules are ignored")
-            continue
-        if not isinstance(data, dict):
-            found.notes.append(f"Warning: {name} does not hold a table of settings; ignored")
-            continue
         (_netlify if name == "netlify.toml" else _vercel)(data, found)
         redirects, headers = len(found.redirects) - before[0], len(found.headers) - before[1]
         if redirects or headers:
             found.notes.append(f"Read {redirects} redirect and rewrite rules and {headers} header "
                                f"rules from {name}")
     return found
+
+
+@dataclass
+class RepoSettings:
+    """The build settings a repository wrote for a hosted platform: `values` by the names of
+    the project's settings (install_command, build_command, output_directory, node_version),
+    `sources` where each was written, `environment` netlify.toml's build variables."""
+
+    values: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    environment: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+# Where each platform writes what a project's settings say: a table path, then the key.
+VERCEL_SETTINGS = {"installCommand": "install_command", "buildCommand": "build_command",
+                   "outputDirectory": "output_directory"}
+NETLIFY_SETTINGS = {"command": "build_command", "publish": "output_directory"}
+SETTING_MAX = 4096
+
+
+def build_settings(root: Path) -> RepoSettings:
+    """vercel.json's buildCommand, installCommand and outputDirectory and netlify.toml's
+    [build] command, publish and environment (NODE_VERSION the Node version) at `root`. Where
+    both name a setting, vercel.json's is taken. Files that cannot be read are said when the
+    rules are read (`read`), not twice."""
+    found = RepoSettings()
+    for name in reversed(CONFIG_FILES):  # vercel.json first: its settings are taken
+        data = _load(root, name, [])
+        if data is None:
+            continue
+        if name == "vercel.json":
+            table, keys = data, VERCEL_SETTINGS
+        else:
+            build = data.get("build", {})
+            table, keys = (build if isinstance(build, dict) else {}), NETLIFY_SETTINGS
+            env = table.get("environment", {})
+            for var, value in (env.items() if isinstance(env, dict) else ()):
+                if var == "NODE_VERSION" and isinstance(value, (str, int, float)):
+                    table = {**table, "NODE_VERSION": str(value)}
+                elif not isinstance(value, (str, int, float, bool)) or not VARIABLE_NAME_RE.fullmatch(var):
+                    found.notes.append(f"Warning: netlify.toml [build.environment] {var!r} is not "
+                                       "a variable with a value; ignored")
+                elif var in RESERVED_VARIABLES or var.startswith(("DEPLOYHUB_", "npm_config_")):
+                    found.notes.append(f"Warning: netlify.toml [build.environment] {var} is set "
+                                       "by DeployHub; ignored")
+                else:
+                    text = str(value).lower() if isinstance(value, bool) else str(value)
+                    found.environment.setdefault(var, text)
+            keys = {**keys, "NODE_VERSION": "node_version"}
+        for key, setting in keys.items():
+            value = table.get(key)
+            if value is None or setting in found.values:
+                continue
+            where = f"{name} {key}" if name == "vercel.json" or key == "NODE_VERSION" else f"netlify.toml [build] {key}"
+            if not isinstance(value, str) or not value.strip() or len(value) > SETTING_MAX or "\0" in value:
+                found.notes.append(f"Warning: {where} must be a non-empty string under "
+                                   f"{SETTING_MAX} characters; ignored")
+                continue
+            found.values[setting] = value.strip()
+            found.sources[setting] = where
+    return found
+
+
+def _load(root: Path, name: str, notes: list[str]) -> dict[str, Any] | None:
+    """The settings table of one config file at `root`; None (and why, in `notes`) if none."""
+    raw = _read(root / name)
+    if raw is None:
+        return None
+    if len(raw) > MAX_FILE_BYTES:
+        notes.append(f"Warning: {name} is larger than {MAX_FILE_BYTES // 1024} KiB; ignored")
+        return None
+    text = raw.decode("utf-8-sig", errors="replace")
+    try:
+        data = tomllib.loads(text) if name.endswith(".toml") else json.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
+        notes.append(f"Warning: {name} could not be read ({exc}); ignored")
+        return None
+    if not isinstance(data, dict):
+        notes.append(f"Warning: {name} does not hold a table of settings; ignored")
+        return None
+    return data
 
 
 def _read(path: Path) -> bytes | None:
