@@ -209,3 +209,12 @@ async def test_a_repository_moved_from_netlify_builds_with_its_netlify_toml(
     assert "Build variables from netlify.toml [build.environment]: GREETING (the project's variables win)" in texts
     status, _, body = await service.site(final["project"], "/greeting.txt")
     assert status == 200 and body == b"from netlify.toml\n"
+
+
+def test_netlifys_next_runtime_directory_is_not_taken_for_a_static_site(tmp_path: Path) -> None:
+    from worker.hosted_config import build_settings
+
+    write(tmp_path, {"netlify.toml": '[build]\n  command = "next build"\n  publish = ".next"\n'})
+    found = build_settings(tmp_path)
+    assert found.values == {"build_command": "next build"}
+    assert any("is .next, Next.js's server build" in n for n in found.notes)

@@ -112,6 +112,12 @@ def build_settings(root: Path) -> RepoSettings:
                 found.notes.append(f"Warning: {where} must be a non-empty string under "
                                    f"{SETTING_MAX} characters; ignored")
                 continue
+            if setting == "output_directory" and value.strip().strip("/") == ".next":
+                # Netlify serves .next through its Next.js runtime; it is no static site.
+                found.notes.append(f"Warning: {where} is .next, Next.js's server build, which "
+                                   "only Netlify's Next.js runtime serves; ignored (a static "
+                                   "export goes to out/)")
+                continue
             found.values[setting] = value.strip()
             found.sources[setting] = where
     return found
