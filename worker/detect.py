@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .files import read_text
 from .hosted_config import RepoSettings, build_settings
 from .workspaces import real_dir, workspace_of
 
@@ -381,18 +382,6 @@ def _regular(path: Path) -> bool:
         return False
 
 
-def _head(path: Path, size: int) -> str:
-    """The first `size` bytes of a file, never following a symlink, never reading it all."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return ""
-    try:
-        return os.read(fd, size).decode("utf-8-sig", errors="replace")  # without a BOM
-    finally:
-        os.close(fd)
-
-
 def _declared_version(declared: str, name: str) -> str:
     match = re.fullmatch(rf"{name}@(\d+(?:\.\d+){{0,2}})(?:\+.*)?", declared)
     return match.group(1) if match else ""
@@ -400,7 +389,7 @@ def _declared_version(declared: str, name: str) -> str:
 
 def _yarn_version(root: Path, lockfile: str) -> str:
     """Yarn's major from the lockfile's format: v1 has no __metadata; Berry's version says."""
-    head = _head(root / lockfile, 2000) if lockfile else ""
+    head = read_text(root / lockfile, 2000) if lockfile else ""
     if not lockfile or "# yarn lockfile v1" in head or "__metadata:" not in head:
         return "1"
     match = re.search(r"__metadata:\s*\n\s+version:\s*(\d+)", head)
@@ -410,7 +399,7 @@ def _yarn_version(root: Path, lockfile: str) -> str:
 
 def _pnpm_version(root: Path) -> str:
     """The pnpm major that reads this lockfile (a newer one would rewrite it and fail)."""
-    head = _head(root / "pnpm-lock.yaml", 300)
+    head = read_text(root / "pnpm-lock.yaml", 300)
     match = re.search(r"lockfileVersion:\s*'?(\d+)(?:\.(\d+))?", head)
     if not match:
         return "9"
@@ -473,7 +462,7 @@ def _root_path_fixes(
     if framework.name != "Vite":
         return []
     for name in VITE_CONFIGS:
-        base = _vite_base(_head(root / name, 64 * 1024))
+        base = _vite_base(read_text(root / name, 64 * 1024))
         if base is not None and _sub_path(base):
             scripts = package.get("scripts")
             script = scripts.get("build") if isinstance(scripts, dict) else None
@@ -521,7 +510,7 @@ def node_request(root: Path, package: Mapping[str, object], overrides: Overrides
                            else source)
     for name in (".node-version", ".nvmrc"):
         if _regular(root / name):
-            lines = [ln.split("#", 1)[0].strip() for ln in _head(root / name, 200).splitlines()]
+            lines = [ln.split("#", 1)[0].strip() for ln in read_text(root / name, 200).splitlines()]
             if spec := next((ln for ln in lines if ln), ""):
                 return NodeRequest(spec, name)
     engines = package.get("engines")

@@ -15,9 +15,7 @@ status-200 ones.
 from __future__ import annotations
 
 import json
-import os
 import re
-import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,8 @@ from typing import Any
 
 from deployhub.rules import MAX_FILE_BYTES, MAX_RULES, HeaderRule, Redirect, RuleError, header_problem
 from deployhub.validation import RESERVED_VARIABLES, VARIABLE_NAME_RE
+
+from .files import read_head
 
 CONFIG_FILES = ("netlify.toml", "vercel.json")
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
@@ -125,7 +125,7 @@ def build_settings(root: Path) -> RepoSettings:
 
 def _load(root: Path, name: str, notes: list[str]) -> dict[str, Any] | None:
     """The settings table of one config file at `root`; None (and why, in `notes`) if none."""
-    raw = _read(root / name)
+    raw = read_head(root / name, MAX_FILE_BYTES + 1)
     if raw is None:
         return None
     if len(raw) > MAX_FILE_BYTES:
@@ -141,20 +141,6 @@ def _load(root: Path, name: str, notes: list[str]) -> dict[str, Any] | None:
         notes.append(f"Warning: {name} does not hold a table of settings; ignored")
         return None
     return data
-
-
-def _read(path: Path) -> bytes | None:
-    """A regular file's bytes (one more than MAX_FILE_BYTES at most), None when there is none."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return os.read(fd, MAX_FILE_BYTES + 1)
-    finally:
-        os.close(fd)
 
 
 def _add_redirect(found: HostedRules, where: str, source: object, target: object, status: int,

@@ -20,6 +20,8 @@ import posixpath
 import stat
 from pathlib import Path
 
+from .files import read_text
+
 
 MAX_PACKAGES = 500  # workspace packages looked at; a bigger monorepo caches the first ones
 MAX_SCANNED = 20_000  # directories a `**` glob may visit
@@ -58,25 +60,11 @@ def clean(rel: str) -> str | None:
     return normal
 
 
-def _read(path: Path) -> str:
-    """A regular file's text (never through a symlink, at most MANIFEST_MAX bytes), or ""."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return ""
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return ""
-        return os.read(fd, MANIFEST_MAX).decode("utf-8-sig", errors="replace")  # without a BOM
-    finally:
-        os.close(fd)
-
-
 def patterns(directory: Path) -> list[str]:
     """The workspace globs `directory` declares (package.json, then pnpm-workspace.yaml)."""
     found: list[object] = []
     try:
-        package = json.loads(_read(directory / "package.json") or "{}")
+        package = json.loads(read_text(directory / "package.json", MANIFEST_MAX) or "{}")
     except ValueError:
         package = {}
     declared = package.get("workspaces") if isinstance(package, dict) else None
@@ -84,7 +72,7 @@ def patterns(directory: Path) -> list[str]:
         declared = declared.get("packages")
     if isinstance(declared, list):
         found += declared
-    found += pnpm_packages(_read(directory / "pnpm-workspace.yaml"))
+    found += pnpm_packages(read_text(directory / "pnpm-workspace.yaml", MANIFEST_MAX))
     return [p for p in found if isinstance(p, str) and p.strip()]
 
 
