@@ -120,6 +120,34 @@ def test_no_build_and_no_index_html_says_both_ways_out(tmp_path: Path) -> None:
         plan(tmp_path, Overrides(install_command=("npm", "ci"), output_directory="public"))
 
 
+def tree_of(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+BUILDS = json.dumps({"scripts": {"build": "vite build"}})
+
+
+def test_an_app_in_the_only_subfolder_with_a_build_is_built_there(tmp_path: Path) -> None:
+    repo = tree_of(tmp_path, {"README.md": "x", "frontend/package.json": BUILDS, "frontend/package-lock.json": "{}",
+                              "server/package.json": json.dumps({"scripts": {"start": "node ."}}),
+                              "node_modules/x/package.json": BUILDS, ".github/package.json": BUILDS})
+    (tmp_path / "linked").symlink_to(tmp_path / "frontend")  # never followed
+    result = plan(repo)
+    assert (result.root, result.install) == ("frontend", ["npm", "ci"])
+    assert result.root_source.startswith("detected: the only package.json with a build script")
+
+
+def test_several_apps_in_subfolders_ask_for_the_root_directory(tmp_path: Path) -> None:
+    repo = tree_of(tmp_path, {"apps/web/package.json": BUILDS, "apps/docs/package.json": BUILDS})
+    with pytest.raises(BuildError, match="several folders hold an app: apps/docs, apps/web. Set the "
+                                         "project's root directory"):
+        plan(repo)
+    assert plan(repo, Overrides(root_directory="apps/web")).root_source == "project setting"
+
+
 def test_byte_order_marks_are_read_past_as_npm_does(tmp_path: Path) -> None:
     # Windows editors write a UTF-8 byte-order mark; npm and Node skip it, so must detection.
     bom = "\ufeff"

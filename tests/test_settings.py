@@ -175,3 +175,18 @@ async def test_deleting_a_project_forgets_its_settings(service: Service) -> None
         assert response.status == 200, await response.text()
     status, body = await patch(service, "forgotten", {"branch": None})  # free again, and empty
     assert status == 200 and body["settings"]["root_directory"] is None
+
+
+async def test_an_app_in_a_subfolder_deploys_without_a_root_directory_setting(
+    service: Service, git_server: GitServer
+) -> None:
+    files = {f"frontend/{p.name}": p.read_bytes() for p in TINY_APP.iterdir()}
+    url = git_server.add_repo(unique_name("subapp"), files={**files, "README.md": "the app is in frontend/\n"})
+    dep = await service.deploy(url)
+    final = await service.wait_final(dep["id"])
+    assert final["status"] == "ready", final["reason"]
+    texts = [e["text"] for e in await service.logs(dep["id"])]
+    assert any(t.startswith("Root directory: frontend (detected: the only package.json") for t in texts)
+    assert "Output: frontend/dist (a usual output directory)" in texts
+    status, _, body = await service.site(final["project"])
+    assert status == 200 and b"tiny" in body

@@ -174,7 +174,7 @@ class Build:
         # checked it is a real directory, no symlink on the way).
         root = self.src / build_plan.root if build_plan.root else self.src
         if build_plan.root:
-            self.logs.emit("system", f"Root directory: {build_plan.root} (project setting)")
+            self.logs.emit("system", f"Root directory: {build_plan.root} ({build_plan.root_source})")
         self.sandbox.root = build_plan.root
         for note in build_plan.notes:
             self.logs.emit("system", note)

@@ -26,6 +26,8 @@ PACKAGE_JSON_MAX = 1024 * 1024
 # Where to look for an index.html the build wrote when no known directory has output.
 SEARCH_DEPTH = 2
 SKIP_DIRS = frozenset({"node_modules", ".git", "src"})
+APPS_SCANNED = 500  # folders looked at for an app when the repository root has none
+APPS_SHOWN = 5
 
 
 class BuildError(Exception):
@@ -87,6 +89,7 @@ class Plan:
     env: Mapping[str, str] = field(default_factory=dict)  # e.g. PUBLIC_URL for CRA
     node: NodeRequest | None = None
     root: str = ""  # the root directory, relative to the repository ("" for its top)
+    root_source: str = "project setting"  # where `root` was set
     notes: tuple[str, ...] = ()  # what was chosen and why, for the build log
     # Nothing to install or build: `output` (relative to the root directory, "" for it) is
     # published as it is, without its hidden files (.git, .env) and node_modules.
@@ -114,7 +117,7 @@ def read_package_json(root: Path, where: str = "the repository root") -> dict[st
 
 def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
     """Everything the build will run, decided from the files at `repo` (and `overrides`)."""
-    overrides = overrides or Overrides()
+    overrides = given = overrides or Overrides()
     rel = _relative(overrides.root_directory or "", "the root directory")
     root = repo / rel if rel else repo
     if rel and not real_dir(repo, rel):
@@ -140,6 +143,16 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
                                f"built; {shown} is published as it is (without hidden files "
                                "such as .git and .env, and without node_modules)"))
         if not has_package:
+            apps = [] if rel else apps_below(repo)
+            if len(apps) == 1:  # an app in a subfolder, and the only one: build it
+                found = plan(repo, replace(given, root_directory=apps[0]))
+                return replace(found, root_source="detected: the only package.json with a "
+                               "build script; set the root directory setting to choose another")
+            if apps:
+                raise BuildError(
+                    "No package.json at the repository root, and several folders hold an app: "
+                    + ", ".join(apps[:APPS_SHOWN]) + (" and more" if len(apps) > APPS_SHOWN else "")
+                    + ". Set the project's root directory to the one to deploy.")
             read_package_json(root, where)  # says what is missing
         raise BuildError(
             'package.json has no "build" script. Add one, e.g. "scripts": {"build": "vite build"}, '
@@ -188,6 +201,41 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
         node=node_request(root, package, overrides, sources.get("node_version")), root=rel,
         notes=tuple(notes),
     )
+
+
+def apps_below(repo: Path) -> list[str]:
+    """The folders one or two levels down (`frontend`, `apps/web`) whose package.json has a
+    build script, for a repository with none at its root; hidden ones, node_modules and
+    symlinks are passed over, and at most APPS_SCANNED folders are looked at."""
+    found: list[str] = []
+    scanned = 0
+    level = [""]
+    for _ in range(2):
+        below: list[str] = []
+        for parent in level:
+            try:
+                entries = sorted(os.scandir(repo / parent), key=lambda e: e.name)
+            except OSError:
+                continue
+            for entry in entries:
+                if (entry.name.startswith(".") or entry.name in SKIP_DIRS - {"src"}
+                        or not entry.is_dir(follow_symlinks=False)):
+                    continue
+                scanned += 1
+                if scanned > APPS_SCANNED:
+                    return found
+                rel = f"{parent}/{entry.name}" if parent else entry.name
+                if _regular(Path(entry.path) / "package.json"):
+                    try:
+                        scripts = read_package_json(Path(entry.path)).get("scripts")
+                    except BuildError:
+                        continue
+                    if isinstance(scripts, dict) and isinstance(scripts.get("build"), str):
+                        found.append(rel)
+                else:
+                    below.append(rel)
+        level = below
+    return found
 
 
 def _with_written(overrides: Overrides, written: RepoSettings) -> tuple[Overrides, dict[str, str]]:
