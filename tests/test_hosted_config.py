@@ -3,13 +3,14 @@ cannot be followed said in the build log, and served end to end."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import pytest
 
 from tests.support.infra import TINY_APP, GitServer, unique_name
-from tests.support.service import DOMAIN, Service
+from tests.support.service import Service
 from worker.hosted_config import read
 
 VERCEL = {
@@ -139,12 +140,7 @@ async def test_vercel_and_netlify_routing_is_served(service: Service, git_server
     assert "Read 1 redirect and rewrite rules and 1 header rules from netlify.toml" in texts, texts[-12:]
     assert any(t.startswith("Warning: vercel.json redirects #3: has / missing") for t in texts)
     project = final["project"]
-
-    async def get(path: str) -> tuple[int, dict[str, str], bytes]:  # redirects are not followed
-        host = {"Host": f"{project}.{DOMAIN}:{service.server.port}"}
-        async with service.http.get(service.url + path, headers=host, allow_redirects=False) as r:
-            return r.status, dict(r.headers), await r.read()
-
+    get = functools.partial(service.site, project)  # redirects are returned, not followed
     status, headers, _ = await get("/old-blog/hello")
     assert status == 308 and headers["Location"] == "/blog/hello"
     status, headers, _ = await get("/docs/intro/setup")

@@ -74,8 +74,10 @@ class Service:
         raise AssertionError(f"deployment {dep_id} still {body['status']} after {timeout}s")
 
     async def site(self, host: str, path: str = "/") -> tuple[int, dict[str, str], bytes]:
+        """One request to a site; a redirect is returned, never followed (it may name any host)."""
         port = self.server.port
-        async with self.http.get(self.url + path, headers={"Host": f"{host}.{DOMAIN}:{port}"}) as r:
+        async with self.http.get(self.url + path, headers={"Host": f"{host}.{DOMAIN}:{port}"},
+                                 allow_redirects=False) as r:
             return r.status, dict(r.headers), await r.read()
 
     async def logs(self, dep_id: str, after: int = 0) -> list[dict[str, Any]]:
