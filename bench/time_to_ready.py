@@ -2,6 +2,7 @@
 warm build cache, against a plain build of the same repository in the same run.
 
     python -m bench.time_to_ready [--runs N] [--only vite|cra] [--registry mirror|public]
+                                  [--serve-arg=--build-network=host ...]
 
 DeployHub: `deployhub serve` on its embedded defaults (bench/deploy_time.py's setup). Cold:
 a new project (no node_modules to restore, empty package manager caches). Warm: the same
@@ -159,6 +160,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--only", choices=sorted(FIXTURES))
     parser.add_argument("--registry", choices=("mirror", "public"), default="mirror")
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help="an argument for `deployhub serve`, e.g. --serve-arg=--build-network=host "
+                             "(builds without the egress proxy) or --serve-arg=--sandbox=none")
     args = parser.parse_args()
     with registry_mirror() if args.registry == "mirror" else contextlib.nullcontext(0) as port:
         run(args, port)
@@ -167,7 +171,7 @@ def main() -> None:
 def run(args: argparse.Namespace, port: int) -> None:
     results: dict[str, dict[str, list[float]]] = {}
     host = mirror_host() if port else ""
-    serve_args = ("--build-allow-hosts", host) if port else ()
+    serve_args = (("--build-allow-hosts", host) if port else ()) + tuple(args.serve_arg)
     with loopback_deployhub("dh-ttr-", *serve_args) as (root, git, served):
         extra = {".npmrc": npmrc(host, port)} if port else None
         urls = {name: git.add_repo(unique_name(name), files_dir=path, files=extra)
