@@ -214,3 +214,10 @@ def test_netlifys_next_runtime_directory_is_not_taken_for_a_static_site(tmp_path
     found = build_settings(tmp_path)
     assert found.values == {"build_command": "next build"}
     assert any("is .next, Next.js's server build" in n for n in found.notes)
+
+
+def test_a_file_of_many_bad_rules_is_a_few_lines_of_warnings(tmp_path: Path) -> None:
+    rules = [{"source": f"/a{i}/(\\d+)", "destination": "/b"} for i in range(5000)]
+    found = read(write(tmp_path, {"vercel.json": json.dumps({"redirects": rules})}))
+    assert found.redirects == [] and len(found.notes) == 30
+    assert found.notes[-1] == "... and 4971 more warnings like these"

@@ -27,6 +27,7 @@ from deployhub.validation import RESERVED_VARIABLES, VARIABLE_NAME_RE
 from .files import read_head
 
 CONFIG_FILES = ("netlify.toml", "vercel.json")
+NOTES_MAX = 30  # warnings about these files in one build log
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _SPLAT = re.compile(rf"(?::(?P<name>{_NAME})(?:\*|\(\.\*\))|\(\.\*\)|\*)")
 _PARAM = re.compile(rf":{_NAME}")
@@ -52,7 +53,16 @@ def read(root: Path) -> HostedRules:
         if redirects or headers:
             found.notes.append(f"Read {redirects} redirect and rewrite rules and {headers} header "
                                f"rules from {name}")
+    found.notes = _capped(found.notes)
     return found
+
+
+def _capped(notes: list[str]) -> list[str]:
+    """At most NOTES_MAX lines for the build log: a file of ten thousand bad rules is one
+    problem, not ten thousand lines."""
+    if len(notes) <= NOTES_MAX:
+        return notes
+    return [*notes[:NOTES_MAX - 1], f"... and {len(notes) - NOTES_MAX + 1} more warnings like these"]
 
 
 @dataclass
@@ -120,6 +130,7 @@ def build_settings(root: Path) -> RepoSettings:
                 continue
             found.values[setting] = value.strip()
             found.sources[setting] = where
+    found.notes = _capped(found.notes)
     return found
 
 
