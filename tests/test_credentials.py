@@ -124,6 +124,8 @@ async def redis_dump(service: Service) -> str:
     parts: list[str] = []
     async for key in redis.scan_iter(count=500):
         kind = await redis.type(key)
+        if kind == "none":  # expired between the scan and now (a lease, a lock)
+            continue
         value: Any = {
             "string": redis.get, "hash": redis.hgetall, "set": redis.smembers,
             "zset": lambda k: redis.zrange(k, 0, -1, withscores=True),
