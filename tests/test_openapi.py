@@ -253,5 +253,10 @@ def test_the_running_server_answers_as_documented(
             host = None
         if host in ("127.0.0.1", "github.com"):
             case.body["repo_url"] = git_server.url_for("no-such-repo")
+    # Framing headers are the HTTP message's, not the API's: a fuzzed Transfer-Encoding next
+    # to the body's Content-Length is refused by aiohttp's parser (400, text/plain) before
+    # any handler runs.
+    for name in [h for h in (case.headers or {}) if h.lower() in ("transfer-encoding", "content-length")]:
+        del case.headers[name]
     case.call_and_validate(checks=[not_a_server_error, status_code_conformance,
                                    content_type_conformance, response_schema_conformance])
