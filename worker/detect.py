@@ -135,7 +135,7 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
     build_script = scripts.get("build") if isinstance(scripts, dict) else None
     if not isinstance(build_script, str) and overrides.build_command is None:
         # As on Vercel and Netlify: a site with no build is published as it is.
-        if overrides.install_command is None and (static := _static_site(root, overrides, sources)):
+        if overrides.install_command is None and (static := _static_site(root, overrides, sources, has_package)):
             site, why = static
             shown = "/".join(p for p in (rel, site) if p) + "/" if rel or site else where
             return Plan(manager="", install=[], build=[], output=site, root=rel, static=True,
@@ -254,12 +254,12 @@ def _with_written(overrides: Overrides, written: RepoSettings) -> tuple[Override
     return replace(overrides, **changes), sources  # type: ignore[arg-type]
 
 
-def _static_site(root: Path, overrides: Overrides, sources: Mapping[str, str]) -> tuple[str, str] | None:
+def _static_site(root: Path, overrides: Overrides, sources: Mapping[str, str],
+                 has_package: bool) -> tuple[str, str] | None:
     """The directory of a site without a build (relative to `root`) and why, or None when
     there is no index.html to publish: the output directory setting, else public/ (Vercel's
     choice when it exists), else `root` itself."""
-    why = ("there is no package.json" if not _regular(root / "package.json")
-           else 'package.json has no "build" script')
+    why = 'package.json has no "build" script' if has_package else "there is no package.json"
     if overrides.output_directory is not None:
         site = _relative(overrides.output_directory, "the output directory")
         if not real_dir(root, site):
