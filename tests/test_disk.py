@@ -56,3 +56,21 @@ async def test_a_cache_on_another_filesystem_is_caught_by_the_backstop(shm: Path
     (tmp_path / "grown").write_bytes(os.urandom(6 * MIB))
     await asyncio.wait_for(task, disk.BACKSTOP + 3)
     assert watch.exceeded and watch.scans == 2
+
+
+async def test_du_counts_what_usage_counts(shm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 2 MiB in files, one of them hard-linked (counted once), a symlink, and a path that does
+    # not exist: du and the Python walk agree to the directories' own blocks (du counts the
+    # top directory, the walk does not).
+    (shm / "a").mkdir()
+    (shm / "a" / "one").write_bytes(os.urandom(MIB))
+    (shm / "b").write_bytes(os.urandom(MIB))
+    os.link(shm / "b", shm / "a" / "b-again")
+    (shm / "a" / "link").symlink_to("/etc")
+    paths = [shm / "a", shm / "b", shm / "missing"]
+    walked = await asyncio.to_thread(disk.usage, paths)
+    measured = await disk.tree_usage(paths)
+    assert 2 * MIB <= walked <= measured <= walked + 64 * 1024
+    monkeypatch.setenv("PATH", str(tmp_path))  # no du: the walk, in a thread
+    assert await disk.tree_usage(paths) == walked
+    assert await disk.tree_usage([shm / "missing"]) == 0
