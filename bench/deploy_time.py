@@ -20,24 +20,32 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tests.support.infra import VITE_REACT_APP, GitServer, unique_name
 from tests.support.served import Served
 
 
-def plain_build(url: str, cache: Path, cpu: dict[str, float] | None = None) -> float:
+def plain_build(url: str, cache: Path, cpu: dict[str, float] | None = None,
+                steps: dict[str, float] | None = None) -> float:
     """Seconds of `git clone && npm ci && npm run build`; `cpu` gets the user and system
-    CPU seconds its commands took."""
+    CPU seconds its commands took, `steps` the seconds of each ("clone", "install", "build")."""
     work = Path(tempfile.mkdtemp(prefix="dh-plain-"))
     env = {**os.environ, "npm_config_cache": str(cache), "CI": "1"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    commands = {
+        "clone": (["git", "clone", "-q", "--depth", "1", url, str(work / "src")], work),
+        "install": (["npm", "ci", "--no-audit", "--no-fund"], work / "src"),
+        "build": (["npm", "run", "build"], work / "src"),
+    }
     try:
         started = time.monotonic()
-        subprocess.run(["git", "clone", "-q", "--depth", "1", url, str(work / "src")], check=True, env=env)
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=work / "src", check=True, env=env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        subprocess.run(["npm", "run", "build"], cwd=work / "src", check=True, env=env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for step, (argv, cwd) in commands.items():
+            began = time.monotonic()
+            subprocess.run(argv, cwd=cwd, check=True, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if steps is not None:
+                steps[step] = time.monotonic() - began
         seconds = time.monotonic() - started
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if cpu is not None:
@@ -64,6 +72,18 @@ def deployhub_build(served: Served, url: str, project: str = "bench",
         order = [p for p in (*PHASES, "ready") if p in stamps]
         phases.update({a: stamps[b] - stamps[a] for a, b in zip(order, order[1:])})
     return stamps["ready"] - started
+
+
+def command_seconds(events: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds from each `$ command` line of a build log to the log's next system line that
+    is not output: the wall time of each command as the worker ran it."""
+    times: dict[str, float] = {}
+    for number, event in enumerate(events):
+        if event["stream"] == "system" and event["text"].startswith("$ "):
+            end = next((e for e in events[number + 1:] if e["stream"] == "system"), None)
+            if end is not None:
+                times[event["text"][2:]] = float(end["ts"]) - float(event["ts"])
+    return times
 
 
 @contextlib.contextmanager

@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench.registry_mirror import STATS
-from bench.deploy_time import deployhub_build, loopback_deployhub, plain_build
+from bench.deploy_time import command_seconds, deployhub_build, loopback_deployhub, plain_build
 from tests.support.infra import VITE_REACT_APP, unique_name
 from tests.support.served import Served
 
@@ -89,15 +89,20 @@ def settle() -> None:
 def one_round(served: Served, url: str, root: Path, name: str) -> dict[str, float]:
     cache = root / f"plain-npm-{unique_name()}"
     cpu: dict[str, float] = {}
+    steps: dict[str, float] = {}
     settle()
-    times = {"plain cold": plain_build(url, cache, cpu)}
+    times = {"plain cold": plain_build(url, cache, cpu, steps)}
     # Printed so a reader can tell the machine's noise (system time) from DeployHub's.
-    print(f"  {name} plain cold: CPU user {cpu['user']:.1f} s, system {cpu['system']:.1f} s", flush=True)
+    print(f"  {name} plain cold: CPU user {cpu['user']:.1f} s, system {cpu['system']:.1f} s; "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in steps.items()), flush=True)
     project = unique_name(name)
     cold: dict[str, float] = {}
     warm: dict[str, float] = {}
     settle()
     times["DeployHub cold"] = deployhub_build(served, url, project, cold)
+    # The same commands' wall time inside DeployHub, to set beside the plain build's steps.
+    print(f"  {name} DeployHub cold commands: " + ", ".join(
+        f"{k} {v:.1f} s" for k, v in command_seconds(served.logs_of_newest(project)).items()), flush=True)
     saved = wait_cache_saved(served, project)
     settle()
     times["DeployHub warm"] = deployhub_build(served, url, project, warm)
