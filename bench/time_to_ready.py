@@ -206,6 +206,10 @@ def run(args: argparse.Namespace, port: int) -> None:
         print(f"{name} overhead over the plain build: cold {median['DeployHub cold'] - median['plain cold']:+.2f} s, "
               f"warm {median['DeployHub warm'] - median['plain warm']:+.2f} s; warm/cold "
               f"{median['DeployHub warm'] / median['DeployHub cold']:.2f}")
+        for temperature in ("cold", "warm"):  # each round's own pair: the machine drifts between rounds
+            pairs = [d - p for d, p in zip(by_kind[f"DeployHub {temperature}"], by_kind[f"plain {temperature}"])]
+            print(f"{name} {temperature} pairs: " + ", ".join(f"{d:+.2f}" for d in pairs)
+                  + f" s (median {statistics.median(pairs):+.2f} s)")
 
 
 if __name__ == "__main__":
