@@ -18,10 +18,10 @@ at most the same size.
 The scan runs as `du` in a process of its own (`tree_usage`), not in a thread: the worker's
 event loop relays every byte of the build's network (worker/egress.py), and a scanning thread
 holds the GIL between its switch intervals, so each of the loop's wakeups can wait up to 5 ms
-for it. A Create React App's `npm ci` through the proxy (3 rounds, after a cache drop) took
-0.6 s longer on average with such a scan in the proxy's process than without
-(bench/README.md). `usage` is the same count in Python, for a machine without `du`; it
-blocks: call it from a thread.
+for it. In `bench.egress_install` a Create React App's `npm ci` through the proxy used about
+1 s more CPU in the proxy's process with such a scan than with `du` (bench/README.md).
+`usage` is the same count in Python, for a machine without `du`; it blocks: call it from a
+thread.
 """
 
 from __future__ import annotations
@@ -78,7 +78,11 @@ async def tree_usage(paths: Sequence[Path]) -> int:
         proc = await asyncio.create_subprocess_exec(
             du, "-sk", "--", *existing,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-        out, _ = await proc.communicate()  # exit 1 when a file vanished mid-scan: totals stand
+        try:
+            out, _ = await proc.communicate()  # exit 1 when a file vanished mid-scan: totals stand
+        finally:
+            if proc.returncode is None:  # cancelled: the command ended, its watch with it
+                proc.kill()
         sizes = [line.partition(b"\t")[0] for line in out.splitlines()]
         if len(sizes) == len(existing) and all(size.isdigit() for size in sizes):
             return sum(int(size) for size in sizes) * 1024
