@@ -356,6 +356,48 @@ async def test_an_upstream_that_breaks_mid_answer_ends_the_clients_connection(
     assert [r for r in caplog.records if r.levelname == "ERROR"] == []
 
 
+async def test_framing_is_kept_across_the_relay(tmp_path: Path) -> None:
+    # Raw bytes both ways, as clients and servers other than ours frame them: a chunked
+    # request body, two pipelined requests, a chunked answer to an HTTP/1.0 client (which
+    # knows no chunks: it gets the body to the connection's end), an answer framed by close.
+    async with http_upstream() as port, running_proxy(tmp_path / "p.sock", PUBLIC, local=frozenset()) as (sock, upstream, _):
+        upstream.port = port
+        chunked = ("POST http://public.example/up HTTP/1.1\r\nHost: public.example\r\n"
+                   "Transfer-Encoding: chunked\r\n\r\n")
+        second = "GET http://public.example/two HTTP/1.1\r\nHost: public.example\r\nConnection: close\r\n\r\n"
+        answer = await ask(sock, chunked, b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n" + second.encode())
+        assert answer.count(b"HTTP/1.1 200 ") == 2
+        assert b'"body": "hello world"' in answer and b'"target": "/two"' in answer
+        assert len(upstream.calls) == 1  # both on one kept upstream connection
+        old = await ask(sock, "GET http://public.example/big HTTP/1.0\r\n\r\n")
+        head, _, body = old.partition(b"\r\n\r\n")
+        assert b"chunked" not in head.lower() and b"connection: close" in head.lower()
+        assert body == b"x" * 2 * 1024 * 1024
+    async with raw_upstream(b"HTTP/1.1 200 OK\r\n\r\nto the end") as (port, _), \
+            running_proxy(tmp_path / "q.sock", PUBLIC, local=frozenset()) as (sock, upstream, _):
+        upstream.port = port
+        answers = await http_through(sock, [("GET", "http://public.example/1", b""),
+                                            ("GET", "http://public.example/2", b"")])
+        assert [(a[0], a[1].get("connection"), a[2]) for a in answers] == [(200, "close", b"to the end")]
+
+
+@pytest.mark.parametrize(("then", "status"), [
+    (b"GET http://public.example/ HTTP/1.1\r\nX-Big: " + b"y" * 20000 + b"\r\n\r\n", b"431"),
+    (b"GET http://public.example/ HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", b"501"),
+    (b"GET http://public.example/ HTTP/1.1\r\nContent-Length: x\r\n\r\n", b"400"),
+])
+async def test_a_bad_next_request_is_answered_and_ends_the_connection(
+    tmp_path: Path, then: bytes, status: bytes
+) -> None:
+    async with http_upstream() as port, running_proxy(tmp_path / "p.sock", PUBLIC, local=frozenset()) as (sock, upstream, _):
+        upstream.port = port
+        answer = await ask(sock, "GET http://public.example/a HTTP/1.1\r\nHost: public.example\r\n\r\n", then)
+    first, _, rest = answer.partition(b"HTTP/1.1 " + status + b" ")
+    assert first.startswith(b"HTTP/1.1 200 ") and b'"target": "/a"' in first
+    assert b"DeployHub build network: bad request" in rest and rest.count(b"HTTP/1.1 ") == 0
+    assert len(upstream.calls) == 1
+
+
 class Canary:
     """TCP servers on this machine that no build may reach: every accepted connection counts."""
 

@@ -11,16 +11,19 @@ to exactly the addresses it checked. npm, yarn (1 through npm_config_*, 2+ throu
 pnpm, git and curl honour these variables; code that ignores them reaches nothing.
 
 HTTPS goes through CONNECT tunnels, relayed byte for byte. Plain HTTP (a Verdaccio on the
-team's network, say) is relayed request by request with h11, the HTTP/1.1 state machine of the
-python-hyper project, so that both connections stay open between requests as npm expects:
-closing after every request cost a Create React App's `npm ci` 2,580 connections and seconds
-of the build machine's CPU. A kept upstream connection goes to the address checked when it
-was opened; a request for another host opens (and checks) another.
+team's network, say) is relayed request by request, so that both connections stay open between
+requests as npm expects: closing after every request cost a Create React App's `npm ci` 2,580
+connections and seconds of the build machine's CPU. llhttp, Node's own HTTP/1.1 parser (in C,
+through MagicStack's httptools), frames each side; the proxy rewrites the heads and passes the
+bodies on as they come. (h11, pure Python, did the same at about 0.3 ms of CPU a request, on
+the same machine as the install: bench/egress_relay.py.) A kept upstream connection goes to the
+address checked when it was opened; a request for another host opens (and checks) another.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import h11
+import httptools
 
 from deployhub.addresses import local_addresses, refusal
 from deployhub.validation import Resolver, system_resolver
@@ -50,7 +53,7 @@ MAX_REPORTED = 20  # refusals told in the build log; a loop of them must not flo
 COPY_SIZE = 64 * 1024
 IDLE_TIMEOUT = 30.0  # a plain-HTTP connection between requests
 # Headers that describe one connection, not the request (RFC 9110 7.6.1). Content-Length and
-# Transfer-Encoding stay: h11 frames each side's body by them.
+# Transfer-Encoding stay: the proxy frames each body as it came.
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
                         b"proxy-authorization", b"te", b"trailer", b"upgrade", b"expect"})
 
@@ -137,7 +140,7 @@ class EgressProxy:
         try:
             async with self._slots:
                 await self._handle(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, OSError, h11.ProtocolError):
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, OSError, _BadMessage):
             pass  # either side broke HTTP or the connection: the connection ends
         except asyncio.CancelledError:
             # close() ends the command's connections. Ending normally matters: asyncio's
@@ -177,18 +180,18 @@ class EgressProxy:
     async def _relay_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes) -> None:
         """Plain-HTTP proxy requests on one connection, each to its checked upstream, until
         either side closes, a request is refused, or the client is idle for IDLE_TIMEOUT."""
-        client = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_MAX)
-        client.receive_data(head)
+        client = _Messages(reader, httptools.HttpRequestParser)
         upstream: _Upstream | None = None
         try:
+            client.feed(head)
             while True:
                 try:
-                    request = await _next_event(client, reader, IDLE_TIMEOUT)
-                except h11.RemoteProtocolError as exc:
-                    await _respond(writer, client, exc.error_status_hint, f"bad request: {exc}")
+                    request = await client.next(IDLE_TIMEOUT)
+                except _BadMessage as exc:
+                    await _answer(writer, exc.status, f"bad request: {exc}")
                     return
-                if not isinstance(request, h11.Request):
-                    return  # the client closed (h11.ConnectionClosed)
+                if not isinstance(request, _Head):
+                    return  # the client closed
                 try:
                     host, port, path = _absolute_http(request.target)
                     if upstream is None or upstream.key != (host, port) or not upstream.reusable():
@@ -196,61 +199,74 @@ class EgressProxy:
                             upstream.writer.close()
                         upstream = _Upstream((host, port), *await self._open(host, port))
                 except Refused as exc:
-                    await _respond(writer, client, exc.status, str(exc))
+                    await _answer(writer, exc.status, str(exc))
                     return
-                upstream = await self._exchange(reader, writer, client, request, path, upstream)
-                if upstream is None or client.our_state is not h11.DONE or client.their_state is not h11.DONE:
+                upstream, going_on = await self._exchange(client, writer, request, path, upstream)
+                if not going_on:
                     return
-                client.start_next_cycle()
         finally:
             if upstream is not None:
                 upstream.writer.close()
 
-    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: h11.Connection,
-                        request: h11.Request, path: bytes, upstream: _Upstream) -> _Upstream | None:
-        """One request and its response; the upstream connection to keep, or None when
-        the client connection must end."""
-        headers = [(k, v) for k, v in request.headers.raw_items() if k.lower() not in HOP_BY_HOP]
+    async def _exchange(self, client: _Messages, writer: asyncio.StreamWriter, request: _Head, path: bytes,
+                        upstream: _Upstream) -> tuple[_Upstream, bool]:
+        """One request and its response: the upstream connection it went on, and whether the
+        client's connection goes on (else the caller closes both)."""
+        headers = [(k, v) for k, v in request.headers if k.lower() not in HOP_BY_HOP]
         if not any(k.lower() == b"host" for k, _ in headers):  # HTTP/1.0 may leave it out; 1.1 may not
             headers.append((b"Host", urlsplit(request.target).netloc.rpartition(b"@")[2]))
-        forward = h11.Request(method=request.method, target=path, headers=headers)
-        if client.client_is_waiting_for_100_continue:
-            await _send(writer, client, h11.InformationalResponse(status_code=100, headers=[]))
-        await _send(upstream.writer, upstream.conn, forward)
+        forward = _head_bytes(b"%s %s HTTP/1.1" % (request.method, path), headers)
+        if any(k.lower() == b"expect" and v.lower() == b"100-continue" for k, v in request.headers):
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        upstream.writer.write(forward)
         bodiless = True
-        while not isinstance(event := await _next_event(client, reader, IDLE_TIMEOUT), h11.EndOfMessage):
-            if not isinstance(event, h11.Data):
-                return None  # the client went away mid-request
+        while (event := await client.next(IDLE_TIMEOUT)) is not _END:
+            if not isinstance(event, bytes):
+                return upstream, False  # the client went away mid-request
             bodiless = False
-            await _send(upstream.writer, upstream.conn, event)
-        await _send(upstream.writer, upstream.conn, h11.EndOfMessage())
-        response = await _response(upstream)
+            upstream.writer.write(_frame(event, request.chunked))
+            with contextlib.suppress(ConnectionError):  # told by the answer's absence below
+                await upstream.writer.drain()
+        if request.chunked:
+            upstream.writer.write(b"0\r\n\r\n")
+        response = await _response(upstream, request)
         if response is None and bodiless and not upstream.fresh:
             # A kept connection the server had closed meanwhile: once more on a new one.
             upstream.writer.close()
             try:
                 upstream = _Upstream(upstream.key, *await self._open(*upstream.key))
             except Refused as exc:
-                await _respond(writer, client, exc.status, str(exc))
-                return None
-            await _send(upstream.writer, upstream.conn, forward)
-            await _send(upstream.writer, upstream.conn, h11.EndOfMessage())
-            response = await _response(upstream)
+                await _answer(writer, exc.status, str(exc))
+                return upstream, False
+            upstream.writer.write(forward)
+            response = await _response(upstream, request)
         if response is None:
-            await _respond(writer, client, 502, f"{upstream.key[0]} closed the connection without an answer")
-            return None
+            await _answer(writer, 502, f"{upstream.key[0]} closed the connection without an answer")
+            return upstream, False
         upstream.fresh = False
-        await _send(writer, client, h11.Response(
-            status_code=response.status_code, reason=response.reason,
-            headers=[(k, v) for k, v in response.headers.raw_items() if k.lower() not in HOP_BY_HOP]))
-        while True:  # an upstream failing mid-body ends the client's connection: it sees a short body
-            event = await _next_event(upstream.conn, upstream.reader, None)
-            if isinstance(event, h11.EndOfMessage):
-                await _send(writer, client, h11.EndOfMessage())
-                return upstream
-            if not isinstance(event, h11.Data):
-                return None
-            await _send(writer, client, event)
+        # The body as the upstream framed it, but a chunked one for an HTTP/1.0 client, which
+        # knows no chunks: that one and one framed by the upstream's close end with the connection.
+        to_eof = request.method != b"HEAD" and response.status not in (204, 304) and not response.chunked and response.length is None
+        old_client = request.version == "1.0"
+        rechunk = response.chunked and not old_client
+        close = to_eof or (response.chunked and old_client) or not request.keep_alive
+        headers = [(k, v) for k, v in response.headers if k.lower() not in HOP_BY_HOP
+                   and not (old_client and k.lower() == b"transfer-encoding")]
+        if close:
+            headers.append((b"Connection", b"close"))
+        writer.write(_head_bytes(b"HTTP/1.1 %d %s" % (response.status, response.reason), headers))
+        while (event := await upstream.messages.next(None)) is not _END:
+            if event is _EOF and to_eof:
+                break
+            if not isinstance(event, bytes):  # an upstream failing mid-body: the client sees a short body
+                return upstream, False
+            writer.write(_frame(event, rechunk))
+            await writer.drain()
+        if rechunk:
+            writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        upstream.idle = response.keep_alive
+        return upstream, not close
 
     async def _open(self, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
@@ -310,58 +326,153 @@ def _absolute_http(target: bytes) -> tuple[str, int, bytes]:
     return _host(url.hostname), port, path.encode("latin-1")
 
 
+@dataclass(slots=True)
+class _Head:
+    """A request's or response's head, as llhttp parsed it."""
+    method: bytes  # requests
+    target: bytes
+    status: int  # responses
+    reason: bytes
+    version: str
+    headers: list[tuple[bytes, bytes]]
+    keep_alive: bool
+    chunked: bool
+    length: int | None  # Content-Length, when it frames the body
+
+
+class _BadMessage(Exception):
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+_END = object()  # a message's end
+_EOF = object()  # the peer closed its side
+
+
+class _Messages:
+    """One side of a plain-HTTP relay as a series of events: for each message a `_Head`, its
+    body in pieces (bytes, chunked framing taken off), then `_END`; `_EOF` when the peer closes.
+    llhttp (Node's HTTP parser, through httptools) parses; its callbacks queue the events, so
+    a pipelined next request waits its turn, and so does an error (`_BadMessage`)."""
+
+    def __init__(self, reader: asyncio.StreamReader,
+                 kind: type[httptools.HttpRequestParser] | type[httptools.HttpResponseParser]) -> None:
+        self.reader = reader
+        self.kind = kind
+        self.events: collections.deque[object] = collections.deque()
+        self.head_only = False  # the response to a HEAD request: no body follows the head
+        self._parser = kind(self)
+        self._restart = False
+        self._target, self._reason, self._size = b"", b"", 0
+        self._headers: list[tuple[bytes, bytes]] = []
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            self.events.append(exc.__context__ if isinstance(exc.__context__, _BadMessage) else _BadMessage(str(exc)))
+        except httptools.HttpParserUpgrade:
+            self.events.append(_BadMessage("Upgrade is not relayed over plain HTTP", 501))
+        except httptools.HttpParserError as exc:
+            self.events.append(_BadMessage(str(exc) or type(exc).__name__))
+
+    async def next(self, timeout: float | None) -> object:
+        while not self.events:
+            if self._restart:  # after a HEAD's answer, whose Content-Length frames nothing
+                self._parser, self._restart = self.kind(self), False
+            data = await asyncio.wait_for(self.reader.read(COPY_SIZE), timeout)
+            if not data:
+                return _EOF
+            self.feed(data)
+        event = self.events.popleft()
+        if isinstance(event, _BadMessage):
+            self.events.appendleft(event)  # the stream stays broken
+            raise event
+        return event
+
+    # llhttp's callbacks, in the order it makes them
+    def on_message_begin(self) -> None:
+        self._target, self._reason, self._headers, self._size = b"", b"", [], 0
+
+    def on_url(self, url: bytes) -> None:
+        self._target += url
+        self._count(len(url))
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+        self._count(len(status))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        self._count(len(name) + len(value) + 4)
+
+    def on_headers_complete(self) -> None:
+        parser, headers = self._parser, self._headers
+        codings = b",".join(v for k, v in headers if k.lower() == b"transfer-encoding")
+        chunked = codings.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+        lengths = [v for k, v in headers if k.lower() == b"content-length"]
+        head = _Head(
+            method=parser.get_method() if isinstance(parser, httptools.HttpRequestParser) else b"",
+            target=self._target, reason=self._reason, version=parser.get_http_version(),
+            status=parser.get_status_code() if isinstance(parser, httptools.HttpResponseParser) else 0,
+            headers=headers, keep_alive=parser.should_keep_alive(), chunked=chunked,
+            length=None if chunked or not lengths else int(lengths[0]))
+        self.events.append(head)
+        if self.head_only and head.status >= 200:
+            self.events.append(_END)
+            self._restart = True
+
+    def on_body(self, body: bytes) -> None:
+        if not self._restart:
+            self.events.append(body)
+
+    def on_message_complete(self) -> None:
+        if not self._restart:
+            self.events.append(_END)
+
+    def _count(self, size: int) -> None:
+        self._size += size
+        if self._size > HEAD_MAX:
+            raise _BadMessage("head too large", 431)
+
+
 @dataclass
 class _Upstream:
     key: tuple[str, int]
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
-    conn: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
+    messages: _Messages = field(init=False)
     fresh: bool = True  # no request has been answered on it yet
+    idle: bool = True  # the last answer ended cleanly and kept the connection
+
+    def __post_init__(self) -> None:
+        self.messages = _Messages(self.reader, httptools.HttpResponseParser)
 
     def reusable(self) -> bool:
-        """Whether the next request may go on this connection; starts h11's next cycle when
-        the last exchange ended cleanly."""
-        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
-            self.conn.start_next_cycle()
-        return self.conn.our_state is h11.IDLE and not self.writer.is_closing()
+        """Whether the next request may go on this connection."""
+        return self.idle and not self.writer.is_closing() and not self.reader.at_eof()
 
 
-async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader, timeout: float | None) -> object:
-    """The next h11 event on `conn`, reading from `reader` as it needs (EOF included)."""
-    while (event := conn.next_event()) is h11.NEED_DATA:
-        conn.receive_data(await asyncio.wait_for(reader.read(COPY_SIZE), timeout))
-    return event
-
-
-async def _response(upstream: _Upstream) -> h11.Response | None:
+async def _response(upstream: _Upstream, request: _Head) -> _Head | None:
     """The upstream's response head, or None if it closed or broke the connection first. A
     1xx before it is passed over (the proxy answered the client's 100-continue itself)."""
+    upstream.idle = False
+    upstream.messages.head_only = request.method == b"HEAD"
     try:
-        while isinstance(event := await _next_event(upstream.conn, upstream.reader, None), h11.InformationalResponse):
-            pass
-    except (h11.ProtocolError, ConnectionError, OSError):
+        while isinstance(event := await upstream.messages.next(None), _Head) and event.status < 200:
+            await upstream.messages.next(None)  # its end
+    except (_BadMessage, ConnectionError, OSError):
         return None
-    return event if isinstance(event, h11.Response) else None
+    return event if isinstance(event, _Head) else None
 
 
-async def _send(writer: asyncio.StreamWriter, conn: h11.Connection, event: h11.Event) -> None:
-    if data := conn.send(event):
-        writer.write(data)
-        await writer.drain()
+def _head_bytes(first: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    return b"\r\n".join([first, *(k + b": " + v for k, v in headers), b"", b""])
 
 
-async def _respond(writer: asyncio.StreamWriter, conn: h11.Connection, status: int, reason: str) -> None:
-    """The proxy's own answer on a plain-HTTP connection, which then ends; nothing if a
-    response has begun already. (h11 lets a server answer a request it could not read from
-    IDLE.)"""
-    if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-        return
-    body = f"DeployHub build network: {reason}\n".encode()
-    with contextlib.suppress(ConnectionError, h11.LocalProtocolError):
-        await _send(writer, conn, h11.Response(status_code=status, headers=[
-            ("Content-Type", "text/plain"), ("Content-Length", str(len(body))), ("Connection", "close")]))
-        await _send(writer, conn, h11.Data(data=body))
-        await _send(writer, conn, h11.EndOfMessage())
+def _frame(piece: bytes, chunked: bool) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece
 
 
 def _host(text: str) -> str:
