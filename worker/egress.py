@@ -246,9 +246,10 @@ class EgressProxy:
         upstream.fresh = False
         # The body as the upstream framed it, but a chunked one for an HTTP/1.0 client, which
         # knows no chunks: that one and one framed by the upstream's close end with the connection.
-        to_eof = request.method != b"HEAD" and response.status not in (204, 304) and not response.chunked and response.length is None
+        bodiless = request.method == b"HEAD" or response.status in (204, 304)
+        to_eof = not bodiless and not response.chunked and response.length is None
         old_client = request.version == "1.0"
-        rechunk = response.chunked and not old_client
+        rechunk = response.chunked and not old_client and not bodiless
         close = to_eof or (response.chunked and old_client) or not request.keep_alive
         headers = [(k, v) for k, v in response.headers if k.lower() not in HOP_BY_HOP
                    and not (old_client and k.lower() == b"transfer-encoding")]
@@ -372,8 +373,8 @@ class _Messages:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             self.events.append(exc.__context__ if isinstance(exc.__context__, _BadMessage) else _BadMessage(str(exc)))
-        except httptools.HttpParserUpgrade:
-            self.events.append(_BadMessage("Upgrade is not relayed over plain HTTP", 501))
+        except httptools.HttpParserUpgrade:  # a response's (on_headers_complete refuses requests')
+            self.events.append(_BadMessage("Upgrade is not relayed over plain HTTP", 502))
         except httptools.HttpParserError as exc:
             self.events.append(_BadMessage(str(exc) or type(exc).__name__))
 
@@ -409,6 +410,8 @@ class _Messages:
 
     def on_headers_complete(self) -> None:
         parser, headers = self._parser, self._headers
+        if parser.should_upgrade():
+            raise _BadMessage("Upgrade is not relayed over plain HTTP", 501)
         codings = b",".join(v for k, v in headers if k.lower() == b"transfer-encoding")
         chunked = codings.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
         lengths = [v for k, v in headers if k.lower() == b"content-length"]
