@@ -14,6 +14,8 @@ import logging
 import signal
 import sys
 
+import setproctitle
+
 from deployhub.redis_client import connect_redis, through_outage
 from deployhub.settings import Settings, SettingsError
 from deployhub.status import Status
@@ -43,17 +45,36 @@ async def watch(build: Build, store: Store, lease_holder: str) -> None:
         await asyncio.sleep(WATCH_INTERVAL)
 
 
-async def watch_parent(build: Build) -> None:
-    """Our stdin is a pipe from the server: EOF means the server is gone, so stop."""
+async def read_stdin() -> asyncio.StreamReader:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    while await reader.read(4096):
+    return reader
+
+
+async def watch_parent(build: Build, stdin: asyncio.StreamReader) -> None:
+    """Our stdin is a pipe from the server: EOF means the server is gone, so stop."""
+    while await stdin.read(4096):
         pass
     build.stop(Status.FAILED, "The server that started this build stopped before it finished.")
 
 
-async def main(dep_id: str, watch_stdin: bool, lease_holder: str) -> int:
+async def standby(lease_holder: str) -> int:
+    """The local runner's worker in waiting: started (interpreter and imports, about half a
+    second here) before there is a build, it takes the deployment id from its first line of
+    stdin, then watches the rest as `--watch-stdin` does. EOF first: the server needs it no more."""
+    stdin = await read_stdin()
+    line = await stdin.readline()
+    if not line.endswith(b"\n"):
+        return 0
+    dep_id = check_deployment_id(line.decode(errors="replace").strip())
+    # Named as a worker started for this build is, for ps, pgrep and the operator.
+    setproctitle.setproctitle(" ".join(f"{dep_id} --watch-stdin" if arg == "--standby" else arg
+                                       for arg in sys.orig_argv))
+    return await main(dep_id, stdin, lease_holder)
+
+
+async def main(dep_id: str, stdin: asyncio.StreamReader | None, lease_holder: str) -> int:
     settings = Settings.from_env()
     if settings.redis_url is None:
         raise SettingsError("the worker needs DEPLOYHUB_REDIS_URL")
@@ -76,8 +97,8 @@ async def main(dep_id: str, watch_stdin: bool, lease_holder: str) -> int:
                     sig, build.stop, Status.FAILED, "The build worker was shut down before it finished."
                 )
             helpers = [asyncio.create_task(watch(build, store, lease_holder))]
-            if watch_stdin:
-                helpers.append(asyncio.create_task(watch_parent(build)))
+            if stdin is not None:
+                helpers.append(asyncio.create_task(watch_parent(build, stdin)))
             try:
                 await build.run()
             finally:
@@ -121,18 +142,30 @@ def cli(argv: list[str] | None = None) -> int:
         help="stop the build when standard input closes (the local runner's lifeline)",
     )
     parser.add_argument(
+        "--standby", action="store_true",
+        help="start now, read the deployment id from the first line of standard input, then "
+             "watch it as --watch-stdin does (the local runner's worker in waiting)",
+    )
+    parser.add_argument(
         "--check-sandbox", action="store_true",
         help="exit 0 when bubblewrap can sandbox builds here, else print why and exit 1",
     )
     args = parser.parse_args(argv)
-    if args.deployment is None and not args.check_sandbox:
-        parser.error("the deployment id is required (or --check-sandbox)")
+    if (args.deployment is None) == (not args.check_sandbox and not args.standby):
+        parser.error("give the deployment id, --standby or --check-sandbox")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.check_sandbox:
             return check_sandbox()
+        lease_holder = args.lease_holder or holder()
+        if args.standby:
+            return asyncio.run(standby(lease_holder))
         dep_id = check_deployment_id(args.deployment)
-        return asyncio.run(main(dep_id, args.watch_stdin, args.lease_holder or holder()))
+
+        async def run() -> int:
+            return await main(dep_id, await read_stdin() if args.watch_stdin else None, lease_holder)
+
+        return asyncio.run(run())
     except (SettingsError, InvalidInput) as exc:
         print(f"worker: {exc}", file=sys.stderr)
         return 2

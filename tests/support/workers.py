@@ -16,7 +16,8 @@ def worker_pids(dep_id: str) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"worker" in argv and dep_id.encode() in argv and b"-m" in argv:
+        words = b" ".join(argv).split()  # a standby worker names its build in one retitled string
+        if b"worker" in words and dep_id.encode() in words and b"-m" in words:
             pids.append(int(entry.name))
     return pids
 
