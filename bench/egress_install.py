@@ -8,18 +8,18 @@ the registry, so the gap is not lost in the rest of a deploy's spread. Each roun
 a page-cache drop and with an empty npm cache each time (bench/time_to_ready.py's `settle`):
 
 - `direct`: `npm ci` against bench/registry_mirror.py on 127.0.0.1;
-- `proxy`: the same under worker/egress.py's FORWARDER (node, on 127.0.0.1 here, not in a
-  network namespace), relaying to an EgressProxy on a Unix socket in this process, as a
-  sandboxed build reaches a plain-HTTP registry;
+- `proxy`: the same through an EgressProxy in this process, listening on 127.0.0.1 (the
+  host's here, the namespace's in a build: worker/netns.py) and named by the variables a
+  build gets (`proxy_env`), as a sandboxed build reaches a plain-HTTP registry;
 - `proxy+du`: as `proxy`, with the worker's DiskWatch over the install's tree and its npm
   cache in the same event loop, as during a build (worker/sandbox.py), scanning with `du`;
 - `proxy+walk`: the same watch scanning with the Python walk (`disk.usage`) in a thread,
   as the worker did before 97faabe.
 
 Printed per run: wall seconds, this process's CPU (the proxy and the watch) and its
-children's (npm, the forwarder, `du`), and the scans made. The mirror must be reachable by
-this machine's name (bench/time_to_ready.py's `mirror_host`), since the forwarder sends
-127.0.0.1 straight past the proxy.
+children's (npm and `du`), and the scans made. The mirror must be reachable by this
+machine's name (bench/time_to_ready.py's `mirror_host`), since 127.0.0.1 goes straight past
+the proxy (NO_PROXY).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import asyncio
 import os
 import resource
 import shutil
+import socket
 import statistics
 import tempfile
 import time
@@ -38,7 +39,7 @@ from unittest import mock
 
 from bench.time_to_ready import CRA_APP, mirror_host, mirror_stats, npmrc, registry_mirror, settle
 from worker import disk
-from worker.egress import FORWARDER, EgressProxy
+from worker.egress import EgressProxy, proxy_env
 
 KINDS = ("direct", "proxy", "proxy+du", "proxy+walk")
 NO_LIMIT = 1 << 50  # the watch measures; it never stops the install
@@ -62,8 +63,10 @@ async def one_install(template: Path, root: Path, kind: str, host: str) -> dict[
     try:
         if kind != "direct":
             proxy = EgressProxy(lambda stream, text: print(f"  proxy {stream}: {text}"), allow_hosts=[host])
-            await proxy.start(work / "proxy.sock")
-            argv = ["node", "-e", FORWARDER, str(work / "proxy.sock"), *argv]
+            listener = socket.create_server(("127.0.0.1", 0), backlog=256)
+            listener.setblocking(False)
+            await proxy.start_socket(listener)
+            env.update(proxy_env(listener.getsockname()[1]))
         settle()
         with mock.patch.object(disk, "tree_usage", scan):
             if kind in ("proxy+du", "proxy+walk"):

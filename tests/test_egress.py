@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import ipaddress
 import json
-import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +21,6 @@ from deployhub.addresses import local_addresses, refusal
 from tests.support.infra import TINY_APP, GitServer, RedisServer, unique_name
 from tests.support.service import Service, StartService
 from tests.test_sandbox import MALICIOUS
-from worker import sandbox
 from worker.egress import EgressProxy
 
 REFUSED = {
@@ -559,13 +557,3 @@ async def test_closing_ends_open_tunnels_quietly(tmp_path: Path, caplog: pytest.
     writer.close()
     server.close()
     await server.wait_closed()
-
-
-def test_a_killed_workers_egress_socket_is_removed_later(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sandbox.tempfile, "gettempdir", lambda: str(tmp_path))
-    dead = next(pid for pid in range(999_999, 0, -1) if not Path(f"/proc/{pid}").exists())
-    for pid in (dead, os.getpid()):
-        (tmp_path / f"{sandbox.EGRESS_PREFIX}{pid}-abc").mkdir()
-        (tmp_path / f"{sandbox.EGRESS_PREFIX}{pid}-abc" / "proxy.sock").touch()
-    sandbox._remove_dead_egress_dirs()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{sandbox.EGRESS_PREFIX}{os.getpid()}-abc"]

@@ -152,7 +152,7 @@ def cli(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if (args.deployment is None) == (not args.check_sandbox and not args.standby):
-        parser.error("give the deployment id, --standby or --check-sandbox")
+        parser.error("the deployment id is required (or --standby, or --check-sandbox)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.check_sandbox:

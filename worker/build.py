@@ -466,7 +466,7 @@ class Build:
                 result = await proc.run(
                     command.argv, cwd=command.cwd, env=command.env, emit=self.logs.emit,
                     timeout=max(remaining, 1.0), max_line_bytes=self.settings.log_line_max_bytes,
-                    pass_fds=command.pass_fds, watchdog=command.watchdog,
+                    pass_fds=command.pass_fds, watchdog=command.watchdog, started=command.started,
                 )
             except FileNotFoundError:
                 raise BuildError(f"{argv[0]} is not installed on the build machine") from None

@@ -9,14 +9,14 @@ What a build sees:
   /build/home       $HOME                                             read-write
   /build/cache      the project's package manager caches (npm, yarn,
                     pnpm, bun, corepack; worker/cache.py)             read-write
-  /build/egress     the socket of the worker's egress proxy           read-only
   /build/node       the Node release the repository asked for, if fetched  read-only
   /tmp              a private tmpfs (charged to the build's memory,
                     at most DEPLOYHUB_BUILD_MAX_DISK_MB)              read-write
   /dev, /proc       a minimal /dev and the build's own pid namespace
-  the network       its own namespace: its own loopback, and the public internet through
-                    the egress proxy (worker/egress.py); with DEPLOYHUB_BUILD_NETWORK=host
-                    (unsafe), the host's network
+  the network       its own namespace: its own loopback, on which the worker's egress
+                    proxy listens (worker/netns.py), and through it the public internet
+                    (worker/egress.py); with DEPLOYHUB_BUILD_NETWORK=host (unsafe), the
+                    host's network
 
 Nothing else of the host: not the data directory (storage, Redis, other builds, other
 projects' caches), not /root,
@@ -41,7 +41,6 @@ from pathlib import Path
 INSIDE_SRC = "/build/src"
 INSIDE_HOME = "/build/home"
 INSIDE_CACHE = "/build/cache"
-INSIDE_EGRESS = "/build/egress"
 INSIDE_NODE = "/build/node"
 SANDBOX_UID = 1000
 INSIDE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -161,16 +160,17 @@ def _help_text(binary: str) -> str:
 
 def options(
     binary: str, *, src: Path, home: Path, cache: Path, etc: Path, env: Mapping[str, str],
-    egress: Path | None = None, tmp_bytes: int = 0, node: Path | None = None,
+    blocked: tuple[int, int] | None = None, tmp_bytes: int = 0, node: Path | None = None,
     chdir: str = INSIDE_SRC,
 ) -> list[str]:
-    """Options for `binary` (everything before `--` and the command). With `egress` (the
-    directory of the egress proxy's socket) the command gets its own network namespace and
-    that socket; without, the host's network. `node` is a fetched Node release, shown
+    """Options for `binary` (everything before `--` and the command). With `blocked` (the
+    --info-fd and --block-fd of worker/netns.py) the command gets its own network namespace
+    and starts once the egress proxy listens in it; without, the host's network. `node` is a
+    fetched Node release, shown
     read-only at /build/node. `chdir` is where the command starts (the root directory
     setting: under /build/src)."""
     opts = [
-        "--unshare-all", *(() if egress else ("--share-net",)), "--unshare-user", "--unshare-pid",
+        "--unshare-all", *(() if blocked else ("--share-net",)), "--unshare-user", "--unshare-pid",
         "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
         "--hostname", "build",
         "--die-with-parent", "--new-session", "--cap-drop", "ALL",
@@ -206,8 +206,8 @@ def options(
         "--bind", str(home), INSIDE_HOME,
         "--bind", str(cache), INSIDE_CACHE,
     ]
-    if egress is not None:
-        opts += ["--ro-bind", str(egress), INSIDE_EGRESS]
+    if blocked is not None:
+        opts += ["--info-fd", str(blocked[0]), "--block-fd", str(blocked[1])]
     opts += [
         "--remount-ro", "/",
         "--chdir", chdir,

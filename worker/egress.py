@@ -1,10 +1,10 @@
-"""The build's only way out to the network: an HTTP(S) proxy the worker runs on a Unix socket.
+"""The build's only way out to the network: an HTTP(S) proxy the worker runs for each command.
 
 A sandboxed command runs in its own network namespace (`bwrap --unshare-net`), which holds
 nothing but its own loopback: not the host's loopback, its networks, its abstract Unix
-sockets or a metadata service. Inside it, FORWARDER (run by node, which every build has)
-listens on 127.0.0.1, sets HTTP(S)_PROXY for the command it starts, and relays each
-connection to this proxy through the Unix socket bind-mounted into the sandbox. The proxy
+sockets or a metadata service. The proxy listens on that loopback, on a socket the worker
+made inside the namespace before the command started (worker/netns.py), and the command's
+HTTP(S)_PROXY names it (`proxy_env`); no process inside relays anything. The proxy
 resolves the name itself, refuses every address `deployhub.addresses.refusal` names
 (after resolution, so a public name pointing inside is refused too), and only then connects,
 to exactly the addresses it checked. npm, yarn (1 through npm_config_*, 2+ through YARN_*),
@@ -26,6 +26,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,6 @@ import httptools
 from deployhub.addresses import local_addresses, refusal
 from deployhub.validation import Resolver, system_resolver
 
-from .bwrap import INSIDE_EGRESS
 from .proc import Emit
 
 log = logging.getLogger(__name__)
@@ -57,35 +57,13 @@ IDLE_TIMEOUT = 30.0  # a plain-HTTP connection between requests
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
                         b"proxy-authorization", b"te", b"trailer", b"upgrade", b"expect"})
 
-# Runs inside the sandbox as the parent of the build command: listens on 127.0.0.1 (a port
-# the kernel picks, so it never collides with the build's own servers), relays every
-# connection to the proxy's socket, and exits with the command's status.
-FORWARDER = r"""
-"use strict";
-const net = require("net"), os = require("os"), { spawn } = require("child_process");
-const [sock, ...cmd] = process.argv.slice(1);
-const server = net.createServer({ pauseOnConnect: true }, (c) => {
-  const u = net.connect(sock, () => { c.pipe(u); u.pipe(c); c.resume(); });
-  c.on("error", () => u.destroy()); u.on("error", () => c.destroy());
-  c.on("close", () => u.destroy()); u.on("close", () => c.destroy());
-});
-server.on("error", (e) => { console.error("egress forwarder: " + e.message); process.exit(125); });
-server.listen({ host: "127.0.0.1", port: 0 }, () => {
-  const url = "http://127.0.0.1:" + server.address().port;
-  const env = { ...process.env, NO_PROXY: "localhost,127.0.0.1,::1", no_proxy: "localhost,127.0.0.1,::1" };
-  for (const k of ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "npm_config_proxy",
-                   "npm_config_https_proxy", "YARN_HTTP_PROXY", "YARN_HTTPS_PROXY"]) env[k] = url;
-  const child = spawn(cmd[0], cmd.slice(1), { stdio: "inherit", env });
-  child.on("error", (e) => { console.error(cmd[0] + ": " + e.message); process.exit(127); });
-  child.on("exit", (code, sig) => process.exit(code ?? 128 + (os.constants.signals[sig] || 0)));
-});
-"""
-
-INSIDE_SOCKET = INSIDE_EGRESS + "/proxy.sock"
-
-
-def forwarder_argv(argv: list[str]) -> list[str]:
-    return ["node", "-e", FORWARDER, INSIDE_SOCKET, *argv]
+def proxy_env(port: int) -> dict[str, str]:
+    """What sends a build's package managers, git and curl to the proxy on 127.0.0.1:`port` of
+    their namespace, and everything for the build's own loopback straight there."""
+    url = f"http://127.0.0.1:{port}"
+    names = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "npm_config_proxy",
+             "npm_config_https_proxy", "YARN_HTTP_PROXY", "YARN_HTTPS_PROXY")
+    return {**dict.fromkeys(names, url), "NO_PROXY": "localhost,127.0.0.1,::1", "no_proxy": "localhost,127.0.0.1,::1"}
 
 
 async def open_tcp(address: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -118,8 +96,12 @@ class EgressProxy:
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
 
     async def start(self, path: Path) -> None:
+        """Listen on a Unix socket at `path` (the tests' and benchmarks' way in)."""
         self._server = await asyncio.start_unix_server(self._accept, path, limit=HEAD_MAX)
-        path.chmod(0o666)  # the sandbox's uid maps to ours, but be explicit
+
+    async def start_socket(self, listener: socket.socket) -> None:
+        """Accept on `listener`, a TCP socket listening in the build's namespace (worker/netns.py)."""
+        self._server = await asyncio.start_server(self._accept, sock=listener, limit=HEAD_MAX)
 
     async def close(self) -> None:
         if self._server is not None:

@@ -41,12 +41,15 @@ async def run(
     tail_lines: int = 15,
     pass_fds: Sequence[int] = (),
     watchdog: Callable[[], Awaitable[None]] | None = None,
+    started: Callable[[], Awaitable[None]] | None = None,
 ) -> Result:
     """Run `argv` (never a shell string) and pass each line to `emit` as soon as it is read.
 
     The child leads its own process group so a timeout or cancellation kills every process
     it started, not just the first. When `watchdog()` returns before the command ends (a
     limit it watches was hit), the command is killed and the result says `stopped`.
+    `started()` runs once the process exists (within the timeout); if it raises, the command
+    is killed and the error passes on.
     """
     tail: deque[str] = deque(maxlen=tail_lines)
 
@@ -78,6 +81,8 @@ async def run(
     watch = asyncio.ensure_future(watchdog()) if watchdog is not None else None
     try:
         async with asyncio.timeout(timeout):
+            if started is not None:
+                await started()
             if watch is not None:
                 await asyncio.wait({waiter, watch}, return_when=asyncio.FIRST_COMPLETED)
                 # A watchdog that failed stops nothing: the command goes on, still timed.

@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -31,11 +29,11 @@ from .bwrap import INSIDE_CACHE, INSIDE_HOME, INSIDE_NODE, INSIDE_PATH, INSIDE_S
 from .cgroups import Cgroups
 from .detect import BuildError
 from .disk import DiskWatch
-from .egress import EgressProxy, forwarder_argv
+from .egress import EgressProxy, proxy_env
+from .netns import BlockedStart, pick_port
 from .proc import Emit
 
 LIMIT_SETTINGS = {"memory": "DEPLOYHUB_BUILD_MEMORY_MB", "pids": "DEPLOYHUB_BUILD_MAX_PROCESSES"}
-EGRESS_PREFIX = "deployhub-egress-"  # then <worker pid>-<random>, in the temporary directory
 
 
 @dataclass
@@ -46,6 +44,7 @@ class Prepared:
     pass_fds: tuple[int, ...]
     cgroups: Cgroups
     disk: DiskWatch | None = None
+    started: Callable[[], Awaitable[None]] | None = None  # proc.run's: once the command exists
 
     @property
     def watchdog(self) -> Callable[[], Awaitable[None]] | None:
@@ -127,28 +126,27 @@ class Sandbox:
         groups = await self._create_cgroups(f"{self.name}-{self._count}")
         args_fd = -1
         proxy: EgressProxy | None = None
-        egress: Path | None = None
+        blocked: BlockedStart | None = None
         try:
             self._announce(groups)
             self._refuse_without_limits(groups)
             env = self.env(host_env)
             self.home.mkdir(parents=True, exist_ok=True)
             disk = await self._disk_watch()
+            port = 0
             if self.own_network:
-                # A short path of its own: a Unix socket's path has at most 107 bytes, and
-                # the data directory can be deep.
-                _remove_dead_egress_dirs()
-                egress = Path(tempfile.mkdtemp(prefix=f"{EGRESS_PREFIX}{os.getpid()}-"))
+                port = pick_port()
                 proxy = EgressProxy(self.emit, resolver=self.resolver,
                                     allow_hosts=self.settings.build_allow_hosts)
-                await proxy.start(egress / "proxy.sock")
-                argv = forwarder_argv(list(argv))
+                blocked = BlockedStart()
+                env.update(proxy_env(port))
             if self.isolated:
                 etc = self.work / "etc"
                 bwrap.write_identity(etc)
                 options = await asyncio.to_thread(  # the first call asks bwrap --help
                     bwrap.options, binary, src=self.src, home=self.home, cache=self.cache,
-                    etc=etc, env=env, egress=egress, tmp_bytes=self.disk_bytes, node=self.node,
+                    etc=etc, env=env, blocked=blocked.pass_fds if blocked else None, tmp_bytes=self.disk_bytes,
+                    node=self.node,
                     chdir=f"{bwrap.INSIDE_SRC}/{self.root}" if self.root else bwrap.INSIDE_SRC,
                 )
                 # Options go through a memfd, not argv: the sandbox's pid 1 is bwrap, and its
@@ -160,7 +158,8 @@ class Sandbox:
                 # bwrap is the sandbox's pid 1, whose environ the build can read: give it
                 # nothing worth reading (cwd / keeps the host's paths out of its PWD too).
                 yield Prepared(groups.wrap(command, self.disk_bytes), {"PATH": INSIDE_PATH},
-                               Path("/"), (args_fd,), groups, disk)
+                               Path("/"), (args_fd, *(blocked.pass_fds if blocked else ())), groups, disk,
+                               started=self._network_starter(proxy, blocked, port) if proxy and blocked else None)
             else:
                 command = list(argv) if account is None else account.wrap(list(argv))
                 cwd = self.src / self.root if self.root else self.src
@@ -174,10 +173,24 @@ class Sandbox:
                 # Shielded: a second cancel must not leave the groups (or a fork bomb in them).
                 await asyncio.shield(asyncio.to_thread(groups.close))
             finally:
+                if blocked is not None:
+                    blocked.close()
                 if proxy is not None:
                     await asyncio.shield(proxy.close())
-                if egress is not None:
-                    shutil.rmtree(egress, ignore_errors=True)
+
+    @staticmethod
+    def _network_starter(proxy: EgressProxy, blocked: BlockedStart, port: int) -> Callable[[], Awaitable[None]]:
+        """Once bwrap has made the command's namespaces: the proxy listens in its network, then
+        the command starts."""
+        async def start() -> None:
+            try:
+                listener = await blocked.listen(port)
+            except (OSError, ValueError, KeyError) as exc:
+                raise BuildError(f"DeployHub could not give the build its network: {exc}") from None
+            if listener is not None:
+                await proxy.start_socket(listener)
+            blocked.release()
+        return start
 
     def _account(self) -> Account:
         """The build account, owning the build's directory (the clone ran as the worker)."""
@@ -283,14 +296,6 @@ class Sandbox:
                 "and threads at once (DEPLOYHUB_BUILD_MAX_PROCESSES) and failed."
             )
         return None
-
-
-def _remove_dead_egress_dirs() -> None:
-    """The egress sockets of workers that were killed (SIGKILL runs no cleanup)."""
-    for path in Path(tempfile.gettempdir()).glob(f"{EGRESS_PREFIX}*-*"):
-        pid = path.name[len(EGRESS_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def peak_memory_mb(groups: Cgroups) -> int:
