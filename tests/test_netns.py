@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
-from worker import bwrap
+from worker import bwrap, netns
 from worker.netns import BlockedStart, pick_port
 
 
@@ -52,3 +55,20 @@ async def test_a_sandbox_that_fails_to_start_is_no_wait() -> None:
     finally:
         blocked.close()
     assert proc.returncode != 0 and b"/no/such/dir" in err
+
+
+def test_a_namespace_the_proxy_cannot_listen_in_is_a_reason_to_refuse_builds(tmp_path: Path) -> None:
+    # A "bwrap" that says a pid whose namespace cannot be joined (it belongs to no process).
+    fake = tmp_path / "bwrap"
+    fake.write_text(f"#!{sys.executable}\n" + textwrap.dedent("""
+        import os, sys
+        args = sys.argv[1:]
+        info, block = int(args[args.index("--info-fd") + 1]), int(args[args.index("--block-fd") + 1])
+        os.write(info, b'{"child-pid": 4194999}')
+        os.close(info)
+        os.read(block, 1)
+    """))
+    fake.chmod(0o755)
+    why = netns.problem(str(fake))
+    assert why == f"{fake} ended before it ran a command in a new network namespace"
+    assert netns.problem(bwrap.find_binary() or "bwrap") is None  # the real one here

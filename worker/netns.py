@@ -13,6 +13,7 @@ connection finds it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import random
@@ -43,6 +44,38 @@ socket.send_fds(socket.socket(fileno=out), [b"l"], [listener.fileno()])
 
 def pick_port() -> int:
     return random.choice(PORTS)
+
+
+@functools.lru_cache(maxsize=8)
+def problem(binary: str) -> str | None:
+    """Why the egress proxy cannot listen in a sandbox's network namespace here, or None: asked
+    once per binary at start (worker/bwrap.py's `problem`), so builds are refused with the
+    reason rather than each failing. Runs its own event loop: call it where none runs."""
+    return asyncio.run(_problem(binary))
+
+
+async def _problem(binary: str) -> str | None:
+    blocked = BlockedStart()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            binary, "--unshare-all", "--unshare-user", "--die-with-parent", "--ro-bind", "/", "/",
+            "--info-fd", str(blocked.info_fd), "--block-fd", str(blocked.block_fd), "true",
+            pass_fds=blocked.pass_fds, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        try:
+            listener = await blocked.listen(pick_port())
+        except (OSError, ValueError, KeyError) as exc:
+            return (f"Builds run in their own network namespace, but the egress proxy cannot "
+                    f"listen in one here: {exc}")
+        finally:
+            blocked.release()
+            await proc.wait()
+        if listener is None:
+            return f"{binary} ended before it ran a command in a new network namespace"
+        listener.close()
+        return None
+    finally:
+        blocked.close()
 
 
 class BlockedStart:
