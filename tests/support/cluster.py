@@ -28,6 +28,19 @@ class ClusterNode(RedisServer):
         # The bus port too: by default it is port + 10000, which may be taken (or past 65535).
         self.bus_port = free_port()
 
+    def start(self) -> None:
+        # Both ports were free when picked; a connection elsewhere may take one before the node
+        # binds it (its ephemeral port comes from the same range): pick again, a few times.
+        for attempt in range(3):
+            try:
+                super().start()
+                return
+            except RuntimeError as exc:
+                if attempt == 2 or "Address already in use" not in str(exc):
+                    raise
+                self.port, self.bus_port = free_port(), free_port()
+                (self.data_dir / "nodes.conf").unlink(missing_ok=True)
+
     def _command(self) -> list[str]:
         return super()._command() + [
             "--cluster-enabled", "yes",
