@@ -116,7 +116,12 @@ class BlockedStart:
                 sys.executable, "-I", "-S", "-c", HELPER, str(pid), str(port), str(theirs.fileno()),
                 pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-            _, err = await asyncio.wait_for(helper.communicate(), LISTEN_TIMEOUT)
+            try:
+                _, err = await asyncio.wait_for(helper.communicate(), LISTEN_TIMEOUT)
+            except TimeoutError:
+                helper.kill()
+                await helper.wait()
+                raise OSError(f"the helper did not answer within {LISTEN_TIMEOUT:.0f} s") from None
             if helper.returncode != 0:
                 if not os.path.exists(f"/proc/{pid}/ns/net"):
                     return None  # the sandbox failed as it started: bwrap's error tells why
