@@ -57,8 +57,9 @@ async def test_a_sandbox_that_fails_to_start_is_no_wait() -> None:
     assert proc.returncode != 0 and b"/no/such/dir" in err
 
 
-def test_a_namespace_the_proxy_cannot_listen_in_is_a_reason_to_refuse_builds(tmp_path: Path) -> None:
-    # A "bwrap" that says a pid whose namespace cannot be joined (it belongs to no process).
+def test_the_start_check_refuses_builds_when_no_namespace_can_be_joined(tmp_path: Path) -> None:
+    # A "bwrap" that says a pid whose namespace cannot be joined (it belongs to no process):
+    # what `python -m worker --check-sandbox` would print, not a build each failing.
     fake = tmp_path / "bwrap"
     fake.write_text(f"#!{sys.executable}\n" + textwrap.dedent("""
         import os, sys

@@ -23,7 +23,7 @@ from deployhub.storage import open_storage
 from deployhub.store import NotFound, Store
 from deployhub.validation import InvalidInput, check_deployment_id
 
-from . import bwrap
+from . import bwrap, netns
 from .account import account_problem
 from .build import Build, holder
 
@@ -119,7 +119,10 @@ def check_sandbox() -> int:
     if settings.sandbox == "user":
         problem = account_problem(settings.build_user)
     else:
-        problem = bwrap.problem(settings.bwrap, share_net=settings.build_network == "host")
+        share_net = settings.build_network == "host"
+        problem = bwrap.problem(settings.bwrap, share_net=share_net)
+        if problem is None and settings.sandbox == "bwrap" and not share_net:  # at start, not per build
+            problem = netns.problem(bwrap.find_binary(settings.bwrap) or "bwrap")
     if problem:
         print(problem)
         return 1

@@ -38,8 +38,6 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-from . import netns
-
 INSIDE_SRC = "/build/src"
 INSIDE_HOME = "/build/home"
 INSIDE_CACHE = "/build/cache"
@@ -104,10 +102,8 @@ def problem(configured: str = "", share_net: bool = False) -> str | None:
     if share_net:
         return _probe(binary, share_net=True)
     why = _probe(binary)
-    if why is None:
-        return netns.problem(binary)
-    if _probe(binary, share_net=True) is not None:
-        return why  # bwrap itself cannot run: that reason says more
+    if why is None or _probe(binary, share_net=True) is not None:
+        return why  # fine, or bwrap itself cannot run: that reason says more
     return (
         f"Builds run in their own network namespace, but {binary} cannot make one here (it "
         "runs with --share-net only). Allow network namespaces in user namespaces, or set "

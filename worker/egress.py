@@ -60,10 +60,10 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"pro
 def proxy_env(port: int) -> dict[str, str]:
     """What sends a build's package managers, git and curl to the proxy on 127.0.0.1:`port` of
     their namespace, and everything for the build's own loopback straight there."""
-    url = f"http://127.0.0.1:{port}"
-    names = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "npm_config_proxy",
-             "npm_config_https_proxy", "YARN_HTTP_PROXY", "YARN_HTTPS_PROXY")
-    return {**dict.fromkeys(names, url), "NO_PROXY": "localhost,127.0.0.1,::1", "no_proxy": "localhost,127.0.0.1,::1"}
+    proxies = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "npm_config_proxy",
+               "npm_config_https_proxy", "YARN_HTTP_PROXY", "YARN_HTTPS_PROXY")
+    return {**dict.fromkeys(proxies, f"http://127.0.0.1:{port}"),
+            **dict.fromkeys(("NO_PROXY", "no_proxy"), "localhost,127.0.0.1,::1")}
 
 
 async def open_tcp(address: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -228,10 +228,10 @@ class EgressProxy:
         upstream.fresh = False
         # The body as the upstream framed it, but a chunked one for an HTTP/1.0 client, which
         # knows no chunks: that one and one framed by the upstream's close end with the connection.
-        bodiless = request.method == b"HEAD" or response.status in (204, 304)
-        to_eof = not bodiless and not response.chunked and response.length is None
+        no_body = request.method == b"HEAD" or response.status in (204, 304)
+        to_eof = not no_body and not response.chunked and not response.sized
         old_client = request.version == "1.0"
-        rechunk = response.chunked and not old_client and not bodiless
+        rechunk = response.chunked and not old_client and not no_body
         close = to_eof or (response.chunked and old_client) or not request.keep_alive
         headers = [(k, v) for k, v in response.headers if k.lower() not in HOP_BY_HOP
                    and not (old_client and k.lower() == b"transfer-encoding")]
@@ -320,7 +320,7 @@ class _Head:
     headers: list[tuple[bytes, bytes]]
     keep_alive: bool
     chunked: bool
-    length: int | None  # Content-Length, when it frames the body
+    sized: bool  # a Content-Length frames the body
 
 
 class _BadMessage(Exception):
@@ -396,13 +396,12 @@ class _Messages:
             raise _BadMessage("Upgrade is not relayed over plain HTTP", 501)
         codings = b",".join(v for k, v in headers if k.lower() == b"transfer-encoding")
         chunked = codings.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
-        lengths = [v for k, v in headers if k.lower() == b"content-length"]
         head = _Head(
             method=parser.get_method() if isinstance(parser, httptools.HttpRequestParser) else b"",
             target=self._target, reason=self._reason, version=parser.get_http_version(),
             status=parser.get_status_code() if isinstance(parser, httptools.HttpResponseParser) else 0,
             headers=headers, keep_alive=parser.should_keep_alive(), chunked=chunked,
-            length=None if chunked or not lengths else int(lengths[0]))
+            sized=not chunked and any(k.lower() == b"content-length" for k, _ in headers))
         self.events.append(head)
         if self.head_only and head.status >= 200:
             self.events.append(_END)

@@ -13,7 +13,6 @@ connection finds it.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import os
 import random
@@ -46,11 +45,10 @@ def pick_port() -> int:
     return random.choice(PORTS)
 
 
-@functools.lru_cache(maxsize=8)
 def problem(binary: str) -> str | None:
     """Why the egress proxy cannot listen in a sandbox's network namespace here, or None: asked
-    once per binary at start (worker/bwrap.py's `problem`), so builds are refused with the
-    reason rather than each failing. Runs its own event loop: call it where none runs."""
+    at start (`python -m worker --check-sandbox`), so builds are refused with the reason
+    rather than each failing. Runs its own event loop: call it where none runs."""
     return asyncio.run(_problem(binary))
 
 

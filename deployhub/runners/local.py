@@ -59,7 +59,7 @@ class LocalRunner:
         self.refused: str | None = None
         self.limits = BuildLimits(policy=settings.build_without_limits)
         # A worker started before its build (`python -m worker --standby`): the interpreter
-        # and its imports, about 0.4 s here, come off the build's time to ready.
+        # and its imports, 0.45 s here, come off the build's time to ready.
         self.standby: asyncio.Task[asyncio.subprocess.Process] | None = None
         self.closed = False
 
