@@ -85,6 +85,19 @@ class Publisher:
                                     allow_redirects=False) as r:
                 return r.status, CIMultiDict(r.headers), await r.read()
 
+    async def remembered(self, host: str, path: str = "/") -> int:
+        """The host look-ups once `host` is remembered. A look-up that an event overtook (the
+        publish's own, still on its way to this replica) is not remembered, so the next request
+        looks up again: at most a few, then none."""
+        sites = get_sites(self.service.app)
+        for _ in range(3):
+            before = sites.stats["host look-ups"]
+            await self.get(host, path)
+            if sites.stats["host look-ups"] == before:
+                return before
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{host} is looked up on every request: {dict(sites.stats)}")
+
     async def blob_keys(self) -> set[str]:
         return {k async for k in self.storage.list_keys("blobs/")}
 
