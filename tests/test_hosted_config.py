@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -221,3 +223,67 @@ def test_a_file_of_many_bad_rules_is_a_few_lines_of_warnings(tmp_path: Path) -> 
     found = read(write(tmp_path, {"vercel.json": json.dumps({"redirects": rules})}))
     assert found.redirects == [] and len(found.notes) == 30
     assert found.notes[-1] == "... and 4971 more warnings like these"
+
+
+NETLIFY_BASE_APP = TINY_APP.parent / "netlify-base"
+
+
+def test_netlify_base_is_the_root_directory_and_the_top_file_applies_there(tmp_path: Path) -> None:
+    from worker.detect import plan
+
+    shutil.copytree(NETLIFY_BASE_APP, tmp_path / "repo")
+    chosen = plan(tmp_path / "repo")
+    assert (chosen.root, chosen.root_source, chosen.netlify_at_top) == ("web", "netlify.toml [build] base", True)
+    assert chosen.build == ["sh", "-c", "npm run build"] and chosen.env == {"TINY_LINES": "2"}
+    # "web/dist", written relative to the repository as older Netlify sites did, is web/'s dist.
+    assert chosen.output == "dist"
+    assert chosen.output_source == ("netlify.toml [build] publish, relative to the repository "
+                                    "as older Netlify sites wrote it")
+    assert [r.source for r in read(tmp_path / "repo" / "web", tmp_path / "repo").redirects] == ["/old-about"]
+
+
+def test_a_netlify_toml_in_the_base_replaces_the_top_one(tmp_path: Path) -> None:
+    from worker.detect import plan
+
+    shutil.copytree(NETLIFY_BASE_APP, tmp_path / "repo")
+    write(tmp_path / "repo" / "web", {"netlify.toml": '[build]\n  publish = "public"\n'})
+    chosen = plan(tmp_path / "repo")
+    assert (chosen.root, chosen.netlify_at_top, chosen.output) == ("web", False, "public")
+    assert chosen.output_source == "netlify.toml [build] publish"  # relative to the base
+    assert chosen.env == {} and chosen.build[:2] != ["sh", "-c"]
+
+
+def test_a_project_root_directory_wins_over_netlify_base(tmp_path: Path) -> None:
+    from worker.detect import BuildError, Overrides, plan
+
+    shutil.copytree(NETLIFY_BASE_APP, tmp_path / "repo")
+    chosen = plan(tmp_path / "repo", Overrides(root_directory="server"))
+    assert (chosen.root, chosen.root_source, chosen.netlify_at_top) == ("server", "project setting", False)
+    for base, error in (("../elsewhere", "netlify.toml [build] base must be a path inside the repository"),
+                        ("site", "The root directory site (netlify.toml [build] base) is not a directory")):
+        write(tmp_path / "repo", {"netlify.toml": f'[build]\n  base = "{base}"\n'})
+        with pytest.raises(BuildError, match=re.escape(error)):
+            plan(tmp_path / "repo")
+    write(tmp_path / "repo", {"netlify.toml": '[build]\n  base = 7\n'})
+    with pytest.raises(BuildError, match="several folders hold an app: server, web"):
+        plan(tmp_path / "repo")  # the base ignored (said in the log), as if there were none
+    write(tmp_path / "repo", {"netlify.toml": '[build]\n  base = "/"\n'})
+    with pytest.raises(BuildError, match="several folders hold an app"):
+        plan(tmp_path / "repo")  # "/" is the top: no base
+
+
+async def test_a_netlify_site_built_from_its_base_folder_is_served(service: Service, git_server: GitServer) -> None:
+    url = git_server.add_repo(unique_name("netlifybase"), files_dir=NETLIFY_BASE_APP)
+    dep = await service.deploy(url)
+    final = await service.wait_final(dep["id"])
+    texts = [e["text"] for e in await service.logs(dep["id"])]
+    assert final["status"] == "ready", (final["reason"], texts[-10:])
+    assert "Root directory: web (netlify.toml [build] base)" in texts
+    assert ("Output: web/dist (netlify.toml [build] publish, relative to the repository as older "
+            "Netlify sites wrote it)") in texts
+    assert "line 2" in texts and "line 3" not in texts  # TINY_LINES from the top file
+    status, headers, body = await service.site(final["project"])
+    assert status == 200 and b"Hello from tiny" in body
+    assert headers["X-Deployed-From"] == "netlify.toml at the top"
+    status, headers, _ = await service.site(final["project"], "/old-about")
+    assert status == 301 and headers["Location"] == "/about/"

@@ -176,6 +176,7 @@ class Build:
         if build_plan.root:
             self.logs.emit("system", f"Root directory: {build_plan.root} ({build_plan.root_source})")
         self.sandbox.root = build_plan.root
+        netlify_dir = self.src if build_plan.netlify_at_top else None
         for note in build_plan.notes:
             self.logs.emit("system", note)
         if build_plan.static:
@@ -186,7 +187,7 @@ class Build:
             self.logs.emit("system", f"Output: {shown if shown != '.' else 'the repository root'} "
                                      "(a static site, published as it is)")
             await self._step(Status.UPLOADING)
-            await self._upload(site, root, as_is=True)
+            await self._upload(site, root, as_is=True, netlify_dir=netlify_dir)
             return
         self.detected_env = dict(build_plan.env)
         chosen = await node.choose(
@@ -210,7 +211,7 @@ class Build:
         output = locate_output(root, build_plan, built_after=built_after)
         self.logs.emit("system", f"Output: {output.path.relative_to(self.src)} ({output.why})")
         await self._step(Status.UPLOADING)
-        await self._upload(output.path, root)
+        await self._upload(output.path, root, netlify_dir=netlify_dir)
 
     async def _step(self, status: Status) -> None:
         if not await retry(lambda: self.store.transition(self.dep, status)):
@@ -644,11 +645,12 @@ class Build:
 
     # -- output ----------------------------------------------------------------------------
 
-    async def _upload(self, output: Path, root: Path, *, as_is: bool = False) -> None:
-        """Publish `output`, with the routing of `root`'s netlify.toml / vercel.json; `as_is`:
-        files from the repository itself (no build wrote them), so its hidden files and
-        node_modules are left out."""
-        hosted = await asyncio.to_thread(hosted_config.read, root)
+    async def _upload(self, output: Path, root: Path, *, as_is: bool = False,
+                      netlify_dir: Path | None = None) -> None:
+        """Publish `output`, with the routing of `root`'s netlify.toml (`netlify_dir`'s when
+        given) and vercel.json; `as_is`: files from the repository itself (no build wrote
+        them), so its hidden files and node_modules are left out."""
+        hosted = await asyncio.to_thread(hosted_config.read, root, netlify_dir)
         for note in hosted.notes:
             self.logs.emit("system", note)
         async def live(uploaded: Uploaded) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .files import read_text
-from .hosted_config import RepoSettings, build_settings
+from .hosted_config import RepoSettings, build_settings, netlify_base
 from .workspaces import real_dir, workspace_of
 
 OUTPUT_DIRS = ("dist", "build", "out", ".output/public", "_site")
@@ -90,6 +90,8 @@ class Plan:
     node: NodeRequest | None = None
     root: str = ""  # the root directory, relative to the repository ("" for its top)
     root_source: str = "project setting"  # where `root` was set
+    # The netlify.toml that applies is the repository's top one, whose [build] base set `root`.
+    netlify_at_top: bool = False
     notes: tuple[str, ...] = ()  # what was chosen and why, for the build log
     # Nothing to install or build: `output` (relative to the root directory, "" for it) is
     # published as it is, without its hidden files (.git, .env) and node_modules.
@@ -118,16 +120,26 @@ def read_package_json(root: Path, where: str = "the repository root") -> dict[st
 def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
     """Everything the build will run, decided from the files at `repo` (and `overrides`)."""
     overrides = given = overrides or Overrides()
+    root_source, netlify_dir = "project setting", None
+    base_notes: list[str] = []
+    if overrides.root_directory is None:
+        base, base_notes = netlify_base(repo)
+        if rel := _relative(base, "netlify.toml [build] base"):
+            root_source = "netlify.toml [build] base"
+            overrides = replace(overrides, root_directory=rel)
+            if not _regular(repo / rel / "netlify.toml"):  # the base's own would replace it
+                netlify_dir = repo
     rel = _relative(overrides.root_directory or "", "the root directory")
     root = repo / rel if rel else repo
     if rel and not real_dir(repo, rel):
         raise BuildError(
-            f"The root directory {rel} (project setting) is not a directory in the repository "
+            f"The root directory {rel} ({root_source}) is not a directory in the repository "
             "at this commit (or it, or a directory on the way, is a symlink): set the root "
             "directory to the folder that holds the app's package.json."
         )
-    where = f"the root directory {rel} (project setting)" if rel else "the repository root"
-    written = build_settings(root)
+    where = f"the root directory {rel} ({root_source})" if rel else "the repository root"
+    written = build_settings(root, netlify_dir, rel if root_source != "project setting" else "")
+    written.notes[:0] = base_notes
     overrides, sources = _with_written(overrides, written)
     has_package = _regular(root / "package.json")
     package = read_package_json(root, where) if has_package else {}
@@ -139,6 +151,7 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
             site, why = static
             shown = "/".join(p for p in (rel, site) if p) + "/" if rel or site else where
             return Plan(manager="", install=[], build=[], output=site, root=rel, static=True,
+                        root_source=root_source, netlify_at_top=netlify_dir is not None,
                         notes=(*written.notes, f"Static site: {why}, so nothing is installed or "
                                f"built; {shown} is published as it is (without hidden files "
                                "such as .git and .env, and without node_modules)"))
@@ -199,7 +212,7 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
         framework=framework, output=output, env=env,
         output_source=sources.get("output_directory", "project setting"),
         node=node_request(root, package, overrides, sources.get("node_version")), root=rel,
-        notes=tuple(notes),
+        root_source=root_source, netlify_at_top=netlify_dir is not None, notes=tuple(notes),
     )
 
 

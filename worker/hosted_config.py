@@ -40,11 +40,12 @@ class HostedRules:
     notes: list[str] = field(default_factory=list)  # for the build log: what was read, what not
 
 
-def read(root: Path) -> HostedRules:
-    """The rules of the config files at `root` (regular files only, never through a symlink)."""
+def read(root: Path, netlify_dir: Path | None = None) -> HostedRules:
+    """The rules of the config files at `root` (regular files only, never through a symlink);
+    netlify.toml's from `netlify_dir` when it is given (see `netlify_base`)."""
     found = HostedRules()
     for name in CONFIG_FILES:
-        data = _load(root, name, found.notes)
+        data = _load(netlify_dir or root if name == "netlify.toml" else root, name, found.notes)
         if data is None:
             continue
         before = (len(found.redirects), len(found.headers))
@@ -84,14 +85,32 @@ NETLIFY_SETTINGS = {"command": "build_command", "publish": "output_directory"}
 SETTING_MAX = 4096
 
 
-def build_settings(root: Path) -> RepoSettings:
+def netlify_base(repo: Path) -> tuple[str, list[str]]:
+    """netlify.toml's [build] base at the repository's top, as written ("" for none), and what
+    was wrong with it. Netlify builds in that folder (a monorepo's app); a netlify.toml there
+    replaces the top one, else the top one's settings and rules apply, its paths relative to
+    the base. A file that cannot be read is said when its rules are read."""
+    data = _load(repo, "netlify.toml", [])
+    build = data.get("build") if data is not None else None
+    base = build.get("base") if isinstance(build, dict) else None
+    if base is None:
+        return "", []
+    if not isinstance(base, str) or len(base) > SETTING_MAX or "\0" in base:
+        return "", [f"Warning: netlify.toml [build] base must be a path under {SETTING_MAX} "
+                    "characters; ignored"]
+    return base.strip(), []
+
+
+def build_settings(root: Path, netlify_dir: Path | None = None, base: str = "") -> RepoSettings:
     """vercel.json's buildCommand, installCommand and outputDirectory and netlify.toml's
-    [build] command, publish and environment (NODE_VERSION the Node version) at `root`. Where
-    both name a setting, vercel.json's is taken. Files that cannot be read are said when the
-    rules are read (`read`), not twice."""
+    [build] command, publish and environment (NODE_VERSION the Node version) at `root`
+    (netlify.toml from `netlify_dir` when given). Where both name a setting, vercel.json's is
+    taken. `base`: the root directory netlify.toml's [build] base chose; a publish directory
+    that starts with it was written relative to the repository, as older Netlify sites do.
+    Files that cannot be read are said when the rules are read (`read`), not twice."""
     found = RepoSettings()
     for name in reversed(CONFIG_FILES):  # vercel.json first: its settings are taken
-        data = _load(root, name, [])
+        data = _load(netlify_dir or root if name == "netlify.toml" else root, name, [])
         if data is None:
             continue
         if name == "vercel.json":
@@ -128,7 +147,13 @@ def build_settings(root: Path) -> RepoSettings:
                                    "only Netlify's Next.js runtime serves; ignored (a static "
                                    "export goes to out/)")
                 continue
-            found.values[setting] = value.strip()
+            value = value.strip()
+            if setting == "output_directory" and base and name == "netlify.toml":
+                path = "/".join(p for p in value.split("/") if p not in ("", "."))
+                if path == base or path.startswith(base + "/"):
+                    value = path[len(base) + 1:] or "."
+                    where += ", relative to the repository as older Netlify sites wrote it"
+            found.values[setting] = value
             found.sources[setting] = where
     found.notes = _capped(found.notes)
     return found
