@@ -1,4 +1,5 @@
-"""Deploying a given commit, recording the commit built, and redeploying a deployment."""
+"""Deploying a given commit, recording the commit built, redeploying a deployment, and what the
+checkout could not hold (files kept in Git LFS)."""
 
 from __future__ import annotations
 
@@ -96,3 +97,36 @@ async def test_redeploy_records_who_asked_and_may_skip_the_cache(service: Servic
     assert status == 400 and "trigger must be one of" in answer["error"]
     status, answer = await service.post_json(f"/api/deployments/{first['id']}/redeploy", {"branch": "x"})
     assert status == 400 and "branch" in answer["error"]
+
+
+POINTER = ("version https://git-lfs.github.com/spec/v1\n"
+           "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+           "size 12345\n")
+
+
+async def test_files_kept_in_git_lfs_are_named_in_the_log(service: Service, git_server: GitServer) -> None:
+    url = git_server.add_repo(unique_name("lfs"), files_dir=TINY_APP, files={
+        ".gitattributes": "*.png filter=lfs diff=lfs merge=lfs -text\n",
+        "public/hero.png": POINTER, "public/nested/logo.png": POINTER,
+        "public/before-lfs.png": b"\x89PNG\r\n\x1a\n" + bytes(64),  # committed as content
+        "docs/pointer-example.txt": POINTER,  # no LFS attribute: a text like any other
+    })
+    dep = await service.deploy(url)
+    final = await service.wait_final(dep["id"])
+    assert final["status"] == "ready", final["reason"]
+    texts = [e["text"] for e in await service.logs(dep["id"])]
+    warned = [t for t in texts if "Git LFS" in t]
+    assert warned == [
+        "Warning: 2 files are kept in Git LFS and checked out as LFS pointers, not their contents: "
+        "public/hero.png, public/nested/logo.png. DeployHub does not fetch Git LFS objects; a build "
+        "or a site that uses these files gets the pointer's text. Commit them to git itself to "
+        "deploy them."], texts
+
+
+async def test_a_repository_without_git_lfs_files_says_nothing_of_it(service: Service, git_server: GitServer) -> None:
+    url = git_server.add_repo(unique_name("nolfs"), files_dir=TINY_APP,
+                              files={".gitattributes": "*.js text eol=lf\n"})
+    dep = await service.deploy(url)
+    final = await service.wait_final(dep["id"])
+    assert final["status"] == "ready", final["reason"]
+    assert not [e for e in await service.logs(dep["id"]) if "LFS" in e["text"]]

@@ -30,6 +30,7 @@ from deployhub.validation import InvalidInput, RepoURL, check_repo_url
 
 from . import cache, hosted_config, node, proc, submodules, workspaces
 from .detect import BuildError, Overrides, Plan, failure_advice, locate_output, plan
+from .files import lfs_pointers
 from .install import Installed, event_texts, install
 from .output import Uploaded, file_count, upload_site
 from .sandbox import Sandbox
@@ -40,6 +41,7 @@ LOG_TTL_SECONDS = 7 * 24 * 3600
 # What untrusted build commands may see of our environment: nothing secret.
 PASSTHROUGH_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS")
 COMMIT_MESSAGE_MAX = 200  # characters of a commit message's first line kept on the record
+LFS_SHOWN = 5  # paths of LFS pointers named in the log
 
 
 class Canceled(Exception):
@@ -262,6 +264,25 @@ class Build:
             self.logs.emit("system", f"Cloned commit {sha[:12]} {message}")
             await retry(lambda: self.store.record_commit(self.dep.id, sha, message))
         await self._submodules(self.src, "", repo, origin=repo, budget=[submodules.SUBMODULES_MAX])
+        await self._say_lfs_pointers()
+
+    async def _say_lfs_pointers(self) -> None:
+        """Files kept in Git LFS are checked out as their pointers (no LFS objects are fetched:
+        git-lfs would fetch them from hosts that were never checked): say which, as the site
+        would serve the pointer text."""
+        listed = await self._git_bytes(["ls-files", "-z", "--", ":(attr:filter=lfs)"], self.src)
+        if not listed:
+            return
+        paths = [p for p in listed.decode(errors="replace").split("\0") if p]
+        pointers = await asyncio.to_thread(lfs_pointers, self.src, paths)
+        if pointers:
+            shown = ", ".join(pointers[:LFS_SHOWN]) + (" and more" if len(pointers) > LFS_SHOWN else "")
+            files = "1 file is" if len(pointers) == 1 else f"{len(pointers)} files are"
+            self.logs.emit("system", (
+                f"Warning: {files} kept in Git LFS and checked out as LFS pointers, not their "
+                f"contents: {shown}. DeployHub does not fetch Git LFS objects; a build or a site "
+                "that uses these files gets the pointer's text. Commit them to git itself to "
+                "deploy them."))
 
     async def _submodules(self, checkout: Path, prefix: str, parent: RepoURL, *,
                           origin: RepoURL | None, budget: list[int], depth: int = 1) -> None:
