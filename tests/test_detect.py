@@ -314,3 +314,17 @@ def test_next_without_static_export_says_how_to_get_one(tmp_path: Path) -> None:
     (tmp_path / ".next" / "BUILD_ID").write_text("x")
     with pytest.raises(BuildError, match="output: 'export'"):
         locate_output(tmp_path, result, built_after=0)
+
+
+def test_a_remix_server_build_is_not_published_as_a_site(tmp_path: Path) -> None:
+    package = json.dumps({"scripts": {"build": "remix build"},
+                          "devDependencies": {"@remix-run/dev": "2", "vite": "5"}})
+    result = plan(repo(tmp_path, {"package.json": package}))
+    assert result.framework is not None and result.framework.name == "Remix"
+    (tmp_path / "build").mkdir()  # the classic compiler's server bundle, with its secrets' code
+    (tmp_path / "build" / "index.js").write_text("export const db = process.env.DATABASE_URL;\n")
+    with pytest.raises(BuildError, match=r"Remix wrote no build/client/: Remix renders pages on a server"):
+        locate_output(tmp_path, result, built_after=0)
+    (tmp_path / "build" / "client").mkdir()
+    (tmp_path / "build" / "client" / "index.html").write_text("<div id=root></div>")
+    assert locate_output(tmp_path, result, built_after=0).path == tmp_path / "build" / "client"

@@ -1,6 +1,6 @@
 """Frameworks and their output, end to end: a site without a build, a Next-style static export, a custom output
 directory, a Vite app with a sub-path base and a VITE_ variable, a CRA app with a sub-path
-homepage and a REACT_APP_ variable."""
+homepage and a REACT_APP_ variable, React Router's SPA mode (and its server mode, refused)."""
 
 from __future__ import annotations
 
@@ -98,6 +98,34 @@ async def test_cra_homepage_sub_path_gets_public_url_root_and_react_app_variable
     assert status == 200 and b'src="/static/js/main.5e6f7a8b.js"' in html
     status, _, bundle = await service.site(final["project"], "/static/js/main.5e6f7a8b.js")
     assert status == 200 and b"https://api.example" in bundle
+
+
+async def test_react_router_spa_mode_publishes_build_client(service: Service, git_server: GitServer) -> None:
+    final, texts = await deploy(service, git_server, files_dir=FIXTURES_DIR / "react-router-spa")
+    assert ("Framework: React Router (from package.json dependencies); its output directory is "
+            "build/client") in texts
+    assert "Output: build/client (React Router's output directory)" in texts
+    for path in ("/", "/about"):  # a client-side route gets the app's index.html
+        status, _, body = await service.site(final["project"], path)
+        assert status == 200 and b"React Router SPA fixture" in body, (path, status, body[:200])
+    script = re.search(rb'import\("(/assets/entry\.client-[\w-]+\.js)"\)', body)
+    assert script, body[:400]
+    assert (await service.site(final["project"], script.group(1).decode()))[0] == 200
+
+
+async def test_react_router_rendering_on_a_server_fails_saying_how_to_build_a_static_site(
+    service: Service, git_server: GitServer
+) -> None:
+    name = unique_name("fw")
+    url = git_server.add_repo(name, files_dir=FIXTURES_DIR / "react-router-spa",
+                              files={"react-router.config.js": "export default { ssr: true };\n"})
+    final = await service.wait_final((await service.deploy(url, project=name))["id"], timeout=200)
+    assert final["status"] == "failed"
+    assert final["reason"].startswith("The build finished but React Router wrote no "
+                                      "build/client/index.html: "), final["reason"]
+    assert "set `ssr: false` in react-router.config" in final["reason"]
+    # Its server build (build/server) is not published in the site's place either.
+    assert (await service.site(name))[0] == 404
 
 
 def test_ci_is_set_as_hosted_platforms_set_it_unless_the_project_says_otherwise(tmp_path: Path) -> None:

@@ -65,6 +65,9 @@ class Framework:
     name: str
     output: str  # its default output directory
     hint: str = ""  # what to do when that directory is missing
+    # A file the output must hold: without it the build is a server's, which a static site
+    # cannot run, and no other directory is published in its place (React Router's build/).
+    entry: str = ""
 
 
 @dataclass(frozen=True)
@@ -486,6 +489,15 @@ FRAMEWORKS = (
     ("astro", Framework("Astro", "dist")),
     ("@sveltejs/kit", Framework("SvelteKit", "build", "use @sveltejs/adapter-static, which "
                                 "writes the site to build/")),
+    ("@react-router/dev", Framework(
+        "React Router", "build/client", "React Router's framework mode renders pages on a "
+        "server unless told otherwise: set `ssr: false` in react-router.config (SPA mode) or "
+        "list the pages to `prerender` there, so that `react-router build` writes a static "
+        "site with an index.html to build/client", entry="index.html")),
+    ("@remix-run/dev", Framework(
+        "Remix", "build/client", "Remix renders pages on a server: use its SPA mode "
+        "(`remix({ ssr: false })` in vite.config, Remix 2.5 and later), which writes a static "
+        "site with an index.html to build/client", entry="index.html")),
     ("react-scripts", Framework("Create React App", "build")),
     ("vite", Framework("Vite", "dist")),
 )
@@ -598,17 +610,20 @@ def locate_output(root: Path, plan: Plan | None = None, *, built_after: float | 
     known one, else the shallowest directory holding an index.html written by the build."""
     expected = plan.output if plan else None
     if expected is not None:
+        framework = plan.framework if plan and plan.framework and plan.framework.output == expected else None
         if real_dir(root, expected) and any((root / expected).iterdir()):
-            source = (f"{plan.framework.name}'s output directory" if plan and plan.framework
-                      and plan.framework.output == expected else
+            if framework and framework.entry and not _regular(root / expected / framework.entry):
+                raise BuildError(f"The build finished but {framework.name} wrote no "
+                                 f"{expected}/{framework.entry}: {framework.hint}.")
+            source = (f"{framework.name}'s output directory" if framework else
                       "the output directory setting" if plan is None or plan.output_source == "project setting"
                       else plan.output_source)
             return Output(root / expected, source)
-        if plan and plan.framework and plan.framework.output == expected:
-            if plan.framework.hint and not any(real_dir(root, n) for n in OUTPUT_DIRS):
+        if framework:
+            if framework.hint and (framework.entry or not any(real_dir(root, n) for n in OUTPUT_DIRS)):
                 raise BuildError(
-                    f"The build finished but {plan.framework.name} wrote no {expected}/: "
-                    f"{plan.framework.hint}."
+                    f"The build finished but {framework.name} wrote no {expected}/: "
+                    f"{framework.hint}."
                 )
         else:
             raise BuildError(
