@@ -289,6 +289,30 @@ def test_node_version_request(tmp_path: Path, files: dict[str, str], spec: str, 
     assert result.node is not None and (result.node.spec, result.node.source) == (spec, source)
 
 
+def test_a_monorepo_apps_node_version_is_the_nearest_pin_above_it(tmp_path: Path) -> None:
+    app = {"scripts": {"build": "vite build"}, "engines": {"node": ">=18"}}
+    (tmp_path / "apps" / "web").mkdir(parents=True)
+    repo(tmp_path, {"apps/web/package.json": json.dumps(app), "apps/web/package-lock.json": "{}"})
+    web = Overrides(root_directory="apps/web")
+
+    def node() -> tuple[str, str]:
+        found = plan(tmp_path, web).node
+        assert found is not None
+        return found.spec, found.source
+
+    assert node() == (">=18", "package.json engines.node")
+    (tmp_path / ".nvmrc").write_text("18.20.4\n")  # the team's pin, at the top, as nvm finds it
+    assert node() == ("18.20.4", ".nvmrc")
+    (tmp_path / "apps" / ".node-version").write_text("20\n")
+    assert node() == ("20", "apps/.node-version")
+    (tmp_path / "apps" / "web" / ".nvmrc").write_text("22\n")
+    assert node() == ("22", "apps/web/.nvmrc")
+    (tmp_path / "apps" / "web" / ".nvmrc").unlink()
+    (tmp_path / "apps" / ".node-version").unlink()
+    (tmp_path / "apps" / ".node-version").symlink_to(tmp_path / ".nvmrc")  # never followed
+    assert node() == ("18.20.4", ".nvmrc")
+
+
 
 
 @pytest.mark.timeout(180)

@@ -214,7 +214,7 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
         build_args=tuple(args),
         framework=framework, output=output, env=env,
         output_source=sources.get("output_directory", "project setting"),
-        node=node_request(root, package, overrides, sources.get("node_version")), root=rel,
+        node=node_request(root, package, overrides, sources.get("node_version"), rel), root=rel,
         root_source=root_source, netlify_at_top=netlify_dir is not None, notes=tuple(notes),
     )
 
@@ -573,19 +573,24 @@ def _sub_path(url: str) -> bool:
 
 
 def node_request(root: Path, package: Mapping[str, object], overrides: Overrides,
-                 source: str | None = None) -> NodeRequest | None:
+                 source: str | None = None, rel: str = "") -> NodeRequest | None:
     """The Node version the repository asks for: a setting (`source`: where it was set, when
-    not the project's settings), else .node-version / .nvmrc (a version manager's pin), else
-    engines.node (the range the package says it works with)."""
+    not the project's settings), else .node-version / .nvmrc (a version manager's pin) in the
+    root directory or the nearest folder above it in the repository (`rel`: the root
+    directory's path there), as nvm and fnm look for them, else engines.node (the range the
+    package says it works with)."""
     if overrides.node_version:
         return NodeRequest(overrides.node_version.strip(),
                            "the project's Node version setting" if source in (None, "project setting")
                            else source)
-    for name in (".node-version", ".nvmrc"):
-        if _regular(root / name):
-            lines = [ln.split("#", 1)[0].strip() for ln in read_text(root / name, 200).splitlines()]
-            if spec := next((ln for ln in lines if ln), ""):
-                return NodeRequest(spec, name)
+    parts = rel.split("/") if rel else []
+    for depth in range(len(parts), -1, -1):  # the root directory first, the repository last
+        folder = root.parents[len(parts) - depth - 1] if depth < len(parts) else root
+        for name in (".node-version", ".nvmrc"):
+            if _regular(folder / name):
+                lines = [ln.split("#", 1)[0].strip() for ln in read_text(folder / name, 200).splitlines()]
+                if spec := next((ln for ln in lines if ln), ""):
+                    return NodeRequest(spec, "/".join([*parts[:depth], name]))
     engines = package.get("engines")
     if isinstance(engines, dict) and isinstance(engines.get("node"), str) and engines["node"].strip():
         return NodeRequest(engines["node"].strip(), "package.json engines.node")
