@@ -9,13 +9,17 @@ Written by the worker after every blob is stored, read once by the site server a
                "cache_control": "public, max-age=31536000, immutable",
                "encodings": {"br": 410, "gzip": 480}}, ...},
      "redirects": [{"from": "/*", "to": "/index.html", "status": 200, "force": false}],
-     "headers": [{"for": "/assets/*", "values": {"X-Robots-Tag": "noindex"}}]}
+     "headers": [{"for": "/assets/*", "values": {"X-Robots-Tag": "noindex"}}],
+     "base": "repo/"}
 
 `encodings` maps a Content-Encoding to the size of the precompressed variant at
 `blobs/<hash>.br` / `.gz`. A build stores its manifest once the files are stored, so the
 site is served at once, and again with the new variants once they are made. Until then the
 manifest says `"variants_pending_until": <unix time>`, and the site server reads it again
 about every second up to that time (past it, a worker that died meanwhile left it final).
+`base`, when there is one, is the sub-path a site was built for (a GitHub Pages project
+site's, which its build could not be told to leave): every path starts with it, and the
+fallbacks (`404.html`, the app shell for client-side routes) are the ones under it.
 Manifests written before content addressing have no `version` and no `hash`: their files
 live at `sites/<deployment>/<path>`, and are served from there.
 """
@@ -117,6 +121,7 @@ class Manifest:
     legacy: bool = False  # files under sites/<deployment>/, no hashes
     # Until this unix time, while its variants are made, a newer manifest may replace it.
     pending_until: float = 0.0
+    base: str = ""  # "repo/": the sub-path every file is under, and its fallbacks
 
     @property
     def has_client_routing(self) -> bool:
@@ -158,12 +163,13 @@ def parse(dep_id: str, raw: bytes) -> Manifest:
         tuple(Redirect.from_json(r) for r in data.get("redirects", [])),
         tuple(HeaderRule.from_json(h) for h in data.get("headers", [])),
         pending_until=float(data.get("variants_pending_until", 0)),
+        base=str(data.get("base", "")),
     )
 
 
 def dumps(
     files: dict[str, dict[str, Any]], redirects: list[Redirect], headers: list[HeaderRule],
-    pending_until: float = 0.0,
+    pending_until: float = 0.0, base: str = "",
 ) -> bytes:
     return json.dumps({
         "version": VERSION,
@@ -171,4 +177,5 @@ def dumps(
         "redirects": [r.to_json() for r in redirects],
         "headers": [h.to_json() for h in headers],
         **({"variants_pending_until": round(pending_until, 3)} if pending_until else {}),
+        **({"base": base} if base else {}),
     }, separators=(",", ":")).encode()

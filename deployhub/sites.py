@@ -529,12 +529,14 @@ def resolve(manifest: Manifest, path: str, rel: str) -> Route:
             for rule in manifest.redirects:
                 if not rule.force and (route := _apply(manifest, rule.status, rule.match(path))):
                     break
-        if route is None and "404.html" in manifest.files:
-            route = Route(404, manifest.files["404.html"])
-        if (route is None and not manifest.has_client_routing and "index.html" in manifest.files
-                and "." not in rel.rsplit("/", 1)[-1]):
+        home = manifest.base  # "" or the sub-path the site is built for: "repo/"
+        inside = rel.startswith(home)
+        if route is None and inside and f"{home}404.html" in manifest.files:
+            route = Route(404, manifest.files[f"{home}404.html"])
+        if (route is None and inside and not manifest.has_client_routing
+                and f"{home}index.html" in manifest.files and "." not in rel.rsplit("/", 1)[-1]):
             # Client-side routes (/dashboard/settings) get the app shell; missing files do not.
-            route = Route(200, manifest.files["index.html"])
+            route = Route(200, manifest.files[f"{home}index.html"])
     if route is None:
         return Route(404)
     for header_rule in manifest.headers:

@@ -261,6 +261,35 @@ def test_vite_base_is_read_from_the_configs_people_write(tmp_path: Path, config:
     assert (result.build[-1] == "--base=/") == fixed, result.build
 
 
+@pytest.mark.parametrize("files, base, why", [
+    # Vite with a build script that is not a plain `vite build`: --base=/ cannot be passed.
+    ({"package.json": {"scripts": {"build": "vite build && node prerender.js"}, "devDependencies": {"vite": "7"}},
+      "vite.config.js": "export default { base: '/repo/' }"},
+     "repo/", "the build script is not a plain `vite build` (which --base=/ builds for the root)"),
+    ({"package.json": {"scripts": {"build": "vite build"}, "devDependencies": {"vite": "7"}},
+      "vite.config.js": "export default { base: '/repo/' }", "vercel.json": '{"buildCommand": "vite build --mode gh"}'},
+     "repo/", "the build command is set"),
+    ({"package.json": {"scripts": {"build": "docusaurus build"}, "dependencies": {"@docusaurus/core": "3"}},
+      "docusaurus.config.js": "const config = {\n  url: 'https://me.github.io',\n  baseUrl: '/my-docs/',\n};"},
+     "my-docs/", "Docusaurus has no setting that builds for the root"),
+    ({"package.json": {"scripts": {"build": "gatsby build --prefix-paths"}, "dependencies": {"gatsby": "5"}},
+      "gatsby-config.js": "module.exports = { pathPrefix: `/blog` }"},
+     "blog/", "the build uses it (--prefix-paths)"),
+    ({"package.json": {"scripts": {"build": "gatsby build"}, "dependencies": {"gatsby": "5"}},
+      "gatsby-config.js": "module.exports = { pathPrefix: `/blog` }"}, "", ""),  # not used
+    ({"package.json": {"scripts": {"build": "docusaurus build"}, "dependencies": {"@docusaurus/core": "3"}},
+      "docusaurus.config.ts": "export default { baseUrl: '/' }"}, "", ""),
+])
+def test_a_sub_path_the_build_cannot_leave_is_where_the_site_is_served(
+    tmp_path: Path, files: dict[str, object], base: str, why: str,
+) -> None:
+    result = plan(repo(tmp_path, {k: v if isinstance(v, str) else json.dumps(v) for k, v in files.items()}))
+    assert result.site_base == base and "--base=/" not in result.build
+    if base:
+        assert any(f"a sub-path, and {why}: the site is built for /{base}, so it is served there, "
+                   "and / redirects to it" in n for n in result.notes), result.notes
+
+
 def test_index_html_the_build_wrote_is_the_output(tmp_path: Path) -> None:
     (tmp_path / "public").mkdir()
     (tmp_path / "public" / "index.html").write_text("old")  # committed, not built

@@ -87,6 +87,27 @@ async def test_vite_base_sub_path_served_at_root_with_vite_variable(service: Ser
     assert status == 200 and b"hello-from-a-variable" in bundle
 
 
+async def test_vite_built_for_a_sub_path_by_its_own_script_is_served_there(
+    service: Service, git_server: GitServer
+) -> None:
+    package = json.loads((FIXTURES_DIR / "vite-env" / "package.json").read_text())
+    package["scripts"]["build"] = "vite build && node -e \"console.log('post-build step')\""
+    final, texts = await deploy(service, git_server, {"VITE_GREETING": "hello-under-a-sub-path"},
+                                files_dir=FIXTURES_DIR / "vite-env", files={"package.json": json.dumps(package)})
+    assert any("sets base '/vite-env/', a sub-path, and the build script is not a plain" in t for t in texts)
+    assert any(t.startswith("Deployed ") and t.endswith(".localhost:" + str(service.server.port) + "/vite-env/")
+               for t in texts), texts[-5:]
+    project = final["project"]
+    status, headers, _ = await service.site(project)
+    assert status == 302 and headers["Location"] == "/vite-env/"
+    status, _, html = await service.site(project, "/vite-env/")
+    script = re.search(rb'src="(/vite-env/assets/[^"]+\.js)"', html)
+    assert status == 200 and script, html
+    status, _, bundle = await service.site(project, script.group(1).decode())
+    assert status == 200 and b"hello-under-a-sub-path" in bundle
+    assert (await service.site(project, "/vite-env/some/client/route"))[2] == html
+
+
 async def test_cra_homepage_sub_path_gets_public_url_root_and_react_app_variable(
     service: Service, git_server: GitServer
 ) -> None:

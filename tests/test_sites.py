@@ -116,3 +116,27 @@ async def test_large_files_stream_and_stay_out_of_the_memory_cache(site_service:
     status, _, body = await site_service.get("big", "/video.bin", Range="bytes=1048570-1048585")
     assert status == 206 and body == big[1048570:1048586]
     assert get_sites(site_service.service.app).bodies.size < len(big)
+
+
+async def test_a_site_built_for_a_sub_path_is_served_under_it(site_service: Publisher) -> None:
+    site = {"index.html": '<script src="/repo/assets/app-3f9a1c2b.js"></script>',
+            "assets/app-3f9a1c2b.js": "run();\n", "about/index.html": "<h1>About</h1>"}
+    await site_service.publish("pages", site, base="repo/")
+    status, headers, _ = await site_service.get("pages", "/")
+    assert status == 302 and headers["Location"] == "/repo/"
+    for path, expected in (("/repo/", b"/repo/assets/app-3f9a1c2b.js"), ("/repo", b"/repo/assets/"),
+                           ("/repo/assets/app-3f9a1c2b.js", b"run();"), ("/repo/about/", b"About"),
+                           ("/repo/a/client/route", b"/repo/assets/")):  # the app shell
+        status, _, body = await site_service.get("pages", path)
+        assert status == 200 and expected in body, (path, status, body)
+    for path in ("/repo/missing.js", "/assets/app-3f9a1c2b.js", "/elsewhere/route"):
+        assert (await site_service.get("pages", path))[0] == 404, path
+    # With a 404.html under the base, that is the not-found page, there only.
+    await site_service.publish("pages", {**site, "404.html": "<h1>Not here</h1>"}, base="repo/")
+    status, _, body = await site_service.get("pages", "/repo/nothing/here")
+    assert status == 404 and body == b"<h1>Not here</h1>"
+    # A later deployment built for the root is served at the root again: the redirect was
+    # the sub-path deployment's own rule.
+    await site_service.publish("pages", site)
+    status, _, body = await site_service.get("pages", "/")
+    assert status == 200 and b"/repo/assets/" in body

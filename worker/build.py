@@ -213,7 +213,7 @@ class Build:
         output = locate_output(root, build_plan, built_after=built_after)
         self.logs.emit("system", f"Output: {output.path.relative_to(self.src)} ({output.why})")
         await self._step(Status.UPLOADING)
-        await self._upload(output.path, root, netlify_dir=netlify_dir)
+        await self._upload(output.path, root, netlify_dir=netlify_dir, base=build_plan.site_base)
 
     async def _step(self, status: Status) -> None:
         if not await retry(lambda: self.store.transition(self.dep, status)):
@@ -667,15 +667,17 @@ class Build:
     # -- output ----------------------------------------------------------------------------
 
     async def _upload(self, output: Path, root: Path, *, as_is: bool = False,
-                      netlify_dir: Path | None = None) -> None:
+                      netlify_dir: Path | None = None, base: str = "") -> None:
         """Publish `output`, with the routing of `root`'s netlify.toml (`netlify_dir`'s when
         given) and vercel.json; `as_is`: files from the repository itself (no build wrote
-        them), so its hidden files and node_modules are left out."""
+        them), so its hidden files and node_modules are left out; `base`: the sub-path the
+        site was built for ("repo/"), which its files are served under."""
         hosted = await asyncio.to_thread(hosted_config.read, root, netlify_dir)
         for note in hosted.notes:
             self.logs.emit("system", note)
         async def live(uploaded: Uploaded) -> None:
             url = self.settings.site_url_for(self.dep.project)
+            url = f"{url.rstrip('/')}/{base}" if base else url
             self.logs.emit("system", f"Deployed {file_count(uploaded.files)}. Live at {url}")
             # Ready the moment the manifest is stored; compressed copies of new files, the
             # log copy and cleanup come after.
@@ -688,7 +690,7 @@ class Build:
             max_files=self.settings.build_max_output_files,
             max_bytes=self.settings.build_max_output_mb * 1024 * 1024,
             leases=BlobLeases(self.store.redis, self.settings.blob_grace_seconds, self.dep.id),
-            on_stored=live, as_is=as_is, rules=(hosted.redirects, hosted.headers),
+            on_stored=live, as_is=as_is, rules=(hosted.redirects, hosted.headers), base=base,
         )
 
     # -- ending ----------------------------------------------------------------------------

@@ -86,6 +86,9 @@ class Plan:
     # Further lockfiles' installs, in precedence order: tried when the first lockfile is stale.
     fallbacks: tuple[Install, ...] = ()
     build_args: tuple[str, ...] = ()  # appended to `<manager> run build` (e.g. --base=/)
+    # The sub-path the app is built for when it cannot be built for the root ("repo/"): the
+    # site's files are served under it, and / redirects there.
+    site_base: str = ""
     framework: Framework | None = None
     output: str | None = None  # the directory to take first (a setting, else the framework's)
     output_source: str = "project setting"  # where `output` was set, when not the framework's
@@ -194,10 +197,21 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
         notes.append("Build variables from netlify.toml [build.environment]: "
                      + ", ".join(sorted(written.environment)) + " (the project's variables win)")
     args: list[str] = []
+    site_base = ""
     if framework is not None:
         notes.append(f"Framework: {framework.name} (from package.json dependencies); "
                      f"its output directory is {framework.output}")
-        args = _root_path_fixes(root, package, framework, env, notes)
+        if (sub := _sub_path_of(root, package, framework, env, notes)) is not None:
+            if sub.flag and overrides.build_command is None:
+                args = list(sub.flag)
+                notes.append(f"{sub.where}, a sub-path; the site is served at the root of its "
+                             f"host name, so the build runs with {' '.join(sub.flag)}")
+            else:
+                site_base = sub.path.strip("/") + "/"
+                why = ("the build command is set" if sub.flag and overrides.build_command is not None
+                       else sub.fixed_by)
+                notes.append(f"{sub.where}, a sub-path, and {why}: the site is built for "
+                             f"{sub.path}, so it is served there, and / redirects to it")
     build = build_command(chosen, args)
     if overrides.install_command is not None:
         notes.append("Install command: " + " ".join(install) + f" ({sources['install_command']})")
@@ -211,7 +225,7 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
         manager=chosen.manager, install=install, build=build, lockfile=chosen.lockfile,
         installer=chosen if overrides.install_command is None else None,
         fallbacks=tuple(installs[1:]) if overrides.install_command is None else (),
-        build_args=tuple(args),
+        build_args=tuple(args), site_base=site_base,
         framework=framework, output=output, env=env,
         output_source=sources.get("output_directory", "project setting"),
         node=node_request(root, package, overrides, sources.get("node_version"), rel), root=rel,
@@ -503,9 +517,12 @@ FRAMEWORKS = (
 )
 VITE_CONFIGS = ("vite.config.js", "vite.config.mjs", "vite.config.ts", "vite.config.mts",
                 "vite.config.cjs", "vite.config.cts")
-# `base: <expression>` up to the end of the property; the string literals in it that look
-# like a base (a path or a URL) are what it may be: `base: mode === 'production' ? '/app/' : '/'`.
-VITE_BASE = re.compile(r"""(?<![\w$.])base\s*:\s*(?P<expr>[^,\n}]*)""")
+DOCUSAURUS_CONFIGS = ("docusaurus.config.js", "docusaurus.config.mjs", "docusaurus.config.ts",
+                      "docusaurus.config.cjs", "docusaurus.config.mts")
+GATSBY_CONFIGS = ("gatsby-config.js", "gatsby-config.mjs", "gatsby-config.ts")
+# `<key>: <expression>` up to the end of the property (_config_path); the string literals in it
+# that look like a base (a path or a URL) are what it may be:
+# `base: mode === 'production' ? '/app/' : '/'`.
 STRING_LITERAL = re.compile(r"""(['"`])(?P<text>[^'"`\n]*)\1""")
 JS_COMMENT = re.compile(r"/\*.*?\*/|^\s*//[^\n]*", re.DOTALL | re.MULTILINE)
 
@@ -519,48 +536,71 @@ def detect_framework(package: Mapping[str, object]) -> Framework | None:
     return next((fw for dep, fw in FRAMEWORKS if dep in deps), None)
 
 
-def _root_path_fixes(
+@dataclass(frozen=True)
+class SubPath:
+    """A sub-path an app's config builds it for (a GitHub Pages project site's)."""
+
+    path: str  # "/repo/"
+    where: str  # which config says so, for the log
+    flag: tuple[str, ...] = ()  # build arguments that build it for the root instead
+    fixed_by: str = ""  # when there are none: why not, for the log
+
+
+def _sub_path_of(
     root: Path, package: Mapping[str, object], framework: Framework, env: dict[str, str],
     notes: list[str],
-) -> list[str]:
-    """Sites are served at the root of their host name: undo a sub-path the app builds for.
-    Returns arguments for the build script; sets variables in `env`."""
+) -> SubPath | None:
+    """Sites are served at the root of their host name: undo a sub-path the app builds for
+    where a variable or a flag can (a CRA `homepage`: PUBLIC_URL, set in `env` here), else say
+    which sub-path it is built for, so the site is served under it."""
+    scripts = package.get("scripts")
+    script = scripts.get("build") if isinstance(scripts, dict) else None
+    script = script if isinstance(script, str) else ""
     if framework.name == "Create React App":
         homepage = package.get("homepage")
         if isinstance(homepage, str) and _sub_path(homepage):
             env["PUBLIC_URL"] = "/"
             notes.append(f'package.json "homepage" is {homepage}, a sub-path; the site is served '
                          "at the root of its host name, so the build gets PUBLIC_URL=/")
-        return []
-    if framework.name != "Vite":
-        return []
-    for name in VITE_CONFIGS:
-        base = _vite_base(read_text(root / name, 64 * 1024))
-        if base is not None and _sub_path(base):
-            scripts = package.get("scripts")
-            script = scripts.get("build") if isinstance(scripts, dict) else None
-            if isinstance(script, str) and re.search(r"(^|&&|;)\s*vite build[^&;|]*$", script):
+        return None
+    configs, key = {"Vite": (VITE_CONFIGS, "base"), "Docusaurus": (DOCUSAURUS_CONFIGS, "baseUrl"),
+                    "Gatsby": (GATSBY_CONFIGS, "pathPrefix")}.get(framework.name, ((), ""))
+    for name in configs:
+        base = _config_path(read_text(root / name, 64 * 1024), key)
+        if base is None:
+            continue
+        if not _sub_path(base):
+            return None
+        where, path = f"{name} sets {key} {base!r}", _path_of(base)
+        if framework.name == "Vite":
+            if re.search(r"(^|&&|;)\s*vite build[^&;|]*$", script):
                 # Vite reads no variable for its base; the CLI flag beats the config file.
-                notes.append(f"{name} sets base {base!r}, a sub-path; the site "
-                             "is served at the root of its host name, so the build runs with "
-                             "--base=/")
-                return ["--base=/"]
-            notes.append(f"Warning: {name} sets base {base!r}, a sub-path, and "
-                         "the build script is not a plain `vite build`: assets will be "
-                         "linked under that sub-path. Set base to '/'.")
-        if base is not None:
-            break
-    return []
+                return SubPath(path, where, ("--base=/",))
+            return SubPath(path, where, fixed_by="the build script is not a plain `vite build` "
+                           "(which --base=/ builds for the root)")
+        if framework.name == "Gatsby":
+            if "--prefix-paths" not in script:
+                return None  # Gatsby builds for the root unless told to use it
+            return SubPath(path, where, fixed_by="the build uses it (--prefix-paths)")
+        return SubPath(path, where, fixed_by=f"{framework.name} has no setting that builds for the root")
+    return None
 
 
-def _vite_base(config: str) -> str | None:
-    """The base a Vite config sets: its sub-path one when it names several (a base for
-    production, another for the dev server), None when it sets none this can read."""
+def _config_path(config: str, key: str) -> str | None:
+    """The base path a config file sets under `key`: its sub-path one when it names several
+    (a base for production, another for the dev server), None when it sets none this can read."""
     bases: list[str] = []
-    for match in VITE_BASE.finditer(JS_COMMENT.sub("", config)):
+    pattern = re.compile(rf"""(?<![\w$.]){key}\s*:\s*(?P<expr>[^,\n}}]*)""")
+    for match in pattern.finditer(JS_COMMENT.sub("", config)):
         bases += [m.group("text") for m in STRING_LITERAL.finditer(match.group("expr"))
                   if m.group("text").startswith(("/", "./")) or "://" in m.group("text")]
     return next((b for b in bases if _sub_path(b)), bases[0] if bases else None)
+
+
+def _path_of(url: str) -> str:
+    """The path of a homepage / base URL, with slashes at both ends: "/repo/"."""
+    path = re.sub(r"^[a-z][a-z0-9+.-]*://[^/]*", "", url.strip(), flags=re.IGNORECASE)
+    return "/" + "/".join(p for p in path.split("/") if p not in ("", ".")) + "/"
 
 
 def _sub_path(url: str) -> bool:

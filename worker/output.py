@@ -88,14 +88,17 @@ async def upload_site(
     max_files: int = 0, max_bytes: int = 0, leases: BlobLeases | None = None,
     concurrency: int = UPLOAD_CONCURRENCY,
     on_stored: Callable[[Uploaded], Awaitable[None]] | None = None, as_is: bool = False,
-    rules: tuple[list[Redirect], list[HeaderRule]] = ([], []),
+    rules: tuple[list[Redirect], list[HeaderRule]] = ([], []), base: str = "",
 ) -> Uploaded:
     """Hash every file, lease the blobs, ask storage once which of them (and their variants)
     it holds, then compress and upload only the missing ones, the manifest last.
 
     With `on_stored`, the site does not wait for its variants: the blobs go first, then a
     manifest without the new variants (`on_stored` is called once it is stored: the site is
-    served from then on), then the variants are made and the manifest is stored again."""
+    served from then on), then the variants are made and the manifest is stored again.
+
+    `base` ("repo/"): the sub-path the site was built for; its files are served under it and
+    / redirects there (deployhub/manifest.py)."""
     rel_dir = output.relative_to(src).as_posix()
     try:
         out_fd = open_beneath(src, rel_dir, directory=True)
@@ -112,6 +115,8 @@ async def upload_site(
         # Then those of the repository's netlify.toml / vercel.json (`rules`), as Netlify
         # reads _redirects before netlify.toml.
         redirects, headers = redirects + rules[0], headers + rules[1]
+        if base:  # first, and temporary: the next deployment may be built for the root
+            redirects = [Redirect("/", f"/{base}", 302, force=True), *redirects]
         served = [rel for rel, _ in files if rel not in RULE_FILES]
         shown = "the repository root" if rel_dir == "." else f"{rel_dir}/"
         emit("system", f"Uploading {file_count(len(served))} from {shown}")
@@ -188,13 +193,13 @@ async def upload_site(
             for rel in served:
                 digest, size = digests[rel]
                 content_type = guess_type(rel)
-                manifest[rel] = {
+                manifest[base + rel] = {
                     "hash": digest, "size": size, "type": content_type,
                     "cache_control": manifests.cache_control(rel),
                     "encodings": encodings[digest] if manifests.compressible(content_type, size) else {},
                 }
             await storage.put_bytes(
-                manifest_key(dep_id), manifests.dumps(manifest, redirects, headers, pending_until),
+                manifest_key(dep_id), manifests.dumps(manifest, redirects, headers, pending_until, base),
                 "application/json",
             )
 

@@ -40,6 +40,7 @@ class Publisher:
     async def publish(
         self, project: str, files: Mapping[str, str | bytes], *, ready: bool = True,
         status: Status = Status.READY, on_stored: Callable[[str], Awaitable[None]] | None = None,
+        base: str = "",
     ) -> tuple[str, list[str], Uploaded]:
         """With `ready=False` the deployment stays `queued`, as if still building. With
         `on_stored`, it is ready once the first manifest is stored, as a build makes it, and
@@ -61,7 +62,7 @@ class Publisher:
 
         uploaded = await upload_site(
             self.storage, dep.id, out.parent, out, lambda stream, text: lines.append(text),
-            leases=leases, on_stored=stored if on_stored is not None else None,
+            leases=leases, on_stored=stored if on_stored is not None else None, base=base,
         )
         if ready and on_stored is None:
             await store.transition(dep, status)
