@@ -279,12 +279,21 @@ def test_vite_base_is_read_from_the_configs_people_write(tmp_path: Path, config:
       "gatsby-config.js": "module.exports = { pathPrefix: `/blog` }"}, "", ""),  # not used
     ({"package.json": {"scripts": {"build": "docusaurus build"}, "dependencies": {"@docusaurus/core": "3"}},
       "docusaurus.config.ts": "export default { baseUrl: '/' }"}, "", ""),
+    # What cannot be served under stays at the root, with a warning: a name with a space or
+    # `..`, a Vite base on another host (a CDN).
+    ({"package.json": {"scripts": {"build": "docusaurus build"}, "dependencies": {"@docusaurus/core": "3"}},
+      "docusaurus.config.ts": "export default { baseUrl: '/my docs/' }"}, "", "Warning"),
+    ({"package.json": {"scripts": {"build": "docusaurus build"}, "dependencies": {"@docusaurus/core": "3"}},
+      "docusaurus.config.ts": "export default { baseUrl: '/../../etc/' }"}, "", "Warning"),
+    ({"package.json": {"scripts": {"build": "vite build && echo done"}, "devDependencies": {"vite": "7"}},
+      "vite.config.js": "export default { base: 'https://cdn.example/app/' }"}, "", "Warning"),
 ])
 def test_a_sub_path_the_build_cannot_leave_is_where_the_site_is_served(
     tmp_path: Path, files: dict[str, object], base: str, why: str,
 ) -> None:
     result = plan(repo(tmp_path, {k: v if isinstance(v, str) else json.dumps(v) for k, v in files.items()}))
     assert result.site_base == base and "--base=/" not in result.build
+    assert any(n.startswith("Warning: ") for n in result.notes) == (why == "Warning"), result.notes
     if base:
         assert any(f"a sub-path, and {why}: the site is built for /{base}, so it is served there, "
                    "and / redirects to it" in n for n in result.notes), result.notes

@@ -523,6 +523,8 @@ GATSBY_CONFIGS = ("gatsby-config.js", "gatsby-config.mjs", "gatsby-config.ts")
 # `<key>: <expression>` up to the end of the property (_config_path); the string literals in it
 # that look like a base (a path or a URL) are what it may be:
 # `base: mode === 'production' ? '/app/' : '/'`.
+# A sub-path a site may be served under: "/repo/", "/docs/v2/".
+SUB_PATH_RE = re.compile(r"(/(?!\.\.?/)[A-Za-z0-9._~@+-]+)+/")
 STRING_LITERAL = re.compile(r"""(['"`])(?P<text>[^'"`\n]*)\1""")
 JS_COMMENT = re.compile(r"/\*.*?\*/|^\s*//[^\n]*", re.DOTALL | re.MULTILINE)
 
@@ -572,10 +574,20 @@ def _sub_path_of(
         if not _sub_path(base):
             return None
         where, path = f"{name} sets {key} {base!r}", _path_of(base)
+        if not SUB_PATH_RE.fullmatch(path):
+            notes.append(f"Warning: {where}, which is not a path this server can serve a site "
+                         "under (letters, digits and ._~@+- between slashes); the site is "
+                         "served at the root as it was built. Set it to '/'.")
+            return None
         if framework.name == "Vite":
             if re.search(r"(^|&&|;)\s*vite build[^&;|]*$", script):
                 # Vite reads no variable for its base; the CLI flag beats the config file.
                 return SubPath(path, where, ("--base=/",))
+            if "://" in base:  # assets on another host (a CDN) perhaps: not ours to serve
+                notes.append(f"Warning: {where}, a URL, and the build script is not a plain "
+                             "`vite build` (which --base=/ builds for the root): assets are "
+                             "linked there. Set base to '/'.")
+                return None
             return SubPath(path, where, fixed_by="the build script is not a plain `vite build` "
                            "(which --base=/ builds for the root)")
         if framework.name == "Gatsby":
