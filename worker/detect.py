@@ -520,6 +520,7 @@ VITE_CONFIGS = ("vite.config.js", "vite.config.mjs", "vite.config.ts", "vite.con
 DOCUSAURUS_CONFIGS = ("docusaurus.config.js", "docusaurus.config.mjs", "docusaurus.config.ts",
                       "docusaurus.config.cjs", "docusaurus.config.mts")
 GATSBY_CONFIGS = ("gatsby-config.js", "gatsby-config.mjs", "gatsby-config.ts")
+REACT_ROUTER_CONFIGS = ("react-router.config.ts", "react-router.config.js", "react-router.config.mjs")
 # `<key>: <expression>` up to the end of the property (_config_path); the string literals in it
 # that look like a base (a path or a URL) are what it may be:
 # `base: mode === 'production' ? '/app/' : '/'`.
@@ -565,9 +566,14 @@ def _sub_path_of(
             notes.append(f'package.json "homepage" is {homepage}, a sub-path; the site is served '
                          "at the root of its host name, so the build gets PUBLIC_URL=/")
         return None
-    configs, key = {"Vite": (VITE_CONFIGS, "base"), "Docusaurus": (DOCUSAURUS_CONFIGS, "baseUrl"),
-                    "Gatsby": (GATSBY_CONFIGS, "pathPrefix")}.get(framework.name, ((), ""))
-    for name in configs:
+    configs = {"Vite": [(n, "base") for n in VITE_CONFIGS],
+               "Docusaurus": [(n, "baseUrl") for n in DOCUSAURUS_CONFIGS],
+               "Gatsby": [(n, "pathPrefix") for n in GATSBY_CONFIGS],
+               # Vite's base places the assets; the router's basename, the routes.
+               "React Router": [(n, "base") for n in VITE_CONFIGS]
+               + [(n, "basename") for n in REACT_ROUTER_CONFIGS],
+               "Remix": [(n, "base") for n in VITE_CONFIGS]}.get(framework.name, [])
+    for name, key in configs:
         base = _config_path(read_text(root / name, 64 * 1024), key)
         if base is None:
             continue
@@ -594,7 +600,7 @@ def _sub_path_of(
             if "--prefix-paths" not in script:
                 return None  # Gatsby builds for the root unless told to use it
             return SubPath(path, where, fixed_by="the build uses it (--prefix-paths)")
-        return SubPath(path, where, fixed_by=f"{framework.name} has no setting that builds for the root")
+        return SubPath(path, where, fixed_by=f"{framework.name} has no flag that builds for the root")
     return None
 
 
