@@ -1,7 +1,8 @@
 """The build cache beyond one node_modules, end to end with real npm and Yarn against the
 registry: an npm workspaces monorepo (the app in apps/web, built with the root directory
 apps/web or from the workspace root) restores node_modules at the root and in apps/web; a
-Yarn Berry Plug'n'Play app restores .pnp.cjs and its install state. And an entry tampered
+Yarn Berry Plug'n'Play app restores .pnp.cjs and its install state; a Turborepo app builds
+its workspace dependencies first, with turbo. And an entry tampered
 with (a symlink or a path out of the tree, locally or as an archive in S3) is ignored, and
 restoring it writes nothing outside the build's tree."""
 
@@ -25,6 +26,7 @@ from worker import cache
 from worker.cache import owner_digest
 
 MONOREPO = FIXTURES_DIR / "monorepo"
+TURBOREPO = FIXTURES_DIR / "turborepo"
 PNP = FIXTURES_DIR / "pnp"
 pytestmark = pytest.mark.timeout(300)
 
@@ -73,15 +75,18 @@ async def test_npm_workspaces_restore_every_node_modules(service: Service, git_s
     if layout == "root-directory":  # the lockfile is the workspace root's, two levels up
         assert any(t.startswith("Workspace: apps/web is a workspace package of the repository root")
                    for t in texts(first))
-    assert "$ npm ci" in texts(first)
+    ci = "$ npm ci --include-workspace-root" if layout == "root-directory" else "$ npm ci"
+    assert ci in texts(first)
     assert line(first, "Build cache: saved ").startswith("Build cache: saved apps/web/node_modules, node_modules (")
     warm, second = await build(service, url, settings=settings)
     assert warm["status"] == "ready", (warm["reason"], texts(second)[-15:])
     restored = line(second, "Build cache: restored ")
     assert restored.startswith("Build cache: restored apps/web/node_modules, node_modules (") and "hardlinked" in restored
     # Restored before the install ran, which found nothing to add.
-    assert texts(second).index(restored) < texts(second).index("$ npm install --prefer-offline --no-audit --no-fund")
-    assert "$ npm ci" not in texts(second)
+    warm_install = "$ npm install --prefer-offline --no-audit --no-fund" + (
+        " --include-workspace-root" if layout == "root-directory" else "")
+    assert texts(second).index(restored) < texts(second).index(warm_install)
+    assert not [t for t in texts(second) if t.startswith("$ npm ci")]
     assert any(t.startswith("up to date") for t in texts(second)), texts(second)
     # The very files the first build installed in each node_modules (linked back), not copies.
     for name in ("cache-inode-root", "cache-inode-web"):
@@ -149,7 +154,7 @@ async def test_tampered_local_entry_is_ignored_and_writes_nothing_outside(
     final, events = await build(service, url, settings=settings)
     assert final["status"] == "ready", (final["reason"], texts(events)[-15:])
     assert any(t.startswith(f"Build cache: not restored: {why}") for t in texts(events)), texts(events)
-    assert "$ npm ci" in texts(events)
+    assert "$ npm ci --include-workspace-root" in texts(events)
     builds = service.settings.data_dir / "builds"
     assert not (builds.parent / "escaped").exists() and not (builds / "escaped").exists()
     status, _, body = await service.site(final["project"])
@@ -212,7 +217,7 @@ async def test_tampered_archive_in_s3_is_ignored_and_writes_nothing_outside(
         final, events = await build(service, url, settings=settings)
         assert final["status"] == "ready", (kind, final["reason"], texts(events)[-15:])
         assert any(t.startswith(f"Build cache: not restored: {why}") for t in texts(events)), (kind, texts(events))
-        assert "$ npm ci" in texts(events)
+        assert "$ npm ci --include-workspace-root" in texts(events)
         assert not Path("/tmp/deployhub-escaped").exists()
         assert not list(service.settings.data_dir.rglob("escaped"))
         status, _, body = await service.site(final["project"])
@@ -250,12 +255,12 @@ def test_workspace_packages_are_bounded_to_the_tree(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("files, lockfile, install", [
     ({"package.json": json.dumps({"workspaces": ["apps/*"]}), "package-lock.json": "{}"},
-     "../../package-lock.json", ["npm", "ci"]),
+     "../../package-lock.json", ["npm", "ci", "--include-workspace-root"]),
     ({"package.json": "{}", "pnpm-workspace.yaml": "packages:\n  - apps/*\n",
       "pnpm-lock.yaml": "lockfileVersion: '9.0'\n"},
      "../../pnpm-lock.yaml", ["npx", "--yes", "pnpm@9", "install", "--frozen-lockfile"]),
     ({"package.json": "\ufeff" + json.dumps({"workspaces": ["apps/*"]}), "package-lock.json": "{}"},
-     "../../package-lock.json", ["npm", "ci"]),  # a byte-order mark, as npm reads past it
+     "../../package-lock.json", ["npm", "ci", "--include-workspace-root"]),  # a byte-order mark, as npm reads past it
     ({"package.json": json.dumps({"workspaces": ["libs/*"]}), "package-lock.json": "{}"},
      "", ["npm", "install"]),  # apps/web is no package of that workspace: no lockfile of its own
 ], ids=["npm", "pnpm", "npm-bom", "not-a-workspace-package"])
@@ -267,6 +272,46 @@ def test_a_workspace_package_installs_from_the_workspace_root_lockfile(
     chosen = plan(repo, Overrides(root_directory="apps/web"))
     assert (chosen.lockfile, chosen.install) == (lockfile, install)
     assert any(n.startswith("Workspace: apps/web is a workspace package") for n in chosen.notes) == bool(lockfile)
+
+
+async def test_a_turborepo_app_builds_its_workspace_dependencies_first(service: Service, git_server: GitServer) -> None:
+    name = unique_name("turbo")
+    url = git_server.add_repo(name, files_dir=TURBOREPO)
+    async with service.http.patch(f"{service.url}/api/projects/{name}/settings",
+                                  json={"root_directory": "apps/web"}) as r:
+        assert r.status == 200
+    final = await service.wait_final((await service.deploy(url, project=name))["id"], timeout=200)
+    texts = [e["text"] for e in await service.logs(final["id"])]
+    assert final["status"] == "ready", (final["reason"], texts[-15:])
+    assert ("Build command: npm exec --no -- turbo run build (Turborepo: turbo.json and turbo at the "
+            "repository root build apps/web's workspace dependencies first, as on Vercel)") in texts
+    assert "$ npm exec --no -- turbo run build" in texts
+    assert any("built @repo/ui" in t for t in texts) and any("built web" in t for t in texts)
+    status, _, body = await service.site(name)
+    assert status == 200 and b"Hello from a Turborepo package" in body
+
+
+def test_turbo_runs_through_each_manager_and_only_where_it_is_installed(tmp_path: Path) -> None:
+    from worker.detect import Overrides, plan
+    app = {"apps/web/package.json": json.dumps({"scripts": {"build": "vite build"}, "devDependencies": {"vite": "7"}})}
+    top = {"workspaces": ["apps/*"], "devDependencies": {"turbo": "2.5.8"}}
+    web = Overrides(root_directory="apps/web")
+    for lockfile, build in (("package-lock.json", ["npm", "exec", "--no", "--", "turbo", "run", "build"]),
+                            ("pnpm-lock.yaml", ["npx", "--yes", "pnpm@9", "exec", "turbo", "run", "build"]),
+                            ("yarn.lock", ["npx", "--yes", "yarn@1", "turbo", "run", "build"])):
+        repo = tree(tmp_path / lockfile, {**app, "package.json": json.dumps(top), "turbo.json": "{}",
+                                          lockfile: "lockfileVersion: '9.0'\n" if lockfile.startswith("pnpm") else "{}"})
+        chosen = plan(repo, web)
+        assert chosen.build == build and chosen.env["TURBO_TELEMETRY_DISABLED"] == "1", lockfile
+        # A Vite base can no longer be undone with a flag (turbo would pass it to every
+        # package): the site is served under it.
+        (repo / "apps" / "web" / "vite.config.js").write_text("export default { base: '/web/' }")
+        assert plan(repo, web).site_base == "web/"
+        # A build command setting wins; without turbo installed, or outside a workspace, no turbo.
+        assert plan(repo, Overrides(root_directory="apps/web", build_command=("sh", "-c", "make"))).build == ["sh", "-c", "make"]
+    repo = tree(tmp_path / "no-turbo", {**app, "package.json": json.dumps({"workspaces": ["apps/*"]}),
+                                        "turbo.json": "{}", "package-lock.json": "{}"})
+    assert plan(repo, web).build == ["npm", "run", "build"]
 
 
 def test_restore_never_writes_through_a_symlinked_parent(tmp_path: Path) -> None:

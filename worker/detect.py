@@ -179,6 +179,7 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
         )
     notes: list[str] = list(written.notes)
     installs = _installs(root, package, notes)
+    turbo = ""  # the workspace root, when Turborepo builds this package and its dependencies
     if rel and not installs[0].lockfile and (workspace := workspace_of(repo, rel)) is not None:
         # A package of a monorepo: its lockfile (and packageManager) is the workspace root's,
         # and the install there (the managers find it from the package) installs them all.
@@ -187,8 +188,14 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
                  + ", whose lockfile installs it"]
         up = "../" * (rel.count("/") - (workspace.count("/") + 1 if workspace else 0) + 1)
         top = repo / workspace if workspace else repo
-        installs = [replace(i, lockfile=up + i.lockfile) if i.lockfile else i
-                    for i in _installs(top, read_package_json(top), notes)]
+        top_package = read_package_json(top)
+        # npm in a workspace's folder installs that workspace alone; the root's own
+        # devDependencies (a shared vite, typescript or turbo) come with it only if asked.
+        installs = [replace(i, lockfile=up + i.lockfile,
+                            argv=[*i.argv, "--include-workspace-root"] if i.manager == "npm" else i.argv)
+                    if i.lockfile else i for i in _installs(top, top_package, notes)]
+        if _regular(top / "turbo.json") and _depends_on(top_package, "turbo"):
+            turbo = f"{workspace}/" if workspace else "the repository root"
     chosen = installs[0]
     install = list(overrides.install_command or chosen.argv)
     framework = detect_framework(package)
@@ -198,21 +205,30 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
                      + ", ".join(sorted(written.environment)) + " (the project's variables win)")
     args: list[str] = []
     site_base = ""
+    turbo_run = TURBO_RUN.get(chosen.manager) if turbo and overrides.build_command is None else None
+    if turbo_run is not None:
+        env["TURBO_TELEMETRY_DISABLED"] = "1"
     if framework is not None:
         notes.append(f"Framework: {framework.name} (from package.json dependencies); "
                      f"its output directory is {framework.output}")
         if (sub := _sub_path_of(root, package, framework, env, notes)) is not None:
-            if sub.flag and overrides.build_command is None:
+            if sub.flag and overrides.build_command is None and turbo_run is None:
                 args = list(sub.flag)
                 notes.append(f"{sub.where}, a sub-path; the site is served at the root of its "
                              f"host name, so the build runs with {' '.join(sub.flag)}")
             else:
                 site_base = sub.path.strip("/") + "/"
                 why = ("the build command is set" if sub.flag and overrides.build_command is not None
-                       else sub.fixed_by)
+                       else "Turborepo runs the build" if sub.flag else sub.fixed_by)
                 notes.append(f"{sub.where}, a sub-path, and {why}: the site is built for "
                              f"{sub.path}, so it is served there, and / redirects to it")
     build = build_command(chosen, args)
+    if turbo_run is not None:
+        # As Vercel builds a Turborepo app: `turbo run build` in the app's folder builds it
+        # and, first, the workspace packages it depends on (their `^build`).
+        build = [*chosen.launcher, *turbo_run]
+        notes.append(f"Build command: {' '.join(build)} (Turborepo: turbo.json and turbo at "
+                     f"{turbo} build {rel}'s workspace dependencies first, as on Vercel)")
     if overrides.install_command is not None:
         notes.append("Install command: " + " ".join(install) + f" ({sources['install_command']})")
     if overrides.build_command is not None:
@@ -399,6 +415,17 @@ def _install(root: Path, manager: str, lockfile: str, declared: str) -> Install:
     # npm: the machine's own (a packageManager npm version is not fetched: npm reads every
     # lockfile version since npm 7).
     return Install("npm", "", lockfile, ["npm", "ci"] if frozen else ["npm", "install"], ["npm"])
+
+
+# `turbo run build` through each manager, after its launcher: turbo is installed at the
+# workspace root, which the managers find from a package's folder.
+TURBO_RUN = {"npm": ["exec", "--no", "--", "turbo", "run", "build"],
+             "pnpm": ["exec", "turbo", "run", "build"], "yarn": ["turbo", "run", "build"]}
+
+
+def _depends_on(package: Mapping[str, object], name: str) -> bool:
+    return any(isinstance(deps := package.get(key), dict) and name in deps
+               for key in ("dependencies", "devDependencies"))
 
 
 def build_command(install: Install, args: Sequence[str] = ()) -> list[str]:

@@ -69,8 +69,9 @@ async def install(
     stale: list[str] = []
     for number, attempt in enumerate(attempts):
         argv = plan.install if number == 0 else attempt.argv
-        if number == 0 and restored and argv == ["npm", "ci"]:
-            if await _npm_on_restored(command, emit, project, attempt.lockfile, cached):
+        if number == 0 and restored and argv[:2] == ["npm", "ci"]:
+            # The same install, on the tree as restored (its flags: --include-workspace-root).
+            if await _npm_on_restored(command, emit, project, attempt.lockfile, cached, argv[2:]):
                 return Installed(plan.build, attempt, True)
             restored = False
         mark = len(events)
@@ -97,13 +98,13 @@ async def install(
 
 
 async def _npm_on_restored(command: Command, emit: Emit, project: Path, lockfile: str,
-                           cached: Sequence[Path]) -> bool:
+                           cached: Sequence[Path], flags: Sequence[str] = ()) -> bool:
     """`npm install --prefer-offline` on the restored tree; False (and the tree removed, the
     lockfile as it was) when `npm ci` must run instead."""
     path = project / lockfile
     before = path.read_bytes()
     try:
-        await command(NPM_WARM)
+        await command([*NPM_WARM, *flags])
     except BuildError:
         emit("system", "The install on the restored node_modules failed: installing from "
                        "scratch with npm ci")
