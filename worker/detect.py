@@ -127,13 +127,14 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
     """Everything the build will run, decided from the files at `repo` (and `overrides`)."""
     overrides = given = overrides or Overrides()
     root_source, netlify_dir = "project setting", None
+    base_rel = ""  # the root directory netlify.toml's [build] base chose
     base_notes: list[str] = []
     if overrides.root_directory is None:
         base, base_notes = netlify_base(repo)
-        if rel := _relative(base, "netlify.toml [build] base"):
+        if base_rel := _relative(base, "netlify.toml [build] base"):
             root_source = "netlify.toml [build] base"
-            overrides = replace(overrides, root_directory=rel)
-            if not _regular(repo / rel / "netlify.toml"):  # the base's own would replace it
+            overrides = replace(overrides, root_directory=base_rel)
+            if not _regular(repo / base_rel / "netlify.toml"):  # the base's own would replace it
                 netlify_dir = repo
     rel = _relative(overrides.root_directory or "", "the root directory")
     root = repo / rel if rel else repo
@@ -144,7 +145,7 @@ def plan(repo: Path, overrides: Overrides | None = None) -> Plan:
             "directory to the folder that holds the app's package.json."
         )
     where = f"the root directory {rel} ({root_source})" if rel else "the repository root"
-    written = build_settings(root, netlify_dir, rel if root_source != "project setting" else "")
+    written = build_settings(root, netlify_dir, base_rel)
     written.notes[:0] = base_notes
     overrides, sources = _with_written(overrides, written)
     has_package = _regular(root / "package.json")
@@ -642,16 +643,19 @@ def _config_path(config: str, key: str) -> str | None:
     return next((b for b in bases if _sub_path(b)), bases[0] if bases else None)
 
 
+def _url_path(url: str) -> str:
+    """A homepage / base URL without its scheme and host."""
+    return re.sub(r"^[a-z][a-z0-9+.-]*://[^/]*", "", url.strip(), flags=re.IGNORECASE)
+
+
 def _path_of(url: str) -> str:
     """The path of a homepage / base URL, with slashes at both ends: "/repo/"."""
-    path = re.sub(r"^[a-z][a-z0-9+.-]*://[^/]*", "", url.strip(), flags=re.IGNORECASE)
-    return "/" + "/".join(p for p in path.split("/") if p not in ("", ".")) + "/"
+    return "/" + "/".join(p for p in _url_path(url).split("/") if p not in ("", ".")) + "/"
 
 
 def _sub_path(url: str) -> bool:
     """Whether a homepage / base URL puts the app under a path other than /."""
-    path = re.sub(r"^[a-z][a-z0-9+.-]*://[^/]*", "", url.strip(), flags=re.IGNORECASE)
-    return path.strip("/.") != ""
+    return _url_path(url).strip("/.") != ""
 
 
 # -- Node ----------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def read(root: Path, netlify_dir: Path | None = None) -> HostedRules:
     netlify.toml's from `netlify_dir` when it is given (see `netlify_base`)."""
     found = HostedRules()
     for name in CONFIG_FILES:
-        data = _load(netlify_dir or root if name == "netlify.toml" else root, name, found.notes)
+        data = _load(_folder_of(name, root, netlify_dir), name, found.notes)
         if data is None:
             continue
         before = (len(found.redirects), len(found.headers))
@@ -56,6 +56,12 @@ def read(root: Path, netlify_dir: Path | None = None) -> HostedRules:
                                f"rules from {name}")
     found.notes = _capped(found.notes)
     return found
+
+
+def _folder_of(name: str, root: Path, netlify_dir: Path | None) -> Path:
+    """Where config file `name` is read: the root directory, or for netlify.toml the folder
+    whose [build] base chose it (`netlify_dir`, see `netlify_base`)."""
+    return netlify_dir or root if name == "netlify.toml" else root
 
 
 def _capped(notes: list[str]) -> list[str]:
@@ -110,7 +116,7 @@ def build_settings(root: Path, netlify_dir: Path | None = None, base: str = "") 
     Files that cannot be read are said when the rules are read (`read`), not twice."""
     found = RepoSettings()
     for name in reversed(CONFIG_FILES):  # vercel.json first: its settings are taken
-        data = _load(netlify_dir or root if name == "netlify.toml" else root, name, [])
+        data = _load(_folder_of(name, root, netlify_dir), name, [])
         if data is None:
             continue
         if name == "vercel.json":
